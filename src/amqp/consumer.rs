@@ -1,0 +1,132 @@
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Acker, Channel, Connection};
+
+use super::{connect, declare_topology, unavailable};
+use crate::domain::ports::{Delivery, DeliveryHandle, DeliverySource, QueueError};
+use crate::protocol::parse_run_message;
+
+/// Hands out one delivery per `next()`: it consumes with a prefetch of one, takes a
+/// single delivery and cancels the consumer before returning it. The worker calls
+/// `next()` only while it holds a free slot, so the broker never has a delivery waiting
+/// unacked here while every slot is busy.
+pub struct AmqpSource {
+    url: String,
+    queue: String,
+    name: String,
+    conn: Option<(Connection, Channel)>,
+    consumers: u64,
+}
+
+impl AmqpSource {
+    pub fn new(url: &str, queue: &str, worker_id: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            queue: queue.to_owned(),
+            name: worker_id.to_owned(),
+            conn: None,
+            consumers: 0,
+        }
+    }
+
+    async fn channel(&mut self) -> Result<Channel, QueueError> {
+        if let Some((conn, channel)) = &self.conn
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        self.conn = None;
+        let conn = connect(&self.url, &format!("tasuki worker {}", self.name)).await?;
+        let channel = conn.create_channel().await.map_err(unavailable)?;
+        declare_topology(&channel, &self.queue).await?;
+        // Per consumer (global = false): each short-lived consumer gets at most one.
+        channel
+            .basic_qos(1, BasicQosOptions { global: false })
+            .await
+            .map_err(unavailable)?;
+        self.conn = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    async fn take_one(&mut self, channel: &Channel) -> Result<Delivery, QueueError> {
+        self.consumers += 1;
+        let tag = format!("{}-{}", self.name, self.consumers);
+        let mut consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let delivery = consumer.next().await;
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(unavailable(e)),
+            None => {
+                return Err(QueueError::Unavailable(
+                    "consumer closed by the broker".into(),
+                ));
+            }
+        };
+        Ok(Delivery {
+            message: parse_run_message(&delivery.data),
+            handle: Box::new(AmqpHandle(delivery.acker)),
+        })
+    }
+}
+
+#[async_trait]
+impl DeliverySource for AmqpSource {
+    async fn next(&mut self) -> Result<Delivery, QueueError> {
+        let channel = self.channel().await?;
+        let result = self.take_one(&channel).await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+}
+
+struct AmqpHandle(Acker);
+
+#[async_trait]
+impl DeliveryHandle for AmqpHandle {
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn dead_letter(self: Box<Self>, _reason: &str) -> Result<(), QueueError> {
+        self.0
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}

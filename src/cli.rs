@@ -1,0 +1,271 @@
+//! The client commands: `run`, `status`, `logs`, `jobs check`. `run --wait` exits with
+//! the job's exit code, or with a documented code saying which side failed.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::catalog::Catalog;
+use crate::client::{ApiClient, ClientError, RunInfo};
+use crate::config::{LogsArgs, RunArgs, StatusArgs};
+
+/// Exit codes for outcomes the job itself did not choose (as `timeout(1)` and
+/// `docker run` use them).
+pub mod exit {
+    /// The job ran past its timeout.
+    pub const TIMED_OUT: u8 = 124;
+    /// tasuki or Docker could not run the job, or the server refused or was unreachable.
+    pub const PLATFORM: u8 = 125;
+    /// The worker running the job vanished; the job's outcome is unknown.
+    pub const LOST: u8 = 129;
+    /// The run was cancelled.
+    pub const CANCELLED: u8 = 130;
+    /// Killed for going over its memory limit (128 + SIGKILL).
+    pub const OOM_KILLED: u8 = 137;
+}
+
+/// The exit code that stands for a finished run.
+pub fn exit_code_for(run: &RunInfo) -> u8 {
+    match (run.status.as_str(), run.reason_code.as_deref()) {
+        ("succeeded", _) => 0,
+        ("timed_out", _) => exit::TIMED_OUT,
+        ("cancelled", _) => exit::CANCELLED,
+        ("lost", _) => exit::LOST,
+        (_, Some("oom_killed")) => exit::OOM_KILLED,
+        (_, Some("exit_code")) => match run.exit_code {
+            // A job that exited non-zero must never read as success.
+            Some(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
+            None => exit::PLATFORM,
+        },
+        _ => exit::PLATFORM,
+    }
+}
+
+fn summary(run: &RunInfo) -> String {
+    let exit_code = run
+        .exit_code
+        .map_or_else(|| "none".to_owned(), |c| c.to_string());
+    let mut line = format!(
+        "tasuki: run {} job={} status={} exit_code={} attempt={}",
+        run.id, run.job, run.status, exit_code, run.attempt
+    );
+    if let Some(reason) = &run.reason {
+        line.push_str(&format!(" reason={reason:?}"));
+    }
+    line
+}
+
+fn client_failure(error: &ClientError) -> ExitCode {
+    eprintln!("tasuki: {error}");
+    ExitCode::from(exit::PLATFORM)
+}
+
+/// `tasuki run JOB [--param k=v]... [--wait]`
+pub async fn run(args: RunArgs) -> ExitCode {
+    let client = match ApiClient::new(&args.server.server) {
+        Ok(c) => c,
+        Err(e) => return client_failure(&e),
+    };
+    let params: BTreeMap<String, String> = args.params.into_iter().collect();
+    let run = match client.create_run(&args.job, &params).await {
+        Ok(r) => r,
+        Err(e) => return client_failure(&e),
+    };
+    if !args.wait {
+        println!("{}", run.id);
+        return ExitCode::SUCCESS;
+    }
+    match wait_streaming(&client, &run.id).await {
+        Ok(run) => {
+            eprintln!("{}", summary(&run));
+            ExitCode::from(exit_code_for(&run))
+        }
+        Err(e) => {
+            eprintln!("tasuki: lost contact while waiting for run {}: {e}", run.id);
+            ExitCode::from(exit::PLATFORM)
+        }
+    }
+}
+
+/// Stream the run's output to stdout until it is final; reconnects resume at the byte
+/// where the last stream stopped, so nothing is printed twice.
+async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunInfo, ClientError> {
+    let mut stdout = std::io::stdout();
+    let mut written = 0u64;
+    let mut attempt = 0u32;
+    let mut failures = 0u32;
+    loop {
+        match client.logs(id, true, written).await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(bytes) => {
+                            // A closed stdout (e.g. `| head`) must not stop the wait.
+                            let _ = stdout.write_all(&bytes);
+                            let _ = stdout.flush();
+                            written += bytes.len() as u64;
+                            failures = 0;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(_) => {}
+        }
+        match client.get_run(id, None).await {
+            Ok(run) if run.status != "queued" && run.status != "running" => {
+                if run.attempt == attempt || attempt == 0 {
+                    return Ok(run);
+                }
+                return Ok(run);
+            }
+            Ok(run) => {
+                if run.attempt != attempt {
+                    if attempt != 0 {
+                        written = 0;
+                    }
+                    attempt = run.attempt;
+                }
+            }
+            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e) => {
+                failures += 1;
+                if failures > 30 {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// `tasuki status RUN`
+pub async fn status(args: StatusArgs) -> ExitCode {
+    let client = match ApiClient::new(&args.server.server) {
+        Ok(c) => c,
+        Err(e) => return client_failure(&e),
+    };
+    match client.get_run_json(&args.run).await {
+        Ok(run) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&run).unwrap_or_else(|_| run.to_string())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_failure(&e),
+    }
+}
+
+/// `tasuki logs RUN [--follow]`
+pub async fn logs(args: LogsArgs) -> ExitCode {
+    let client = match ApiClient::new(&args.server.server) {
+        Ok(c) => c,
+        Err(e) => return client_failure(&e),
+    };
+    let stream = match client.logs(&args.run, args.follow, 0).await {
+        Ok(s) => s,
+        Err(e) => return client_failure(&e),
+    };
+    let mut stream = std::pin::pin!(stream);
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => {
+                if stdout
+                    .write_all(&bytes)
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(e) => return client_failure(&e),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `tasuki jobs check [DIR]`
+pub fn check_jobs(dir: &Path) -> ExitCode {
+    match Catalog::load_dir(dir) {
+        Ok(catalog) => {
+            for job in catalog.iter() {
+                let params = job.params.len();
+                let schedule = job
+                    .schedule
+                    .as_ref()
+                    .map(|s| format!(", schedule {:?}", s.expression))
+                    .unwrap_or_default();
+                println!(
+                    "ok  {}  image {}, {params} param(s){schedule}",
+                    job.name, job.image
+                );
+            }
+            println!("{} job(s) valid in {}", catalog.len(), dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunInfo {
+        RunInfo {
+            id: "r".into(),
+            job: "j".into(),
+            status: status.into(),
+            exit_code: code,
+            reason: None,
+            reason_code: reason.map(str::to_owned),
+            attempt: 1,
+            rest: Default::default(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_tell_job_failures_from_platform_failures() {
+        assert_eq!(exit_code_for(&run("succeeded", Some(0), None)), 0);
+        assert_eq!(exit_code_for(&run("failed", Some(3), Some("exit_code"))), 3);
+        assert_eq!(
+            exit_code_for(&run("failed", Some(256), Some("exit_code"))),
+            1
+        );
+        assert_eq!(
+            exit_code_for(&run("failed", Some(137), Some("oom_killed"))),
+            137
+        );
+        assert_eq!(
+            exit_code_for(&run("timed_out", Some(143), Some("timed_out"))),
+            124
+        );
+        assert_eq!(
+            exit_code_for(&run("failed", None, Some("image_not_found"))),
+            125
+        );
+        assert_eq!(
+            exit_code_for(&run("failed", None, Some("docker_error"))),
+            125
+        );
+        assert_eq!(
+            exit_code_for(&run("cancelled", None, Some("cancelled"))),
+            130
+        );
+        assert_eq!(exit_code_for(&run("lost", None, Some("lost"))), 129);
+    }
+}

@@ -1,0 +1,166 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::Stream;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+/// A run as the API returns it; only the fields the CLI reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub job: String,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<String>,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or broke off.
+    #[error("cannot reach tasuki at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    /// The server answered with an error.
+    #[error("server refused ({status}): {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// The API as the CLI uses it.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorInner,
+}
+
+#[derive(Deserialize)]
+struct ErrorInner {
+    code: String,
+    message: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                url: base.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self { http, base })
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn check(&self, response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => (b.error.code, b.error.message),
+            Err(_) => ("http_error".to_owned(), text.chars().take(500).collect()),
+        };
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            code,
+            message,
+        })
+    }
+
+    async fn run_info(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<RunInfo, ClientError> {
+        let response = self
+            .check(response.map_err(|e| self.unreachable(e))?)
+            .await?;
+        response
+            .json::<RunInfo>()
+            .await
+            .map_err(|e| self.unreachable(format!("reading answer: {e}")))
+    }
+
+    pub async fn create_run(
+        &self,
+        job: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<RunInfo, ClientError> {
+        let url = format!("{}/v1/jobs/{job}/runs", self.base);
+        let response = self
+            .http
+            .post(url)
+            .json(&json!({ "params": params }))
+            .send()
+            .await;
+        self.run_info(response).await
+    }
+
+    /// The run; with `wait`, held until it is final or the wait passes.
+    pub async fn get_run(&self, id: &str, wait: Option<Duration>) -> Result<RunInfo, ClientError> {
+        let mut request = self.http.get(format!("{}/v1/runs/{id}", self.base));
+        if let Some(w) = wait {
+            request = request.query(&[("wait", w.as_secs().max(1))]);
+        }
+        self.run_info(request.send().await).await
+    }
+
+    pub async fn get_run_json(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/runs/{id}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let response = self.check(response).await?;
+        response.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// The run's output from byte `offset` of its current attempt; following streams
+    /// until the run is final.
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>> + use<>, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/runs/{id}/logs", self.base))
+            .query(&[
+                ("follow", follow.to_string()),
+                ("offset", offset.to_string()),
+            ])
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let response = self.check(response).await?;
+        let base = self.base.clone();
+        Ok(response.bytes_stream().map(move |r| {
+            r.map_err(|e| ClientError::Unreachable {
+                url: base.clone(),
+                message: e.to_string(),
+            })
+        }))
+    }
+}

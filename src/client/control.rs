@@ -1,0 +1,147 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::domain::ports::{
+    ClaimResult, ControlError, ControlPlane, Lease, LeaseStatus, OutputChunk, RunMessage,
+};
+use crate::domain::run::Outcome;
+use crate::protocol::{
+    ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1, LOG_CONTENT_TYPE, LeaseStatusV1,
+    StartedV1, encode_log_frames,
+};
+
+/// The control plane of a remote `tasuki serve`, reached with the worker token.
+pub struct HttpControlPlane {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl HttpControlPlane {
+    pub fn new(base: &str, token: &str) -> Result<Self, ControlError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<T, ControlError> {
+        let response = response.map_err(|e| ControlError::Unavailable(format!("{e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .json::<T>()
+                .await
+                .map_err(|e| ControlError::Unavailable(format!("reading answer: {e}")));
+        }
+        let text = response.text().await.unwrap_or_default();
+        let message = format!("{status}: {}", text.chars().take(500).collect::<String>());
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            Err(ControlError::Unavailable(message))
+        } else {
+            Err(ControlError::Rejected(message))
+        }
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ControlError> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await;
+        Self::answer(response).await
+    }
+}
+
+#[async_trait]
+impl ControlPlane for HttpControlPlane {
+    async fn claim(
+        &self,
+        message: RunMessage,
+        worker_id: &str,
+    ) -> Result<ClaimResult, ControlError> {
+        let req = ClaimRequestV1 {
+            run_id: message.run_id,
+            attempt: message.attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let answer: ClaimResponseV1 = self.post("/v1/worker/claim", &req).await?;
+        ClaimResult::try_from(answer).map_err(ControlError::Rejected)
+    }
+
+    async fn started(&self, lease: Lease, container_id: &str) -> Result<LeaseStatus, ControlError> {
+        let req = StartedV1 {
+            lease: lease.into(),
+            container_id: container_id.to_owned(),
+        };
+        let answer: LeaseStatusV1 = self.post("/v1/worker/started", &req).await?;
+        Ok(answer.into())
+    }
+
+    async fn heartbeat(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
+        let answer: LeaseStatusV1 = self
+            .post(
+                "/v1/worker/heartbeat",
+                &HeartbeatV1 {
+                    lease: lease.into(),
+                },
+            )
+            .await?;
+        Ok(answer.into())
+    }
+
+    async fn append_log(
+        &self,
+        lease: Lease,
+        offset: u64,
+        chunks: &[OutputChunk],
+    ) -> Result<u64, ControlError> {
+        #[derive(serde::Deserialize)]
+        struct Appended {
+            length: u64,
+        }
+        let response = self
+            .http
+            .put(format!("{}/v1/worker/log", self.base))
+            .query(&[
+                ("run_id", lease.run_id.to_string()),
+                ("attempt", lease.attempt.to_string()),
+                ("epoch", lease.epoch.to_string()),
+                ("offset", offset.to_string()),
+            ])
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, LOG_CONTENT_TYPE)
+            .body(encode_log_frames(chunks))
+            .send()
+            .await;
+        let answer: Appended = Self::answer(response).await?;
+        Ok(answer.length)
+    }
+
+    async fn finish(&self, lease: Lease, outcome: &Outcome) -> Result<LeaseStatus, ControlError> {
+        let req = FinishV1 {
+            lease: lease.into(),
+            outcome: outcome.into(),
+        };
+        let answer: LeaseStatusV1 = self.post("/v1/worker/finish", &req).await?;
+        Ok(answer.into())
+    }
+}

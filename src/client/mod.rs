@@ -1,0 +1,8 @@
+//! HTTP clients of `tasuki serve`: the worker protocol for remote workers
+//! (`ControlPlane` over HTTP) and the API client the CLI uses.
+
+mod api;
+mod control;
+
+pub use api::{ApiClient, ClientError, RunInfo};
+pub use control::HttpControlPlane;

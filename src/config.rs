@@ -1,0 +1,272 @@
+//! Command line and environment: every option also reads a `TASUKI_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tasuki",
+    version,
+    about = "Run batch jobs as one-shot containers: webhook → queue → Docker → logs → exit status"
+)]
+pub struct Cli {
+    /// Log output format (logs go to stderr).
+    #[arg(long, env = "TASUKI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `tasuki=debug`).
+    #[arg(long, env = "TASUKI_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API server (and, without an AMQP URL, an embedded queue and worker).
+    Serve(ServeArgs),
+    /// Run a worker that takes runs from RabbitMQ and reports to a `tasuki serve`.
+    Worker(WorkerArgs),
+    /// Start a run of JOB; with --wait, stream its output and exit with its exit code.
+    Run(RunArgs),
+    /// Print a run as JSON.
+    Status(StatusArgs),
+    /// Print a run's output.
+    Logs(LogsArgs),
+    /// Work with job definitions.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration `{s}` ({e}); write e.g. 30s, 5m, 1h"))
+}
+
+fn default_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn default_worker_id() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// What every worker (embedded or separate) needs.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerOptions {
+    /// Containers this worker runs at once [default: number of cores].
+    #[arg(long, env = "TASUKI_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+
+    /// Stable identity of this worker: its containers are labelled with it so a
+    /// restarted worker finds its own [default: host name].
+    #[arg(long, env = "TASUKI_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Docker engine address (`unix:///var/run/docker.sock`, `tcp://127.0.0.1:2375`)
+    /// [default: DOCKER_HOST, else the local socket].
+    #[arg(long, env = "TASUKI_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+
+    /// On shutdown, how long running containers may go on before the worker exits
+    /// and leaves them running.
+    #[arg(long, env = "TASUKI_DRAIN_TIMEOUT", value_parser = duration, default_value = "60s")]
+    pub drain_timeout: Duration,
+}
+
+impl WorkerOptions {
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or_else(default_concurrency).max(1)
+    }
+    pub fn worker_id(&self) -> String {
+        self.worker_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(default_worker_id)
+    }
+}
+
+/// How to reach RabbitMQ.
+#[derive(Debug, Clone, Args)]
+pub struct QueueOptions {
+    /// Run queue name; tests and tenants use their own. The dead-letter queue is
+    /// `{queue}.dead`.
+    #[arg(long, env = "TASUKI_QUEUE", default_value = "tasuki.runs")]
+    pub queue: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TASUKI_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory of job definitions (`*.toml`).
+    #[arg(long, env = "TASUKI_JOBS_DIR", default_value = "jobs")]
+    pub jobs_dir: PathBuf,
+
+    /// Where the run database and the logs live.
+    #[arg(long, env = "TASUKI_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// RabbitMQ URL (`amqp://user:pass@host:5672/%2f`). Without it runs go through an
+    /// in-process queue and an embedded worker.
+    #[arg(long, env = "TASUKI_AMQP_URL")]
+    pub amqp_url: Option<String>,
+
+    #[command(flatten)]
+    pub queue: QueueOptions,
+
+    /// With an AMQP URL, also run a worker inside this process.
+    #[arg(long, env = "TASUKI_EMBEDDED_WORKER")]
+    pub embedded_worker: bool,
+
+    /// Secret that `tasuki worker` processes present; without it the worker API is off.
+    #[arg(long, env = "TASUKI_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+
+    /// A worker's claim on a run lasts this long unless renewed.
+    #[arg(long, env = "TASUKI_LEASE_TTL", value_parser = duration, default_value = "30s")]
+    pub lease_ttl: Duration,
+
+    #[command(flatten)]
+    pub worker: WorkerOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The control plane (`tasuki serve`) URL.
+    #[arg(long, env = "TASUKI_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+
+    /// The secret given to `tasuki serve --worker-token`.
+    #[arg(long, env = "TASUKI_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: String,
+
+    /// RabbitMQ URL.
+    #[arg(long, env = "TASUKI_AMQP_URL")]
+    pub amqp_url: String,
+
+    #[command(flatten)]
+    pub queue: QueueOptions,
+
+    #[command(flatten)]
+    pub worker: WorkerOptions,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerOption {
+    /// The tasuki server URL.
+    #[arg(long, env = "TASUKI_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Job name.
+    pub job: String,
+
+    /// A parameter as NAME=VALUE; repeat for more.
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", value_parser = param)]
+    pub params: Vec<(String, String)>,
+
+    /// Stream the run's output and exit with its exit code (see README for the codes
+    /// tasuki uses when the job itself did not decide).
+    #[arg(long, env = "TASUKI_WAIT")]
+    pub wait: bool,
+
+    #[command(flatten)]
+    pub server: ServerOption,
+}
+
+fn param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Run id.
+    pub run: String,
+    #[command(flatten)]
+    pub server: ServerOption,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Run id.
+    pub run: String,
+    /// Keep streaming until the run ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerOption,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Validate every job file; print each error with file, line and field.
+    Check {
+        /// Directory of job definitions.
+        #[arg(env = "TASUKI_JOBS_DIR", default_value = "jobs")]
+        dir: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_option_reads_an_environment_variable() {
+        fn walk(cmd: &clap::Command, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_positional() && arg.get_env().is_none() {
+                    let id = arg.get_id().as_str();
+                    // Flags that only make sense typed by hand.
+                    if !matches!(id, "follow" | "params") {
+                        missing.push(format!("{} --{}", cmd.get_name(), id));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), &mut missing);
+        assert!(
+            missing.is_empty(),
+            "options without TASUKI_* env: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn params_split_at_the_first_equals() {
+        assert_eq!(param("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(param("a=").unwrap(), ("a".into(), "".into()));
+        assert!(param("=x").is_err());
+        assert!(param("novalue").is_err());
+    }
+}

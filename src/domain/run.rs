@@ -1,0 +1,335 @@
+//! Runs (one execution of a job) and their state machine. An exit code is data here,
+//! never an error: a job that exits 3 is a run that worked and says `failed`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ulid::Ulid;
+
+/// A run's id: a ULID, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RunId(Ulid);
+
+impl RunId {
+    pub fn new() -> Self {
+        Self(Ulid::new())
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Lower case reads better in URLs and container names (which must be lower case).
+        write!(f, "{}", self.0.to_string().to_ascii_lowercase())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid run id `{0}` (expected a 26-character ULID)")]
+pub struct InvalidRunId(String);
+
+impl FromStr for RunId {
+    type Err = InvalidRunId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ulid::from_string(&s.to_ascii_uppercase())
+            .map(RunId)
+            .map_err(|_| InvalidRunId(s.chars().take(64).collect()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunStatus {
+    /// Accepted and waiting for a worker (or for a retry's not-before time).
+    Queued,
+    /// A worker holds a lease on it: pulling, starting or running the container.
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// The worker vanished and its lease expired; the outcome is unknown.
+    Lost,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::TimedOut,
+        RunStatus::Cancelled,
+        RunStatus::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Lost => "lost",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+
+    /// The state machine. Final states are final; a new attempt of a finished run is a
+    /// new attempt (queued again), decided by retry rules or a person, never by a worker.
+    pub fn can_become(self, next: RunStatus) -> bool {
+        use RunStatus::*;
+        match (self, next) {
+            (Queued, Running) | (Queued, Cancelled) => true,
+            (Running, Succeeded | Failed | TimedOut | Cancelled | Lost) => true,
+            // A retry puts a finished or lost run back in the queue as a new attempt.
+            (Running | Failed | TimedOut | Lost, Queued) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unknown run status `{0}` (expected one of queued, running, succeeded, failed, timed_out, cancelled, lost)"
+)]
+pub struct InvalidStatus(String);
+
+impl FromStr for RunStatus {
+    type Err = InvalidStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| InvalidStatus(s.chars().take(64).collect()))
+    }
+}
+
+/// Why a run did not succeed, as a stable token for programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonCode {
+    ExitCode,
+    OomKilled,
+    TimedOut,
+    ImageNotFound,
+    ImagePullFailed,
+    DockerError,
+    Cancelled,
+    Lost,
+}
+
+impl ReasonCode {
+    pub const ALL: [ReasonCode; 8] = [
+        ReasonCode::ExitCode,
+        ReasonCode::OomKilled,
+        ReasonCode::TimedOut,
+        ReasonCode::ImageNotFound,
+        ReasonCode::ImagePullFailed,
+        ReasonCode::DockerError,
+        ReasonCode::Cancelled,
+        ReasonCode::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::ExitCode => "exit_code",
+            ReasonCode::OomKilled => "oom_killed",
+            ReasonCode::TimedOut => "timed_out",
+            ReasonCode::ImageNotFound => "image_not_found",
+            ReasonCode::ImagePullFailed => "image_pull_failed",
+            ReasonCode::DockerError => "docker_error",
+            ReasonCode::Cancelled => "cancelled",
+            ReasonCode::Lost => "lost",
+        }
+    }
+}
+
+impl FromStr for ReasonCode {
+    type Err = InvalidStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReasonCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| InvalidStatus(s.chars().take(64).collect()))
+    }
+}
+
+/// What a worker observed at the end of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The container ran and exited by itself.
+    Exited {
+        code: i64,
+    },
+    /// The kernel killed the container for going over its memory limit.
+    OomKilled {
+        code: i64,
+    },
+    /// tasuki stopped the container because the job's timeout passed.
+    TimedOut {
+        after: Duration,
+        code: Option<i64>,
+    },
+    /// Someone cancelled the run while it ran.
+    Cancelled {
+        code: Option<i64>,
+    },
+    ImageNotFound {
+        image: String,
+    },
+    ImagePullFailed {
+        image: String,
+        message: String,
+    },
+    /// The engine refused or failed; the container may never have run.
+    DockerError {
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn status(&self) -> RunStatus {
+        match self {
+            Outcome::Exited { code: 0 } => RunStatus::Succeeded,
+            Outcome::Exited { .. }
+            | Outcome::OomKilled { .. }
+            | Outcome::ImageNotFound { .. }
+            | Outcome::ImagePullFailed { .. }
+            | Outcome::DockerError { .. } => RunStatus::Failed,
+            Outcome::TimedOut { .. } => RunStatus::TimedOut,
+            Outcome::Cancelled { .. } => RunStatus::Cancelled,
+        }
+    }
+
+    /// The container's exit code; `None` when the container never ran to an exit, which
+    /// is how a caller tells a platform failure from a job failure.
+    pub fn exit_code(&self) -> Option<i64> {
+        match self {
+            Outcome::Exited { code } | Outcome::OomKilled { code } => Some(*code),
+            Outcome::TimedOut { code, .. } | Outcome::Cancelled { code } => *code,
+            _ => None,
+        }
+    }
+
+    pub fn reason_code(&self) -> Option<ReasonCode> {
+        Some(match self {
+            Outcome::Exited { code: 0 } => return None,
+            Outcome::Exited { .. } => ReasonCode::ExitCode,
+            Outcome::OomKilled { .. } => ReasonCode::OomKilled,
+            Outcome::TimedOut { .. } => ReasonCode::TimedOut,
+            Outcome::Cancelled { .. } => ReasonCode::Cancelled,
+            Outcome::ImageNotFound { .. } => ReasonCode::ImageNotFound,
+            Outcome::ImagePullFailed { .. } => ReasonCode::ImagePullFailed,
+            Outcome::DockerError { .. } => ReasonCode::DockerError,
+        })
+    }
+
+    /// Why the run did not succeed, in words a person can act on.
+    pub fn reason(&self) -> Option<String> {
+        Some(match self {
+            Outcome::Exited { code: 0 } => return None,
+            Outcome::Exited { code } => format!("exit_code {code}"),
+            Outcome::OomKilled { .. } => "oom_killed".to_owned(),
+            Outcome::TimedOut { after, .. } => {
+                format!("timeout after {}", humantime::format_duration(*after))
+            }
+            Outcome::Cancelled { .. } => "cancelled".to_owned(),
+            Outcome::ImageNotFound { image } => format!("image_not_found: {image}"),
+            Outcome::ImagePullFailed { image, message } => {
+                format!("image_pull_failed: {image}: {message}")
+            }
+            Outcome::DockerError { message } => format!("docker_error: {message}"),
+        })
+    }
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: RunId,
+    pub job: String,
+    pub params: BTreeMap<String, String>,
+    pub status: RunStatus,
+    /// The current attempt; 0 while the first attempt has not been claimed.
+    pub attempt: u32,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<ReasonCode>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_id_round_trips_in_lower_case() {
+        let id = RunId::new();
+        let text = id.to_string();
+        assert_eq!(text, text.to_ascii_lowercase());
+        assert_eq!(text.len(), 26);
+        assert_eq!(text.parse::<RunId>().ok(), Some(id));
+        assert!("not-an-id".parse::<RunId>().is_err());
+    }
+
+    #[test]
+    fn statuses_parse_and_print() {
+        for st in RunStatus::ALL {
+            assert_eq!(st.as_str().parse::<RunStatus>().ok(), Some(st));
+        }
+        assert!("done".parse::<RunStatus>().is_err());
+    }
+
+    #[test]
+    fn final_states_do_not_move_except_by_retry() {
+        use RunStatus::*;
+        assert!(Queued.can_become(Running));
+        assert!(!Succeeded.can_become(Running));
+        assert!(!Cancelled.can_become(Queued));
+        assert!(!Succeeded.can_become(Queued));
+        assert!(Lost.can_become(Queued));
+        assert!(!Queued.can_become(Succeeded));
+    }
+
+    #[test]
+    fn outcomes_say_which_side_failed() {
+        let ok = Outcome::Exited { code: 0 };
+        assert_eq!(ok.status(), RunStatus::Succeeded);
+        assert_eq!(ok.reason(), None);
+        let job = Outcome::Exited { code: 3 };
+        assert_eq!(job.status(), RunStatus::Failed);
+        assert_eq!(job.reason().as_deref(), Some("exit_code 3"));
+        assert_eq!(job.exit_code(), Some(3));
+        let platform = Outcome::ImageNotFound {
+            image: "x:1".into(),
+        };
+        assert_eq!(platform.exit_code(), None);
+        assert_eq!(platform.reason_code(), Some(ReasonCode::ImageNotFound));
+        assert_eq!(platform.reason().as_deref(), Some("image_not_found: x:1"));
+        let slow = Outcome::TimedOut {
+            after: Duration::from_secs(1800),
+            code: Some(143),
+        };
+        assert_eq!(slow.status(), RunStatus::TimedOut);
+        assert_eq!(slow.reason().as_deref(), Some("timeout after 30m"));
+    }
+}

@@ -1,0 +1,64 @@
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the store, the broker and (if this process runs containers) Docker answer;
+/// otherwise 503 naming what is not.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (store, queue, docker) = tokio::join!(state.store.ping(), state.queue.ping(), async {
+        match &state.runtime {
+            Some(r) => Some(r.ping().await),
+            None => None,
+        }
+    });
+    let mut checks = serde_json::Map::new();
+    let mut failing = Vec::new();
+    let mut record = |name: &str, result: Result<(), String>| {
+        match result {
+            Ok(()) => checks.insert(name.to_owned(), json!("ok")),
+            Err(e) => {
+                failing.push(name.to_owned());
+                checks.insert(name.to_owned(), json!(e))
+            }
+        };
+    };
+    record("store", store.map_err(|e| e.to_string()));
+    record("broker", queue.map_err(|e| e.to_string()));
+    if let Some(docker) = docker {
+        record("docker", docker.map_err(|e| e.to_string()));
+    }
+    if !state.accepting.load(Ordering::SeqCst) {
+        failing.push("shutting_down".to_owned());
+    }
+    if failing.is_empty() {
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "checks": checks})),
+        )
+            .into_response()
+    } else {
+        let body = json!({
+            "status": "not_ready",
+            "checks": checks,
+            "error": {"code": "not_ready", "message": format!("not ready: {}", failing.join(", "))},
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,50 @@
+//! The HTTP API (axum): runs, jobs, health, and the worker protocol. One `router()` per
+//! resource; `error::ApiError` is the only place errors become statuses.
+
+mod error;
+mod health;
+mod jobs;
+mod runs;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::domain::ports::{ContainerRuntime, ControlPlane, RunQueue, RunStore};
+use crate::service::runs::Runs;
+
+/// Request bodies above this are refused with 413.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub runs: Runs,
+    pub control: Arc<dyn ControlPlane>,
+    pub store: Arc<dyn RunStore>,
+    pub queue: Arc<dyn RunQueue>,
+    /// Checked by /readyz when this process runs containers itself.
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    /// Bearer token for the worker endpoints; `None` disables them.
+    pub worker_token: Option<Arc<str>>,
+    /// False once shutdown began: /readyz answers 503 so load balancers move away.
+    pub accepting: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(runs::router())
+        .merge(jobs::router())
+        .merge(health::router())
+        .merge(worker::router())
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,401 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{ApiError, AppState};
+use crate::domain::ports::RunFilter;
+use crate::domain::run::{Run, RunId, RunStatus};
+use crate::service::events::RunEventKind;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs/{job}/runs", post(create_run))
+        .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/logs", get(get_logs))
+}
+
+/// The longest `?wait=` honoured, in seconds.
+const MAX_WAIT_SECS: u64 = 24 * 3600;
+
+/// A run as the API shows it (`GET /v1/runs/{id}`).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunView {
+    pub id: String,
+    pub job: String,
+    pub status: String,
+    pub params: BTreeMap<String, String>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub attempt: u32,
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl From<Run> for RunView {
+    fn from(r: Run) -> Self {
+        Self {
+            id: r.id.to_string(),
+            job: r.job,
+            status: r.status.as_str().to_owned(),
+            params: r.params,
+            exit_code: r.exit_code,
+            reason: r.reason,
+            reason_code: r.reason_code.map(|c| c.as_str().to_owned()),
+            created_at: time(r.created_at),
+            started_at: r.started_at.map(time),
+            finished_at: r.finished_at.map(time),
+            attempt: r.attempt,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRun {
+    #[serde(default)]
+    params: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<u64>,
+}
+
+fn parse_id(id: &str) -> Result<RunId, ApiError> {
+    id.parse().map_err(|e: crate::domain::run::InvalidRunId| {
+        ApiError::not_found("unknown_run", e.to_string())
+    })
+}
+
+fn run_response(status: StatusCode, run: Run) -> Response {
+    let location = format!("/v1/runs/{}", run.id);
+    let mut response = (status, Json(RunView::from(run))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
+}
+
+/// Params may be given as strings, numbers or booleans; they reach the job as text.
+fn params_from_json(
+    raw: BTreeMap<String, serde_json::Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    raw.into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => {
+                    let kind = match other {
+                        serde_json::Value::Null => "null",
+                        serde_json::Value::Array(_) => "an array",
+                        _ => "an object",
+                    };
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_params",
+                        format!("parameter `{k}` is {kind}; give a string, number or boolean"),
+                    ));
+                }
+            };
+            Ok((k, text))
+        })
+        .collect()
+}
+
+/// `POST /v1/jobs/{job}/runs`. The body is optional and read as JSON whatever its
+/// content type says, since `curl -d` sends a form type.
+async fn create_run(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let body = body?;
+    if state.runs.job(&job).is_none() {
+        return Err(ApiError::not_found(
+            "unknown_job",
+            format!("no job named `{job}`"),
+        ));
+    }
+    let request: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateRun {
+            params: BTreeMap::new(),
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "request body is not valid JSON for a run request: {e}"
+            ))
+        })?
+    };
+    let params = params_from_json(request.params)?;
+    let run = state.runs.accept(&job, params).await?;
+    finish_waiting(&state, run, query.wait).await
+}
+
+/// Hold the answer until the run is final or the wait passes: 200 with the finished run,
+/// or 202 with the run as it is.
+async fn finish_waiting(
+    state: &AppState,
+    run: Run,
+    wait: Option<u64>,
+) -> Result<Response, ApiError> {
+    let Some(secs) = wait.filter(|s| *s > 0) else {
+        let status = if run.status.is_final() {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        };
+        return Ok(run_response(status, run));
+    };
+    let id = run.id;
+    let waited = state
+        .runs
+        .wait(id, Duration::from_secs(secs.min(MAX_WAIT_SECS)))
+        .await?;
+    let run = waited.unwrap_or(run);
+    let status = if run.status.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(run_response(status, run))
+}
+
+/// `GET /v1/runs/{id}`, with an optional `?wait=SECONDS` long poll.
+async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let id = parse_id(&id)?;
+    let run = state
+        .runs
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+    if query.wait.is_some() && !run.status.is_final() {
+        return finish_waiting(&state, run, query.wait).await;
+    }
+    Ok((StatusCode::OK, Json(RunView::from(run))).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    job: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct RunList {
+    runs: Vec<RunView>,
+}
+
+/// `GET /v1/runs?job=&status=&limit=`, newest first.
+async fn list_runs(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<RunList>, ApiError> {
+    let Query(query) = query?;
+    let status = query
+        .status
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<RunStatus>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let filter = RunFilter {
+        job: query.job.filter(|j| !j.is_empty()),
+        status,
+        limit,
+    };
+    let runs = state.runs.list(&filter).await?;
+    Ok(Json(RunList {
+        runs: runs.into_iter().map(RunView::from).collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    attempt: Option<u32>,
+    /// Skip this many bytes of the attempt's log (to resume a broken stream).
+    #[serde(default)]
+    offset: u64,
+}
+
+const LOG_READ: usize = 256 * 1024;
+
+/// `GET /v1/runs/{id}/logs[?follow=true][&attempt=N]`: output as text/plain, bytes as
+/// the container wrote them. Following streams until the run is final.
+async fn get_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let id = parse_id(&id)?;
+    let run = state
+        .runs
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+    let fixed_attempt = query.attempt;
+    if let Some(a) = fixed_attempt
+        && (a == 0 || a > run.attempt.max(1))
+    {
+        return Err(ApiError::not_found(
+            "unknown_attempt",
+            format!("run {id} has no attempt {a}"),
+        ));
+    }
+    let body = if query.follow {
+        Body::from_stream(follow(state, id, fixed_attempt, query.offset))
+    } else {
+        let attempt = fixed_attempt.unwrap_or(run.attempt);
+        let mut out = Vec::new();
+        if attempt > 0 {
+            loop {
+                let at = query.offset + out.len() as u64;
+                let chunk = state.runs.read_log(id, attempt, at, LOG_READ).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+        Body::from(out)
+    };
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+struct Follow {
+    state: AppState,
+    id: RunId,
+    fixed_attempt: Option<u32>,
+    attempt: u32,
+    offset: u64,
+    events: broadcast::Receiver<crate::service::events::RunEvent>,
+    done: bool,
+}
+
+fn follow(
+    state: AppState,
+    id: RunId,
+    fixed_attempt: Option<u32>,
+    offset: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let events = state.runs.events().subscribe();
+    let start = Follow {
+        state,
+        id,
+        fixed_attempt,
+        attempt: fixed_attempt.unwrap_or(0),
+        offset,
+        events,
+        done: false,
+    };
+    futures::stream::unfold(start, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        loop {
+            // Read the run before the log: if it is final now, everything it wrote is
+            // already stored, so one more read after an empty one finishes the stream.
+            let run = match f.state.runs.get(f.id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        Follow { done: true, ..f },
+                    ));
+                }
+            };
+            if f.fixed_attempt.is_none() && run.attempt > f.attempt {
+                // A resume offset applies to the attempt current at the first look; a
+                // later attempt's log starts at its beginning.
+                if f.attempt > 0 {
+                    f.offset = 0;
+                }
+                f.attempt = run.attempt;
+            }
+            if f.attempt > 0 {
+                match f
+                    .state
+                    .runs
+                    .read_log(f.id, f.attempt, f.offset, LOG_READ)
+                    .await
+                {
+                    Ok(chunk) if !chunk.is_empty() => {
+                        f.offset += chunk.len() as u64;
+                        return Some((Ok(chunk), f));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            Follow { done: true, ..f },
+                        ));
+                    }
+                }
+            }
+            if run.status.is_final() {
+                return None;
+            }
+            // Sleep until this run's output or status changes; a periodic look covers
+            // a remote worker's writes and missed (lagged) events.
+            let wait = async {
+                loop {
+                    match f.events.recv().await {
+                        Ok(ev)
+                            if ev.run_id == f.id
+                                && matches!(ev.kind, RunEventKind::Log | RunEventKind::Status) =>
+                        {
+                            return;
+                        }
+                        Ok(_) => continue,
+                        Err(_) => return,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        }
+    })
+}

@@ -1,0 +1,156 @@
+//! The worker protocol, as served to `tasuki worker` processes: claims, start, heartbeat,
+//! output upload and final state. Every call needs the worker token as a bearer token.
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState};
+use crate::domain::ports::Lease;
+use crate::domain::run::RunId;
+use crate::protocol::{
+    ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1, LeaseStatusV1, StartedV1,
+    decode_log_frames,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/worker/claim", post(claim))
+        .route("/v1/worker/started", post(started))
+        .route("/v1/worker/heartbeat", post(heartbeat))
+        .route("/v1/worker/log", put(append_log))
+        .route("/v1/worker/finish", post(finish))
+}
+
+/// Proof that the caller presented the worker token.
+struct WorkerAuth;
+
+impl FromRequestParts<AppState> for WorkerAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(expected) = state.worker_token.as_deref() else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "worker_api_disabled",
+                "the worker API is disabled: start `tasuki serve` with --worker-token",
+            ));
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(WorkerAuth)
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong worker token",
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid worker request: {e}")))
+}
+
+async fn claim(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ClaimResponseV1>, ApiError> {
+    let req: ClaimRequestV1 = json(body)?;
+    if req.attempt == 0 || req.worker_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "claim needs attempt >= 1 and a worker_id",
+        ));
+    }
+    let message = crate::domain::ports::RunMessage {
+        run_id: req.run_id,
+        attempt: req.attempt,
+    };
+    let result = state.control.claim(message, &req.worker_id).await?;
+    Ok(Json(ClaimResponseV1::from(&result)))
+}
+
+async fn started(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaseStatusV1>, ApiError> {
+    let req: StartedV1 = json(body)?;
+    let status = state
+        .control
+        .started(req.lease.into(), &req.container_id)
+        .await?;
+    Ok(Json(status.into()))
+}
+
+async fn heartbeat(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaseStatusV1>, ApiError> {
+    let req: HeartbeatV1 = json(body)?;
+    let status = state.control.heartbeat(req.lease.into()).await?;
+    Ok(Json(status.into()))
+}
+
+async fn finish(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaseStatusV1>, ApiError> {
+    let req: FinishV1 = json(body)?;
+    let status = state
+        .control
+        .finish(req.lease.into(), &req.outcome.into())
+        .await?;
+    Ok(Json(status.into()))
+}
+
+#[derive(Deserialize)]
+struct LogTarget {
+    run_id: RunId,
+    attempt: u32,
+    epoch: i64,
+    offset: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct LogAppended {
+    pub length: u64,
+}
+
+/// `PUT /v1/worker/log?run_id=&attempt=&epoch=&offset=` with a body of log frames.
+async fn append_log(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    query: Result<Query<LogTarget>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LogAppended>, ApiError> {
+    let Query(t) = query?;
+    let chunks = decode_log_frames(body?).map_err(ApiError::bad_request)?;
+    let lease = Lease {
+        run_id: t.run_id,
+        attempt: t.attempt,
+        epoch: t.epoch,
+    };
+    let length = state.control.append_log(lease, t.offset, &chunks).await?;
+    Ok(Json(LogAppended { length }))
+}

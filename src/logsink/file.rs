@@ -1,0 +1,163 @@
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use crate::domain::ports::{LogError, LogSink, OutputChunk};
+use crate::domain::run::RunId;
+
+/// Files at `{dir}/{run_id}/{attempt}.log`. Appends to one attempt's file are serialised
+/// by a per-file lock so the offset check and the write are one step.
+pub struct FileLogSink {
+    dir: PathBuf,
+    locks: std::sync::Mutex<HashMap<(RunId, u32), Arc<Mutex<()>>>>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> LogError {
+    LogError::Io(format!("{}: {e}", path.display()))
+}
+
+impl FileLogSink {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            locks: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn path(&self, run_id: RunId, attempt: u32) -> PathBuf {
+        self.dir
+            .join(run_id.to_string())
+            .join(format!("{attempt}.log"))
+    }
+
+    fn lock(&self, run_id: RunId, attempt: u32) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop locks nobody holds any more, so the map stays as small as the set of
+        // attempts currently writing.
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry((run_id, attempt)).or_default().clone()
+    }
+}
+
+#[async_trait]
+impl LogSink for FileLogSink {
+    async fn append(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        offset: u64,
+        chunks: &[OutputChunk],
+    ) -> Result<u64, LogError> {
+        let path = self.path(run_id, attempt);
+        let lock = self.lock(run_id, attempt);
+        let _guard = lock.lock().await;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| io(parent, e))?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(|e| io(&path, e))?;
+        let len = file.metadata().await.map_err(|e| io(&path, e))?.len();
+        if offset > len {
+            return Err(LogError::Gap { offset, len });
+        }
+        // Skip what an earlier, retried upload already stored.
+        let mut skip = len - offset;
+        let mut end = len;
+        for chunk in chunks {
+            let n = chunk.bytes.len() as u64;
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let tail = &chunk.bytes[skip as usize..];
+            skip = 0;
+            file.write_all(tail).await.map_err(|e| io(&path, e))?;
+            end += tail.len() as u64;
+        }
+        file.flush().await.map_err(|e| io(&path, e))?;
+        Ok(end)
+    }
+
+    async fn read(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Bytes, LogError> {
+        let path = self.path(run_id, attempt);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
+            Err(e) => return Err(io(&path, e)),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(|e| io(&path, e))?;
+        let mut buf = Vec::with_capacity(max.min(1 << 20));
+        (&mut file)
+            .take(max as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| io(&path, e))?;
+        Ok(Bytes::from(buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ports::Stream;
+
+    fn chunk(s: &'static [u8]) -> OutputChunk {
+        OutputChunk {
+            stream: Stream::Stdout,
+            bytes: Bytes::from_static(s),
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_are_idempotent_by_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileLogSink::new(dir.path());
+        let id = RunId::new();
+        assert_eq!(
+            sink.append(id, 1, 0, &[chunk(b"hello "), chunk(b"wor")])
+                .await
+                .unwrap(),
+            9
+        );
+        // A retried upload that overlaps what is stored adds only the new bytes.
+        assert_eq!(
+            sink.append(id, 1, 6, &[chunk(b"world\n")]).await.unwrap(),
+            12
+        );
+        assert!(matches!(
+            sink.append(id, 1, 20, &[chunk(b"x")]).await,
+            Err(LogError::Gap {
+                offset: 20,
+                len: 12
+            })
+        ));
+        assert_eq!(
+            &sink.read(id, 1, 0, 100).await.unwrap()[..],
+            b"hello world\n"
+        );
+        assert_eq!(&sink.read(id, 1, 6, 3).await.unwrap()[..], b"wor");
+        assert!(sink.read(id, 2, 0, 10).await.unwrap().is_empty());
+    }
+}

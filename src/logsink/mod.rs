@@ -1,0 +1,6 @@
+//! Log sinks: where run output ends up. The file sink keeps one file per run attempt
+//! under the data dir, stdout and stderr interleaved in arrival order, bytes as written.
+
+mod file;
+
+pub use file::FileLogSink;

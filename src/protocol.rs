@@ -1,0 +1,456 @@
+//! Wire formats shared by both sides: the AMQP run message, the worker protocol between
+//! `tasuki worker` and `tasuki serve`, and the frozen run spec (also how the store keeps
+//! it). Serde lives here so a change to a domain type never silently changes a format.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
+use crate::domain::ports::{
+    Claim, ClaimResult, Lease, LeaseStatus, OutputChunk, RunMessage, Stream,
+};
+use crate::domain::run::{Outcome, RunId, RunStatus};
+
+/// The AMQP message body: `{"v":1,"run_id":"...","attempt":1}`. Small on purpose: the
+/// spec comes from the control plane at claim time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunMessageV1 {
+    pub v: u32,
+    pub run_id: String,
+    pub attempt: u32,
+}
+
+pub const MESSAGE_VERSION: u32 = 1;
+
+impl From<RunMessage> for RunMessageV1 {
+    fn from(m: RunMessage) -> Self {
+        Self {
+            v: MESSAGE_VERSION,
+            run_id: m.run_id.to_string(),
+            attempt: m.attempt,
+        }
+    }
+}
+
+/// Parse a message body; the error says what is wrong with it (it goes to the
+/// dead-letter log).
+pub fn parse_run_message(body: &[u8]) -> Result<RunMessage, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let version: Version =
+        serde_json::from_slice(body).map_err(|e| format!("not a tasuki run message: {e}"))?;
+    if version.v != MESSAGE_VERSION {
+        return Err(format!(
+            "unknown message version {} (this worker reads {MESSAGE_VERSION})",
+            version.v
+        ));
+    }
+    let m: RunMessageV1 =
+        serde_json::from_slice(body).map_err(|e| format!("malformed v1 run message: {e}"))?;
+    let run_id = m.run_id.parse::<RunId>().map_err(|e| e.to_string())?;
+    if m.attempt == 0 {
+        return Err("attempt must be at least 1".to_owned());
+    }
+    Ok(RunMessage {
+        run_id,
+        attempt: m.attempt,
+    })
+}
+
+/// The resolved spec as stored with the run and sent to the worker at claim time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SpecV1 {
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub pull: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    pub stop_grace_ms: u64,
+    pub network: String,
+}
+
+impl From<&ResolvedSpec> for SpecV1 {
+    fn from(s: &ResolvedSpec) -> Self {
+        Self {
+            image: s.image.clone(),
+            command: s.command.clone(),
+            workdir: s.workdir.clone(),
+            user: s.user.clone(),
+            env: s.env.clone(),
+            pull: s.pull.as_str().to_owned(),
+            cpu: s.resources.cpu,
+            cpu_limit: s.resources.cpu_limit,
+            memory_bytes: s.resources.memory_bytes,
+            timeout_ms: s.timeout.map(|d| d.as_millis() as u64),
+            stop_grace_ms: s.stop_grace.as_millis() as u64,
+            network: s.network.clone(),
+        }
+    }
+}
+
+impl TryFrom<SpecV1> for ResolvedSpec {
+    type Error = String;
+    fn try_from(s: SpecV1) -> Result<Self, String> {
+        Ok(Self {
+            pull: PullPolicy::parse(&s.pull).map_err(|e| e.to_string())?,
+            image: s.image,
+            command: s.command,
+            workdir: s.workdir,
+            user: s.user,
+            env: s.env,
+            resources: Resources {
+                cpu: s.cpu,
+                cpu_limit: s.cpu_limit,
+                memory_bytes: s.memory_bytes,
+            },
+            timeout: s.timeout_ms.map(Duration::from_millis),
+            stop_grace: Duration::from_millis(s.stop_grace_ms),
+            network: s.network,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseV1 {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub epoch: i64,
+}
+
+impl From<Lease> for LeaseV1 {
+    fn from(l: Lease) -> Self {
+        Self {
+            run_id: l.run_id,
+            attempt: l.attempt,
+            epoch: l.epoch,
+        }
+    }
+}
+
+impl From<LeaseV1> for Lease {
+    fn from(l: LeaseV1) -> Self {
+        Self {
+            run_id: l.run_id,
+            attempt: l.attempt,
+            epoch: l.epoch,
+        }
+    }
+}
+
+impl Serialize for RunId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `POST /v1/worker/claims`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRequestV1 {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ClaimResponseV1 {
+    Claimed {
+        lease: LeaseV1,
+        job: String,
+        spec: SpecV1,
+        lease_ttl_ms: u64,
+    },
+    NotClaimable {
+        status: String,
+        attempt: u32,
+    },
+    UnknownRun,
+}
+
+impl From<&ClaimResult> for ClaimResponseV1 {
+    fn from(r: &ClaimResult) -> Self {
+        match r {
+            ClaimResult::Claimed(c) => ClaimResponseV1::Claimed {
+                lease: c.lease.into(),
+                job: c.job.clone(),
+                spec: SpecV1::from(&c.spec),
+                lease_ttl_ms: c.lease_ttl.as_millis() as u64,
+            },
+            ClaimResult::NotClaimable { status, attempt } => ClaimResponseV1::NotClaimable {
+                status: status.as_str().to_owned(),
+                attempt: *attempt,
+            },
+            ClaimResult::UnknownRun => ClaimResponseV1::UnknownRun,
+        }
+    }
+}
+
+impl TryFrom<ClaimResponseV1> for ClaimResult {
+    type Error = String;
+    fn try_from(r: ClaimResponseV1) -> Result<Self, String> {
+        Ok(match r {
+            ClaimResponseV1::Claimed {
+                lease,
+                job,
+                spec,
+                lease_ttl_ms,
+            } => ClaimResult::Claimed(Claim {
+                lease: lease.into(),
+                job,
+                spec: spec.try_into()?,
+                lease_ttl: Duration::from_millis(lease_ttl_ms),
+            }),
+            ClaimResponseV1::NotClaimable { status, attempt } => ClaimResult::NotClaimable {
+                status: status.parse::<RunStatus>().map_err(|e| e.to_string())?,
+                attempt,
+            },
+            ClaimResponseV1::UnknownRun => ClaimResult::UnknownRun,
+        })
+    }
+}
+
+/// `POST /v1/worker/started`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartedV1 {
+    pub lease: LeaseV1,
+    pub container_id: String,
+}
+
+/// `POST /v1/worker/heartbeat`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatV1 {
+    pub lease: LeaseV1,
+}
+
+/// The answer to started, heartbeat and finish.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "lease", rename_all = "snake_case")]
+pub enum LeaseStatusV1 {
+    Held { cancel: bool },
+    Lost,
+}
+
+impl From<LeaseStatus> for LeaseStatusV1 {
+    fn from(s: LeaseStatus) -> Self {
+        match s {
+            LeaseStatus::Held { cancel } => LeaseStatusV1::Held { cancel },
+            LeaseStatus::Lost => LeaseStatusV1::Lost,
+        }
+    }
+}
+
+impl From<LeaseStatusV1> for LeaseStatus {
+    fn from(s: LeaseStatusV1) -> Self {
+        match s {
+            LeaseStatusV1::Held { cancel } => LeaseStatus::Held { cancel },
+            LeaseStatusV1::Lost => LeaseStatus::Lost,
+        }
+    }
+}
+
+/// `POST /v1/worker/finish`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinishV1 {
+    pub lease: LeaseV1,
+    pub outcome: OutcomeV1,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutcomeV1 {
+    Exited { code: i64 },
+    OomKilled { code: i64 },
+    TimedOut { after_ms: u64, code: Option<i64> },
+    Cancelled { code: Option<i64> },
+    ImageNotFound { image: String },
+    ImagePullFailed { image: String, message: String },
+    DockerError { message: String },
+}
+
+impl From<&Outcome> for OutcomeV1 {
+    fn from(o: &Outcome) -> Self {
+        match o.clone() {
+            Outcome::Exited { code } => OutcomeV1::Exited { code },
+            Outcome::OomKilled { code } => OutcomeV1::OomKilled { code },
+            Outcome::TimedOut { after, code } => OutcomeV1::TimedOut {
+                after_ms: after.as_millis() as u64,
+                code,
+            },
+            Outcome::Cancelled { code } => OutcomeV1::Cancelled { code },
+            Outcome::ImageNotFound { image } => OutcomeV1::ImageNotFound { image },
+            Outcome::ImagePullFailed { image, message } => {
+                OutcomeV1::ImagePullFailed { image, message }
+            }
+            Outcome::DockerError { message } => OutcomeV1::DockerError { message },
+        }
+    }
+}
+
+impl From<OutcomeV1> for Outcome {
+    fn from(o: OutcomeV1) -> Self {
+        match o {
+            OutcomeV1::Exited { code } => Outcome::Exited { code },
+            OutcomeV1::OomKilled { code } => Outcome::OomKilled { code },
+            OutcomeV1::TimedOut { after_ms, code } => Outcome::TimedOut {
+                after: Duration::from_millis(after_ms),
+                code,
+            },
+            OutcomeV1::Cancelled { code } => Outcome::Cancelled { code },
+            OutcomeV1::ImageNotFound { image } => Outcome::ImageNotFound { image },
+            OutcomeV1::ImagePullFailed { image, message } => {
+                Outcome::ImagePullFailed { image, message }
+            }
+            OutcomeV1::DockerError { message } => Outcome::DockerError { message },
+        }
+    }
+}
+
+/// Log upload body (`PUT /v1/worker/runs/{id}/attempts/{n}/log?offset=N&epoch=E`):
+/// frames of `[stream: u8][0,0,0][len: u32 big-endian][len bytes]`, stream 1 = stdout,
+/// 2 = stderr (the same framing Docker uses for attach), so stream identity survives the
+/// trip without copying bytes into JSON.
+pub const LOG_CONTENT_TYPE: &str = "application/vnd.tasuki.log-frames";
+
+pub fn encode_log_frames(chunks: &[OutputChunk]) -> Vec<u8> {
+    let total: usize = chunks.iter().map(|c| c.bytes.len() + 8).sum();
+    let mut out = Vec::with_capacity(total);
+    for c in chunks {
+        let tag = match c.stream {
+            Stream::Stdout => 1u8,
+            Stream::Stderr => 2u8,
+        };
+        out.push(tag);
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&(c.bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&c.bytes);
+    }
+    out
+}
+
+pub fn decode_log_frames(mut body: bytes::Bytes) -> Result<Vec<OutputChunk>, String> {
+    let mut chunks = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 8 {
+            return Err(format!(
+                "truncated log frame header ({} bytes left)",
+                body.len()
+            ));
+        }
+        let stream = match body[0] {
+            1 => Stream::Stdout,
+            2 => Stream::Stderr,
+            other => return Err(format!("unknown log stream tag {other}")),
+        };
+        let len = u32::from_be_bytes([body[4], body[5], body[6], body[7]]) as usize;
+        if body.len() < 8 + len {
+            return Err(format!(
+                "log frame says {len} bytes but {} remain",
+                body.len() - 8
+            ));
+        }
+        let _ = body.split_to(8);
+        chunks.push(OutputChunk {
+            stream,
+            bytes: body.split_to(len),
+        });
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn run_message_format_is_frozen() {
+        let id: RunId = "01jd0000000000000000000000".parse().unwrap();
+        let m = RunMessageV1::from(RunMessage {
+            run_id: id,
+            attempt: 1,
+        });
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"v":1,"run_id":"01jd0000000000000000000000","attempt":1}"#
+        );
+        let back =
+            parse_run_message(br#"{"v":1,"run_id":"01jd0000000000000000000000","attempt":1}"#)
+                .unwrap();
+        assert_eq!(
+            back,
+            RunMessage {
+                run_id: id,
+                attempt: 1
+            }
+        );
+    }
+
+    #[test]
+    fn poison_messages_say_why() {
+        assert!(
+            parse_run_message(b"hello")
+                .unwrap_err()
+                .contains("not a tasuki run message")
+        );
+        assert!(
+            parse_run_message(br#"{"v":2}"#)
+                .unwrap_err()
+                .contains("unknown message version 2")
+        );
+        assert!(
+            parse_run_message(br#"{"v":1,"run_id":"x","attempt":1}"#)
+                .unwrap_err()
+                .contains("invalid run id")
+        );
+        assert!(
+            parse_run_message(br#"{"v":1,"run_id":"01jd0000000000000000000000","attempt":0}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn log_frames_round_trip_binary() {
+        let chunks = vec![
+            OutputChunk {
+                stream: Stream::Stdout,
+                bytes: Bytes::from_static(b"out\n"),
+            },
+            OutputChunk {
+                stream: Stream::Stderr,
+                bytes: Bytes::from_static(&[0xff, 0x00, 0xfe]),
+            },
+            OutputChunk {
+                stream: Stream::Stdout,
+                bytes: Bytes::new(),
+            },
+        ];
+        let body = encode_log_frames(&chunks);
+        assert_eq!(decode_log_frames(Bytes::from(body)).unwrap(), chunks);
+        assert!(decode_log_frames(Bytes::from_static(&[1, 0, 0, 0, 0, 0, 0, 9, 1])).is_err());
+        assert!(decode_log_frames(Bytes::from_static(&[7, 0, 0, 0, 0, 0, 0, 0])).is_err());
+    }
+}

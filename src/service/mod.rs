@@ -1,0 +1,8 @@
+//! Use cases, written against the ports in `domain` only: accepting and querying runs,
+//! the control plane a worker talks to, the outbox relay, and the worker itself.
+
+pub mod control;
+pub mod events;
+pub mod relay;
+pub mod runs;
+pub mod worker;
