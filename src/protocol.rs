@@ -181,7 +181,7 @@ pub enum ClaimResponseV1 {
     Claimed {
         lease: LeaseV1,
         job: String,
-        spec: SpecV1,
+        spec: Box<SpecV1>,
         lease_ttl_ms: u64,
     },
     NotClaimable {
@@ -197,7 +197,7 @@ impl From<&ClaimResult> for ClaimResponseV1 {
             ClaimResult::Claimed(c) => ClaimResponseV1::Claimed {
                 lease: c.lease.into(),
                 job: c.job.clone(),
-                spec: SpecV1::from(&c.spec),
+                spec: Box::new(SpecV1::from(&c.spec)),
                 lease_ttl_ms: c.lease_ttl.as_millis() as u64,
             },
             ClaimResult::NotClaimable { status, attempt } => ClaimResponseV1::NotClaimable {
@@ -218,12 +218,12 @@ impl TryFrom<ClaimResponseV1> for ClaimResult {
                 job,
                 spec,
                 lease_ttl_ms,
-            } => ClaimResult::Claimed(Claim {
+            } => ClaimResult::Claimed(Box::new(Claim {
                 lease: lease.into(),
                 job,
-                spec: spec.try_into()?,
+                spec: (*spec).try_into()?,
                 lease_ttl: Duration::from_millis(lease_ttl_ms),
-            }),
+            })),
             ClaimResponseV1::NotClaimable { status, attempt } => ClaimResult::NotClaimable {
                 status: status.parse::<RunStatus>().map_err(|e| e.to_string())?,
                 attempt,

@@ -563,7 +563,11 @@ impl JobSpec {
                     });
                     continue;
                 }
-                (None, None) => "",
+                (None, None) => {
+                    // Absent and optional: substitutes as empty, no pattern to meet.
+                    values.insert(name, "");
+                    continue;
+                }
             };
             if let Err(e) = spec.check_value(name, value) {
                 errors.push(e);
@@ -1032,6 +1036,17 @@ mod tests {
         let re = ParamSpec::anchored_pattern("^[a-z]+$").unwrap();
         assert!(re.is_match("abc"));
         assert!(!re.is_match("abc\n"));
+    }
+
+    #[test]
+    fn an_absent_optional_param_substitutes_empty_without_meeting_its_pattern() {
+        let mut j = job();
+        j.params
+            .insert("tag".to_owned(), spec(Some("[a-z]+"), false, None));
+        let r = j.resolve(&given(&[("who", "x")])).unwrap();
+        assert_eq!(r.command[2], "echo x hi!");
+        // Given, it must match.
+        assert!(j.resolve(&given(&[("who", "x"), ("tag", "NO")])).is_err());
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub struct Claim {
 
 #[derive(Debug, Clone)]
 pub enum ClaimResult {
-    Claimed(Claim),
+    Claimed(Box<Claim>),
     /// Claimed by someone already, finished, or cancelled: the delivery is a duplicate.
     NotClaimable {
         status: RunStatus,

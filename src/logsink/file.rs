@@ -13,9 +13,12 @@ use crate::domain::run::RunId;
 
 /// Files at `{dir}/{run_id}/{attempt}.log`. Appends to one attempt's file are serialised
 /// by a per-file lock so the offset check and the write are one step.
+/// One lock per attempt's file.
+type FileLocks = HashMap<(RunId, u32), Arc<Mutex<()>>>;
+
 pub struct FileLogSink {
     dir: PathBuf,
-    locks: std::sync::Mutex<HashMap<(RunId, u32), Arc<Mutex<()>>>>,
+    locks: std::sync::Mutex<FileLocks>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> LogError {

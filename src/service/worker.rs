@@ -123,7 +123,7 @@ impl Worker {
                     let span = tracing::info_span!("run", run_id = %claim.lease.run_id, job = %claim.job, attempt = claim.lease.attempt);
                     running.spawn(
                         async move {
-                            worker.execute(claim).await;
+                            worker.execute(*claim).await;
                             drop(permit);
                         }
                         .instrument(span),
@@ -316,7 +316,9 @@ impl Worker {
                 Some(Outcome::Cancelled { .. }) => Outcome::Cancelled {
                     code: Some(exit.exit_code),
                 },
-                _ if exit.oom_killed => Outcome::OomKilled {
+                // Docker flags any OOM kill inside the container; a job whose main
+                // process still exited 0 handled it and succeeded.
+                _ if exit.oom_killed && exit.exit_code != 0 => Outcome::OomKilled {
                     code: exit.exit_code,
                 },
                 _ => Outcome::Exited {

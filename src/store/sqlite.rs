@@ -301,7 +301,7 @@ impl RunStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(ClaimResult::Claimed(Claim {
+        Ok(ClaimResult::Claimed(Box::new(Claim {
             lease: Lease {
                 run_id: message.run_id,
                 attempt: message.attempt,
@@ -310,7 +310,7 @@ impl RunStore for SqliteStore {
             job,
             spec,
             lease_ttl,
-        }))
+        })))
     }
 
     async fn mark_started(

@@ -1,0 +1,253 @@
+//! `tasuki serve` with RabbitMQ and a separate `tasuki worker` process.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+
+use crate::common::{ServeOptions, Server, amqp_url, containers_of, start_worker, unique};
+
+const TOKEN: &str = "test-worker-token";
+
+fn amqp_server(dir: &std::path::Path, queue: &str) -> Server {
+    Server::start(
+        dir,
+        ServeOptions {
+            amqp_queue: Some(queue.to_owned()),
+            worker_token: Some(TOKEN.to_owned()),
+            ..ServeOptions::default()
+        },
+    )
+}
+
+/// (ready, unacked) for a queue, from the broker itself.
+fn queue_counts(queue: &str) -> (u64, u64) {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() == 3 && cols[0] == queue {
+            return (cols[1].parse().unwrap_or(0), cols[2].parse().unwrap_or(0));
+        }
+    }
+    panic!("queue {queue} not listed by rabbitmqctl: {text}");
+}
+
+fn delete_queues(queue: &str) {
+    for q in [queue.to_owned(), format!("{queue}.dead")] {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_queue", &q])
+            .output();
+    }
+}
+
+struct QueueGuard(String);
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        delete_queues(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_separate_worker_runs_jobs_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = amqp_server(d.path(), &queue);
+    let worker = start_worker(d.path(), &server, &queue, TOKEN, 2);
+    let api = server.client();
+
+    let run = api.run_and_wait("exit", json!({"code": 5})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 5);
+    assert_eq!(
+        String::from_utf8_lossy(&api.logs(run["id"].as_str().unwrap()).await),
+        "exiting with 5\n"
+    );
+
+    let run = api.run_and_wait("echo-both", json!({})).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(
+        String::from_utf8_lossy(&api.logs(run["id"].as_str().unwrap()).await),
+        "out-1\nerr-1\nout-2\nerr-2\n"
+    );
+
+    // Output of a remote worker arrives byte-exact through the upload protocol.
+    let run = api.run_and_wait("binary", json!({})).await;
+    let logs = api.logs(run["id"].as_str().unwrap()).await;
+    assert_eq!(logs.len(), 300_000 + "no newline at end".len());
+    assert!(logs[..300_000].iter().all(|b| *b == 0xff));
+
+    assert!(
+        containers_of(&worker.worker_id).is_empty(),
+        "containers left behind"
+    );
+    let (ready, unacked) = queue_counts(&queue);
+    assert_eq!((ready, unacked), (0, 0));
+    assert!(worker.log_text().contains("run finished"));
+}
+
+#[tokio::test]
+async fn a_busy_worker_holds_no_unacked_deliveries() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = amqp_server(d.path(), &queue);
+    let _worker = start_worker(d.path(), &server, &queue, TOKEN, 1);
+    let api = server.client();
+
+    let busy = api
+        .post_run("sleep", r#"{"params":{"seconds":"4"}}"#, "")
+        .await;
+    let busy_id = busy.body["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, run) = api.get(&format!("/v1/runs/{busy_id}")).await;
+        if run["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "first run never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut others = Vec::new();
+    for code in ["0", "0"] {
+        let a = api
+            .post_run("exit", &json!({"params": {"code": code}}).to_string(), "")
+            .await;
+        others.push(a.body["id"].as_str().unwrap().to_owned());
+    }
+    // Give the relay time to publish; then the two wait in the broker, not unacked in
+    // the busy worker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ready, unacked) = queue_counts(&queue);
+        if ready == 2 {
+            assert_eq!(unacked, 0, "a busy worker holds deliveries");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages never reached the queue: ready={ready} unacked={unacked}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, busy_run) = api.get(&format!("/v1/runs/{busy_id}")).await;
+    assert_eq!(busy_run["status"], "running");
+    for id in others.iter().chain([&busy_id]) {
+        let run = api.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_work_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = amqp_server(d.path(), &queue);
+    let worker = start_worker(d.path(), &server, &queue, TOKEN, 1);
+    let api = server.client();
+    // Let the server declare the topology first.
+    let first = api.run_and_wait("exit", json!({"code": "0"})).await;
+    assert_eq!(first["status"], "succeeded");
+
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    for body in [
+        &b"not json at all"[..],
+        br#"{"v":99,"run_id":"x","attempt":1}"#,
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = format!("{queue}.dead");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if q.message_count() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "poison messages not dead-lettered: {}",
+            q.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = api.run_and_wait("exit", json!({"code": "0"})).await;
+    assert_eq!(after["status"], "succeeded");
+    assert!(worker.log_text().contains("poison message dead-lettered"));
+}
+
+#[tokio::test]
+async fn the_worker_api_needs_the_token() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = amqp_server(d.path(), &queue);
+    let api = server.client();
+    let body = json!({"run_id": "01jd0000000000000000000000", "attempt": 1, "worker_id": "w"});
+    for auth in [None, Some("Bearer wrong")] {
+        let mut request = api
+            .http
+            .post(format!("{}/v1/worker/claim", api.base))
+            .json(&body);
+        if let Some(a) = auth {
+            request = request.header("authorization", a);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401);
+    }
+    let response = api
+        .http
+        .post(format!("{}/v1/worker/claim", api.base))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["result"], "unknown_run");
+    // No worker runs inside serve in AMQP mode unless asked: the run stays queued.
+    let accepted = api
+        .post_run("exit", r#"{"params":{"code":"0"}}"#, "?wait=2")
+        .await;
+    assert_eq!(accepted.status, 202);
+    assert_eq!(accepted.body["status"], "queued");
+}

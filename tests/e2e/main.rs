@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `tasuki` binary against real Docker and RabbitMQ. One
+//! test binary, so the suite links once.
+
+mod amqp_mode;
+mod cli;
+mod common;
+mod docker_runtime;
+mod embedded;

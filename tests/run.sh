@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The test command: sets up what the suite needs on a fresh machine, then runs it.
+#   - a Docker engine (installs Debian's docker.io and starts dockerd if `docker info` fails)
+#   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
+#   - the tasuki-example:latest image (static busybox, built locally)
+# then the whole suite with cargo-nextest (cargo test where nextest is missing).
+# Extra arguments go to the test runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "tests/run.sh: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "$@" >/dev/null
+}
+
+# Prefer Debian's client (it matches the engine), else whatever is on PATH.
+docker_cli() { if [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else command -v docker || echo docker; fi; }
+
+ensure_docker() {
+  if "$(docker_cli)" info >/dev/null 2>&1; then return; fi
+  if [ ! -x /usr/sbin/dockerd ] && ! command -v dockerd >/dev/null 2>&1; then
+    log "installing docker.io"
+    apt_install docker.io
+  fi
+  log "starting dockerd (log: /var/log/tasuki-dockerd.log)"
+  as_root sh -c 'nohup "$(command -v dockerd || echo /usr/sbin/dockerd)" >/var/log/tasuki-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    if "$(docker_cli)" info >/dev/null 2>&1; then return; fi
+    sleep 1
+  done
+  log "dockerd did not come up; last lines of its log:"
+  tail -n 20 /var/log/tasuki-dockerd.log >&2 || true
+  exit 1
+}
+
+amqp_reachable() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+
+ensure_rabbitmq() {
+  if [ -n "${TASUKI_TEST_AMQP_URL:-}" ]; then return; fi   # someone else's broker
+  if amqp_reachable; then return; fi
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    log "installing rabbitmq-server"
+    apt_install rabbitmq-server
+  fi
+  log "starting rabbitmq-server"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 90); do
+    if amqp_reachable; then return; fi
+    sleep 1
+  done
+  log "RabbitMQ is not reachable on 127.0.0.1:5672"
+  exit 1
+}
+
+ensure_busybox() {
+  if [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; then return; fi
+  log "installing busybox-static"
+  apt_install busybox-static
+}
+
+ensure_docker
+ensure_rabbitmq
+ensure_busybox
+export DOCKER="$(docker_cli)"
+deploy/example-image/build.sh >&2
+
+if cargo nextest --version >/dev/null 2>&1; then
+  exec cargo nextest run --workspace --no-fail-fast "$@"
+else
+  exec cargo test --workspace --no-fail-fast "$@"
+fi
