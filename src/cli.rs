@@ -91,57 +91,39 @@ pub async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-/// Stream the run's output to stdout until it is final; reconnects resume at the byte
-/// where the last stream stopped, so nothing is printed twice.
+/// Stream the run's output to stdout until it is final. The server ends a follow
+/// stream only when the run is final; a stream that breaks earlier (server restart,
+/// network) is resumed at the byte where it stopped, so nothing is printed twice.
 async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunInfo, ClientError> {
     let mut stdout = std::io::stdout();
     let mut written = 0u64;
-    let mut attempt = 0u32;
     let mut failures = 0u32;
     loop {
         match client.logs(id, true, written).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(bytes) => {
-                            // A closed stdout (e.g. `| head`) must not stop the wait.
-                            let _ = stdout.write_all(&bytes);
-                            let _ = stdout.flush();
-                            written += bytes.len() as u64;
-                            failures = 0;
-                        }
-                        Err(_) => break,
-                    }
+                while let Some(Ok(bytes)) = stream.next().await {
+                    // A closed stdout (e.g. `| head`) must not end the wait.
+                    let _ = stdout.write_all(&bytes).and_then(|()| stdout.flush());
+                    written += bytes.len() as u64;
+                    failures = 0;
                 }
             }
             Err(e @ ClientError::Refused { .. }) => return Err(e),
             Err(_) => {}
         }
         match client.get_run(id, None).await {
-            Ok(run) if run.status != "queued" && run.status != "running" => {
-                if run.attempt == attempt || attempt == 0 {
-                    return Ok(run);
-                }
-                return Ok(run);
-            }
-            Ok(run) => {
-                if run.attempt != attempt {
-                    if attempt != 0 {
-                        written = 0;
-                    }
-                    attempt = run.attempt;
-                }
-            }
+            Ok(run) if run.status != "queued" && run.status != "running" => return Ok(run),
+            Ok(_) => {}
             Err(e @ ClientError::Refused { .. }) => return Err(e),
             Err(e) => {
                 failures += 1;
-                if failures > 30 {
+                if failures > 60 {
                     return Err(e);
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

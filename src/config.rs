@@ -179,7 +179,8 @@ pub struct RunArgs {
     pub job: String,
 
     /// A parameter as NAME=VALUE; repeat for more.
-    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", value_parser = param)]
+    /// From the environment, TASUKI_PARAMS holds NAME=VALUE lines.
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", value_parser = param, env = "TASUKI_PARAMS", value_delimiter = '\n')]
     pub params: Vec<(String, String)>,
 
     /// Stream the run's output and exit with its exit code (see README for the codes
@@ -211,7 +212,7 @@ pub struct LogsArgs {
     /// Run id.
     pub run: String,
     /// Keep streaming until the run ends.
-    #[arg(long, short = 'f')]
+    #[arg(long, short = 'f', env = "TASUKI_FOLLOW")]
     pub follow: bool,
     #[command(flatten)]
     pub server: ServerOption,
@@ -244,10 +245,7 @@ mod tests {
                 let builtin = matches!(arg.get_id().as_str(), "help" | "version");
                 if !builtin && !arg.is_positional() && arg.get_env().is_none() {
                     let id = arg.get_id().as_str();
-                    // Flags that only make sense typed by hand.
-                    if !matches!(id, "follow" | "params") {
-                        missing.push(format!("{} --{}", cmd.get_name(), id));
-                    }
+                    missing.push(format!("{} --{}", cmd.get_name(), id));
                 }
             }
             for sub in cmd.get_subcommands() {

@@ -251,3 +251,82 @@ async fn the_worker_api_needs_the_token() {
     assert_eq!(accepted.status, 202);
     assert_eq!(accepted.body["status"], "queued");
 }
+
+#[tokio::test]
+async fn serve_runs_an_embedded_worker_on_the_queue_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            amqp_queue: Some(queue.clone()),
+            embedded_worker: true,
+            ..ServeOptions::default()
+        },
+    );
+    let run = server
+        .client()
+        .run_and_wait("exit", json!({"code": "9"}))
+        .await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["exit_code"], 9);
+    let (ready, unacked) = queue_counts(&queue);
+    assert_eq!((ready, unacked), (0, 0));
+}
+
+#[tokio::test]
+async fn with_the_broker_unreachable_runs_are_still_accepted_and_readyz_names_it() {
+    let d = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the broker is "down" for this server only.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let data = d.path().join("data");
+    let mut child = std::process::Command::new(crate::common::BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--amqp-url",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        ])
+        .arg("--jobs-dir")
+        .arg(crate::common::test_jobs_dir())
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = crate::common::Api {
+        http: reqwest::Client::new(),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = api.post_run("exit", r#"{"params":{"code":"0"}}"#, "").await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let (status, ready) = api.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["checks"]["store"], "ok");
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broker"),
+        "{ready}"
+    );
+    let (_, run) = api
+        .get(&format!(
+            "/v1/runs/{}",
+            accepted.body["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(run["status"], "queued");
+    let _ = child.kill();
+    let _ = child.wait();
+}
