@@ -88,7 +88,14 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         events.clone(),
         args.lease_ttl,
     ));
-    let runs = Runs::new(Arc::new(catalog), store.clone(), logs, events, wake.clone());
+    let runs = Runs::new(
+        Arc::new(catalog),
+        store.clone(),
+        logs,
+        events,
+        wake.clone(),
+        shutdown.clone(),
+    );
 
     // The queue: RabbitMQ, or in-process. The in-process one forgets everything when
     // the process ends, so every run still waiting is published to it again.

@@ -395,7 +395,11 @@ fn follow(
                     }
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+            tokio::select! {
+                // A stopping server ends follow streams; clients resume with `offset`.
+                _ = f.state.runs.stopping().cancelled() => return None,
+                _ = tokio::time::timeout(Duration::from_secs(1), wait) => {}
+            }
         }
     })
 }

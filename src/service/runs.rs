@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::Utc;
 use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::domain::job::{JobSpec, ParamErrors};
@@ -33,6 +34,9 @@ pub struct Runs {
     events: RunEvents,
     /// Wakes the outbox relay when a run was accepted.
     outbox: Arc<Notify>,
+    /// Cancelled when the process begins to stop: waits answer at once with the run
+    /// as it is, so shutdown is not held up by long polls.
+    stopping: CancellationToken,
 }
 
 impl Runs {
@@ -42,6 +46,7 @@ impl Runs {
         logs: Arc<dyn LogSink>,
         events: RunEvents,
         outbox: Arc<Notify>,
+        stopping: CancellationToken,
     ) -> Self {
         Self {
             catalog,
@@ -49,7 +54,12 @@ impl Runs {
             logs,
             events,
             outbox,
+            stopping,
         }
+    }
+
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -122,7 +132,11 @@ impl Runs {
                 return Ok(Some(run));
             }
             loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                let event = tokio::select! {
+                    _ = self.stopping.cancelled() => return self.store.get_run(id).await,
+                    event = tokio::time::timeout_at(deadline, rx.recv()) => event,
+                };
+                match event {
                     Err(_) => return self.store.get_run(id).await,
                     Ok(Ok(ev)) if ev.run_id == id && ev.kind == RunEventKind::Status => break,
                     Ok(Ok(_)) => continue,
