@@ -109,13 +109,13 @@ async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunInfo, ClientE
                     failures = 0;
                 }
             }
-            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e) if !e.is_transient() => return Err(e),
             Err(_) => {}
         }
         match client.get_run(id, None).await {
             Ok(run) if run.status != "queued" && run.status != "running" => return Ok(run),
             Ok(_) => {}
-            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures > 60 {

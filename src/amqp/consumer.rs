@@ -67,10 +67,9 @@ impl AmqpSource {
             .await
             .map_err(unavailable)?;
         let delivery = consumer.next().await;
-        channel
+        let cancelled = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-            .map_err(unavailable)?;
+            .await;
         let delivery = match delivery {
             Some(Ok(d)) => d,
             Some(Err(e)) => return Err(unavailable(e)),
@@ -80,6 +79,9 @@ impl AmqpSource {
                 ));
             }
         };
+        // With the delivery in hand, a failed cancel only means the channel is going;
+        // the broker requeues the unacked delivery then.
+        cancelled.map_err(unavailable)?;
         Ok(Delivery {
             message: parse_run_message(&delivery.data),
             handle: Box::new(AmqpHandle(delivery.acker)),
@@ -101,32 +103,33 @@ impl DeliverySource for AmqpSource {
 
 struct AmqpHandle(Acker);
 
+/// lapin answers `Ok(false)` when the channel is gone and nothing was sent: the broker
+/// will redeliver, so that is a failure, not a success.
+fn settled(result: lapin::Result<bool>) -> Result<(), QueueError> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(QueueError::Unavailable(
+            "channel closed before the acknowledgement was sent".into(),
+        )),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 #[async_trait]
 impl DeliveryHandle for AmqpHandle {
     async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        self.0
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        settled(self.0.ack(BasicAckOptions::default()).await)
     }
 
     async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
-        self.0
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        settled(self.0.nack(options).await)
     }
 
     async fn dead_letter(self: Box<Self>, _reason: &str) -> Result<(), QueueError> {
-        self.0
-            .reject(BasicRejectOptions { requeue: false })
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        settled(self.0.reject(BasicRejectOptions { requeue: false }).await)
     }
 }

@@ -13,7 +13,12 @@ pub struct AmqpPublisher {
     url: String,
     queue: String,
     conn: Mutex<Option<(Connection, Channel)>>,
+    /// Whether the last attempt to reach the broker worked (for `ping` during a publish).
+    connected: std::sync::atomic::AtomicBool,
 }
+
+/// How long a publish waits for the broker's confirm.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl AmqpPublisher {
     pub fn new(url: &str, queue: &str) -> Self {
@@ -21,6 +26,7 @@ impl AmqpPublisher {
             url: url.to_owned(),
             queue: queue.to_owned(),
             conn: Mutex::new(None),
+            connected: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -56,6 +62,8 @@ impl RunQueue for AmqpPublisher {
         let channel = match self.channel(&mut slot).await {
             Ok(c) => c,
             Err(e) => {
+                self.connected
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 return messages
                     .iter()
                     .map(|_| Err(QueueError::Unavailable(e.to_string())))
@@ -95,30 +103,54 @@ impl RunQueue for AmqpPublisher {
         for p in pending {
             let result = match p {
                 Err(e) => Err(e),
-                Ok(confirm) => match confirm.await {
-                    Ok(Confirmation::Ack(None)) => Ok(()),
-                    Ok(Confirmation::Ack(Some(returned))) => Err(QueueError::Unroutable(format!(
-                        "{} {}",
-                        returned.reply_code, returned.reply_text
+                Ok(confirm) => match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                    // A broker under a memory or disk alarm blocks publishers: give up on
+                    // this connection and let the relay retry later.
+                    Err(_) => Err(QueueError::Unavailable(format!(
+                        "no confirm from the broker within {}s",
+                        CONFIRM_TIMEOUT.as_secs()
                     ))),
-                    Ok(Confirmation::Nack(_)) => Err(QueueError::Nacked),
-                    Ok(Confirmation::NotRequested) => Err(QueueError::Unavailable(
-                        "channel is not in confirm mode".into(),
-                    )),
-                    Err(e) => Err(unavailable(e)),
+                    Ok(confirmation) => match confirmation {
+                        Ok(Confirmation::Ack(None)) => Ok(()),
+                        Ok(Confirmation::Ack(Some(returned))) => Err(QueueError::Unroutable(
+                            format!("{} {}", returned.reply_code, returned.reply_text),
+                        )),
+                        Ok(Confirmation::Nack(_)) => Err(QueueError::Nacked),
+                        Ok(Confirmation::NotRequested) => Err(QueueError::Unavailable(
+                            "channel is not in confirm mode".into(),
+                        )),
+                        Err(e) => Err(unavailable(e)),
+                    },
                 },
             };
-            broken |= matches!(result, Err(QueueError::Unavailable(_)));
+            // Unroutable too: the queue may have been deleted; reconnecting declares it.
+            broken |= matches!(
+                result,
+                Err(QueueError::Unavailable(_) | QueueError::Unroutable(_))
+            );
             results.push(result);
         }
         if broken {
             *slot = None;
         }
+        self.connected
+            .store(!broken, std::sync::atomic::Ordering::SeqCst);
         results
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let mut slot = self.conn.lock().await;
-        self.channel(&mut slot).await.map(|_| ())
+        // While a publish holds the connection, ask its status instead of waiting.
+        let Ok(mut slot) = self.conn.try_lock() else {
+            return match self.connected.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Ok(()),
+                false => Err(QueueError::Unavailable(
+                    "not connected to the broker".into(),
+                )),
+            };
+        };
+        let result = self.channel(&mut slot).await.map(|_| ());
+        self.connected
+            .store(result.is_ok(), std::sync::atomic::Ordering::SeqCst);
+        result
     }
 }

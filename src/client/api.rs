@@ -34,6 +34,17 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// Worth trying again: the server was unreachable, overloaded, or had a dependency
+    /// down (5xx, 429). A 4xx answer will not change by asking again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+        }
+    }
+}
+
 /// The API as the CLI uses it.
 pub struct ApiClient {
     http: reqwest::Client,

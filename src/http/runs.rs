@@ -280,19 +280,27 @@ async fn get_logs(
     let body = if query.follow {
         Body::from_stream(follow(state, id, fixed_attempt, query.offset))
     } else {
+        // Streamed in pieces, so a large log never sits whole in memory.
         let attempt = fixed_attempt.unwrap_or(run.attempt);
-        let mut out = Vec::new();
-        if attempt > 0 {
-            loop {
-                let at = query.offset + out.len() as u64;
-                let chunk = state.runs.read_log(id, attempt, at, LOG_READ).await?;
-                if chunk.is_empty() {
-                    break;
+        let runs = state.runs.clone();
+        let pieces = futures::stream::unfold(Some(query.offset), move |at| {
+            let runs = runs.clone();
+            async move {
+                let at = at?;
+                if attempt == 0 {
+                    return None;
                 }
-                out.extend_from_slice(&chunk);
+                match runs.read_log(id, attempt, at, LOG_READ).await {
+                    Ok(chunk) if chunk.is_empty() => None,
+                    Ok(chunk) => {
+                        let next = at + chunk.len() as u64;
+                        Some((Ok(chunk), Some(next)))
+                    }
+                    Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                }
             }
-        }
-        Body::from(out)
+        });
+        Body::from_stream(pieces)
     };
     let mut response = Response::new(body);
     response.headers_mut().insert(

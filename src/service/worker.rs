@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::domain::ports::{
     Claim, ClaimResult, ContainerRuntime, ContainerSpec, ControlError, ControlPlane,
-    DeliverySource, Lease, LeaseStatus, OutputStream, RuntimeError,
+    DeliverySource, Lease, LeaseStatus, OutputStream, RunMessage, RuntimeError,
 };
 use crate::domain::run::Outcome;
 
@@ -57,6 +57,10 @@ impl Backoff {
 
 /// Largest batch of output sent to the control plane in one call.
 const LOG_BATCH_BYTES: usize = 256 * 1024;
+/// After the container exits, how long its last output may take to be stored.
+const PUMP_DRAIN: Duration = Duration::from_secs(60);
+/// Claim attempts while holding a delivery, before handing it back.
+const CLAIM_TRIES: u32 = 3;
 
 impl Worker {
     pub fn new(
@@ -111,7 +115,7 @@ impl Worker {
                     continue;
                 }
             };
-            match this.control.claim(message, &this.config.worker_id).await {
+            match this.claim(message).await {
                 Ok(ClaimResult::Claimed(claim)) => {
                     backoff.reset();
                     // The claim is durable: ack now, not when the container exits, so
@@ -178,6 +182,25 @@ impl Worker {
         tracing::info!(message = "worker stopped", worker_id = %this.config.worker_id);
     }
 
+    /// Claim, retrying a control plane that did not answer a few times while still
+    /// holding the delivery: a claim whose answer was lost is given back to the same
+    /// worker, so retrying cannot strand the run.
+    async fn claim(&self, message: RunMessage) -> Result<ClaimResult, ControlError> {
+        let mut backoff = Backoff::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.control.claim(message, &self.config.worker_id).await {
+                Err(ControlError::Unavailable(error)) if tries < CLAIM_TRIES => {
+                    let pause = backoff.step();
+                    tracing::warn!(message = "claim failed; retrying", run_id = %message.run_id, %error, retry_in_ms = pause.as_millis() as u64);
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn execute(&self, claim: Claim) {
         let lease = claim.lease;
         let started = std::time::Instant::now();
@@ -207,8 +230,9 @@ impl Worker {
             match self.control.finish(lease, outcome).await {
                 Ok(status) => return Some(status),
                 Err(ControlError::Rejected(error)) => {
-                    tracing::error!(message = "control plane refused the final state", %error);
-                    return Some(LeaseStatus::Lost);
+                    // Nothing was stored: keep the container as the evidence.
+                    tracing::error!(message = "control plane refused the final state; container kept", %error);
+                    return None;
                 }
                 Err(ControlError::Unavailable(error)) => {
                     let wait = backoff.step();
@@ -256,7 +280,13 @@ impl Worker {
             }
         }
 
-        let mut wait = self.runtime.wait(&id).boxed();
+        let mut wait = {
+            let runtime = self.runtime.clone();
+            let id = id.clone();
+            async move { runtime.wait(&id).await }.boxed()
+        };
+        let mut wait_failures = 0u32;
+        let mut wait_backoff = Backoff::new();
         let heartbeat_every = (claim.lease_ttl / 3).max(Duration::from_millis(100));
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + heartbeat_every,
@@ -272,7 +302,25 @@ impl Worker {
                 }
             };
             tokio::select! {
-                exit = &mut wait => break exit,
+                exit = &mut wait => match exit {
+                    Ok(exit) => break Ok(exit),
+                    Err(RuntimeError::NoSuchContainer(id)) => break Err(RuntimeError::NoSuchContainer(id)),
+                    // A broken wait request (engine restart, proxy idle timeout) is not the
+                    // container ending: wait again, and keep enforcing timeout and cancel.
+                    Err(error) if wait_failures < 10 => {
+                        wait_failures += 1;
+                        let pause = wait_backoff.step();
+                        tracing::warn!(message = "waiting for the container failed; waiting again", %error, retry_in_ms = pause.as_millis() as u64);
+                        let runtime = self.runtime.clone();
+                        let id = id.clone();
+                        wait = async move {
+                            tokio::time::sleep(pause).await;
+                            runtime.wait(&id).await
+                        }
+                        .boxed();
+                    }
+                    Err(error) => break Err(error),
+                },
                 _ = timeout => {
                     deadline = None;
                     let after = spec.timeout.unwrap_or_default();
@@ -301,11 +349,14 @@ impl Worker {
             }
         };
         // The attach stream ends when the container exits; wait for the last bytes.
-        match pump.await {
-            Ok(bytes) => tracing::debug!(message = "output stored", bytes),
-            Err(error) => tracing::warn!(message = "output pump failed", %error),
+        match tokio::time::timeout(PUMP_DRAIN, pump).await {
+            Ok(Ok(bytes)) => tracing::debug!(message = "output stored", bytes),
+            Ok(Err(error)) => tracing::warn!(message = "output pump failed", %error),
+            Err(_) => tracing::warn!(
+                message =
+                    "output still streaming after the container exited; stopped waiting for it"
+            ),
         }
-        drop(wait);
         let outcome = match exit {
             Err(error) => outcome_of(error),
             Ok(exit) => match stopped_because {

@@ -104,6 +104,32 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
     })
 }
 
+/// The claim a worker gets, from a row with `epoch`, `job` and `spec`.
+fn claim_from_row(
+    row: &SqliteRow,
+    message: RunMessage,
+    lease_ttl: Duration,
+) -> Result<Claim, StoreError> {
+    let id = message.run_id;
+    let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
+    let job: String = row.try_get("job").map_err(unavailable)?;
+    let spec: String = row.try_get("spec").map_err(unavailable)?;
+    let spec: SpecV1 = serde_json::from_str(&spec)
+        .map_err(|e| StoreError::Corrupt(format!("spec of run {id}: {e}")))?;
+    let spec = ResolvedSpec::try_from(spec)
+        .map_err(|e| StoreError::Corrupt(format!("spec of run {id}: {e}")))?;
+    Ok(Claim {
+        lease: Lease {
+            run_id: id,
+            attempt: message.attempt,
+            epoch,
+        },
+        job,
+        spec,
+        lease_ttl,
+    })
+}
+
 const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, finished_at";
 
 #[async_trait]
@@ -258,6 +284,27 @@ impl RunStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         let Some(row) = claimed else {
+            // The same worker asking again for an attempt it holds but has not started
+            // (its first answer got lost on the way): give it the same lease back.
+            let again = sqlx::query(
+                "UPDATE attempts SET lease_expires_at = ?1 \
+                 WHERE run_id = ?2 AND attempt = ?3 AND worker_id = ?4 \
+                   AND status = 'running' AND container_id IS NULL \
+                 RETURNING epoch, (SELECT job FROM runs WHERE id = ?2) AS job, \
+                           (SELECT spec FROM runs WHERE id = ?2) AS spec",
+            )
+            .bind(ms(now) + ttl_ms(lease_ttl))
+            .bind(&id)
+            .bind(attempt)
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if let Some(row) = again {
+                let claim = claim_from_row(&row, message, lease_ttl)?;
+                tx.commit().await.map_err(unavailable)?;
+                return Ok(ClaimResult::Claimed(Box::new(claim)));
+            }
             let current = sqlx::query("SELECT status, attempt FROM runs WHERE id = ?")
                 .bind(&id)
                 .fetch_optional(&mut *tx)
@@ -280,13 +327,8 @@ impl RunStore for SqliteStore {
                 }
             };
         };
-        let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
-        let job: String = row.try_get("job").map_err(unavailable)?;
-        let spec: String = row.try_get("spec").map_err(unavailable)?;
-        let spec: SpecV1 = serde_json::from_str(&spec)
-            .map_err(|e| StoreError::Corrupt(format!("spec of run {id}: {e}")))?;
-        let spec = ResolvedSpec::try_from(spec)
-            .map_err(|e| StoreError::Corrupt(format!("spec of run {id}: {e}")))?;
+        let claim = claim_from_row(&row, message, lease_ttl)?;
+        let epoch = claim.lease.epoch;
         sqlx::query(
             "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, claimed_at) \
              VALUES (?, ?, ?, ?, ?, 'running', ?)",
@@ -301,16 +343,7 @@ impl RunStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(ClaimResult::Claimed(Box::new(Claim {
-            lease: Lease {
-                run_id: message.run_id,
-                attempt: message.attempt,
-                epoch,
-            },
-            job,
-            spec,
-            lease_ttl,
-        })))
+        Ok(ClaimResult::Claimed(Box::new(claim)))
     }
 
     async fn mark_started(
@@ -428,5 +461,150 @@ impl RunStore for SqliteStore {
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(LeaseStatus::Held { cancel: false })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job::{PullPolicy, Resources};
+
+    fn new_run() -> NewRun {
+        NewRun {
+            id: RunId::new(),
+            job: "hello".into(),
+            params: BTreeMap::from([("who".to_owned(), "x".to_owned())]),
+            spec: ResolvedSpec {
+                image: "img:1".into(),
+                command: vec!["echo".into(), "x".into()],
+                workdir: None,
+                user: None,
+                env: BTreeMap::new(),
+                pull: PullPolicy::Never,
+                resources: Resources::default(),
+                timeout: Some(Duration::from_secs(5)),
+                stop_grace: Duration::from_secs(1),
+                network: "none".into(),
+            },
+            created_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let run = new_run();
+        store.insert_run(&run).await.unwrap();
+        let pending = store.pending_outbox(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        let message = pending[0].message;
+        assert_eq!(
+            message,
+            RunMessage {
+                run_id: run.id,
+                attempt: 1
+            }
+        );
+        store
+            .mark_outbox_sent(&[pending[0].id], Utc::now())
+            .await
+            .unwrap();
+        assert!(store.pending_outbox(10).await.unwrap().is_empty());
+
+        let ttl = Duration::from_secs(30);
+        let ClaimResult::Claimed(claim) =
+            store.claim(message, "w1", ttl, Utc::now()).await.unwrap()
+        else {
+            panic!("first claim refused")
+        };
+        assert_eq!(claim.spec, run.spec);
+        // The same worker asking again (a lost answer) gets the same lease back...
+        let ClaimResult::Claimed(again) =
+            store.claim(message, "w1", ttl, Utc::now()).await.unwrap()
+        else {
+            panic!("repeated claim refused")
+        };
+        assert_eq!(again.lease, claim.lease);
+        // ...another worker does not.
+        assert!(matches!(
+            store.claim(message, "w2", ttl, Utc::now()).await.unwrap(),
+            ClaimResult::NotClaimable {
+                status: RunStatus::Running,
+                attempt: 1
+            }
+        ));
+        assert_eq!(
+            store
+                .mark_started(claim.lease, "c1", ttl, Utc::now())
+                .await
+                .unwrap(),
+            LeaseStatus::Held { cancel: false }
+        );
+        // Once started, not even the same worker re-claims it.
+        assert!(matches!(
+            store.claim(message, "w1", ttl, Utc::now()).await.unwrap(),
+            ClaimResult::NotClaimable { .. }
+        ));
+
+        let stale = Lease {
+            epoch: claim.lease.epoch + 1,
+            ..claim.lease
+        };
+        let outcome = Outcome::Exited { code: 3 };
+        assert_eq!(
+            store.finish(stale, &outcome, Utc::now()).await.unwrap(),
+            LeaseStatus::Lost
+        );
+        assert_eq!(
+            store
+                .finish(claim.lease, &outcome, Utc::now())
+                .await
+                .unwrap(),
+            LeaseStatus::Held { cancel: false }
+        );
+        let stored = store.get_run(run.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, RunStatus::Failed);
+        assert_eq!(stored.exit_code, Some(3));
+        assert_eq!(stored.reason.as_deref(), Some("exit_code 3"));
+        assert!(stored.started_at.is_some() && stored.finished_at.is_some());
+        // A final run is not finished twice.
+        assert_eq!(
+            store
+                .finish(claim.lease, &outcome, Utc::now())
+                .await
+                .unwrap(),
+            LeaseStatus::Lost
+        );
+    }
+
+    #[tokio::test]
+    async fn unclaimed_runs_are_published_again_for_a_volatile_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let (waiting, taken) = (new_run(), new_run());
+        store.insert_run(&waiting).await.unwrap();
+        store.insert_run(&taken).await.unwrap();
+        let ids: Vec<i64> = store
+            .pending_outbox(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        store.mark_outbox_sent(&ids, Utc::now()).await.unwrap();
+        let claimed = RunMessage {
+            run_id: taken.id,
+            attempt: 1,
+        };
+        store
+            .claim(claimed, "w", Duration::from_secs(30), Utc::now())
+            .await
+            .unwrap();
+
+        assert_eq!(store.requeue_unclaimed().await.unwrap(), 1);
+        let pending = store.pending_outbox(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].message.run_id, waiting.id);
     }
 }

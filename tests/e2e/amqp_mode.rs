@@ -8,7 +8,9 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::common::{ServeOptions, Server, amqp_url, containers_of, start_worker, unique};
+use crate::common::{
+    ServeOptions, Server, amqp_url, assert_no_containers_left, start_worker, unique,
+};
 
 const TOKEN: &str = "test-worker-token";
 
@@ -91,10 +93,7 @@ async fn a_separate_worker_runs_jobs_end_to_end() {
     assert_eq!(logs.len(), 300_000 + "no newline at end".len());
     assert!(logs[..300_000].iter().all(|b| *b == 0xff));
 
-    assert!(
-        containers_of(&worker.worker_id).is_empty(),
-        "containers left behind"
-    );
+    assert_no_containers_left(&worker.worker_id).await;
     let (ready, unacked) = queue_counts(&queue);
     assert_eq!((ready, unacked), (0, 0));
     assert!(worker.log_text().contains("run finished"));
@@ -109,8 +108,9 @@ async fn a_busy_worker_holds_no_unacked_deliveries() {
     let _worker = start_worker(d.path(), &server, &queue, TOKEN, 1);
     let api = server.client();
 
+    // Long enough that the busy slot outlasts the checks below on a loaded machine.
     let busy = api
-        .post_run("sleep", r#"{"params":{"seconds":"4"}}"#, "")
+        .post_run("sleep", r#"{"params":{"seconds":"15"}}"#, "")
         .await;
     let busy_id = busy.body["id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -136,6 +136,11 @@ async fn a_busy_worker_holds_no_unacked_deliveries() {
         let (ready, unacked) = queue_counts(&queue);
         if ready == 2 {
             assert_eq!(unacked, 0, "a busy worker holds deliveries");
+            let (_, busy_run) = api.get(&format!("/v1/runs/{busy_id}")).await;
+            assert_eq!(
+                busy_run["status"], "running",
+                "checked after the busy run ended"
+            );
             break;
         }
         assert!(
@@ -144,8 +149,6 @@ async fn a_busy_worker_holds_no_unacked_deliveries() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, busy_run) = api.get(&format!("/v1/runs/{busy_id}")).await;
-    assert_eq!(busy_run["status"], "running");
     for id in others.iter().chain([&busy_id]) {
         let run = api.wait_final(id, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "succeeded", "{run}");

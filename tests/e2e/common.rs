@@ -84,6 +84,23 @@ pub fn containers_of(worker_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The worker removes a container right after the final state is stored, so a test
+/// that has just seen the final state gives it a moment.
+pub async fn assert_no_containers_left(worker_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = containers_of(worker_id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containers left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A running tasuki process whose stderr goes to a file in its directory.
 pub struct Process {
     child: Child,

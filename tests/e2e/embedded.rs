@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{ServeOptions, Server, containers_of};
+use crate::common::{ServeOptions, Server, assert_no_containers_left};
 
 fn dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
@@ -43,7 +43,7 @@ async fn exit_zero_and_non_zero_are_reported() {
     let logs = api.logs(failed["id"].as_str().unwrap()).await;
     assert_eq!(String::from_utf8_lossy(&logs), "exiting with 3\n");
     // Containers are removed once the final state is stored.
-    assert!(containers_of(&server.process.worker_id).is_empty());
+    assert_no_containers_left(&server.process.worker_id).await;
 }
 
 #[tokio::test]
