@@ -84,6 +84,17 @@ fn parse_id(id: &str) -> Result<RunId, ApiError> {
     })
 }
 
+/// The run named in the path, or 404.
+async fn find_run(state: &AppState, id: &str) -> Result<(RunId, Run), ApiError> {
+    let id = parse_id(id)?;
+    let run = state
+        .runs
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+    Ok((id, run))
+}
+
 fn run_response(status: StatusCode, run: Run) -> Response {
     let location = format!("/v1/runs/{}", run.id);
     let mut response = (status, Json(RunView::from(run))).into_response();
@@ -189,12 +200,7 @@ async fn get_run(
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let id = parse_id(&id)?;
-    let run = state
-        .runs
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+    let (_, run) = find_run(&state, &id).await?;
     if query.wait.is_some() && !run.status.is_final() {
         return finish_waiting(&state, run, query.wait).await;
     }
@@ -262,12 +268,7 @@ async fn get_logs(
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let id = parse_id(&id)?;
-    let run = state
-        .runs
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+    let (id, run) = find_run(&state, &id).await?;
     let fixed_attempt = query.attempt;
     if let Some(a) = fixed_attempt
         && (a == 0 || a > run.attempt.max(1))

@@ -43,45 +43,35 @@ pub fn test_jobs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jobs")
 }
 
-/// Remove every container labelled with this worker id.
-pub fn remove_containers(worker_id: &str) {
+/// Containers labelled with this worker id; `None` if docker could not be asked.
+fn list_containers(worker_id: &str) -> Option<Vec<String>> {
+    let filter = format!("label=tasuki.worker-id={worker_id}");
     let out = Command::new(docker_cli())
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=tasuki.worker-id={worker_id}"),
-        ])
-        .output();
-    if let Ok(out) = out {
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .map(str::to_owned)
-            .collect();
-        if !ids.is_empty() {
-            let _ = Command::new(docker_cli())
-                .arg("rm")
-                .arg("-f")
-                .args(&ids)
-                .output();
-        }
+            .collect(),
+    )
+}
+
+/// Remove every container labelled with this worker id.
+pub fn remove_containers(worker_id: &str) {
+    let ids = list_containers(worker_id).unwrap_or_default();
+    if !ids.is_empty() {
+        let _ = Command::new(docker_cli())
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
     }
 }
 
 pub fn containers_of(worker_id: &str) -> Vec<String> {
-    let out = Command::new(docker_cli())
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=tasuki.worker-id={worker_id}"),
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    list_containers(worker_id).unwrap_or_else(|| panic!("docker ps failed"))
 }
 
 /// The worker removes a container right after the final state is stored, so a test
