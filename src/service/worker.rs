@@ -261,7 +261,8 @@ impl Worker {
             Ok(o) => o,
             Err(error) => return (outcome_of(error), Some(id)),
         };
-        let pump = tokio::spawn(pump_output(self.control.clone(), lease, output).in_current_span());
+        let mut pump =
+            tokio::spawn(pump_output(self.control.clone(), lease, output).in_current_span());
         if let Err(error) = self.runtime.start(&id).await {
             pump.abort();
             return (outcome_of(error), Some(id));
@@ -280,11 +281,17 @@ impl Worker {
             }
         }
 
-        let mut wait = {
+        // Waits for the container after `pause`; re-made when a wait request breaks.
+        let wait_for = |pause: Duration| {
             let runtime = self.runtime.clone();
             let id = id.clone();
-            async move { runtime.wait(&id).await }.boxed()
+            async move {
+                tokio::time::sleep(pause).await;
+                runtime.wait(&id).await
+            }
+            .boxed()
         };
+        let mut wait = wait_for(Duration::ZERO);
         let mut wait_failures = 0u32;
         let mut wait_backoff = Backoff::new();
         let heartbeat_every = (claim.lease_ttl / 3).max(Duration::from_millis(100));
@@ -311,13 +318,7 @@ impl Worker {
                         wait_failures += 1;
                         let pause = wait_backoff.step();
                         tracing::warn!(message = "waiting for the container failed; waiting again", %error, retry_in_ms = pause.as_millis() as u64);
-                        let runtime = self.runtime.clone();
-                        let id = id.clone();
-                        wait = async move {
-                            tokio::time::sleep(pause).await;
-                            runtime.wait(&id).await
-                        }
-                        .boxed();
+                        wait = wait_for(pause);
                     }
                     Err(error) => break Err(error),
                 },
@@ -349,13 +350,15 @@ impl Worker {
             }
         };
         // The attach stream ends when the container exits; wait for the last bytes.
-        match tokio::time::timeout(PUMP_DRAIN, pump).await {
+        match tokio::time::timeout(PUMP_DRAIN, &mut pump).await {
             Ok(Ok(bytes)) => tracing::debug!(message = "output stored", bytes),
             Ok(Err(error)) => tracing::warn!(message = "output pump failed", %error),
-            Err(_) => tracing::warn!(
-                message =
-                    "output still streaming after the container exited; stopped waiting for it"
-            ),
+            Err(_) => {
+                pump.abort();
+                tracing::warn!(
+                    message = "output still streaming after the container exited; stopped it"
+                )
+            }
         }
         let outcome = match exit {
             Err(error) => outcome_of(error),

@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tasuki::docker::DockerRuntime;
@@ -21,16 +20,7 @@ const IMAGE: &str = "tasuki-example:latest";
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn unique_name(test: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "tasuki-test-{test}-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::common::unique(&format!("tasuki-test-{test}"))
 }
 
 fn spec(name: &str, command: &[&str]) -> ContainerSpec {
