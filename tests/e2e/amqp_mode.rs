@@ -1,6 +1,5 @@
 //! `tasuki serve` with RabbitMQ and a separate `tasuki worker` process.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
@@ -9,7 +8,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::common::{
-    ServeOptions, Server, amqp_url, assert_no_containers_left, start_worker, unique,
+    QueueGuard, ServeOptions, Server, amqp_url, assert_no_containers_left, queue_counts,
+    start_worker, unique,
 };
 
 const TOKEN: &str = "test-worker-token";
@@ -23,44 +23,6 @@ fn amqp_server(dir: &std::path::Path, queue: &str) -> Server {
             ..ServeOptions::default()
         },
     )
-}
-
-/// (ready, unacked) for a queue, from the broker itself.
-fn queue_counts(queue: &str) -> (u64, u64) {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .expect("rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() == 3 && cols[0] == queue {
-            return (cols[1].parse().unwrap_or(0), cols[2].parse().unwrap_or(0));
-        }
-    }
-    panic!("queue {queue} not listed by rabbitmqctl: {text}");
-}
-
-fn delete_queues(queue: &str) {
-    for q in [queue.to_owned(), format!("{queue}.dead")] {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_queue", &q])
-            .output();
-    }
-}
-
-struct QueueGuard(String);
-impl Drop for QueueGuard {
-    fn drop(&mut self) {
-        delete_queues(&self.0);
-    }
 }
 
 #[tokio::test]
