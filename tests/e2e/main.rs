@@ -6,3 +6,4 @@ mod cli;
 mod common;
 mod docker_runtime;
 mod embedded;
+mod faults;

@@ -1,0 +1,808 @@
+//! Fault tests (issue 3) that leave the shared RabbitMQ and Docker engine running: each
+//! has its own queue, port, data dir and worker ids, kills only the processes it
+//! started, removes its containers, and ends by checking the invariants
+//! ([`Invariants::check`]). Tests that stop or reconfigure the broker or the engine are
+//! in `tests/serial`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{
+    Invariants, QueueGuard, ServeOptions, Server, WorkerSpec, attempts_of, containers_of,
+    docker_cli, is_final, jobs_dir_with_retry, publish_raw, queue_counts, remove_containers,
+    start_worker_with, tasuki_cli, unique,
+};
+
+const TOKEN: &str = "test-worker-token";
+
+fn dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// `serve` on RabbitMQ (its own queue) with a short lease.
+fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str, jobs_dir: Option<&Path>) -> Server {
+    let mut options = ServeOptions {
+        amqp_queue: Some(queue.to_owned()),
+        worker_token: Some(TOKEN.to_owned()),
+        lease_ttl: Some(lease_ttl.to_owned()),
+        ..ServeOptions::default()
+    };
+    if let Some(jobs) = jobs_dir {
+        options.jobs_dir = jobs.to_path_buf();
+    }
+    Server::start(dir, options)
+}
+
+fn worker(id: &str, concurrency: u32) -> WorkerSpec {
+    WorkerSpec {
+        worker_id: Some(id.to_owned()),
+        concurrency,
+        ..WorkerSpec::default()
+    }
+}
+
+fn crashing_worker(id: &str, at: &str) -> WorkerSpec {
+    WorkerSpec {
+        env: vec![("TASUKI_CRASH_AT".into(), at.into())],
+        ..worker(id, 1)
+    }
+}
+
+/// What `count` prints for `lines` lines.
+fn count_output(lines: u32) -> String {
+    (1..=lines).map(|i| format!("line {i}\n")).collect()
+}
+
+fn id_of(run: &Value) -> String {
+    run["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {run}"))
+        .to_owned()
+}
+
+fn container_running(id: &str) -> bool {
+    let out = std::process::Command::new(docker_cli())
+        .args(["inspect", "--format", "{{.State.Running}}", id])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim() == "true"
+}
+
+// 2 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn worker_kill9_while_container_runs_is_reattached() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "10s", None);
+    let api = server.client();
+    let mut first = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+
+    // About 10 s of steady output, then exit 7.
+    let lines = 40;
+    let id = api
+        .accept(
+            "count",
+            json!({"lines": lines.to_string(), "pause": "0.25", "code": "7"}),
+        )
+        .await;
+    inv.accepted(&id);
+    api.wait_log_contains(&id, "line 3\n", Duration::from_secs(60))
+        .await;
+    first.kill9();
+    let left = containers_of(&worker_id);
+    assert_eq!(left.len(), 1, "the container runs on without its worker");
+    // Output written while nobody is attached must still reach the log.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let second = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let run = api.wait_final(&id, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 7, "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+    // Re-attached: no byte lost, none twice.
+    inv.expect_log(&id, 1, count_output(lines));
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+    drop(second);
+}
+
+// 3 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn worker_crash_after_claim_no_duplicate_container() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let jobs = jobs_dir_with_retry(d.path());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "3s", Some(&jobs));
+    let api = server.client();
+    let mut crashing = start_worker_with(
+        d.path(),
+        &server,
+        &queue,
+        TOKEN,
+        crashing_worker(&worker_id, "after-claim"),
+    );
+
+    // `lost-retry`: a lost attempt is retried once; later attempts exit 3 at once.
+    let id = api.accept("lost-retry", json!({"code": "3"})).await;
+    inv.accepted(&id);
+    let status = crashing.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success(), "the crash point did not crash: {status}");
+    // Claimed and acked, no container yet.
+    let run = api.run(&id).await;
+    assert_eq!(
+        run["status"], "running",
+        "claim not stored before the crash: {run}"
+    );
+    assert!(containers_of(&worker_id).is_empty());
+    assert_eq!(
+        queue_counts(&queue),
+        (0, 0),
+        "delivery not acked at the crash"
+    );
+
+    let _again = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let run = api.wait_final(&id, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 3, "{run}");
+    assert_eq!(run["reason_code"], "exit_code", "{run}");
+    let attempts = attempts_of(&run);
+    let last = attempts.last().expect("an attempt");
+    for earlier in &attempts[..attempts.len() - 1] {
+        assert_eq!(
+            earlier["exit_code"],
+            Value::Null,
+            "an attempt without container has no exit code: {run}"
+        );
+    }
+    let last_n = last["attempt"].as_u64().expect("attempt number");
+    inv.expect_log(&id, last_n, format!("attempt {last_n}\n"));
+    inv.check(&api).await;
+    assert_eq!(
+        inv.containers_created(&id),
+        1,
+        "one container in all: {run}"
+    );
+}
+
+#[tokio::test]
+async fn worker_crash_before_finish_outcome_from_inspect() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    // Long enough that the restarted worker finds the run still held.
+    let server = amqp_server(d.path(), &queue, "20s", None);
+    let api = server.client();
+    let mut crashing = start_worker_with(
+        d.path(),
+        &server,
+        &queue,
+        TOKEN,
+        crashing_worker(&worker_id, "before-finish"),
+    );
+
+    let id = api.accept("exit", json!({"code": "5"})).await;
+    inv.accepted(&id);
+    let status = crashing.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success(), "the crash point did not crash: {status}");
+    // The container exited and is kept; the run has no final state yet.
+    assert_eq!(containers_of(&worker_id).len(), 1);
+    let run = api.run(&id).await;
+    assert_eq!(run["status"], "running", "{run}");
+
+    let _again = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let run = api.wait_final(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 5, "{run}");
+    assert_eq!(run["reason_code"], "exit_code", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+    inv.expect_log(&id, 1, "exiting with 5\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+}
+
+// 4 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn worker_never_returns_run_becomes_lost_then_retried_once() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let jobs = jobs_dir_with_retry(d.path());
+    let gone = unique("test-worker");
+    let other = unique("test-worker");
+    let mut inv = Invariants::start(&[&gone, &other]);
+    let server = amqp_server(d.path(), &queue, "3s", Some(&jobs));
+    let api = server.client();
+    let mut vanishing = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&gone, 2));
+
+    let plain = api.accept("sleep", json!({"seconds": "90"})).await;
+    let retried = api.accept("lost-retry", json!({"code": "0"})).await;
+    inv.accepted(&plain);
+    inv.accepted(&retried);
+    api.wait_log_contains(&plain, "sleeping 90", Duration::from_secs(60))
+        .await;
+    api.wait_log_contains(&retried, "attempt 1", Duration::from_secs(60))
+        .await;
+    vanishing.kill9();
+
+    // No retry rule names `lost`: lost after the lease, and it stays so.
+    let run = api.wait_final(&plain, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "lost", "{run}");
+    assert_eq!(run["reason_code"], "lost", "{run}");
+    assert_eq!(run["exit_code"], Value::Null, "{run}");
+
+    // `lost` in the rules: exactly one more attempt, on the worker still there.
+    let _other = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&other, 2));
+    let run = api.wait_final(&retried, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 2, "{run}");
+    let attempts = attempts_of(&run);
+    assert_eq!(attempts.len(), 2, "{run}");
+    assert_eq!(attempts[0]["status"], "lost", "{run}");
+    assert_eq!(attempts[0]["reason_code"], "lost", "{run}");
+    assert_eq!(attempts[0]["exit_code"], Value::Null, "{run}");
+    assert_eq!(attempts[1]["status"], "succeeded", "{run}");
+    assert_eq!(attempts[1]["exit_code"], 0, "{run}");
+    assert_eq!(attempts[1]["worker_id"], other.as_str(), "{run}");
+
+    // Exactly once: nothing more happens past another backoff and lease.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let run = api.run(&retried).await;
+    assert_eq!(attempts_of(&run).len(), 2, "{run}");
+    let run = api.run(&plain).await;
+    assert_eq!(run["status"], "lost", "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+
+    // The other worker leaves the vanished worker's containers alone (they would be
+    // on that worker's host); the test removes them.
+    assert_eq!(
+        containers_of(&gone).len(),
+        2,
+        "another worker's containers touched"
+    );
+    remove_containers(&gone);
+    inv.expect_log(&retried, 2, "attempt 2\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&plain), 1);
+    assert_eq!(inv.containers_created(&retried), 2);
+}
+
+// 6 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ten_concurrent_posts_one_idempotency_key_one_run() {
+    let d = dir();
+    let worker_id = unique("test-serve");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            worker_id: Some(worker_id.clone()),
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+    let key = unique("idem");
+    let body = json!({"params": {"code": "0"}}).to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+
+    let answers = futures::future::join_all(
+        (0..10).map(|_| api.post_run_with_headers("exit", &body, "", &headers)),
+    )
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for a in &answers {
+        match a.status {
+            200..=202 => {
+                ids.insert(id_of(&a.body));
+            }
+            409 => assert_eq!(
+                a.body["error"]["code"], "idempotency_key_in_flight",
+                "{}",
+                a.body
+            ),
+            other => panic!("unexpected {other}: {}", a.body),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one key, one run: {ids:?}");
+    let id = ids.into_iter().next().expect("a run");
+    inv.accepted(&id);
+
+    // A repeat after the first is stored gives the original run, and with `wait` its
+    // result.
+    let again = api
+        .post_run_with_headers("exit", &body, "?wait=60", &headers)
+        .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(id_of(&again.body), id);
+    assert_eq!(again.body["status"], "succeeded", "{}", again.body);
+    let again = api.post_run_with_headers("exit", &body, "", &headers).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(id_of(&again.body), id);
+
+    // The same key for another request is refused.
+    let other = json!({"params": {"code": "1"}}).to_string();
+    let a = api
+        .post_run_with_headers("exit", &other, "", &headers)
+        .await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "idempotency_key_reused");
+    let a = api
+        .post_run_with_headers("echo-both", "", "", &headers)
+        .await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    let long = "k".repeat(256);
+    let a = api
+        .post_run_with_headers("exit", &body, "", &[("Idempotency-Key", long.as_str())])
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+
+    let (status, list) = api.get("/v1/runs?limit=100").await;
+    assert_eq!(status, 200);
+    let runs = list["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{list}");
+    assert_eq!(runs[0]["id"], id.as_str());
+
+    inv.expect_log(&id, 1, "exiting with 0\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+}
+
+// 7 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn malformed_message_is_dead_lettered_workers_keep_working() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let (w1, w2) = (unique("test-worker"), unique("test-worker"));
+    let mut inv = Invariants::start(&[&w1, &w2]);
+    let server = amqp_server(d.path(), &queue, "5s", None);
+    let api = server.client();
+    let mut workers = [
+        start_worker_with(d.path(), &server, &queue, TOKEN, worker(&w1, 1)),
+        start_worker_with(d.path(), &server, &queue, TOKEN, worker(&w2, 1)),
+    ];
+    // The server declared the topology; a first run shows the workers consume.
+    let first = api.run_and_wait("exit", json!({"code": "0"})).await;
+    inv.accepted(&id_of(&first));
+    assert_eq!(first["status"], "succeeded");
+
+    let poison: [&[u8]; 5] = [
+        b"not json at all",
+        b"",
+        &[0xff, 0xfe, 0x00, 0x01],
+        br#"{"v":99,"run_id":"01jd0000000000000000000000","attempt":1}"#,
+        // Well formed, but no such run.
+        br#"{"v":1,"run_id":"01jd0000000000000000000000","attempt":1}"#,
+    ];
+    for body in poison {
+        publish_raw(&queue, body).await;
+    }
+    let dead = format!("{queue}.dead");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ready, _) = queue_counts(&dead);
+        if ready == poison.len() as u64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready} of {} poison messages dead-lettered",
+            poison.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(queue_counts(&queue), (0, 0), "poison left in the run queue");
+    for w in &mut workers {
+        assert!(w.exited().is_none(), "a worker died:\n{}", w.log_text());
+    }
+    let logs: String = workers.iter().map(|w| w.log_text()).collect();
+    assert!(logs.contains("poison message dead-lettered"), "{logs}");
+    assert!(logs.contains("unknown run"), "{logs}");
+
+    // Work goes on, on both workers.
+    let mut ids = Vec::new();
+    for code in ["0", "0", "0", "0"] {
+        let id = api.accept("exit", json!({"code": code})).await;
+        inv.accepted(&id);
+        ids.push(id);
+    }
+    for id in &ids {
+        let run = api.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        inv.expect_log(id, 1, "exiting with 0\n");
+    }
+    inv.check(&api).await;
+}
+
+// 8 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cancel_queued_and_running_run_on_separate_worker() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "3s", None);
+    let api = server.client();
+    let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+
+    let running = api.accept("sleep", json!({"seconds": "90"})).await;
+    inv.accepted(&running);
+    api.wait_log_contains(&running, "sleeping 90", Duration::from_secs(60))
+        .await;
+    // The only slot is busy: this one waits in the queue.
+    let queued = api.accept("exit", json!({"code": "0"})).await;
+    inv.accepted(&queued);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while queue_counts(&queue) != (1, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queued run's message not in the queue: {:?}",
+            queue_counts(&queue)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Queued: cancelled at once, with the CLI.
+    let out = tasuki_cli(&server.url, &["cancel", &queued]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("cancel prints the run");
+    assert_eq!(printed["status"], "cancelled", "{printed}");
+    let run = api.run(&queued).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["reason_code"], "cancelled", "{run}");
+    assert_eq!(run["exit_code"], Value::Null, "{run}");
+
+    // Running on the worker process: SIGTERM there, then final `cancelled`.
+    let a = api.post(&format!("/v1/runs/{running}/cancel")).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert!(
+        a.body["cancel_requested"] == true || a.body["status"] == "cancelled",
+        "{}",
+        a.body
+    );
+    let run = api.wait_final(&running, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["reason_code"], "cancelled", "{run}");
+
+    // Already final: 409, and exit 1 from the CLI.
+    let a = api.post(&format!("/v1/runs/{running}/cancel")).await;
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "run_finished");
+    let out = tasuki_cli(&server.url, &["cancel", &queued]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // The cancelled run's delivery is dropped, never started; work goes on.
+    let after = api.accept("exit", json!({"code": "0"})).await;
+    inv.accepted(&after);
+    let run = api.wait_final(&after, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while queue_counts(&queue) != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            queue_counts(&queue)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = api.run(&queued).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+
+    inv.expect_log(&running, 1, "sleeping 90\n");
+    inv.expect_log(&after, 1, "exiting with 0\n");
+    inv.check(&api).await;
+    assert_eq!(
+        inv.containers_created(&queued),
+        0,
+        "a cancelled queued run started"
+    );
+    assert_eq!(inv.containers_created(&running), 1);
+}
+
+// 9 ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_worker_drains_and_restart_adopts() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "15s", None);
+    let api = server.client();
+    let spec = || WorkerSpec {
+        drain_timeout: "6s".into(),
+        ..worker(&worker_id, 2)
+    };
+    let mut first = start_worker_with(d.path(), &server, &queue, TOKEN, spec());
+
+    let short = api.accept("sleep", json!({"seconds": "2"})).await;
+    // About 15 s of steady output.
+    let lines = 60;
+    let long = api
+        .accept(
+            "count",
+            json!({"lines": lines.to_string(), "pause": "0.25"}),
+        )
+        .await;
+    inv.accepted(&short);
+    inv.accepted(&long);
+    api.wait_log_contains(&short, "sleeping 2", Duration::from_secs(60))
+        .await;
+    api.wait_log_contains(&long, "line 2\n", Duration::from_secs(60))
+        .await;
+    // Both slots busy: the third waits in the broker.
+    let third = api.accept("exit", json!({"code": "0"})).await;
+    inv.accepted(&third);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while queue_counts(&queue) != (1, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            queue_counts(&queue)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    first.signal("TERM");
+    let status = first.wait_exit(Duration::from_secs(40)).await;
+    assert!(status.success(), "drained worker exited with {status}");
+
+    // The short run finished during the drain; the long one is left running.
+    let run = api.run(&short).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let run = api.run(&long).await;
+    assert_eq!(run["status"], "running", "{run}");
+    let left = containers_of(&worker_id);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        container_running(&left[0]),
+        "the long run's container stopped"
+    );
+    // The third was never taken.
+    let run = api.run(&third).await;
+    assert_eq!(run["status"], "queued", "{run}");
+    assert_eq!(queue_counts(&queue), (1, 0));
+    let log = first.log_text();
+    assert!(log.contains("draining"), "{log}");
+
+    // The same worker id again adopts the container.
+    let _second = start_worker_with(d.path(), &server, &queue, TOKEN, spec());
+    let run = api.wait_final(&long, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["exit_code"], 0, "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+    let run = api.wait_final(&third, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    inv.expect_log(&short, 1, "sleeping 2\nwoke\n");
+    inv.expect_log(&long, 1, count_output(lines));
+    inv.expect_log(&third, 1, "exiting with 0\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&long), 1);
+}
+
+// 11 --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retries_fail_twice_then_succeed_and_non_retryable_stops() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let jobs = jobs_dir_with_retry(d.path());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "5s", Some(&jobs));
+    let api = server.client();
+    let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 2));
+
+    // Exit 1 (retried) at attempts 1 and 2, 0 at attempt 3.
+    let third_time = api.accept("retry", json!({})).await;
+    // Exit 2: not in the job's retry rules.
+    let never = api
+        .accept("retry", json!({"ok_at": "99", "code": "2"}))
+        .await;
+    inv.accepted(&third_time);
+    inv.accepted(&never);
+
+    // While a backoff runs the run is `queued` with a not-before time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let run = api.run(&third_time).await;
+        if is_final(&run) {
+            break run;
+        }
+        if run["status"] == "queued" && run["attempts"].as_array().is_some_and(|a| !a.is_empty()) {
+            assert!(
+                run["not_before"].is_string(),
+                "a retry waiting out its backoff has no not_before: {run}"
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not final after 120 s: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["exit_code"], 0, "{run}");
+    assert_eq!(run["attempt"], 3, "{run}");
+    let attempts = attempts_of(&run);
+    assert_eq!(attempts.len(), 3, "all attempts visible: {run}");
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a["attempt"], i as u64 + 1, "{run}");
+    }
+    for a in &attempts[..2] {
+        assert_eq!(a["status"], "failed", "{run}");
+        assert_eq!(a["exit_code"], 1, "{run}");
+        assert_eq!(a["reason_code"], "exit_code", "{run}");
+    }
+    assert_eq!(attempts[2]["status"], "succeeded", "{run}");
+    assert_eq!(attempts[2]["exit_code"], 0, "{run}");
+    for n in 1..=3 {
+        inv.expect_log(&third_time, n, format!("attempt {n}\n"));
+    }
+
+    let run = api.wait_final(&never, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 2, "{run}");
+    // Past the longest backoff, still one attempt.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let run = api.run(&never).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+    inv.expect_log(&never, 1, "attempt 1\n");
+
+    // A person may start another attempt of a failed run; not of a succeeded one.
+    let out = tasuki_cli(&server.url, &["retry", &never]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = api.wait_final(&never, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["attempt"], 2, "{run}");
+    assert_eq!(attempts_of(&run).len(), 2, "{run}");
+    inv.expect_log(&never, 2, "attempt 2\n");
+    let a = api.post(&format!("/v1/runs/{third_time}/retry")).await;
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "not_retryable");
+
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&third_time), 3);
+    assert_eq!(inv.containers_created(&never), 2);
+}
+
+// 12 --------------------------------------------------------------------------------
+
+/// Output the worker hands over but the server cannot store: the run's exit status
+/// is still the container's, and the run says how many bytes it lost. As root,
+/// permission bits stop no write, so the faults are a full device and a log dir
+/// that is not a directory.
+#[tokio::test]
+async fn log_sink_write_failure_keeps_exit_status_sets_logs_truncated() {
+    // Disk full: the attempt's log file is /dev/full (ENOSPC on every write).
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "5s", None);
+    let api = server.client();
+    let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    // Prints only after 3 s: the file is in place long before.
+    let id = api
+        .accept(
+            "count",
+            json!({"delay": "3", "lines": "5", "pause": "0", "code": "4"}),
+        )
+        .await;
+    inv.accepted(&id);
+    let run_logs = d.path().join("data/logs").join(&id);
+    std::fs::create_dir_all(&run_logs).expect("log dir");
+    std::os::unix::fs::symlink("/dev/full", run_logs.join("1.log")).expect("symlink");
+    let run = api.wait_final(&id, Duration::from_secs(60)).await;
+    std::fs::remove_file(run_logs.join("1.log")).expect("remove symlink");
+    let expected_bytes = count_output(5).len() as u64;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 4, "{run}");
+    assert_eq!(run["reason_code"], "exit_code", "{run}");
+    assert_eq!(run["logs_truncated"], true, "{run}");
+    assert_eq!(run["log_dropped_bytes"], expected_bytes, "{run}");
+    assert_eq!(
+        attempts_of(&run)[0]["log_dropped_bytes"],
+        expected_bytes,
+        "{run}"
+    );
+    inv.check(&api).await;
+
+    // The log dir is a file (ENOTDIR), with the embedded worker.
+    let d = dir();
+    let serve_id = unique("test-serve");
+    let mut inv = Invariants::start(&[&serve_id]);
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            worker_id: Some(serve_id.clone()),
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+    let logs_dir = d.path().join("data/logs");
+    if logs_dir.exists() {
+        std::fs::remove_dir_all(&logs_dir).expect("remove log dir");
+    }
+    std::fs::write(&logs_dir, b"not a directory").expect("log dir as a file");
+    let run = api.run_and_wait("exit", json!({"code": "6"})).await;
+    let id = id_of(&run);
+    inv.accepted(&id);
+    std::fs::remove_file(&logs_dir).expect("restore log dir");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 6, "{run}");
+    assert_eq!(run["logs_truncated"], true, "{run}");
+    assert_eq!(
+        run["log_dropped_bytes"],
+        "exiting with 6\n".len() as u64,
+        "{run}"
+    );
+    inv.check(&api).await;
+}
+
+// memory ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hundred_mb_line_without_newline_keeps_worker_memory_bounded() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "10s", None);
+    let api = server.client();
+    let worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+
+    let id = api.accept("bigline", json!({})).await;
+    inv.accepted(&id);
+    let run = api.wait_final(&id, Duration::from_secs(300)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let peak = worker.peak_rss_bytes();
+    let serve_peak = server.process.peak_rss_bytes();
+    eprintln!(
+        "peak RSS: worker {} MiB, serve {} MiB",
+        peak >> 20,
+        serve_peak >> 20
+    );
+    assert!(
+        peak < 300 << 20,
+        "worker peak RSS {} MiB for a 100 MB line",
+        peak >> 20
+    );
+    inv.expect_log_len(&id, 1, 100_000_000);
+    inv.check(&api).await;
+}
