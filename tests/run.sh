@@ -3,8 +3,9 @@
 #   - a Docker engine (installs Debian's docker.io and starts dockerd if `docker info` fails)
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
 #   - the tasuki-example:latest image (static busybox, built locally)
-# then the whole suite with cargo-nextest (cargo test where nextest is missing).
-# Extra arguments go to the test runner.
+# then the suite with cargo-nextest (cargo test where nextest is missing), in two passes:
+# all but tests/serial in parallel, then tests/serial one test at a time.
+# Extra arguments go to the runner, in both passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,8 +68,25 @@ ensure_busybox
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 
+# Pass 1: everything but the `serial` test binary, in parallel. Pass 2: the fault tests
+# that stop or reconfigure the shared RabbitMQ and Docker engine, one at a time, with
+# nothing else running against them. Pass 2 runs even when pass 1 failed; the script
+# fails if either did.
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast -E 'not binary(serial)' "$@" || status=1
+  log "pass 2: serial fault tests"
+  cargo nextest run --no-fail-fast --test serial --test-threads 1 --no-tests warn "$@" || status=1
 else
-  exec cargo test --workspace --no-fail-fast "$@"
+  # cargo test has no "all test targets but one": name them.
+  targets=()
+  for f in tests/*.rs tests/*/main.rs; do
+    [ -e "$f" ] || continue
+    name=$(basename "${f%/main.rs}" .rs)
+    [ "$name" = serial ] || targets+=(--test "$name")
+  done
+  cargo test --workspace --no-fail-fast --lib --bins "${targets[@]}" "$@" || status=1
+  log "pass 2: serial fault tests"
+  RUST_TEST_THREADS=1 cargo test --no-fail-fast --test serial "$@" || status=1
 fi
+exit "$status"
