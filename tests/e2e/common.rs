@@ -445,11 +445,11 @@ pub fn start_worker_with(
     Process::spawn_with_env(&args, dir, &worker_id, "worker", &spec.env)
 }
 
-/// The `tasuki` CLI against a server.
+/// The `tasuki` CLI against a server (given as `--server`).
 pub fn tasuki_cli(server_url: &str, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
-        .env("TASUKI_SERVER", server_url)
+        .args(["--server", server_url])
         .output()
         .expect("run tasuki")
 }

@@ -806,3 +806,130 @@ async fn hundred_mb_line_without_newline_keeps_worker_memory_bounded() {
     inv.expect_log_len(&id, 1, 100_000_000);
     inv.check(&api).await;
 }
+
+// Ctrl-C in `tasuki run --wait` -------------------------------------------------------
+
+/// A `tasuki run` in the background; killed if the test ends before it does.
+struct CliChild(Option<std::process::Child>);
+
+impl CliChild {
+    /// SIGINT, as Ctrl-C in a terminal sends it, by PID.
+    fn interrupt(&self) {
+        let child = self.0.as_ref().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill -INT");
+        assert!(status.success());
+    }
+
+    fn output(mut self) -> std::process::Output {
+        self.0
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("wait for tasuki run")
+    }
+}
+
+impl Drop for CliChild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `tasuki run JOB --wait ...` started in the background, and the run it started once
+/// that run's container is running.
+async fn cli_run_in_background(api: &crate::common::Api, args: &[&str]) -> (CliChild, String) {
+    let child = CliChild(Some(
+        std::process::Command::new(crate::common::BIN)
+            .args(args)
+            .args(["--server", &api.base])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tasuki run"),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, list) = api.get("/v1/runs?status=running&limit=100").await;
+        let mut started = Vec::new();
+        for run in list["runs"].as_array().into_iter().flatten() {
+            let id = id_of(run);
+            let (_, log) = api.attempt_log(&id, None).await;
+            if !log.is_empty() {
+                started.push(id);
+            }
+        }
+        if let Some(id) = started.pop() {
+            return (child, id);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CLI's run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn run_wait_interrupted_detaches_or_cancels() {
+    let d = dir();
+    let serve_id = unique("test-serve");
+    let mut inv = Invariants::start(&[&serve_id]);
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            worker_id: Some(serve_id.clone()),
+            lease_ttl: Some("3s".into()),
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+
+    // Ctrl-C detaches: the run goes on.
+    let (child, detached) =
+        cli_run_in_background(&api, &["run", "sleep", "-p", "seconds=60", "--wait"]).await;
+    inv.accepted(&detached);
+    child.interrupt();
+    let out = child.output();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains(&detached), "run id not printed: {printed}");
+    let run = api.run(&detached).await;
+    assert_eq!(run["status"], "running", "{run}");
+
+    // With --cancel-on-interrupt the run is cancelled before the CLI exits.
+    let a = api.post(&format!("/v1/runs/{detached}/cancel")).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    api.wait_final(&detached, Duration::from_secs(30)).await;
+    let (child, cancelled) = cli_run_in_background(
+        &api,
+        &[
+            "run",
+            "sleep",
+            "-p",
+            "seconds=60",
+            "--wait",
+            "--cancel-on-interrupt",
+        ],
+    )
+    .await;
+    inv.accepted(&cancelled);
+    child.interrupt();
+    let out = child.output();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let run = api.run(&cancelled).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+
+    let finals = inv.check(&api).await;
+    assert_eq!(finals[&detached]["status"], "cancelled");
+}
