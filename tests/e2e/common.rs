@@ -1078,6 +1078,12 @@ impl Invariants {
                     None => {}
                 }
             }
+            for (run_id, n) in self.logs.keys() {
+                assert!(
+                    run_id != id || attempts.iter().any(|a| a["attempt"] == *n),
+                    "run {id}: the test expects a log for attempt {n}, which the run does not list: {run}"
+                );
+            }
             if let Some(total) = run["log_dropped_bytes"].as_u64() {
                 assert_eq!(total, dropped_sum, "run {id}: dropped bytes sum: {run}");
             }

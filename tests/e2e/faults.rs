@@ -534,14 +534,16 @@ async fn sigterm_worker_drains_and_restart_adopts() {
     let server = amqp_server(d.path(), &queue, "15s", None);
     let api = server.client();
     let spec = || WorkerSpec {
-        drain_timeout: "6s".into(),
+        drain_timeout: "10s".into(),
         ..worker(&worker_id, 2)
     };
     let mut first = start_worker_with(d.path(), &server, &queue, TOKEN, spec());
 
-    let short = api.accept("sleep", json!({"seconds": "2"})).await;
-    // About 15 s of steady output.
-    let lines = 60;
+    // Ends within the drain timeout; long enough that its slot is still busy when
+    // the third run is accepted.
+    let short = api.accept("sleep", json!({"seconds": "5"})).await;
+    // About 25 s of steady output: outlasts the drain.
+    let lines = 100;
     let long = api
         .accept(
             "count",
@@ -550,7 +552,7 @@ async fn sigterm_worker_drains_and_restart_adopts() {
         .await;
     inv.accepted(&short);
     inv.accepted(&long);
-    api.wait_log_contains(&short, "sleeping 2", Duration::from_secs(60))
+    api.wait_log_contains(&short, "sleeping 5", Duration::from_secs(60))
         .await;
     api.wait_log_contains(&long, "line 2\n", Duration::from_secs(60))
         .await;
@@ -598,7 +600,7 @@ async fn sigterm_worker_drains_and_restart_adopts() {
     let run = api.wait_final(&third, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
 
-    inv.expect_log(&short, 1, "sleeping 2\nwoke\n");
+    inv.expect_log(&short, 1, "sleeping 5\nwoke\n");
     inv.expect_log(&long, 1, count_output(lines));
     inv.expect_log(&third, 1, "exiting with 0\n");
     inv.check(&api).await;
