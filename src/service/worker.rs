@@ -89,6 +89,8 @@ const LOG_BATCH_BYTES: usize = 256 * 1024;
 const PUMP_DRAIN: Duration = Duration::from_secs(60);
 /// Claim attempts while holding a delivery, before handing it back.
 const CLAIM_TRIES: u32 = 3;
+/// The longest gap between heartbeats, whatever the lease TTL.
+const HEARTBEAT_MAX: Duration = Duration::from_secs(5);
 /// Grace for stopping a container found to be stale (its run is someone else's now).
 const STALE_GRACE: Duration = Duration::from_secs(10);
 
@@ -112,7 +114,9 @@ impl LeaseKeeper {
     fn start(control: Arc<dyn ControlPlane>, lease: Lease, ttl: Duration) -> Self {
         let (feed, state) = watch::channel(LeaseState::Held);
         let tx = feed.clone();
-        let every = (ttl / 3).max(Duration::from_millis(100));
+        // A third of the TTL, and at least every few seconds: the answer also carries
+        // cancels, which should not wait long.
+        let every = (ttl / 3).clamp(Duration::from_millis(100), HEARTBEAT_MAX);
         let task = tokio::spawn(
             async move {
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -122,18 +126,7 @@ impl LeaseKeeper {
                     match control.heartbeat(lease).await {
                         Ok(status) => {
                             let next = LeaseState::from(status);
-                            tx.send_if_modified(|s| {
-                                // Lost and cancel are sticky.
-                                let changed = *s != next && *s != LeaseState::Lost;
-                                if changed
-                                    && !(*s == LeaseState::CancelRequested
-                                        && next == LeaseState::Held)
-                                {
-                                    *s = next;
-                                    return true;
-                                }
-                                false
-                            });
+                            merge_into(&tx, next);
                             if next == LeaseState::Lost {
                                 return;
                             }
@@ -153,15 +146,25 @@ impl LeaseKeeper {
 
     /// A lease answer that came another way (the `started` call).
     fn tell(&self, status: LeaseStatus) {
-        let next = LeaseState::from(status);
-        self.feed.send_if_modified(|s| {
-            if next != LeaseState::Held && *s != LeaseState::Lost && *s != next {
-                *s = next;
-                return true;
-            }
-            false
-        });
+        merge_into(&self.feed, LeaseState::from(status));
     }
+}
+
+/// News about the lease only ever gets worse: held, then cancel requested, then lost.
+fn merge_into(feed: &watch::Sender<LeaseState>, next: LeaseState) {
+    let rank = |s: LeaseState| match s {
+        LeaseState::Held => 0,
+        LeaseState::CancelRequested => 1,
+        LeaseState::Lost => 2,
+    };
+    feed.send_if_modified(|current| {
+        if rank(next) > rank(*current) {
+            *current = next;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 impl Drop for LeaseKeeper {
