@@ -226,6 +226,15 @@ pub struct RunMessage {
     pub attempt: u32,
 }
 
+/// Publishes waiting for the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxBacklog {
+    pub pending: u64,
+    /// Of those, the ones a publish already failed for (down, returned, nacked).
+    pub failed: u64,
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxEntry {
     pub id: i64,
@@ -304,6 +313,8 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> Result<Vec<OutboxEntry>, StoreError>;
     async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError>;
+    /// Publishes due and not yet confirmed, for the health report.
+    async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError>;
     /// For a volatile queue that lost its contents: publish every still-queued run again.
     async fn requeue_unclaimed(&self) -> Result<u64, StoreError>;
 

@@ -14,8 +14,8 @@ use sqlx::sqlite::{
 use crate::domain::job::ResolvedSpec;
 use crate::domain::ports::{
     AdoptResult, CancelResult, Claim, ClaimResult, HeldAttempt, IDEMPOTENCY_WINDOW, IdempotencyKey,
-    Inserted, Lease, LeaseStatus, NewRun, OutboxEntry, RetryResult, RunFilter, RunMessage,
-    RunStore, StoreError,
+    Inserted, Lease, LeaseStatus, NewRun, OutboxBacklog, OutboxEntry, RetryResult, RunFilter,
+    RunMessage, RunStore, StoreError,
 };
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Attempt, Outcome, ReasonCode, Run, RunId, RunStatus};
@@ -480,6 +480,26 @@ impl RunStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, COALESCE(SUM(tries > 0), 0) AS failed, \
+               (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL \
+                ORDER BY id DESC LIMIT 1) AS last_error \
+             FROM outbox WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= ?)",
+        )
+        .bind(ms(now))
+        .fetch_one(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        let pending: i64 = row.try_get("pending").map_err(unavailable)?;
+        let failed: i64 = row.try_get("failed").map_err(unavailable)?;
+        Ok(OutboxBacklog {
+            pending: pending.max(0) as u64,
+            failed: failed.max(0) as u64,
+            last_error: row.try_get("last_error").map_err(unavailable)?,
+        })
     }
 
     async fn requeue_unclaimed(&self) -> Result<u64, StoreError> {
