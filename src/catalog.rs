@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::domain::job::*;
+use crate::domain::retry::RetryPolicy;
 
 /// Docker's CPU shares range.
 const CPU_SHARES: std::ops::RangeInclusive<i64> = 2..=262_144;
@@ -208,6 +209,19 @@ struct JobFile {
     resources: ResourcesFile,
     #[serde(default)]
     params: BTreeMap<Spanned<String>, ParamFile>,
+    retry: Option<RetryFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    max_attempts: Option<Spanned<i64>>,
+    backoff: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
+    #[serde(default)]
+    on_exit_codes: Vec<Spanned<i64>>,
+    #[serde(default)]
+    on: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -615,6 +629,7 @@ fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -> Option<Jo
     }
 
     let description = raw.description.map(Spanned::into_inner);
+    let retry = raw.retry.map(|r| retry_policy(ctx, r)).unwrap_or_default();
 
     Some(JobSpec {
         name: name?,
@@ -631,7 +646,103 @@ fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -> Option<Jo
         network,
         params,
         schedule,
+        retry,
     })
+}
+
+fn retry_policy(ctx: &mut Ctx<'_>, raw: RetryFile) -> RetryPolicy {
+    let mut policy = RetryPolicy::default();
+    match &raw.max_attempts {
+        Some(n) if (1..=i64::from(RetryPolicy::MAX_ATTEMPTS)).contains(n.get_ref()) => {
+            policy.max_attempts = *n.get_ref() as u32;
+        }
+        Some(n) => ctx.at(
+            &n.span(),
+            "retry.max_attempts",
+            format!(
+                "must be between 1 and {} (attempts in all, the first included)",
+                RetryPolicy::MAX_ATTEMPTS
+            ),
+        ),
+        None => ctx.push(
+            None,
+            "retry.max_attempts",
+            "missing: a [retry] table must say how many attempts in all (e.g. 3)",
+        ),
+    }
+    let mut duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
+        None => default,
+        Some(v) => match parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                ctx.at(&v.span(), field, "must be more than 0s");
+                default
+            }
+            Err(e) => {
+                ctx.at(&v.span(), field, e.to_string());
+                default
+            }
+        },
+    };
+    policy.backoff = duration(&raw.backoff, "retry.backoff", RetryPolicy::DEFAULT_BACKOFF);
+    policy.backoff_max = duration(
+        &raw.backoff_max,
+        "retry.backoff_max",
+        RetryPolicy::DEFAULT_BACKOFF_MAX.max(policy.backoff),
+    );
+    if policy.backoff_max < policy.backoff {
+        let span = raw
+            .backoff_max
+            .as_ref()
+            .map(|b| b.span())
+            .unwrap_or_default();
+        ctx.at(
+            &span,
+            "retry.backoff_max",
+            "must not be less than retry.backoff",
+        );
+    }
+    for (i, code) in raw.on_exit_codes.iter().enumerate() {
+        if (1..=255).contains(code.get_ref()) {
+            policy.on_exit_codes.insert(*code.get_ref());
+        } else {
+            ctx.at(
+                &code.span(),
+                format!("retry.on_exit_codes[{i}]"),
+                "must be an exit code from 1 to 255 (0 is success)",
+            );
+        }
+    }
+    for (i, name) in raw.on.iter().enumerate() {
+        match RetryPolicy::RETRYABLE
+            .into_iter()
+            .find(|c| c.as_str() == name.get_ref())
+        {
+            Some(code) => {
+                policy.on.insert(code);
+            }
+            None => {
+                let names: Vec<&str> = RetryPolicy::RETRYABLE.iter().map(|c| c.as_str()).collect();
+                ctx.at(
+                    &name.span(),
+                    format!("retry.on[{i}]"),
+                    format!(
+                        "`{}` can't be retried; name any of {} (exit codes go in on_exit_codes)",
+                        name.get_ref(),
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    if policy.max_attempts > 1 && raw.on.is_empty() && raw.on_exit_codes.is_empty() {
+        ctx.push(
+            None,
+            "retry",
+            "max_attempts > 1 but nothing is named to retry: add on_exit_codes and/or on",
+        );
+    }
+    policy
 }
 
 /// `regex::Error` renders syntax errors over several lines with a caret diagram;
@@ -1018,6 +1129,33 @@ required = true
         let errs =
             errors("image = \"a\"\ntimeout = \"x\"\npull = \"y\"\n[resources]\nmemory = \"z\"\n");
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn retry_table() {
+        let s = parse(
+            "image = \"a\"\n[retry]\nmax_attempts = 3\nbackoff = \"2s\"\non_exit_codes = [1, 75]\non = [\"lost\", \"oom_killed\"]\n",
+        )
+        .unwrap();
+        assert_eq!(s.retry.max_attempts, 3);
+        assert_eq!(s.retry.backoff, Duration::from_secs(2));
+        assert_eq!(s.retry.on_exit_codes.len(), 2);
+        assert!(s.retry.on.contains(&crate::domain::run::ReasonCode::Lost));
+        assert_eq!(
+            parse("image = \"a\"\n").unwrap().retry,
+            RetryPolicy::default()
+        );
+
+        let e = one_error("image = \"a\"\n[retry]\nmax_attempts = 2\non = [\"cancelled\"]\n");
+        assert_eq!(e.field.as_deref(), Some("retry.on[0]"));
+        assert!(e.message.contains("can't be retried"), "{}", e.message);
+        let e = one_error("image = \"a\"\n[retry]\nmax_attempts = 0\non = [\"lost\"]\n");
+        assert_eq!(e.field.as_deref(), Some("retry.max_attempts"));
+        assert_eq!(e.line, Some(3));
+        let e = one_error("image = \"a\"\n[retry]\nmax_attempts = 2\non_exit_codes = [0]\n");
+        assert_eq!(e.field.as_deref(), Some("retry.on_exit_codes[0]"));
+        let e = one_error("image = \"a\"\n[retry]\nmax_attempts = 3\n");
+        assert_eq!(e.field.as_deref(), Some("retry"));
     }
 
     #[test]

@@ -64,14 +64,17 @@ fn client_failure(error: &ClientError) -> ExitCode {
     ExitCode::from(exit::PLATFORM)
 }
 
-/// `tasuki run JOB [--param k=v]... [--wait]`
+/// `tasuki run JOB [--param k=v]... [--wait [--cancel-on-interrupt]]`
 pub async fn run(args: RunArgs) -> ExitCode {
     let client = match ApiClient::new(&args.server.server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
     let params: BTreeMap<String, String> = args.params.into_iter().collect();
-    let run = match client.create_run(&args.job, &params).await {
+    // One key for every try of this request: a retry after a lost answer gets the run
+    // the first try started, never a second one.
+    let key = format!("tasuki-cli-{}", ulid::Ulid::new());
+    let run = match create_with_retries(&client, &args.job, &params, &key).await {
         Ok(r) => r,
         Err(e) => return client_failure(&e),
     };
@@ -79,7 +82,35 @@ pub async fn run(args: RunArgs) -> ExitCode {
         println!("{}", run.id);
         return ExitCode::SUCCESS;
     }
-    match wait_streaming(&client, &run.id).await {
+    let interrupted = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let waited = tokio::select! {
+        w = wait_streaming(&client, &run.id) => w,
+        _ = interrupted => {
+            if !args.cancel_on_interrupt {
+                eprintln!(
+                    "tasuki: detached; run {} goes on (`tasuki status {}` to check, `tasuki cancel {}` to stop it)",
+                    run.id, run.id, run.id
+                );
+                return ExitCode::from(exit::CANCELLED);
+            }
+            eprintln!("tasuki: interrupted; cancelling run {} (Ctrl-C again to detach)", run.id);
+            if let Err(e) = client.run_action(&run.id, "cancel").await {
+                eprintln!("tasuki: cancelling run {} failed: {e}", run.id);
+            }
+            tokio::select! {
+                w = wait_streaming(&client, &run.id) => w,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("tasuki: detached from run {}", run.id);
+                    return ExitCode::from(exit::CANCELLED);
+                }
+            }
+        }
+    };
+    match waited {
         Ok(run) => {
             eprintln!("{}", summary(&run));
             ExitCode::from(exit_code_for(&run))
@@ -88,6 +119,55 @@ pub async fn run(args: RunArgs) -> ExitCode {
             eprintln!("tasuki: lost contact while waiting for run {}: {e}", run.id);
             ExitCode::from(exit::PLATFORM)
         }
+    }
+}
+
+/// Create the run, trying again on transient failures (unreachable, 5xx, or the same
+/// key still in flight) for about a minute.
+async fn create_with_retries(
+    client: &ApiClient,
+    job: &str,
+    params: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<RunInfo, ClientError> {
+    let mut pause = Duration::from_millis(250);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client.create_run(job, params, Some(key)).await {
+            Err(e)
+                if tries < 8
+                    && (e.is_transient() || e.code() == Some("idempotency_key_in_flight")) =>
+            {
+                eprintln!("tasuki: {e}; trying again in {} ms", pause.as_millis());
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `tasuki cancel RUN`, `tasuki retry RUN`: print the run; exit 1 when the server
+/// refuses because of the run's state.
+pub async fn run_action(args: StatusArgs, action: &str) -> ExitCode {
+    let client = match ApiClient::new(&args.server.server) {
+        Ok(c) => c,
+        Err(e) => return client_failure(&e),
+    };
+    match client.run_action(&args.run, action).await {
+        Ok(run) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&run).unwrap_or_else(|_| run.to_string())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ ClientError::Refused { status: 409, .. }) => {
+            eprintln!("tasuki: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => client_failure(&e),
     }
 }
 

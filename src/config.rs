@@ -43,6 +43,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a run's output.
     Logs(LogsArgs),
+    /// Cancel a run: a queued one never starts, a running one is stopped.
+    Cancel(StatusArgs),
+    /// Start a new attempt of a failed, timed-out or lost run.
+    Retry(StatusArgs),
     /// Work with job definitions.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -84,6 +88,11 @@ pub struct WorkerOptions {
     /// and leaves them running.
     #[arg(long, env = "TASUKI_DRAIN_TIMEOUT", value_parser = duration, default_value = "60s")]
     pub drain_timeout: Duration,
+
+    /// How often the worker compares its own containers with the runs it holds (it also
+    /// does at start): adopts, finishes, re-queues or removes what differs.
+    #[arg(long, env = "TASUKI_RECONCILE_INTERVAL", value_parser = duration, default_value = "60s")]
+    pub reconcile_interval: Duration,
 }
 
 impl WorkerOptions {
@@ -187,6 +196,11 @@ pub struct RunArgs {
     /// tasuki uses when the job itself did not decide).
     #[arg(long, env = "TASUKI_WAIT")]
     pub wait: bool,
+
+    /// With --wait, Ctrl-C cancels the run (and waits for it to stop) instead of
+    /// detaching from it.
+    #[arg(long, env = "TASUKI_CANCEL_ON_INTERRUPT", requires = "wait")]
+    pub cancel_on_interrupt: bool,
 
     #[command(flatten)]
     pub server: ServerOption,

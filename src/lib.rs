@@ -37,7 +37,7 @@ use crate::service::control::LocalControlPlane;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
 use crate::service::runs::Runs;
-use crate::service::worker::{Worker, WorkerConfig};
+use crate::service::worker::{CrashPoint, Worker, WorkerConfig};
 
 /// Run one command of the binary; the exit code is the command's (for `run --wait`,
 /// the job's).
@@ -48,6 +48,8 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Run(args) => Ok(cli::run(args).await),
         Command::Status(args) => Ok(cli::status(args).await),
         Command::Logs(args) => Ok(cli::logs(args).await),
+        Command::Cancel(args) => Ok(cli::run_action(args, "cancel").await),
+        Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
         Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
     }
 }
@@ -57,6 +59,11 @@ fn worker_config(options: &WorkerOptions) -> WorkerConfig {
         worker_id: options.worker_id(),
         concurrency: options.concurrency(),
         drain_timeout: options.drain_timeout,
+        reconcile_interval: options.reconcile_interval,
+        // For fault tests only; see README "Testing".
+        crash_at: std::env::var("TASUKI_CRASH_AT")
+            .ok()
+            .and_then(|v| CrashPoint::parse(&v)),
     }
 }
 
@@ -138,6 +145,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         wake,
     };
     tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(
+        control
+            .as_ref()
+            .clone()
+            .reap_expired_leases(shutdown.clone()),
+    );
 
     let runtime = match source {
         Some(source) => {

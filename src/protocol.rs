@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
-    Claim, ClaimResult, Lease, LeaseStatus, OutputChunk, RunMessage, Stream,
+    Claim, ClaimResult, HeldAttempt, Lease, LeaseStatus, OutputChunk, RunMessage, Stream,
 };
-use crate::domain::run::{Outcome, RunId, RunStatus};
+use crate::domain::retry::RetryPolicy;
+use crate::domain::run::{Outcome, ReasonCode, RunId, RunStatus};
 
 /// The AMQP message body: `{"v":1,"run_id":"...","attempt":1}`. Small on purpose: the
 /// spec comes from the control plane at claim time.
@@ -277,6 +278,104 @@ impl From<LeaseStatusV1> for LeaseStatus {
 pub struct FinishV1 {
     pub lease: LeaseV1,
     pub outcome: OutcomeV1,
+    /// Output the worker could not deliver at all.
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+}
+
+/// `POST /v1/worker/held`: which attempts does the control plane think I hold?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldRequestV1 {
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldAttemptV1 {
+    pub lease: LeaseV1,
+    pub container_id: Option<String>,
+}
+
+impl From<&HeldAttempt> for HeldAttemptV1 {
+    fn from(h: &HeldAttempt) -> Self {
+        Self {
+            lease: h.lease.into(),
+            container_id: h.container_id.clone(),
+        }
+    }
+}
+
+impl From<HeldAttemptV1> for HeldAttempt {
+    fn from(h: HeldAttemptV1) -> Self {
+        Self {
+            lease: h.lease.into(),
+            container_id: h.container_id,
+        }
+    }
+}
+
+/// `POST /v1/worker/adopt`: I found my container for this attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdoptRequestV1 {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdoptResponseV1 {
+    Held {
+        claim: ClaimResponseV1,
+        log_length: u64,
+    },
+    Stale,
+}
+
+/// `POST /v1/worker/release`: the attempt's container never started; queue it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseV1 {
+    pub lease: LeaseV1,
+}
+
+/// A job's retry rules as stored with each run (frozen when the run is accepted).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RetryV1 {
+    pub max_attempts: u32,
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    #[serde(default)]
+    pub on_exit_codes: Vec<i64>,
+    #[serde(default)]
+    pub on: Vec<String>,
+}
+
+impl From<&RetryPolicy> for RetryV1 {
+    fn from(p: &RetryPolicy) -> Self {
+        Self {
+            max_attempts: p.max_attempts,
+            backoff_ms: p.backoff.as_millis() as u64,
+            backoff_max_ms: p.backoff_max.as_millis() as u64,
+            on_exit_codes: p.on_exit_codes.iter().copied().collect(),
+            on: p.on.iter().map(|c| c.as_str().to_owned()).collect(),
+        }
+    }
+}
+
+impl TryFrom<RetryV1> for RetryPolicy {
+    type Error = String;
+    fn try_from(r: RetryV1) -> Result<Self, String> {
+        Ok(Self {
+            max_attempts: r.max_attempts,
+            backoff: Duration::from_millis(r.backoff_ms),
+            backoff_max: Duration::from_millis(r.backoff_max_ms),
+            on_exit_codes: r.on_exit_codes.into_iter().collect(),
+            on: r
+                .on
+                .iter()
+                .map(|c| c.parse::<ReasonCode>().map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

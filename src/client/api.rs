@@ -43,6 +43,14 @@ impl ClientError {
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
         }
     }
+
+    /// The API's error code, when the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } => Some(code),
+            ClientError::Unreachable { .. } => None,
+        }
+    }
 }
 
 /// The API as the CLI uses it.
@@ -112,19 +120,36 @@ impl ApiClient {
             .map_err(|e| self.unreachable(format!("reading answer: {e}")))
     }
 
+    /// Start a run. With an idempotency key, a repeat of the request (after a lost
+    /// answer) returns the same run instead of starting another.
     pub async fn create_run(
         &self,
         job: &str,
         params: &BTreeMap<String, String>,
+        idempotency_key: Option<&str>,
     ) -> Result<RunInfo, ClientError> {
         let url = format!("{}/v1/jobs/{job}/runs", self.base);
+        let mut request = self.http.post(url).json(&json!({ "params": params }));
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.run_info(request.send().await).await
+    }
+
+    /// `POST /v1/runs/{id}/{action}` (`cancel`, `retry`); the run as JSON.
+    pub async fn run_action(
+        &self,
+        id: &str,
+        action: &str,
+    ) -> Result<serde_json::Value, ClientError> {
         let response = self
             .http
-            .post(url)
-            .json(&json!({ "params": params }))
+            .post(format!("{}/v1/runs/{id}/{action}", self.base))
             .send()
-            .await;
-        self.run_info(response).await
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let response = self.check(response).await?;
+        response.json().await.map_err(|e| self.unreachable(e))
     }
 
     /// The run; with `wait`, held until it is final or the wait passes.

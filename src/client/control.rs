@@ -6,12 +6,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::ports::{
-    ClaimResult, ControlError, ControlPlane, Lease, LeaseStatus, OutputChunk, RunMessage,
+    AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
+    OutputChunk, RunMessage,
 };
-use crate::domain::run::Outcome;
+use crate::domain::run::{Outcome, RunId};
 use crate::protocol::{
-    ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1, LOG_CONTENT_TYPE, LeaseStatusV1,
-    StartedV1, encode_log_frames,
+    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
+    HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, ReleaseV1, StartedV1,
+    encode_log_frames,
 };
 
 /// The control plane of a remote `tasuki serve`, reached with the worker token.
@@ -136,12 +138,63 @@ impl ControlPlane for HttpControlPlane {
         Ok(answer.length)
     }
 
-    async fn finish(&self, lease: Lease, outcome: &Outcome) -> Result<LeaseStatus, ControlError> {
+    async fn finish(
+        &self,
+        lease: Lease,
+        outcome: &Outcome,
+        log_dropped_bytes: u64,
+    ) -> Result<LeaseStatus, ControlError> {
         let req = FinishV1 {
             lease: lease.into(),
             outcome: outcome.into(),
+            log_dropped_bytes,
         };
         let answer: LeaseStatusV1 = self.post("/v1/worker/finish", &req).await?;
+        Ok(answer.into())
+    }
+
+    async fn held(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, ControlError> {
+        let req = HeldRequestV1 {
+            worker_id: worker_id.to_owned(),
+        };
+        let answer: Vec<HeldAttemptV1> = self.post("/v1/worker/held", &req).await?;
+        Ok(answer.into_iter().map(HeldAttempt::from).collect())
+    }
+
+    async fn adopt(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<(AdoptResult, u64), ControlError> {
+        let req = AdoptRequestV1 {
+            run_id,
+            attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let answer: AdoptResponseV1 = self.post("/v1/worker/adopt", &req).await?;
+        match answer {
+            AdoptResponseV1::Stale => Ok((AdoptResult::Stale, 0)),
+            AdoptResponseV1::Held { claim, log_length } => {
+                match ClaimResult::try_from(claim).map_err(ControlError::Rejected)? {
+                    ClaimResult::Claimed(claim) => Ok((AdoptResult::Held(claim), log_length)),
+                    _ => Err(ControlError::Rejected(
+                        "adopt answered `held` without a claim".to_owned(),
+                    )),
+                }
+            }
+        }
+    }
+
+    async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
+        let answer: LeaseStatusV1 = self
+            .post(
+                "/v1/worker/release",
+                &ReleaseV1 {
+                    lease: lease.into(),
+                },
+            )
+            .await?;
         Ok(answer.into())
     }
 }

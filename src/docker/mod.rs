@@ -15,7 +15,8 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, WaitContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions, WaitContainerOptions,
 };
 use bollard::{API_DEFAULT_VERSION, ClientVersion, Docker};
 use futures::StreamExt;
@@ -23,7 +24,8 @@ use tokio::sync::Mutex;
 
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
-    ContainerExit, ContainerRuntime, ContainerSpec, OutputChunk, OutputStream, RuntimeError, Stream,
+    ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, OutputChunk,
+    OutputStream, RuntimeError, Stream,
 };
 
 /// Per-request timeout handed to bollard, in seconds. bollard only applies it
@@ -254,27 +256,92 @@ impl ContainerRuntime for DockerRuntime {
         // stdin is not attached; dropping the write half does not close the
         // connection (the read half keeps it alive).
         drop(input);
-        let chunks = output.filter_map(|item| {
-            let mapped = match item {
-                Ok(LogOutput::StdOut { message }) => Some(Ok(OutputChunk {
-                    stream: Stream::Stdout,
-                    bytes: message,
-                })),
-                Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
-                    stream: Stream::Stderr,
-                    bytes: message,
-                })),
-                // Only produced for tty containers, which we never create.
-                Ok(LogOutput::Console { message }) => Some(Ok(OutputChunk {
-                    stream: Stream::Stdout,
-                    bytes: message,
-                })),
-                Ok(LogOutput::StdIn { .. }) => None,
-                Err(e) => Some(Err(map_error(e))),
-            };
-            futures::future::ready(mapped)
-        });
-        Ok(chunks.boxed())
+        Ok(output_chunks(output))
+    }
+
+    async fn list_labelled(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let docker = self.docker().await?;
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_owned(),
+                vec![format!("{key}={value}")],
+            )])),
+            ..Default::default()
+        };
+        let listed = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(map_error)?;
+        let mut found = Vec::with_capacity(listed.len());
+        for summary in listed {
+            let Some(id) = summary.id else { continue };
+            // The summary has no exit code or OOM flag: inspect each one.
+            match self.inspect(&id).await {
+                Ok(info) => found.push(info),
+                Err(RuntimeError::NoSuchContainer(_)) => {} // removed meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(found)
+    }
+
+    async fn inspect(&self, id: &str) -> Result<ContainerInfo, RuntimeError> {
+        let docker = self.docker().await?;
+        let inspected = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| container_error(id, e))?;
+        let state = inspected.state.unwrap_or_default();
+        let started_at = state
+            .started_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc))
+            // A never-started container says 0001-01-01.
+            .filter(|t| t.timestamp() > 0);
+        let status = state.status.map(|s| s.to_string()).unwrap_or_default();
+        let state = match status.as_str() {
+            "created" => ContainerState::Created,
+            "exited" | "dead" => ContainerState::Exited(ContainerExit {
+                exit_code: state.exit_code.unwrap_or(-1),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            }),
+            // running, paused, restarting, removing
+            _ => ContainerState::Running,
+        };
+        Ok(ContainerInfo {
+            id: inspected.id.unwrap_or_else(|| id.to_owned()),
+            name: inspected
+                .name
+                .map(|n| n.trim_start_matches('/').to_owned())
+                .unwrap_or_default(),
+            labels: inspected
+                .config
+                .and_then(|c| c.labels)
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
+            state,
+            started_at,
+        })
+    }
+
+    async fn logs(&self, id: &str) -> Result<OutputStream, RuntimeError> {
+        let docker = self.docker().await?;
+        // Fail early (and typed) on a container that is not there.
+        self.inspect(id).await?;
+        let options = LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            tail: "all".to_owned(),
+            ..Default::default()
+        };
+        Ok(output_chunks(docker.logs(id, Some(options))))
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -350,6 +417,34 @@ impl ContainerRuntime for DockerRuntime {
             },
         }
     }
+}
+
+/// Docker's multiplexed output as chunks, stdin echoes dropped.
+fn output_chunks(
+    output: impl futures::Stream<Item = Result<LogOutput, BollardError>> + Send + 'static,
+) -> OutputStream {
+    output
+        .filter_map(|item| {
+            let mapped = match item {
+                Ok(LogOutput::StdOut { message }) => Some(Ok(OutputChunk {
+                    stream: Stream::Stdout,
+                    bytes: message,
+                })),
+                Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
+                    stream: Stream::Stderr,
+                    bytes: message,
+                })),
+                // Only produced for tty containers, which we never create.
+                Ok(LogOutput::Console { message }) => Some(Ok(OutputChunk {
+                    stream: Stream::Stdout,
+                    bytes: message,
+                })),
+                Ok(LogOutput::StdIn { .. }) => None,
+                Err(e) => Some(Err(map_error(e))),
+            };
+            futures::future::ready(mapped)
+        })
+        .boxed()
 }
 
 /// Builds a client for `endpoint` and negotiates the API version.

@@ -363,6 +363,7 @@ pub struct JobSpec {
     pub network: String,
     pub params: BTreeMap<String, ParamSpec>,
     pub schedule: Option<Schedule>,
+    pub retry: super::retry::RetryPolicy,
 }
 
 /// A job with request parameters applied: what actually gets run.
@@ -937,6 +938,7 @@ mod tests {
                 ("opt".to_owned(), spec(None, false, None)),
             ]),
             schedule: None,
+            retry: Default::default(),
         }
     }
 

@@ -53,6 +53,27 @@ pub struct ContainerExit {
     pub oom_killed: bool,
 }
 
+/// Where a container is in its life, as the engine says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created but never started.
+    Created,
+    /// Running (or paused, or restarting).
+    Running,
+    Exited(ContainerExit),
+}
+
+/// A container as found on the engine (for reconciliation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: ContainerState,
+    /// When it last started, if it ever did.
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// Absent locally with `pull = never`, or unknown to its registry.
@@ -96,6 +117,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     /// Force-remove; a container that is already gone is not an error.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Every container (any state) carrying label `key=value`.
+    async fn list_labelled(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ContainerInfo>, RuntimeError>;
+    /// One container by id or name.
+    async fn inspect(&self, id: &str) -> Result<ContainerInfo, RuntimeError>;
+    /// The container's whole output from its start, following it until it exits. Slower
+    /// than `attach` and heavier on the engine: only for catching up after a re-attach.
+    async fn logs(&self, id: &str) -> Result<OutputStream, RuntimeError>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -104,6 +136,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 use chrono::{DateTime, Utc};
 
 use super::job::ResolvedSpec;
+use super::retry::RetryPolicy;
 use super::run::{Outcome, Run, RunId, RunStatus};
 
 /// A run to accept: written together with its first outbox entry, in one transaction.
@@ -113,7 +146,70 @@ pub struct NewRun {
     pub job: String,
     pub params: BTreeMap<String, String>,
     pub spec: ResolvedSpec,
+    pub retry: RetryPolicy,
     pub created_at: DateTime<Utc>,
+}
+
+/// An `Idempotency-Key` with what it was first sent with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// Whose key: keys of different clients never collide.
+    pub scope: String,
+    pub key: String,
+    pub job: String,
+    /// The request's params as canonical JSON.
+    pub fingerprint: String,
+}
+
+/// How long an idempotency key holds.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// The key was used before, with the same job and params: this is that run.
+    Existing(RunId),
+    /// The key was used before for another job or other params.
+    KeyReused {
+        job: String,
+    },
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelResult {
+    /// It had not started: it is `cancelled` now and never will start.
+    Cancelled,
+    /// It is running: its worker stops the container at its next heartbeat.
+    Requested,
+    AlreadyFinal(RunStatus),
+    UnknownRun,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryResult {
+    /// A new attempt is queued.
+    Queued {
+        attempt: u32,
+    },
+    NotRetryable(RunStatus),
+    UnknownRun,
+}
+
+/// An attempt a worker holds, as the store knows it (for reconciliation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldAttempt {
+    pub lease: Lease,
+    pub container_id: Option<String>,
+}
+
+/// A worker's answer about a container it found labelled with its own id.
+#[derive(Debug, Clone)]
+pub enum AdoptResult {
+    /// Still this worker's attempt: carry on with it under this (renewed) claim.
+    Held(Box<Claim>),
+    /// The attempt is final, taken over or unknown: the container must go.
+    Stale,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -128,6 +224,15 @@ pub struct RunFilter {
 pub struct RunMessage {
     pub run_id: RunId,
     pub attempt: u32,
+}
+
+/// Publishes waiting for the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxBacklog {
+    pub pending: u64,
+    /// Of those, the ones a publish already failed for (down, returned, nacked).
+    pub failed: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,14 +289,32 @@ pub enum StoreError {
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Store the run and its first outbox entry atomically.
-    async fn insert_run(&self, run: &NewRun) -> Result<(), StoreError>;
+    /// Store the run and its first outbox entry atomically; with a key, only if the key
+    /// is new (or older than the idempotency window).
+    async fn insert_run(
+        &self,
+        run: &NewRun,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Inserted, StoreError>;
     async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+    async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError>;
+    /// A person's new attempt of a `failed`, `timed_out` or `lost` run.
+    async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError>;
+    /// Attempts whose lease ran out become `lost` (or queue their retry). Returns the
+    /// runs that changed.
+    async fn expire_leases(&self, now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError>;
 
-    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Outbox entries due at `now` (a retry's entry waits for its backoff).
+    async fn pending_outbox(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
     async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError>;
+    /// Publishes due and not yet confirmed, for the health report.
+    async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError>;
     /// For a volatile queue that lost its contents: publish every still-queued run again.
     async fn requeue_unclaimed(&self) -> Result<u64, StoreError>;
 
@@ -216,12 +339,32 @@ pub trait RunStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError>;
     /// Record the attempt's final outcome; refused (`Lost`) unless the lease is current.
+    /// The run becomes final, or queued again when its retry rules say so.
     async fn finish(
         &self,
         lease: Lease,
         outcome: &Outcome,
+        log_dropped_bytes: u64,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError>;
+    /// The lease's epoch is still the attempt's (output may be written under it).
+    async fn lease_is_current(&self, lease: Lease) -> Result<bool, StoreError>;
+    async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError>;
+    /// Attempts `worker_id` holds (status running).
+    async fn held_attempts(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError>;
+    /// A worker found a container of its own for this attempt: renew and hand back the
+    /// claim if the attempt is still its own and running.
+    async fn adopt(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+        lease_ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<AdoptResult, StoreError>;
+    /// Give back an attempt whose container never started: the run is queued again
+    /// under the same attempt number, as if never claimed.
+    async fn release(&self, lease: Lease, now: DateTime<Utc>) -> Result<LeaseStatus, StoreError>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -302,7 +445,23 @@ pub trait ControlPlane: Send + Sync + 'static {
         offset: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError>;
-    async fn finish(&self, lease: Lease, outcome: &Outcome) -> Result<LeaseStatus, ControlError>;
+    /// `log_dropped_bytes`: output the worker could not deliver at all.
+    async fn finish(
+        &self,
+        lease: Lease,
+        outcome: &Outcome,
+        log_dropped_bytes: u64,
+    ) -> Result<LeaseStatus, ControlError>;
+    /// The attempts the control plane thinks `worker_id` holds.
+    async fn held(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, ControlError>;
+    /// See [`RunStore::adopt`]; also says how much of the attempt's log is stored.
+    async fn adopt(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<(AdoptResult, u64), ControlError>;
+    async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -327,6 +486,8 @@ pub trait LogSink: Send + Sync + 'static {
         offset: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, LogError>;
+    /// Bytes stored for the attempt so far.
+    async fn len(&self, run_id: RunId, attempt: u32) -> Result<u64, LogError>;
     /// Up to `max` bytes of the attempt's log from `offset` (empty at the end).
     async fn read(
         &self,

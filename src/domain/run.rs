@@ -123,7 +123,7 @@ impl FromStr for RunStatus {
 }
 
 /// Why a run did not succeed, as a stable token for programs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ReasonCode {
     ExitCode,
     OomKilled,
@@ -275,6 +275,37 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Someone asked for a cancel; the worker stops the container at its next heartbeat.
+    pub cancel_requested: bool,
+    /// A retry's backoff: the next attempt does not start before this.
+    pub not_before: Option<DateTime<Utc>>,
+    /// Output bytes that never reached the log sink, over all attempts.
+    pub log_dropped_bytes: u64,
+    /// Every attempt so far, oldest first, each with its own outcome and log.
+    pub attempts: Vec<Attempt>,
+}
+
+impl Run {
+    /// A log with holes: some output could not be stored. The exit status still holds.
+    pub fn logs_truncated(&self) -> bool {
+        self.log_dropped_bytes > 0
+    }
+}
+
+/// One attempt of a run: one claim by one worker, at most one container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub number: u32,
+    pub status: RunStatus,
+    pub worker_id: String,
+    pub container_id: Option<String>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<ReasonCode>,
+    pub claimed_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub log_dropped_bytes: u64,
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::domain::ports::{ControlError, LogError, StoreError};
-use crate::service::runs::AcceptError;
+use crate::service::runs::{AcceptError, ActionError};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -114,7 +114,32 @@ impl From<AcceptError> for ApiError {
                 "invalid_params",
                 p.to_string(),
             ),
+            AcceptError::KeyReused { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
+            AcceptError::KeyInFlight(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_flight",
+                e.to_string(),
+            ),
             AcceptError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<ActionError> for ApiError {
+    fn from(e: ActionError) -> Self {
+        match e {
+            ActionError::UnknownRun(_) => ApiError::not_found("unknown_run", e.to_string()),
+            ActionError::AlreadyFinal { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "run_finished", e.to_string())
+            }
+            ActionError::NotRetryable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_retryable", e.to_string())
+            }
+            ActionError::Store(s) => s.into(),
         }
     }
 }

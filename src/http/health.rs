@@ -44,6 +44,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(docker) = docker {
         record("docker", docker.map_err(|e| e.to_string()));
     }
+    // Runs accepted but not yet confirmed by the broker: not a readiness failure (the
+    // store holds them), but what an operator looks at when the broker is down or
+    // returns messages as unroutable.
+    match state.store.outbox_backlog(chrono::Utc::now()).await {
+        Ok(b) => {
+            checks.insert(
+                "outbox".to_owned(),
+                json!({"pending": b.pending, "failed_publishes": b.failed, "last_error": b.last_error}),
+            );
+        }
+        Err(e) => record("store", Err(e.to_string())),
+    }
     if !state.accepting.load(Ordering::SeqCst) {
         failing.push("shutting_down".to_owned());
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,6 +16,7 @@ use super::{ApiError, AppState};
 use crate::domain::ports::RunFilter;
 use crate::domain::run::{Run, RunId, RunStatus};
 use crate::service::events::RunEventKind;
+use crate::service::runs::MAX_IDEMPOTENCY_KEY_LEN;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -23,6 +24,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/logs", get(get_logs))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/retry", post(retry_run))
 }
 
 /// The longest `?wait=` honoured, in seconds.
@@ -42,6 +45,32 @@ pub struct RunView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub attempt: u32,
+    #[serde(default)]
+    pub attempts: Vec<AttemptView>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default)]
+    pub not_before: Option<String>,
+    #[serde(default)]
+    pub logs_truncated: bool,
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+}
+
+/// One attempt in a run's `attempts`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<String>,
+    pub worker_id: String,
+    pub container_id: Option<String>,
+    pub claimed_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub log_dropped_bytes: u64,
 }
 
 fn time(t: DateTime<Utc>) -> String {
@@ -50,6 +79,7 @@ fn time(t: DateTime<Utc>) -> String {
 
 impl From<Run> for RunView {
     fn from(r: Run) -> Self {
+        let logs_truncated = r.logs_truncated();
         Self {
             id: r.id.to_string(),
             job: r.job,
@@ -62,6 +92,27 @@ impl From<Run> for RunView {
             started_at: r.started_at.map(time),
             finished_at: r.finished_at.map(time),
             attempt: r.attempt,
+            cancel_requested: r.cancel_requested,
+            not_before: r.not_before.map(time),
+            logs_truncated,
+            log_dropped_bytes: r.log_dropped_bytes,
+            attempts: r
+                .attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    attempt: a.number,
+                    status: a.status.as_str().to_owned(),
+                    exit_code: a.exit_code,
+                    reason: a.reason,
+                    reason_code: a.reason_code.map(|c| c.as_str().to_owned()),
+                    worker_id: a.worker_id,
+                    container_id: a.container_id,
+                    claimed_at: time(a.claimed_at),
+                    started_at: a.started_at.map(time),
+                    finished_at: a.finished_at.map(time),
+                    log_dropped_bytes: a.log_dropped_bytes,
+                })
+                .collect(),
         }
     }
 }
@@ -138,10 +189,12 @@ async fn create_run(
     State(state): State<AppState>,
     Path(job): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let body = body?;
+    let key = idempotency_key(&headers)?;
     if state.runs.job(&job).is_none() {
         return Err(ApiError::not_found(
             "unknown_job",
@@ -160,8 +213,51 @@ async fn create_run(
         })?
     };
     let params = params_from_json(request.params)?;
-    let run = state.runs.accept(&job, params).await?;
+    // One scope for every caller until API tokens exist; then a key is per client.
+    let key = key.map(|k| (String::new(), k));
+    let run = state.runs.accept(&job, params, key).await?.into_run();
     finish_waiting(&state, run, query.wait).await
+}
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ApiError::bad_request(format!("invalid Idempotency-Key header: {why}"));
+    let text = value
+        .to_str()
+        .map_err(|_| bad("it must be visible ASCII characters"))?;
+    if text.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if text.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(bad(&format!(
+            "it is {} characters long; at most {MAX_IDEMPOTENCY_KEY_LEN} are allowed",
+            text.len()
+        )));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// `POST /v1/runs/{id}/cancel`
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let run = state.runs.cancel(id).await?;
+    Ok(run_response(StatusCode::ACCEPTED, run))
+}
+
+/// `POST /v1/runs/{id}/retry`
+async fn retry_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let run = state.runs.retry(id).await?;
+    Ok(run_response(StatusCode::ACCEPTED, run))
 }
 
 /// Hold the answer until the run is final or the wait passes: 200 with the finished run,

@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
+use crate::domain::ports::{AdoptResult, ClaimResult};
 use crate::domain::run::RunId;
 use crate::protocol::{
-    ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1, LeaseStatusV1, StartedV1,
-    decode_log_frames,
+    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
+    HeldAttemptV1, HeldRequestV1, LeaseStatusV1, ReleaseV1, StartedV1, decode_log_frames,
 };
 
 pub fn router() -> Router<AppState> {
@@ -25,6 +26,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/worker/heartbeat", post(heartbeat))
         .route("/v1/worker/log", put(append_log))
         .route("/v1/worker/finish", post(finish))
+        .route("/v1/worker/held", post(held))
+        .route("/v1/worker/adopt", post(adopt))
+        .route("/v1/worker/release", post(release))
 }
 
 /// Proof that the caller presented the worker token.
@@ -119,8 +123,47 @@ async fn finish(
     let req: FinishV1 = json(body)?;
     let status = state
         .control
-        .finish(req.lease.into(), &req.outcome.into())
+        .finish(req.lease.into(), &req.outcome.into(), req.log_dropped_bytes)
         .await?;
+    Ok(Json(status.into()))
+}
+
+async fn held(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<HeldAttemptV1>>, ApiError> {
+    let req: HeldRequestV1 = json(body)?;
+    let held = state.control.held(&req.worker_id).await?;
+    Ok(Json(held.iter().map(HeldAttemptV1::from).collect()))
+}
+
+async fn adopt(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<AdoptResponseV1>, ApiError> {
+    let req: AdoptRequestV1 = json(body)?;
+    let (result, log_length) = state
+        .control
+        .adopt(req.run_id, req.attempt, &req.worker_id)
+        .await?;
+    Ok(Json(match result {
+        AdoptResult::Stale => AdoptResponseV1::Stale,
+        AdoptResult::Held(claim) => AdoptResponseV1::Held {
+            claim: ClaimResponseV1::from(&ClaimResult::Claimed(claim)),
+            log_length,
+        },
+    }))
+}
+
+async fn release(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaseStatusV1>, ApiError> {
+    let req: ReleaseV1 = json(body)?;
+    let status = state.control.release(req.lease.into()).await?;
     Ok(Json(status.into()))
 }
 

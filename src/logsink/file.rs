@@ -80,6 +80,7 @@ impl LogSink for FileLogSink {
         // Skip what an earlier, retried upload already stored.
         let mut skip = len - offset;
         let mut end = len;
+        let mut written: std::io::Result<()> = Ok(());
         for chunk in chunks {
             let n = chunk.bytes.len() as u64;
             if skip >= n {
@@ -88,11 +89,33 @@ impl LogSink for FileLogSink {
             }
             let tail = &chunk.bytes[skip as usize..];
             skip = 0;
-            file.write_all(tail).await.map_err(|e| io(&path, e))?;
+            written = file.write_all(tail).await;
+            if written.is_err() {
+                break;
+            }
             end += tail.len() as u64;
         }
-        file.flush().await.map_err(|e| io(&path, e))?;
+        if written.is_ok() {
+            written = file.flush().await;
+        }
+        if let Err(e) = written {
+            // A half-written batch (disk full) is cut off again, so the file holds whole
+            // batches only and the next append's offset still means what it says.
+            if let Err(cut) = file.set_len(len).await {
+                tracing::warn!(message = "cutting a half-written log batch failed", path = %path.display(), error = %cut);
+            }
+            return Err(io(&path, e));
+        }
         Ok(end)
+    }
+
+    async fn len(&self, run_id: RunId, attempt: u32) -> Result<u64, LogError> {
+        let path = self.path(run_id, attempt);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io(&path, e)),
+        }
     }
 
     async fn read(

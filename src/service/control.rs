@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::domain::ports::{
-    ClaimResult, ControlError, ControlPlane, Lease, LeaseStatus, LogError, LogSink, OutputChunk,
-    RunMessage, RunStore, StoreError,
+    AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, LogSink,
+    OutputChunk, RunMessage, RunStore, StoreError,
 };
-use crate::domain::run::Outcome;
+use crate::domain::run::{Outcome, RunId};
 use crate::service::events::{RunEventKind, RunEvents};
 
 #[derive(Clone)]
@@ -35,6 +35,32 @@ impl LocalControlPlane {
             logs,
             events,
             lease_ttl,
+        }
+    }
+
+    /// Turns expired leases into `lost` (or a retry) about every second until
+    /// `shutdown`. It starts one lease TTL after start-up, so that workers which kept
+    /// running while the control plane was down get to renew first.
+    pub async fn reap_expired_leases(self, shutdown: tokio_util::sync::CancellationToken) {
+        let every = (self.lease_ttl / 10).clamp(Duration::from_millis(200), Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(self.lease_ttl) => {}
+        }
+        loop {
+            match self.store.expire_leases(Utc::now()).await {
+                Ok(changed) => {
+                    for run_id in changed {
+                        tracing::warn!(message = "lease expired; attempt lost", %run_id);
+                        self.events.publish(run_id, RunEventKind::Status);
+                    }
+                }
+                Err(error) => tracing::warn!(message = "expiring leases failed", %error),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
     }
 }
@@ -87,22 +113,85 @@ impl ControlPlane for LocalControlPlane {
         offset: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
-        let len = self
+        if !self
+            .store
+            .lease_is_current(lease)
+            .await
+            .map_err(store_err)?
+        {
+            return Err(ControlError::Rejected(format!(
+                "attempt {} of run {} is not held under epoch {}",
+                lease.attempt, lease.run_id, lease.epoch
+            )));
+        }
+        match self
             .logs
             .append(lease.run_id, lease.attempt, offset, chunks)
             .await
-            .map_err(|e| match e {
-                LogError::Gap { .. } => ControlError::Rejected(e.to_string()),
-                LogError::Io(m) => ControlError::Unavailable(m),
-            })?;
-        self.events.publish(lease.run_id, RunEventKind::Log);
-        Ok(len)
+        {
+            Ok(len) => {
+                self.events.publish(lease.run_id, RunEventKind::Log);
+                Ok(len)
+            }
+            Err(error) => {
+                // The sink could not take it (disk full, read-only, a gap): the bytes are
+                // gone, the run is flagged, and the exit status is not touched.
+                let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+                tracing::error!(message = "log write failed; output dropped", run_id = %lease.run_id, attempt = lease.attempt, bytes, %error);
+                self.store
+                    .add_log_dropped(lease, bytes)
+                    .await
+                    .map_err(store_err)?;
+                Err(ControlError::Rejected(format!("log sink: {error}")))
+            }
+        }
     }
 
-    async fn finish(&self, lease: Lease, outcome: &Outcome) -> Result<LeaseStatus, ControlError> {
+    async fn finish(
+        &self,
+        lease: Lease,
+        outcome: &Outcome,
+        log_dropped_bytes: u64,
+    ) -> Result<LeaseStatus, ControlError> {
         let status = self
             .store
-            .finish(lease, outcome, Utc::now())
+            .finish(lease, outcome, log_dropped_bytes, Utc::now())
+            .await
+            .map_err(store_err)?;
+        self.events.publish(lease.run_id, RunEventKind::Status);
+        Ok(status)
+    }
+
+    async fn held(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, ControlError> {
+        self.store.held_attempts(worker_id).await.map_err(store_err)
+    }
+
+    async fn adopt(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<(AdoptResult, u64), ControlError> {
+        let result = self
+            .store
+            .adopt(run_id, attempt, worker_id, self.lease_ttl, Utc::now())
+            .await
+            .map_err(store_err)?;
+        let len = match &result {
+            AdoptResult::Held(_) => self
+                .logs
+                .len(run_id, attempt)
+                .await
+                .map_err(|e| ControlError::Unavailable(e.to_string()))?,
+            AdoptResult::Stale => 0,
+        };
+        Ok((result, len))
+    }
+
+    async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
+        let status = self
+            .store
+            .release(lease, Utc::now())
             .await
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);

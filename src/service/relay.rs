@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::ports::{QueueError, RunQueue, RunStore};
 
 const BATCH: u32 = 256;
-/// Also look without being woken, for entries a failed publish left behind.
-const IDLE_POLL: Duration = Duration::from_secs(2);
+/// Also look without being woken, for entries a failed publish left behind and retries
+/// whose backoff has passed.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct Relay {
@@ -51,7 +52,7 @@ impl Relay {
     /// One batch. `Ok(true)` when a full batch went out and more may be waiting;
     /// `Err` when the store or the queue failed and the caller should back off.
     async fn publish_pending(&self) -> Result<bool, ()> {
-        let entries = match self.store.pending_outbox(BATCH).await {
+        let entries = match self.store.pending_outbox(BATCH, Utc::now()).await {
             Ok(e) => e,
             Err(error) => {
                 tracing::warn!(message = "outbox read failed", %error);

@@ -1,6 +1,6 @@
 //! Accepting runs and answering questions about them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::domain::job::{JobSpec, ParamErrors};
-use crate::domain::ports::{LogError, LogSink, NewRun, RunFilter, RunStore, StoreError};
+use crate::domain::ports::{
+    CancelResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult, RunFilter,
+    RunStore, StoreError,
+};
 use crate::domain::run::{Run, RunId, RunStatus};
 use crate::service::events::{RunEventKind, RunEvents};
 
@@ -21,8 +24,62 @@ pub enum AcceptError {
     UnknownJob(String),
     #[error(transparent)]
     Params(#[from] ParamErrors),
+    #[error(
+        "Idempotency-Key `{key}` was already used within 24 h for {used_for}; send a new key for a different request"
+    )]
+    KeyReused { key: String, used_for: String },
+    #[error("a request with Idempotency-Key `{0}` is still being accepted; try again shortly")]
+    KeyInFlight(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The longest `Idempotency-Key` taken.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// What `accept` did.
+#[derive(Debug)]
+pub enum Accepted {
+    New(Run),
+    /// The idempotency key named an earlier run with the same job and params.
+    Existing(Run),
+}
+
+impl Accepted {
+    pub fn into_run(self) -> Run {
+        match self {
+            Accepted::New(r) | Accepted::Existing(r) => r,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("no run {0}")]
+    UnknownRun(RunId),
+    #[error("run {id} is already {status}")]
+    AlreadyFinal { id: RunId, status: RunStatus },
+    #[error(
+        "run {id} is {status}; only failed, timed_out or lost runs can be retried (a cancelled run was stopped on purpose: start a new run instead)"
+    )]
+    NotRetryable { id: RunId, status: RunStatus },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Removes a key from the in-flight set when its request is done, however it ends.
+struct InFlight<'a> {
+    set: &'a std::sync::Mutex<HashSet<(String, String)>>,
+    entry: (String, String),
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.entry);
+    }
 }
 
 /// The run-facing use cases, shared by the HTTP API and the scheduler.
@@ -37,6 +94,8 @@ pub struct Runs {
     /// Cancelled when the process begins to stop: waits answer at once with the run
     /// as it is, so shutdown is not held up by long polls.
     stopping: CancellationToken,
+    /// Idempotency keys whose first request is being accepted right now.
+    in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
 }
 
 impl Runs {
@@ -55,6 +114,7 @@ impl Runs {
             events,
             outbox,
             stopping,
+            in_flight: Arc::default(),
         }
     }
 
@@ -71,28 +131,75 @@ impl Runs {
     }
 
     /// Resolve the parameters, then store the run and its outbox entry in one
-    /// transaction. Publishing happens from the outbox, not from here.
+    /// transaction. Publishing happens from the outbox, not from here. With an
+    /// idempotency key (`(scope, key)`), a request seen before returns its run.
     pub async fn accept(
         &self,
         job: &str,
         params: BTreeMap<String, String>,
-    ) -> Result<Run, AcceptError> {
+        key: Option<(String, String)>,
+    ) -> Result<Accepted, AcceptError> {
         let spec = self
             .catalog
             .get(job)
             .ok_or_else(|| AcceptError::UnknownJob(job.to_owned()))?;
         let resolved = spec.resolve(&params)?;
+        let _in_flight = match &key {
+            Some(entry) => {
+                let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if !set.insert(entry.clone()) {
+                    return Err(AcceptError::KeyInFlight(entry.1.clone()));
+                }
+                Some(InFlight {
+                    set: &self.in_flight,
+                    entry: entry.clone(),
+                })
+            }
+            None => None,
+        };
+        let idempotency = key
+            .as_ref()
+            .map(|(scope, key)| {
+                // BTreeMap serialises with sorted keys: canonical JSON.
+                serde_json::to_string(&params).map(|fingerprint| IdempotencyKey {
+                    scope: scope.clone(),
+                    key: key.clone(),
+                    job: job.to_owned(),
+                    fingerprint,
+                })
+            })
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let new = NewRun {
             id: RunId::new(),
             job: job.to_owned(),
             params,
             spec: resolved,
+            retry: spec.retry.clone(),
             created_at: Utc::now(),
         };
-        self.store.insert_run(&new).await?;
+        match self.store.insert_run(&new, idempotency.as_ref()).await? {
+            Inserted::New => {}
+            Inserted::Existing(id) => {
+                let run = self.store.get_run(id).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("idempotency key names missing run {id}"))
+                })?;
+                tracing::info!(message = "idempotent repeat answered with the original run", run_id = %id, job);
+                return Ok(Accepted::Existing(run));
+            }
+            Inserted::KeyReused { job: used_for } => {
+                let key = key.map(|(_, k)| k).unwrap_or_default();
+                let used_for = if used_for == job {
+                    format!("job `{job}` with other params")
+                } else {
+                    format!("job `{used_for}`")
+                };
+                return Err(AcceptError::KeyReused { key, used_for });
+            }
+        }
         self.outbox.notify_one();
         tracing::info!(message = "run accepted", run_id = %new.id, job);
-        Ok(Run {
+        Ok(Accepted::New(Run {
             id: new.id,
             job: new.job,
             params: new.params,
@@ -104,7 +211,45 @@ impl Runs {
             created_at: new.created_at,
             started_at: None,
             finished_at: None,
-        })
+            cancel_requested: false,
+            not_before: None,
+            log_dropped_bytes: 0,
+            attempts: Vec::new(),
+        }))
+    }
+
+    /// Cancel: a queued run is final at once; a running one is stopped by its worker.
+    pub async fn cancel(&self, id: RunId) -> Result<Run, ActionError> {
+        match self.store.cancel(id, Utc::now()).await? {
+            CancelResult::UnknownRun => return Err(ActionError::UnknownRun(id)),
+            CancelResult::AlreadyFinal(status) => {
+                return Err(ActionError::AlreadyFinal { id, status });
+            }
+            CancelResult::Cancelled => {
+                tracing::info!(message = "queued run cancelled", run_id = %id)
+            }
+            CancelResult::Requested => {
+                tracing::info!(message = "cancel requested for a running run", run_id = %id)
+            }
+        }
+        self.events.publish(id, RunEventKind::Status);
+        self.get(id).await?.ok_or(ActionError::UnknownRun(id))
+    }
+
+    /// A person's new attempt of a failed, timed-out or lost run.
+    pub async fn retry(&self, id: RunId) -> Result<Run, ActionError> {
+        match self.store.retry(id, Utc::now()).await? {
+            RetryResult::UnknownRun => return Err(ActionError::UnknownRun(id)),
+            RetryResult::NotRetryable(status) => {
+                return Err(ActionError::NotRetryable { id, status });
+            }
+            RetryResult::Queued { attempt } => {
+                tracing::info!(message = "new attempt queued by request", run_id = %id, attempt)
+            }
+        }
+        self.outbox.notify_one();
+        self.events.publish(id, RunEventKind::Status);
+        self.get(id).await?.ok_or(ActionError::UnknownRun(id))
     }
 
     pub async fn get(&self, id: RunId) -> Result<Option<Run>, StoreError> {
