@@ -46,24 +46,6 @@ pub fn test_jobs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jobs")
 }
 
-/// `tests/jobs` plus the jobs with `[retry]` rules in `tests/jobs/retry`, copied into
-/// `dir/jobs`. They live apart so a catalog that does not know `[retry]` still loads
-/// the others.
-pub fn jobs_dir_with_retry(dir: &Path) -> PathBuf {
-    let jobs = dir.join("jobs");
-    std::fs::create_dir_all(&jobs).expect("jobs dir");
-    for source in [test_jobs_dir(), test_jobs_dir().join("retry")] {
-        for entry in std::fs::read_dir(&source).expect("read tests/jobs") {
-            let path = entry.expect("dir entry").path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let name = path.file_name().expect("file name");
-                std::fs::copy(&path, jobs.join(name)).expect("copy job");
-            }
-        }
-    }
-    jobs
-}
-
 /// Containers labelled with this worker id; `None` if docker could not be asked.
 fn list_containers(worker_id: &str) -> Option<Vec<String>> {
     let filter = format!("label=tasuki.worker-id={worker_id}");

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Invariants, QueueGuard, ServeOptions, Server, WorkerSpec, attempts_of, containers_of,
-    docker_cli, is_final, jobs_dir_with_retry, publish_raw, queue_counts, remove_containers,
-    start_worker_with, tasuki_cli, unique,
+    docker_cli, is_final, publish_raw, queue_counts, remove_containers, start_worker_with,
+    tasuki_cli, unique,
 };
 
 const TOKEN: &str = "test-worker-token";
@@ -22,17 +22,16 @@ fn dir() -> tempfile::TempDir {
 }
 
 /// `serve` on RabbitMQ (its own queue) with a short lease.
-fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str, jobs_dir: Option<&Path>) -> Server {
-    let mut options = ServeOptions {
-        amqp_queue: Some(queue.to_owned()),
-        worker_token: Some(TOKEN.to_owned()),
-        lease_ttl: Some(lease_ttl.to_owned()),
-        ..ServeOptions::default()
-    };
-    if let Some(jobs) = jobs_dir {
-        options.jobs_dir = jobs.to_path_buf();
-    }
-    Server::start(dir, options)
+fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str) -> Server {
+    Server::start(
+        dir,
+        ServeOptions {
+            amqp_queue: Some(queue.to_owned()),
+            worker_token: Some(TOKEN.to_owned()),
+            lease_ttl: Some(lease_ttl.to_owned()),
+            ..ServeOptions::default()
+        },
+    )
 }
 
 fn worker(id: &str, concurrency: u32) -> WorkerSpec {
@@ -79,7 +78,7 @@ async fn worker_kill9_while_container_runs_is_reattached() {
     let _queue = QueueGuard(queue.clone());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "10s", None);
+    let server = amqp_server(d.path(), &queue, "10s");
     let api = server.client();
     let mut first = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
 
@@ -120,10 +119,9 @@ async fn worker_crash_after_claim_no_duplicate_container() {
     let d = dir();
     let queue = unique("tasuki-faults");
     let _queue = QueueGuard(queue.clone());
-    let jobs = jobs_dir_with_retry(d.path());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "3s", Some(&jobs));
+    let server = amqp_server(d.path(), &queue, "10s");
     let api = server.client();
     let mut crashing = start_worker_with(
         d.path(),
@@ -133,8 +131,7 @@ async fn worker_crash_after_claim_no_duplicate_container() {
         crashing_worker(&worker_id, "after-claim"),
     );
 
-    // `lost-retry`: a lost attempt is retried once; later attempts exit 3 at once.
-    let id = api.accept("lost-retry", json!({"code": "3"})).await;
+    let id = api.accept("exit", json!({"code": "3"})).await;
     inv.accepted(&id);
     let status = crashing.wait_exit(Duration::from_secs(60)).await;
     assert!(!status.success(), "the crash point did not crash: {status}");
@@ -151,6 +148,7 @@ async fn worker_crash_after_claim_no_duplicate_container() {
         "delivery not acked at the crash"
     );
 
+    // The same worker again: the attempt it holds has no container; it runs once.
     let _again = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
     let run = api.wait_final(&id, Duration::from_secs(90)).await;
     assert_eq!(run["status"], "failed", "{run}");
@@ -166,7 +164,7 @@ async fn worker_crash_after_claim_no_duplicate_container() {
         );
     }
     let last_n = last["attempt"].as_u64().expect("attempt number");
-    inv.expect_log(&id, last_n, format!("attempt {last_n}\n"));
+    inv.expect_log(&id, last_n, "exiting with 3\n");
     inv.check(&api).await;
     assert_eq!(
         inv.containers_created(&id),
@@ -183,7 +181,7 @@ async fn worker_crash_before_finish_outcome_from_inspect() {
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
     // Long enough that the restarted worker finds the run still held.
-    let server = amqp_server(d.path(), &queue, "20s", None);
+    let server = amqp_server(d.path(), &queue, "20s");
     let api = server.client();
     let mut crashing = start_worker_with(
         d.path(),
@@ -221,11 +219,10 @@ async fn worker_never_returns_run_becomes_lost_then_retried_once() {
     let d = dir();
     let queue = unique("tasuki-faults");
     let _queue = QueueGuard(queue.clone());
-    let jobs = jobs_dir_with_retry(d.path());
     let gone = unique("test-worker");
     let other = unique("test-worker");
     let mut inv = Invariants::start(&[&gone, &other]);
-    let server = amqp_server(d.path(), &queue, "3s", Some(&jobs));
+    let server = amqp_server(d.path(), &queue, "3s");
     let api = server.client();
     let mut vanishing = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&gone, 2));
 
@@ -371,7 +368,7 @@ async fn malformed_message_is_dead_lettered_workers_keep_working() {
     let _queue = QueueGuard(queue.clone());
     let (w1, w2) = (unique("test-worker"), unique("test-worker"));
     let mut inv = Invariants::start(&[&w1, &w2]);
-    let server = amqp_server(d.path(), &queue, "5s", None);
+    let server = amqp_server(d.path(), &queue, "5s");
     let api = server.client();
     let mut workers = [
         start_worker_with(d.path(), &server, &queue, TOKEN, worker(&w1, 1)),
@@ -439,7 +436,7 @@ async fn cancel_queued_and_running_run_on_separate_worker() {
     let _queue = QueueGuard(queue.clone());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "3s", None);
+    let server = amqp_server(d.path(), &queue, "3s");
     let api = server.client();
     let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
 
@@ -531,7 +528,7 @@ async fn sigterm_worker_drains_and_restart_adopts() {
     let _queue = QueueGuard(queue.clone());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "15s", None);
+    let server = amqp_server(d.path(), &queue, "15s");
     let api = server.client();
     let spec = || WorkerSpec {
         drain_timeout: "10s".into(),
@@ -614,10 +611,9 @@ async fn retries_fail_twice_then_succeed_and_non_retryable_stops() {
     let d = dir();
     let queue = unique("tasuki-faults");
     let _queue = QueueGuard(queue.clone());
-    let jobs = jobs_dir_with_retry(d.path());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "5s", Some(&jobs));
+    let server = amqp_server(d.path(), &queue, "5s");
     let api = server.client();
     let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 2));
 
@@ -715,7 +711,7 @@ async fn log_sink_write_failure_keeps_exit_status_sets_logs_truncated() {
     let _queue = QueueGuard(queue.clone());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "5s", None);
+    let server = amqp_server(d.path(), &queue, "5s");
     let api = server.client();
     let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
     // Prints only after 3 s: the file is in place long before.
@@ -785,7 +781,7 @@ async fn hundred_mb_line_without_newline_keeps_worker_memory_bounded() {
     let _queue = QueueGuard(queue.clone());
     let worker_id = unique("test-worker");
     let mut inv = Invariants::start(&[&worker_id]);
-    let server = amqp_server(d.path(), &queue, "10s", None);
+    let server = amqp_server(d.path(), &queue, "10s");
     let api = server.client();
     let worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
 
