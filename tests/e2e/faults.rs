@@ -508,6 +508,17 @@ async fn cancel_queued_and_running_run_on_separate_worker() {
     let run = api.run(&queued).await;
     assert_eq!(run["status"], "cancelled", "{run}");
 
+    // A job that ignores SIGTERM gets SIGKILL after its stop_grace.
+    let stubborn = api.accept("stubborn", json!({})).await;
+    inv.accepted(&stubborn);
+    api.wait_log_contains(&stubborn, "stubborn", Duration::from_secs(60))
+        .await;
+    let a = api.post(&format!("/v1/runs/{stubborn}/cancel")).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let run = api.wait_final(&stubborn, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["exit_code"], 137, "not killed: {run}");
+
     inv.expect_log(&running, 1, "sleeping 90\n");
     inv.expect_log(&after, 1, "exiting with 0\n");
     inv.check(&api).await;
@@ -930,4 +941,76 @@ async fn run_wait_interrupted_detaches_or_cancels() {
 
     let finals = inv.check(&api).await;
     assert_eq!(finals[&detached]["status"], "cancelled");
+}
+
+// SIGTERM to serve ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_serve_answers_waiting_clients_202_and_drains() {
+    let d = dir();
+    let serve_id = unique("test-serve");
+    let mut inv = Invariants::start(&[&serve_id]);
+    let mut server = Server::start(
+        d.path(),
+        ServeOptions {
+            worker_id: Some(serve_id.clone()),
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+
+    // A client waiting for the result of a run that takes a few seconds.
+    let waiting = {
+        let url = format!("{}/v1/jobs/sleep/runs?wait=120", server.url);
+        tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body(r#"{"params":{"seconds":"6"}}"#)
+                .send()
+                .await
+                .expect("POST run");
+            let status = response.status().as_u16();
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body: Value = response.json().await.expect("run JSON");
+            (status, location, body)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let (_, list) = api.get("/v1/runs?job=sleep").await;
+        if let Some(run) = list["runs"].as_array().and_then(|r| r.first()) {
+            break id_of(run);
+        }
+        assert!(std::time::Instant::now() < deadline, "run not accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    inv.accepted(&id);
+    api.wait_log_contains(&id, "sleeping 6", Duration::from_secs(60))
+        .await;
+
+    server.process.signal("TERM");
+    // The waiting client is answered at once, not when the run ends.
+    let (status, location, body) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("waiting client not answered within 5 s of SIGTERM")
+        .expect("client task");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(location.as_deref(), Some(format!("/v1/runs/{id}").as_str()));
+    assert_eq!(body["status"], "running", "{body}");
+
+    // The embedded worker drains: the run ends before serve exits.
+    let exit = server.process.wait_exit(Duration::from_secs(60)).await;
+    assert!(exit.success(), "serve exited with {exit}");
+    server.restart(d.path());
+    let run = api.run(&id).await;
+    assert_eq!(
+        run["status"], "succeeded",
+        "finished during the drain: {run}"
+    );
+    inv.expect_log(&id, 1, "sleeping 6\nwoke\n");
+    inv.check(&api).await;
 }
