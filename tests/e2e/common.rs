@@ -882,6 +882,27 @@ impl Drop for EventWatcher {
 // ---------------------------------------------------------------------------------
 // The invariants every fault test asserts afterwards
 
+/// Where two logs part, readable also for large or binary ones.
+fn log_difference(got: &[u8], want: &[u8]) -> String {
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let around = |bytes: &[u8]| {
+        let start = at.saturating_sub(40);
+        let end = (at + 40).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start.min(end)..end]).into_owned()
+    };
+    format!(
+        "got {} bytes, want {}; first difference at byte {at}:\n got  ...{:?}...\n want ...{:?}...",
+        got.len(),
+        want.len(),
+        around(got),
+        around(want)
+    )
+}
+
 /// What a run attempt's stored log must be, when the test knows it.
 pub enum LogExpect {
     Exact(Vec<u8>),
@@ -1045,9 +1066,8 @@ impl Invariants {
                         assert_eq!(status, 200, "logs of {id} attempt {n}");
                         assert!(
                             got == *want,
-                            "run {id} attempt {n}: log not complete and not flagged:\n got  {:?}\n want {:?}\n{run}",
-                            String::from_utf8_lossy(&got),
-                            String::from_utf8_lossy(want)
+                            "run {id} attempt {n}: log not complete and not flagged: {}\n{run}",
+                            log_difference(&got, want)
                         );
                     }
                     Some(LogExpect::Len(want)) => {

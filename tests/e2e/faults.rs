@@ -71,8 +71,16 @@ fn container_running(id: &str) -> bool {
 
 // 2 ---------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn worker_kill9_while_container_runs_is_reattached() {
+/// kill -9 the worker once the run's log has `kill_after` bytes, start it again with
+/// the same id after a pause, and check the run ends with `code` and the log is
+/// exactly `expected`.
+async fn kill9_and_reattach(
+    job: &str,
+    params: Value,
+    kill_after: usize,
+    code: i64,
+    expected: Vec<u8>,
+) {
     let d = dir();
     let queue = unique("tasuki-faults");
     let _queue = QueueGuard(queue.clone());
@@ -82,17 +90,21 @@ async fn worker_kill9_while_container_runs_is_reattached() {
     let api = server.client();
     let mut first = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
 
-    // About 10 s of steady output, then exit 7.
-    let lines = 40;
-    let id = api
-        .accept(
-            "count",
-            json!({"lines": lines.to_string(), "pause": "0.25", "code": "7"}),
-        )
-        .await;
+    let id = api.accept(job, params).await;
     inv.accepted(&id);
-    api.wait_log_contains(&id, "line 3\n", Duration::from_secs(60))
-        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, log) = api.attempt_log(&id, None).await;
+        if log.len() >= kill_after {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} bytes of output after 60 s",
+            log.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     first.kill9();
     let left = containers_of(&worker_id);
     assert_eq!(left.len(), 1, "the container runs on without its worker");
@@ -100,16 +112,34 @@ async fn worker_kill9_while_container_runs_is_reattached() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let second = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
-    let run = api.wait_final(&id, Duration::from_secs(90)).await;
-    assert_eq!(run["status"], "failed", "{run}");
-    assert_eq!(run["exit_code"], 7, "{run}");
+    let run = api.wait_final(&id, Duration::from_secs(120)).await;
+    let status = if code == 0 { "succeeded" } else { "failed" };
+    assert_eq!(run["status"], status, "{run}");
+    assert_eq!(run["exit_code"], code, "{run}");
     assert_eq!(run["attempt"], 1, "{run}");
     assert_eq!(attempts_of(&run).len(), 1, "{run}");
     // Re-attached: no byte lost, none twice.
-    inv.expect_log(&id, 1, count_output(lines));
+    inv.expect_log(&id, 1, expected);
     inv.check(&api).await;
     assert_eq!(inv.containers_created(&id), 1);
     drop(second);
+}
+
+#[tokio::test]
+async fn worker_kill9_while_container_runs_is_reattached() {
+    // About 10 s of steady output, then exit 7.
+    let params = json!({"lines": "40", "pause": "0.25", "code": "7"});
+    kill9_and_reattach("count", params, 3 * 7, 7, count_output(40).into()).await;
+}
+
+#[tokio::test]
+async fn worker_kill9_during_fast_output_log_has_no_gap_or_duplicate() {
+    // Thousands of lines a few milliseconds apart: the worker dies mid-stream.
+    let params = json!({"lines": "6000", "pause": "0.002"});
+    kill9_and_reattach("count", params, 5000, 0, count_output(6000).into()).await;
+    // Binary output without a newline, in blocks.
+    let params = json!({"chunks": "400", "pause": "0.01"});
+    kill9_and_reattach("drip", params, 50_000, 0, vec![0xff; 400_000]).await;
 }
 
 // 3 ---------------------------------------------------------------------------------
