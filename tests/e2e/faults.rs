@@ -137,7 +137,12 @@ async fn worker_kill9_during_fast_output_log_has_no_gap_or_duplicate() {
     // Thousands of lines a few milliseconds apart: the worker dies mid-stream.
     let params = json!({"lines": "6000", "pause": "0.002"});
     kill9_and_reattach("count", params, 5000, 0, count_output(6000).into()).await;
-    // Binary output without a newline, in blocks.
+}
+
+#[tokio::test]
+async fn worker_kill9_during_binary_output_without_newline_log_is_complete() {
+    // 400 blocks of 1000 bytes, no newline anywhere: the engine keeps such output as
+    // 16 KiB partial entries, the last one shorter.
     let params = json!({"chunks": "400", "pause": "0.01"});
     kill9_and_reattach("drip", params, 50_000, 0, vec![0xff; 400_000]).await;
 }
