@@ -1049,3 +1049,40 @@ async fn sigterm_serve_answers_waiting_clients_202_and_drains() {
     inv.expect_log(&id, 1, "sleeping 6\nwoke\n");
     inv.check(&api).await;
 }
+
+// Cancel while a retry waits out its backoff ------------------------------------------
+
+#[tokio::test]
+async fn cancel_during_retry_backoff_starts_no_further_attempt() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "5s");
+    let api = server.client();
+    let _worker = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+
+    let id = api.accept("retry-slow", json!({})).await;
+    inv.accepted(&id);
+    let run = api
+        .wait_until(&id, Duration::from_secs(60), "waiting for a retry", |run| {
+            run["status"] == "queued"
+                && attempts_of(run).len() == 1
+                && run["not_before"].is_string()
+        })
+        .await;
+    assert_eq!(attempts_of(&run)[0]["exit_code"], 1, "{run}");
+    let a = api.post(&format!("/v1/runs/{id}/cancel")).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["status"], "cancelled", "{}", a.body);
+
+    // Past the backoff: no second attempt.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let run = api.run(&id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(attempts_of(&run).len(), 1, "{run}");
+    inv.expect_log(&id, 1, "attempt 1\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+}
