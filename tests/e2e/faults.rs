@@ -208,8 +208,9 @@ async fn worker_crash_after_claim_no_duplicate_container() {
     );
 }
 
-#[tokio::test]
-async fn worker_crash_before_finish_outcome_from_inspect() {
+/// The worker crashes after the container exited, before reporting; the same worker
+/// id again finishes the run from what the engine kept.
+async fn crash_before_finish(job: &str, params: Value, code: i64, expected: Vec<u8>) {
     let d = dir();
     let queue = unique("tasuki-faults");
     let _queue = QueueGuard(queue.clone());
@@ -226,7 +227,7 @@ async fn worker_crash_before_finish_outcome_from_inspect() {
         crashing_worker(&worker_id, "before-finish"),
     );
 
-    let id = api.accept("exit", json!({"code": "5"})).await;
+    let id = api.accept(job, params).await;
     inv.accepted(&id);
     let status = crashing.wait_exit(Duration::from_secs(60)).await;
     assert!(!status.success(), "the crash point did not crash: {status}");
@@ -237,14 +238,26 @@ async fn worker_crash_before_finish_outcome_from_inspect() {
 
     let _again = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
     let run = api.wait_final(&id, Duration::from_secs(60)).await;
-    assert_eq!(run["status"], "failed", "{run}");
-    assert_eq!(run["exit_code"], 5, "{run}");
-    assert_eq!(run["reason_code"], "exit_code", "{run}");
+    let status = if code == 0 { "succeeded" } else { "failed" };
+    assert_eq!(run["status"], status, "{run}");
+    assert_eq!(run["exit_code"], code, "{run}");
     assert_eq!(run["attempt"], 1, "{run}");
     assert_eq!(attempts_of(&run).len(), 1, "{run}");
-    inv.expect_log(&id, 1, "exiting with 5\n");
+    inv.expect_log(&id, 1, expected);
     inv.check(&api).await;
     assert_eq!(inv.containers_created(&id), 1);
+}
+
+#[tokio::test]
+async fn worker_crash_before_finish_outcome_from_inspect() {
+    let params = json!({"code": "5"});
+    crash_before_finish("exit", params, 5, b"exiting with 5\n".to_vec()).await;
+}
+
+#[tokio::test]
+async fn worker_crash_before_finish_binary_output_is_complete() {
+    let params = json!({"chunks": "40", "pause": "0"});
+    crash_before_finish("drip", params, 0, vec![0xff; 40_000]).await;
 }
 
 // 4 ---------------------------------------------------------------------------------
