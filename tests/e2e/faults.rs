@@ -403,8 +403,38 @@ async fn ten_concurrent_posts_one_idempotency_key_one_run() {
     assert_eq!(runs[0]["id"], id.as_str());
 
     inv.expect_log(&id, 1, "exiting with 0\n");
+
+    // Ten clients waiting for the result, one key: each gets the one run's result.
+    let key = unique("idem");
+    let headers = [("Idempotency-Key", key.as_str())];
+    let body = json!({"params": {"seconds": "2"}}).to_string();
+    let answers = futures::future::join_all(
+        (0..10).map(|_| api.post_run_with_headers("sleep", &body, "?wait=60", &headers)),
+    )
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for a in &answers {
+        match a.status {
+            200 => {
+                assert_eq!(a.body["status"], "succeeded", "{}", a.body);
+                ids.insert(id_of(&a.body));
+            }
+            409 => assert_eq!(
+                a.body["error"]["code"], "idempotency_key_in_flight",
+                "{}",
+                a.body
+            ),
+            other => panic!("unexpected {other}: {}", a.body),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one key, one run: {ids:?}");
+    let waited = ids.into_iter().next().expect("a run");
+    inv.accepted(&waited);
+    inv.expect_log(&waited, 1, "sleeping 2\nwoke\n");
+
     inv.check(&api).await;
     assert_eq!(inv.containers_created(&id), 1);
+    assert_eq!(inv.containers_created(&waited), 1);
 }
 
 // 7 ---------------------------------------------------------------------------------
