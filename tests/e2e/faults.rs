@@ -141,10 +141,11 @@ async fn worker_kill9_during_fast_output_log_has_no_gap_or_duplicate() {
 
 #[tokio::test]
 async fn worker_kill9_during_binary_output_without_newline_log_is_complete() {
-    // 400 blocks of 1000 bytes, no newline anywhere: the engine keeps such output as
-    // 16 KiB partial entries, the last one shorter.
-    let params = json!({"chunks": "400", "pause": "0.01"});
-    kill9_and_reattach("drip", params, 50_000, 0, vec![0xff; 400_000]).await;
+    // 1000 blocks of 1000 bytes over 10 s or more, no newline anywhere: the engine
+    // keeps such output as 16 KiB partial entries, the last one shorter. The container
+    // still runs when the worker comes back.
+    let params = json!({"chunks": "1000", "pause": "0.01"});
+    kill9_and_reattach("drip", params, 50_000, 0, vec![0xff; 1_000_000]).await;
 }
 
 // 3 ---------------------------------------------------------------------------------
