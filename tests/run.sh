@@ -27,7 +27,7 @@ ensure_docker() {
     apt_install docker.io
   fi
   log "starting dockerd (log: /var/log/tasuki-dockerd.log)"
-  as_root sh -c 'nohup "$(command -v dockerd || echo /usr/sbin/dockerd)" >/var/log/tasuki-dockerd.log 2>&1 &'
+  as_root sh -c 'setsid -f nohup "$(command -v dockerd || echo /usr/sbin/dockerd)" >/var/log/tasuki-dockerd.log 2>&1 </dev/null'
   for _ in $(seq 1 60); do
     if "$(docker_cli)" info >/dev/null 2>&1; then return; fi
     sleep 1

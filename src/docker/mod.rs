@@ -330,12 +330,12 @@ impl ContainerRuntime for DockerRuntime {
         })
     }
 
-    async fn logs(&self, id: &str) -> Result<OutputStream, RuntimeError> {
+    async fn logs(&self, id: &str, follow: bool) -> Result<OutputStream, RuntimeError> {
         let docker = self.docker().await?;
         // Fail early (and typed) on a container that is not there.
         self.inspect(id).await?;
         let options = LogsOptions {
-            follow: true,
+            follow,
             stdout: true,
             stderr: true,
             tail: "all".to_owned(),

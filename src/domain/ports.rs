@@ -125,9 +125,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> Result<Vec<ContainerInfo>, RuntimeError>;
     /// One container by id or name.
     async fn inspect(&self, id: &str) -> Result<ContainerInfo, RuntimeError>;
-    /// The container's whole output from its start, following it until it exits. Slower
-    /// than `attach` and heavier on the engine: only for catching up after a re-attach.
-    async fn logs(&self, id: &str) -> Result<OutputStream, RuntimeError>;
+    /// The container's whole output from its start; with `follow`, on until it exits.
+    /// Slower than `attach` and heavier on the engine: only for catching up with a
+    /// container adopted after a restart.
+    async fn logs(&self, id: &str, follow: bool) -> Result<OutputStream, RuntimeError>;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -644,7 +644,7 @@ impl Worker {
         };
         // Carry on with a container an earlier run of this worker left: catch its output
         // up from the engine's log, skipping what the sink already holds.
-        let output = match self.runtime.logs(&existing.id).await {
+        let output = match self.runtime.logs(&existing.id, true).await {
             Ok(o) => o,
             Err(error) => return (Some(outcome_of(error)), Some(existing.id), 0),
         };
@@ -672,9 +672,22 @@ impl Worker {
             .started_at
             .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default())
             .unwrap_or_default();
-        let (outcome, dropped) = self
+        let (outcome, stored, mut dropped) = self
             .supervise(claim, keeper, &existing.id, pump, ran_for)
             .await;
+        // A follow read of the engine's log can end without the container's last
+        // partial entry (output without a newline). Read it once more, now that the
+        // container has exited, and store whatever lies past what we have.
+        match self.runtime.logs(&existing.id, false).await {
+            Ok(rest) => {
+                let (_, undelivered) =
+                    pump_output(self.control.clone(), lease, rest, stored, stored).await;
+                dropped += undelivered;
+            }
+            Err(error) => {
+                tracing::warn!(message = "final read of the adopted container's log failed", %error)
+            }
+        }
         (Some(outcome), Some(existing.id), dropped)
     }
 
@@ -757,14 +770,15 @@ impl Worker {
                 tracing::warn!(message = "reporting start failed; reconciliation will tell it", %error)
             }
         }
-        let (outcome, dropped) = self
+        let (outcome, _, dropped) = self
             .supervise(claim, keeper, &id, pump, Duration::ZERO)
             .await;
         (Some(outcome), Some(id), dropped)
     }
 
     /// Waits for the container, enforcing the timeout (`ran_for` of it already spent)
-    /// and acting on cancels and takeovers; then collects the last output.
+    /// and acting on cancels and takeovers; then collects the last output. Returns the
+    /// outcome, the log's stored length and the bytes that could not be delivered.
     async fn supervise(
         &self,
         claim: &Claim,
@@ -772,7 +786,7 @@ impl Worker {
         id: &str,
         mut pump: tokio::task::JoinHandle<(u64, u64)>,
         ran_for: Duration,
-    ) -> (Outcome, u64) {
+    ) -> (Outcome, u64, u64) {
         let spec = &claim.spec;
         // Waits for the container after `pause`; re-made when a wait request breaks.
         let wait_for = |pause: Duration| {
@@ -844,21 +858,21 @@ impl Worker {
             }
         };
         // The output stream ends when the container exits; wait for the last bytes.
-        let dropped = match tokio::time::timeout(PUMP_DRAIN, &mut pump).await {
-            Ok(Ok((bytes, dropped))) => {
-                tracing::debug!(message = "output stored", bytes, dropped);
-                dropped
+        let (stored, dropped) = match tokio::time::timeout(PUMP_DRAIN, &mut pump).await {
+            Ok(Ok((stored, dropped))) => {
+                tracing::debug!(message = "output stored", bytes = stored, dropped);
+                (stored, dropped)
             }
             Ok(Err(error)) => {
                 tracing::warn!(message = "output pump failed", %error);
-                0
+                (0, 0)
             }
             Err(_) => {
                 pump.abort();
                 tracing::warn!(
                     message = "output still streaming after the container exited; stopped it"
                 );
-                0
+                (0, 0)
             }
         };
         let outcome = match exit {
@@ -881,7 +895,7 @@ impl Worker {
                 },
             },
         };
-        (outcome, dropped)
+        (outcome, stored, dropped)
     }
 }
 

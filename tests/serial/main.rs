@@ -172,7 +172,7 @@ fn process_alive(pid: u32) -> bool {
 fn start_dockerd() {
     let status = Command::new("sh")
         .arg("-c")
-        .arg(r#"nohup "$(command -v dockerd || echo /usr/sbin/dockerd)" >>/var/log/tasuki-dockerd.log 2>&1 &"#)
+        .arg(r#"setsid -f nohup "$(command -v dockerd || echo /usr/sbin/dockerd)" >>/var/log/tasuki-dockerd.log 2>&1 </dev/null"#)
         .status();
     if let Err(e) = status {
         eprintln!("starting dockerd: {e}");
