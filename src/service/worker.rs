@@ -191,11 +191,7 @@ struct Active<'a> {
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
-        self.worker
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        self.worker.deactivate(self.key);
     }
 }
 
@@ -228,6 +224,13 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key)
+    }
+
+    fn deactivate(&self, key: (RunId, u32)) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
     fn is_active(&self, key: (RunId, u32)) -> bool {
@@ -309,7 +312,14 @@ impl Worker {
             let key = (message.run_id, message.attempt);
             // Marked before claiming, so reconciliation never mistakes the fresh claim
             // for one a crashed process left behind.
-            let fresh = this.activate(key);
+            if !this.activate(key) {
+                // This process is running that very attempt: a redelivery.
+                tracing::info!(message = "delivery for an attempt this worker is running dropped", run_id = %message.run_id, attempt = message.attempt);
+                if let Err(error) = delivery.handle.ack().await {
+                    tracing::warn!(message = "ack failed", %error);
+                }
+                continue;
+            }
             match this.claim(message).await {
                 Ok(ClaimResult::Claimed(claim)) => {
                     backoff.reset();
@@ -355,24 +365,14 @@ impl Worker {
                     if let Err(error) = delivery.handle.requeue().await {
                         tracing::warn!(message = "requeue failed", %error);
                     }
-                    if fresh {
-                        this.active
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
-                    }
+                    this.deactivate(key);
                     if sleep_or_shutdown(wait, &shutdown).await {
                         break;
                     }
                     continue;
                 }
             }
-            if fresh {
-                this.active
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-            }
+            this.deactivate(key);
         }
         drop(source);
         reconciler.abort();
@@ -616,7 +616,7 @@ impl Worker {
         let spec = &claim.spec;
         let lease = claim.lease;
         let existing = match existing {
-            Some(e) => Some(e),
+            Some(e) => e,
             None => {
                 if let Err(error) = self.runtime.ensure_image(&spec.image, spec.pull).await {
                     return (Some(outcome_of(error)), None, 0);
@@ -630,7 +630,7 @@ impl Worker {
                     Ok(id) => return self.start_fresh(claim, keeper, id).await,
                     Err(RuntimeError::NameConflict(name)) => {
                         match self.existing_container(claim, keeper, &name).await {
-                            Ok(Ok(e)) => Some(e),
+                            Ok(Ok(e)) => e,
                             Ok(Err(done)) => return done,
                             Err(error) => return (Some(outcome_of(error)), None, 0),
                         }
@@ -638,9 +638,6 @@ impl Worker {
                     Err(error) => return (Some(outcome_of(error)), None, 0),
                 }
             }
-        };
-        let Some(existing) = existing else {
-            return (None, None, 0);
         };
         // Carry on with a container an earlier run of this worker left: catch its output
         // up from the engine's log, skipping what the sink already holds.
