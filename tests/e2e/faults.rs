@@ -1130,3 +1130,136 @@ async fn cancel_during_retry_backoff_starts_no_further_attempt() {
     inv.check(&api).await;
     assert_eq!(inv.containers_created(&id), 1);
 }
+
+// Outbox -----------------------------------------------------------------------------
+
+/// The run queue vanishes under a connected publisher (an operator deleted it): the
+/// broker returns the mandatory publish as unroutable. The run stays pending, is
+/// reported, goes out once the publisher has declared the queue again, and runs.
+#[tokio::test]
+async fn unroutable_publish_stays_pending_and_goes_out_when_the_queue_is_back() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "5s");
+    let api = server.client();
+
+    // A first run connects the publisher and shows the path works.
+    let mut w = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let first = api.run_and_wait("exit", json!({"code": "0"})).await;
+    inv.accepted(&id_of(&first));
+    assert_eq!(first["status"], "succeeded", "{first}");
+    w.signal("TERM");
+    w.wait_exit(Duration::from_secs(30)).await;
+
+    crate::common::delete_queues(&queue);
+    let id = api.accept("exit", json!({"code": "4"})).await;
+    inv.accepted(&id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !server
+        .process
+        .log_text()
+        .contains("run message unroutable; it stays pending")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no unroutable report in the serve log:\n{}",
+            server.process.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(api.run(&id).await["status"], "queued");
+
+    // The publisher declared the queue again and the pending message went out: a
+    // worker started now runs it.
+    let _w = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let run = api.wait_final(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 4, "{run}");
+    let (status, ready) = api.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["checks"]["outbox"]["pending"], 0, "{ready}");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+}
+
+/// A container named `tasuki-{run_id}-{attempt}` already exists when the worker creates
+/// the attempt's container (an earlier life of the worker made it, and reconciliation
+/// has not seen it yet: here it carries no worker label, so reconciliation never does).
+/// One that ran is adopted, its exit code and output are the run's; one that never
+/// started is replaced and the job runs.
+#[tokio::test]
+async fn create_name_conflict_adopts_the_existing_container() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let server = amqp_server(d.path(), &queue, "5s");
+    let api = server.client();
+    let docker = |args: &[&str]| {
+        let out = std::process::Command::new(docker_cli())
+            .args(args)
+            .output()
+            .expect("docker");
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let ran = api.accept("exit", json!({"code": "0"})).await;
+    let unstarted = api.accept("exit", json!({"code": "0"})).await;
+    let names = [format!("tasuki-{ran}-1"), format!("tasuki-{unstarted}-1")];
+    let _cleanup = scopeguard(names.clone());
+    for name in &names {
+        docker(&[
+            "create",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "--log-driver",
+            "local",
+            "tasuki-example:latest",
+            "sh",
+            "-c",
+            "echo adopted; exit 5",
+        ]);
+    }
+    docker(&["start", &names[0]]);
+    docker(&["wait", &names[0]]);
+
+    let _w = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 2));
+    let adopted = api.wait_final(&ran, Duration::from_secs(60)).await;
+    assert_eq!(adopted["status"], "failed", "{adopted}");
+    assert_eq!(adopted["exit_code"], 5, "{adopted}");
+    assert_eq!(api.logs(&ran).await, b"adopted\n");
+    let replaced = api.wait_final(&unstarted, Duration::from_secs(60)).await;
+    assert_eq!(replaced["status"], "succeeded", "{replaced}");
+    assert_eq!(api.logs(&unstarted).await, b"exiting with 0\n");
+    for name in &names {
+        let out = std::process::Command::new(docker_cli())
+            .args(["inspect", name])
+            .output()
+            .expect("docker inspect");
+        assert!(!out.status.success(), "container {name} left behind");
+    }
+}
+
+/// Removes the named containers when dropped, whatever the test did.
+fn scopeguard(names: [String; 2]) -> impl Drop {
+    struct Remove([String; 2]);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for name in &self.0 {
+                let _ = std::process::Command::new(docker_cli())
+                    .args(["rm", "-f", name])
+                    .output();
+            }
+        }
+    }
+    Remove(names)
+}
