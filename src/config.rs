@@ -150,6 +150,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_LEASE_TTL", value_parser = duration, default_value = "30s")]
     pub lease_ttl: Duration,
 
+    /// A run still queued this long after its message was published, while the run
+    /// queue is empty, has lost its message (queue purged or deleted): publish again.
+    #[arg(long, env = "TASUKI_REPUBLISH_AFTER", value_parser = duration, default_value = "5m")]
+    pub republish_after: Duration,
+
     #[command(flatten)]
     pub worker: WorkerOptions,
 }

@@ -143,6 +143,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         store: store.clone(),
         queue: queue.clone(),
         wake,
+        republish_after: args.republish_after,
     };
     tasks.spawn(relay.run(shutdown.clone()));
     tasks.spawn(

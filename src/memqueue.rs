@@ -50,6 +50,11 @@ impl RunQueue for MemQueue {
     async fn ping(&self) -> Result<(), QueueError> {
         Ok(())
     }
+
+    async fn ready_messages(&self) -> Result<Option<u64>, QueueError> {
+        // What it loses, it loses all at once with the process; start-up re-queues.
+        Ok(None)
+    }
 }
 
 pub struct MemSource {

@@ -40,8 +40,9 @@ async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
     }
 }
 
-/// Declare the run queue and its dead-letter queue.
-async fn declare_topology(channel: &Channel, queue: &str) -> Result<(), QueueError> {
+/// Declare the run queue and its dead-letter queue; returns the messages ready in the
+/// run queue.
+async fn declare_topology(channel: &Channel, queue: &str) -> Result<u64, QueueError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -60,9 +61,9 @@ async fn declare_topology(channel: &Channel, queue: &str) -> Result<(), QueueErr
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(LongString::from(dead.clone())),
     );
-    channel
+    let declared = channel
         .queue_declare(queue.into(), durable, args)
         .await
         .map_err(|e| unavailable(format!("declaring queue {queue}: {e}")))?;
-    Ok(())
+    Ok(u64::from(declared.message_count()))
 }

@@ -153,4 +153,17 @@ impl RunQueue for AmqpPublisher {
             .store(result.is_ok(), std::sync::atomic::Ordering::SeqCst);
         result
     }
+
+    async fn ready_messages(&self) -> Result<Option<u64>, QueueError> {
+        let mut slot = self.conn.lock().await;
+        let channel = self.channel(&mut slot).await?;
+        // Declaring again with the same arguments is a no-op that answers the count.
+        match declare_topology(&channel, &self.queue).await {
+            Ok(count) => Ok(Some(count)),
+            Err(e) => {
+                *slot = None;
+                Err(e)
+            }
+        }
+    }
 }

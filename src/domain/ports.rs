@@ -318,6 +318,13 @@ pub trait RunStore: Send + Sync + 'static {
     async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError>;
     /// For a volatile queue that lost its contents: publish every still-queued run again.
     async fn requeue_unclaimed(&self) -> Result<u64, StoreError>;
+    /// Publish again the due, still-queued runs whose message went out before
+    /// `sent_before` (the queue, found empty, no longer holds them). Returns those runs.
+    async fn republish_unclaimed(
+        &self,
+        sent_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, StoreError>;
 
     async fn claim(
         &self,
@@ -390,6 +397,9 @@ pub trait RunQueue: Send + Sync + 'static {
     async fn publish(&self, messages: &[RunMessage]) -> Vec<Result<(), QueueError>>;
     /// Broker reachable.
     async fn ping(&self) -> Result<(), QueueError>;
+    /// Messages waiting in the queue (not counting ones handed to a consumer), where
+    /// the queue can tell; `None` for a queue that cannot lose what it confirmed.
+    async fn ready_messages(&self) -> Result<Option<u64>, QueueError>;
 }
 
 /// What a worker does with a delivery once it has looked at it.

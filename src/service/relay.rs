@@ -15,17 +15,28 @@ const BATCH: u32 = 256;
 /// whose backoff has passed.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest gap between two looks for lost messages.
+const SWEEP_MAX: Duration = Duration::from_secs(60);
 
 pub struct Relay {
     pub store: Arc<dyn RunStore>,
     pub queue: Arc<dyn RunQueue>,
     pub wake: Arc<Notify>,
+    /// A run still queued this long after its message went out, while the queue is
+    /// empty, lost its message (a purged or deleted queue): publish it again.
+    pub republish_after: Duration,
 }
 
 impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let sweep_every = (self.republish_after / 4).clamp(Duration::from_secs(1), SWEEP_MAX);
+        let mut next_sweep = tokio::time::Instant::now() + sweep_every;
         loop {
+            if tokio::time::Instant::now() >= next_sweep {
+                next_sweep = tokio::time::Instant::now() + sweep_every;
+                self.republish_lost().await;
+            }
             let delay = match self.publish_pending().await {
                 Ok(true) => {
                     backoff = Duration::from_millis(100);
@@ -46,6 +57,33 @@ impl Relay {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// Only when the queue holds nothing: a run waiting behind others is not lost.
+    /// A message being handed to a worker right now is not counted by the broker; if
+    /// the sweep catches one, the worker drops the duplicate at claim time.
+    async fn republish_lost(&self) {
+        match self.queue.ready_messages().await {
+            Ok(Some(0)) => {}
+            Ok(_) => return,
+            Err(error) => {
+                tracing::debug!(message = "queue depth unknown; lost-message sweep skipped", %error);
+                return;
+            }
+        }
+        let now = Utc::now();
+        let before =
+            now - chrono::Duration::from_std(self.republish_after).unwrap_or(chrono::Duration::MAX);
+        match self.store.republish_unclaimed(before, now).await {
+            Ok(runs) if runs.is_empty() => {}
+            Ok(runs) => {
+                for run_id in &runs {
+                    tracing::warn!(message = "queued run's message no longer in the queue; published again", %run_id);
+                }
+                self.wake.notify_one();
+            }
+            Err(error) => tracing::warn!(message = "lost-message sweep failed", %error),
         }
     }
 

@@ -514,6 +514,33 @@ impl RunStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn republish_unclaimed(
+        &self,
+        sent_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox SET sent_at = NULL, last_error = 'published again: the queue no longer held it' \
+             WHERE sent_at IS NOT NULL AND sent_at < ?1 AND id IN (\
+               SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
+               WHERE r.status = 'queued' AND o.attempt = r.attempt + 1 \
+                 AND (r.not_before IS NULL OR r.not_before <= ?2) \
+                 AND o.id = (SELECT MAX(id) FROM outbox WHERE run_id = r.id)) \
+             RETURNING run_id",
+        )
+        .bind(ms(sent_before))
+        .bind(ms(now))
+        .fetch_all(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("run_id").map_err(unavailable)?;
+                id.parse().map_err(corrupt_id)
+            })
+            .collect()
+    }
+
     async fn claim(
         &self,
         message: RunMessage,
@@ -1426,5 +1453,41 @@ mod tests {
             AdoptResult::Held(c) => assert_eq!(c.lease, claim.lease),
             AdoptResult::Stale => panic!("own attempt not adoptable"),
         }
+    }
+
+    #[tokio::test]
+    async fn only_unclaimed_due_runs_sent_long_ago_are_published_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let (waiting, taken) = (new_run(), new_run());
+        store.insert_run(&waiting, None).await.unwrap();
+        store.insert_run(&taken, None).await.unwrap();
+        let now = Utc::now();
+        let ids: Vec<i64> = store
+            .pending_outbox(10, now)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        store.mark_outbox_sent(&ids, now).await.unwrap();
+        claimed(&store, &taken, 1, Duration::from_secs(30)).await;
+        // Sent just now: not yet.
+        let just_before = now - chrono::Duration::seconds(1);
+        assert!(
+            store
+                .republish_unclaimed(just_before, now)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let later = now + chrono::Duration::seconds(1);
+        assert_eq!(
+            store.republish_unclaimed(later, later).await.unwrap(),
+            vec![waiting.id]
+        );
+        let pending = store.pending_outbox(10, later).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].message.run_id, waiting.id);
     }
 }

@@ -1263,3 +1263,63 @@ fn scopeguard(names: [String; 2]) -> impl Drop {
     }
     Remove(names)
 }
+
+/// The broker confirmed the run's message, then lost it (the queue was purged): the
+/// outbox cannot see that, but the run is still queued long after its publish while
+/// the queue is empty, so the relay publishes it again and it runs, once.
+#[tokio::test]
+async fn a_message_lost_after_its_confirm_is_published_again() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            amqp_queue: Some(queue.clone()),
+            worker_token: Some(TOKEN.to_owned()),
+            lease_ttl: Some("5s".to_owned()),
+            env: vec![("TASUKI_REPUBLISH_AFTER".into(), "2s".into())],
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+    let id = api.accept("exit", json!({"code": "0"})).await;
+    inv.accepted(&id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while queue_counts(&queue).0 != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run's message never reached {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let purged = std::process::Command::new("rabbitmqctl")
+        .args(["purge_queue", &queue])
+        .output()
+        .expect("rabbitmqctl purge_queue");
+    assert!(purged.status.success(), "{purged:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while queue_counts(&queue).0 != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost message was not published again:\n{}",
+            server.process.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        server
+            .process
+            .log_text()
+            .contains("message no longer in the queue; published again")
+    );
+    let _w = start_worker_with(d.path(), &server, &queue, TOKEN, worker(&worker_id, 1));
+    let run = api.wait_final(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    inv.expect_log(&id, 1, "exiting with 0\n");
+    inv.check(&api).await;
+    assert_eq!(inv.containers_created(&id), 1);
+}
