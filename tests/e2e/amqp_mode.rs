@@ -8,11 +8,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::common::{
-    QueueGuard, ServeOptions, Server, amqp_url, assert_no_containers_left, queue_counts,
+    QueueGuard, ServeOptions, Server, TOKEN, amqp_url, assert_no_containers_left, queue_counts,
     start_worker, unique,
 };
-
-const TOKEN: &str = "test-worker-token";
 
 fn amqp_server(dir: &std::path::Path, queue: &str) -> Server {
     Server::start(

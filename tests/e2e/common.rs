@@ -1104,3 +1104,31 @@ impl Invariants {
         finals
     }
 }
+
+// ---------------------------------------------------------------------------------
+// RabbitMQ mode
+
+/// The worker token every test server and worker shares.
+pub const TOKEN: &str = "test-worker-token";
+
+/// `serve` on RabbitMQ (its own queue), with the worker API on and the given lease.
+pub fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str) -> Server {
+    Server::start(
+        dir,
+        ServeOptions {
+            amqp_queue: Some(queue.to_owned()),
+            worker_token: Some(TOKEN.to_owned()),
+            lease_ttl: Some(lease_ttl.to_owned()),
+            ..ServeOptions::default()
+        },
+    )
+}
+
+/// A `tasuki worker` with a fixed id.
+pub fn worker(id: &str, concurrency: u32) -> WorkerSpec {
+    WorkerSpec {
+        worker_id: Some(id.to_owned()),
+        concurrency,
+        ..WorkerSpec::default()
+    }
+}

@@ -4,42 +4,18 @@
 //! ([`Invariants::check`]). Tests that stop or reconfigure the broker or the engine are
 //! in `tests/serial`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::common::{
-    Invariants, QueueGuard, ServeOptions, Server, WorkerSpec, attempts_of, containers_of,
-    docker_cli, is_final, publish_raw, queue_counts, remove_containers, start_worker_with,
-    tasuki_cli, unique,
+    Invariants, QueueGuard, ServeOptions, Server, TOKEN, WorkerSpec, amqp_server, attempts_of,
+    containers_of, docker_cli, is_final, publish_raw, queue_counts, remove_containers,
+    start_worker_with, tasuki_cli, unique, worker,
 };
-
-const TOKEN: &str = "test-worker-token";
 
 fn dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
-}
-
-/// `serve` on RabbitMQ (its own queue) with a short lease.
-fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str) -> Server {
-    Server::start(
-        dir,
-        ServeOptions {
-            amqp_queue: Some(queue.to_owned()),
-            worker_token: Some(TOKEN.to_owned()),
-            lease_ttl: Some(lease_ttl.to_owned()),
-            ..ServeOptions::default()
-        },
-    )
-}
-
-fn worker(id: &str, concurrency: u32) -> WorkerSpec {
-    WorkerSpec {
-        worker_id: Some(id.to_owned()),
-        concurrency,
-        ..WorkerSpec::default()
-    }
 }
 
 fn crashing_worker(id: &str, at: &str) -> WorkerSpec {

@@ -6,38 +6,15 @@
 #[path = "../e2e/common.rs"]
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use common::{
-    Invariants, QueueGuard, ServeOptions, Server, WorkerSpec, attempts_of, docker_cli,
-    queue_counts, start_worker_with, unique,
+    Invariants, QueueGuard, TOKEN, WorkerSpec, amqp_server, attempts_of, docker_cli, queue_counts,
+    start_worker_with, unique, worker,
 };
-
-const TOKEN: &str = "test-worker-token";
-
-fn amqp_server(dir: &Path, queue: &str, lease_ttl: &str) -> Server {
-    Server::start(
-        dir,
-        ServeOptions {
-            amqp_queue: Some(queue.to_owned()),
-            worker_token: Some(TOKEN.to_owned()),
-            lease_ttl: Some(lease_ttl.to_owned()),
-            ..ServeOptions::default()
-        },
-    )
-}
-
-fn worker(id: &str, concurrency: u32) -> WorkerSpec {
-    WorkerSpec {
-        worker_id: Some(id.to_owned()),
-        concurrency,
-        ..WorkerSpec::default()
-    }
-}
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
