@@ -85,7 +85,6 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
     let id: String = row.try_get("id").map_err(unavailable)?;
     let params: String = row.try_get("params").map_err(unavailable)?;
     let status: String = row.try_get("status").map_err(unavailable)?;
-    let reason_code: Option<String> = row.try_get("reason_code").map_err(unavailable)?;
     let attempt: i64 = row.try_get("attempt").map_err(unavailable)?;
     Ok(Run {
         id: RunId::from_str(&id).map_err(|e| corrupt("run id", &e))?,
@@ -96,10 +95,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         attempt: u32::try_from(attempt).map_err(|e| corrupt("attempt", &e))?,
         exit_code: row.try_get("exit_code").map_err(unavailable)?,
         reason: row.try_get("reason").map_err(unavailable)?,
-        reason_code: reason_code
-            .map(|c| ReasonCode::from_str(&c))
-            .transpose()
-            .map_err(|e| corrupt("reason_code", &e))?,
+        reason_code: reason_code_of(row)?,
         created_at: from_ms(row.try_get("created_at").map_err(unavailable)?).unwrap_or_default(),
         started_at: from_ms(row.try_get("started_at").map_err(unavailable)?),
         finished_at: from_ms(row.try_get("finished_at").map_err(unavailable)?),
@@ -108,12 +104,23 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
             .map_err(unavailable)?
             != 0,
         not_before: from_ms(row.try_get("not_before").map_err(unavailable)?),
-        log_dropped_bytes: row
-            .try_get::<i64, _>("log_dropped_bytes")
-            .map_err(unavailable)?
-            .max(0) as u64,
+        log_dropped_bytes: dropped_of(row)?,
         attempts: Vec::new(),
     })
+}
+
+/// The optional `reason_code` column, parsed.
+fn reason_code_of(row: &SqliteRow) -> Result<Option<ReasonCode>, StoreError> {
+    let code: Option<String> = row.try_get("reason_code").map_err(unavailable)?;
+    code.map(|c| ReasonCode::from_str(&c))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("reason_code: {e}")))
+}
+
+/// The `log_dropped_bytes` counter column.
+fn dropped_of(row: &SqliteRow) -> Result<u64, StoreError> {
+    let bytes: i64 = row.try_get("log_dropped_bytes").map_err(unavailable)?;
+    Ok(bytes.max(0) as u64)
 }
 
 fn attempt_from_row(row: &SqliteRow) -> Result<(String, Attempt), StoreError> {
@@ -122,7 +129,6 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(String, Attempt), StoreError> {
     let run_id: String = row.try_get("run_id").map_err(unavailable)?;
     let number: i64 = row.try_get("attempt").map_err(unavailable)?;
     let status: String = row.try_get("status").map_err(unavailable)?;
-    let reason_code: Option<String> = row.try_get("reason_code").map_err(unavailable)?;
     let attempt = Attempt {
         number: u32::try_from(number).map_err(|e| corrupt("attempt", &e))?,
         status: RunStatus::from_str(&status).map_err(|e| corrupt("attempt status", &e))?,
@@ -130,17 +136,11 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(String, Attempt), StoreError> {
         container_id: row.try_get("container_id").map_err(unavailable)?,
         exit_code: row.try_get("exit_code").map_err(unavailable)?,
         reason: row.try_get("reason").map_err(unavailable)?,
-        reason_code: reason_code
-            .map(|c| ReasonCode::from_str(&c))
-            .transpose()
-            .map_err(|e| corrupt("attempt reason_code", &e))?,
+        reason_code: reason_code_of(row)?,
         claimed_at: from_ms(row.try_get("claimed_at").map_err(unavailable)?).unwrap_or_default(),
         started_at: from_ms(row.try_get("started_at").map_err(unavailable)?),
         finished_at: from_ms(row.try_get("finished_at").map_err(unavailable)?),
-        log_dropped_bytes: row
-            .try_get::<i64, _>("log_dropped_bytes")
-            .map_err(unavailable)?
-            .max(0) as u64,
+        log_dropped_bytes: dropped_of(row)?,
     };
     Ok((run_id, attempt))
 }
