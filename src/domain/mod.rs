@@ -4,6 +4,7 @@ pub mod job;
 pub mod ports;
 pub mod retry;
 pub mod run;
+pub mod session;
 
 #[cfg(test)]
 mod tidy {
