@@ -93,6 +93,12 @@ pub struct WorkerOptions {
     /// does at start): adopts, finishes, re-queues or removes what differs.
     #[arg(long, env = "TASUKI_RECONCILE_INTERVAL", value_parser = duration, default_value = "60s")]
     pub reconcile_interval: Duration,
+
+    /// Directory for the per-host lock that keeps two live processes from sharing one
+    /// worker id [default: /run/lock, else the temp directory]. Every process on a
+    /// host must see the same directory (beware of private /tmp).
+    #[arg(long, env = "TASUKI_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
 }
 
 impl WorkerOptions {

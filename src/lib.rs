@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod docker;
 pub mod domain;
+pub mod hostlock;
 pub mod http;
 pub mod logsink;
 pub mod memqueue;
@@ -33,18 +34,20 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::config::{Command, JobsCommand, ServeArgs, WorkerArgs, WorkerOptions};
 use crate::domain::ports::{ContainerRuntime, ControlPlane, DeliverySource, RunQueue, RunStore};
+use crate::domain::session::SessionRequest;
 use crate::service::control::LocalControlPlane;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
 use crate::service::runs::Runs;
+use crate::service::session::{Session, SessionError};
 use crate::service::worker::{CrashPoint, Worker, WorkerConfig};
 
 /// Run one command of the binary; the exit code is the command's (for `run --wait`,
 /// the job's).
 pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args, shutdown).await.map(|()| ExitCode::SUCCESS),
-        Command::Worker(args) => worker(args, shutdown).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => exit_code_of(serve(args, shutdown).await),
+        Command::Worker(args) => exit_code_of(worker(args, shutdown).await),
         Command::Run(args) => Ok(cli::run(args).await),
         Command::Status(args) => Ok(cli::status(args).await),
         Command::Logs(args) => Ok(cli::logs(args).await),
@@ -52,6 +55,108 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
         Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
     }
+}
+
+/// Exit code of `serve` and `worker` when their worker id belongs to another live
+/// process (EX_CONFIG: starting again will not help until the configuration changes).
+pub const EXIT_WORKER_ID_IN_USE: u8 = 78;
+
+fn exit_code_of(result: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error) if worker_id_in_use(&error) => {
+            eprintln!("tasuki: {error:#}");
+            Ok(ExitCode::from(EXIT_WORKER_ID_IN_USE))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn worker_id_in_use(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<hostlock::HostLockError>(),
+            Some(hostlock::HostLockError::Held { .. })
+        ) || matches!(
+            cause.downcast_ref::<SessionError>(),
+            Some(SessionError::InUse { .. })
+        )
+    })
+}
+
+/// The host lock and the control plane session for a worker id: both must be had
+/// before the worker looks at a single container.
+async fn open_worker_session(
+    control: Arc<dyn ControlPlane>,
+    options: &WorkerOptions,
+    worker_id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(hostlock::HostLock, Session)> {
+    let instance = ulid::Ulid::new().to_string().to_ascii_lowercase();
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let pid = std::process::id();
+    let lock_dir = options
+        .lock_dir
+        .clone()
+        .unwrap_or_else(hostlock::default_lock_dir);
+    let holder = format!(
+        "pid {pid}, instance {instance}, since {}",
+        chrono::Utc::now().to_rfc3339()
+    );
+    let lock = hostlock::HostLock::acquire(&lock_dir, worker_id, &holder)?;
+    let request = SessionRequest {
+        worker_id: worker_id.to_owned(),
+        instance,
+        host,
+        pid,
+        holds_host_lock: true,
+    };
+    let session = Session::open(control, request, shutdown).await?;
+    Ok((lock, session))
+}
+
+/// Run the worker under its session: heartbeats while it runs (drain included), then
+/// goodbye. Another process taking the id stops the worker.
+async fn run_worker(
+    worker: Worker,
+    source: Box<dyn DeliverySource>,
+    identity: (hostlock::HostLock, Session),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (lock, session) = identity;
+    let superseded = CancellationToken::new();
+    let worker_stop = CancellationToken::new();
+    let keeper_stop = CancellationToken::new();
+    let relay_stop = {
+        let (shutdown, superseded, worker_stop) =
+            (shutdown.clone(), superseded.clone(), worker_stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = superseded.cancelled() => {}
+            }
+            worker_stop.cancel();
+        })
+    };
+    let work = async {
+        worker.run(source, worker_stop.clone()).await;
+        keeper_stop.cancel();
+    };
+    tokio::join!(
+        work,
+        session.keep_alive(keeper_stop.clone(), superseded.clone())
+    );
+    relay_stop.abort();
+    let result = if superseded.is_cancelled() {
+        Err(anyhow::anyhow!(
+            "another process took this worker id while this one was out of touch; stopped"
+        ))
+    } else {
+        session.end().await;
+        Ok(())
+    };
+    drop(lock);
+    result
 }
 
 fn worker_config(options: &WorkerOptions) -> WorkerConfig {
@@ -156,12 +261,22 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let runtime = match source {
         Some(source) => {
             let runtime = docker(&args.worker)?;
-            let worker = Worker::new(
+            let config = worker_config(&args.worker);
+            let identity = open_worker_session(
                 control.clone(),
-                runtime.clone(),
-                worker_config(&args.worker),
-            );
-            tasks.spawn(worker.run(source, shutdown.clone()));
+                &args.worker,
+                &config.worker_id,
+                &shutdown,
+            )
+            .await?;
+            let worker = Worker::new(control.clone(), runtime.clone(), config);
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(error) = run_worker(worker, source, identity, stop.clone()).await {
+                    tracing::error!(message = "embedded worker stopped", error = %format!("{error:#}"));
+                    stop.cancel();
+                }
+            });
             Some(runtime)
         }
         None => None,
@@ -206,15 +321,15 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
     }
     let control = client::HttpControlPlane::new(&args.server, &args.worker_token)
         .context("configuring the control plane client")?;
+    let control: Arc<dyn ControlPlane> = Arc::new(control);
     let runtime = docker(&args.worker)?;
     let config = worker_config(&args.worker);
+    let identity =
+        open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown).await?;
     let source = Box::new(amqp::AmqpSource::new(
         &args.amqp_url,
         &args.queue.queue,
         &config.worker_id,
     ));
-    Worker::new(Arc::new(control), runtime, config)
-        .run(source, shutdown)
-        .await;
-    Ok(())
+    run_worker(Worker::new(control, runtime, config), source, identity, shutdown).await
 }

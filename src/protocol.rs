@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
-    Claim, ClaimResult, HeldAttempt, Lease, LeaseStatus, OutputChunk, RunMessage, Stream,
+    Claim, ClaimResult, HeldAttempt, Lease, LeaseStatus, OutputChunk, RunMessage, SessionGrant,
+    Stream,
 };
 use crate::domain::retry::RetryPolicy;
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 use crate::domain::run::{Outcome, ReasonCode, RunId, RunStatus};
 
 /// The AMQP message body: `{"v":1,"run_id":"...","attempt":1}`. Small on purpose: the
@@ -335,6 +337,171 @@ pub enum AdoptResponseV1 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleaseV1 {
     pub lease: LeaseV1,
+}
+
+/// `POST /v1/worker/session`: a worker process starting under `worker_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionOpenV1 {
+    pub worker_id: String,
+    pub instance: String,
+    pub host: String,
+    pub pid: u32,
+    pub holds_host_lock: bool,
+}
+
+impl From<&SessionRequest> for SessionOpenV1 {
+    fn from(r: &SessionRequest) -> Self {
+        Self {
+            worker_id: r.worker_id.clone(),
+            instance: r.instance.clone(),
+            host: r.host.clone(),
+            pid: r.pid,
+            holds_host_lock: r.holds_host_lock,
+        }
+    }
+}
+
+impl From<SessionOpenV1> for SessionRequest {
+    fn from(r: SessionOpenV1) -> Self {
+        Self {
+            worker_id: r.worker_id,
+            instance: r.instance,
+            host: r.host,
+            pid: r.pid,
+            holds_host_lock: r.holds_host_lock,
+        }
+    }
+}
+
+/// A live session, as a refusal names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionV1 {
+    pub worker_id: String,
+    pub instance: String,
+    pub host: String,
+    pub pid: u32,
+    /// RFC 3339.
+    pub started_at: String,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum SessionGrantV1 {
+    Granted { ttl_ms: u64 },
+    Refused { live: SessionV1 },
+}
+
+impl From<&SessionGrant> for SessionGrantV1 {
+    fn from(g: &SessionGrant) -> Self {
+        match g {
+            SessionGrant::Granted { ttl } => SessionGrantV1::Granted {
+                ttl_ms: ttl.as_millis() as u64,
+            },
+            SessionGrant::Refused { live } => SessionGrantV1::Refused {
+                live: SessionV1 {
+                    worker_id: live.worker_id.clone(),
+                    instance: live.instance.clone(),
+                    host: live.host.clone(),
+                    pid: live.pid,
+                    started_at: live.started_at.to_rfc3339(),
+                    expires_at: live.expires_at.to_rfc3339(),
+                },
+            },
+        }
+    }
+}
+
+impl TryFrom<SessionGrantV1> for SessionGrant {
+    type Error = String;
+    fn try_from(g: SessionGrantV1) -> Result<Self, String> {
+        let time = |field: &str, text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|e| format!("session {field} `{text}`: {e}"))
+        };
+        Ok(match g {
+            SessionGrantV1::Granted { ttl_ms } => SessionGrant::Granted {
+                ttl: Duration::from_millis(ttl_ms),
+            },
+            SessionGrantV1::Refused { live } => SessionGrant::Refused {
+                live: WorkerSession {
+                    worker_id: live.worker_id,
+                    instance: live.instance,
+                    host: live.host,
+                    pid: live.pid,
+                    started_at: time("started_at", &live.started_at)?,
+                    expires_at: time("expires_at", &live.expires_at)?,
+                    ended_at: None,
+                },
+            },
+        })
+    }
+}
+
+/// `POST /v1/worker/session/heartbeat` and `POST /v1/worker/session/end`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRefV1 {
+    pub worker_id: String,
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "session", rename_all = "snake_case")]
+pub enum SessionRenewalV1 {
+    Renewed,
+    Superseded,
+}
+
+impl From<SessionRenewal> for SessionRenewalV1 {
+    fn from(r: SessionRenewal) -> Self {
+        match r {
+            SessionRenewal::Renewed => SessionRenewalV1::Renewed,
+            SessionRenewal::Superseded => SessionRenewalV1::Superseded,
+        }
+    }
+}
+
+impl From<SessionRenewalV1> for SessionRenewal {
+    fn from(r: SessionRenewalV1) -> Self {
+        match r {
+            SessionRenewalV1::Renewed => SessionRenewal::Renewed,
+            SessionRenewalV1::Superseded => SessionRenewal::Superseded,
+        }
+    }
+}
+
+/// `POST /v1/worker/orphan`: may I remove this container of another worker id?
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OrphanRequestV1 {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum OrphanVerdictV1 {
+    Remove,
+    Keep,
+}
+
+impl From<OrphanVerdict> for OrphanVerdictV1 {
+    fn from(v: OrphanVerdict) -> Self {
+        match v {
+            OrphanVerdict::Remove => OrphanVerdictV1::Remove,
+            OrphanVerdict::Keep => OrphanVerdictV1::Keep,
+        }
+    }
+}
+
+impl From<OrphanVerdictV1> for OrphanVerdict {
+    fn from(v: OrphanVerdictV1) -> Self {
+        match v {
+            OrphanVerdictV1::Remove => OrphanVerdict::Remove,
+            OrphanVerdictV1::Keep => OrphanVerdict::Keep,
+        }
+    }
 }
 
 /// A job's retry rules as stored with each run (frozen when the run is accepted).

@@ -7,13 +7,15 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::ports::{
     AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
-    OutputChunk, RunMessage,
+    OutputChunk, RunMessage, SessionGrant,
 };
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
-    HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, ReleaseV1, StartedV1,
-    encode_log_frames,
+    HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, OrphanRequestV1,
+    OrphanVerdictV1, ReleaseV1, SessionGrantV1, SessionOpenV1, SessionRefV1, SessionRenewalV1,
+    StartedV1, encode_log_frames,
 };
 
 /// The control plane of a remote `tasuki serve`, reached with the worker token.
@@ -195,6 +197,62 @@ impl ControlPlane for HttpControlPlane {
                 },
             )
             .await?;
+        Ok(answer.into())
+    }
+
+    async fn open_session(&self, request: &SessionRequest) -> Result<SessionGrant, ControlError> {
+        let answer: SessionGrantV1 = self
+            .post("/v1/worker/session", &SessionOpenV1::from(request))
+            .await?;
+        SessionGrant::try_from(answer).map_err(ControlError::Rejected)
+    }
+
+    async fn renew_session(
+        &self,
+        worker_id: &str,
+        instance: &str,
+    ) -> Result<SessionRenewal, ControlError> {
+        let req = SessionRefV1 {
+            worker_id: worker_id.to_owned(),
+            instance: instance.to_owned(),
+        };
+        let answer: SessionRenewalV1 = self.post("/v1/worker/session/heartbeat", &req).await?;
+        Ok(answer.into())
+    }
+
+    async fn end_session(&self, worker_id: &str, instance: &str) -> Result<(), ControlError> {
+        let req = SessionRefV1 {
+            worker_id: worker_id.to_owned(),
+            instance: instance.to_owned(),
+        };
+        let response = self
+            .http
+            .post(format!("{}/v1/worker/session/end", self.base))
+            .bearer_auth(&self.token)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| ControlError::Unavailable(format!("{e}")))?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        Self::answer::<serde_json::Value>(Ok(response))
+            .await
+            .map(|_| ())
+    }
+
+    async fn orphan_verdict(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<OrphanVerdict, ControlError> {
+        let req = OrphanRequestV1 {
+            run_id,
+            attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let answer: OrphanVerdictV1 = self.post("/v1/worker/orphan", &req).await?;
         Ok(answer.into())
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::job::PullPolicy;
+use super::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
 /// Which of a container's output streams a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,6 +474,32 @@ pub trait ControlPlane: Send + Sync + 'static {
         worker_id: &str,
     ) -> Result<(AdoptResult, u64), ControlError>;
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError>;
+    /// Open this process's session for its worker id (see `domain::session`).
+    async fn open_session(&self, request: &SessionRequest) -> Result<SessionGrant, ControlError>;
+    async fn renew_session(
+        &self,
+        worker_id: &str,
+        instance: &str,
+    ) -> Result<SessionRenewal, ControlError>;
+    /// Say goodbye: the id's containers may be adopted by the next process at once.
+    async fn end_session(&self, worker_id: &str, instance: &str) -> Result<(), ControlError>;
+    /// May a container of attempt `attempt` of `run_id`, labelled with `worker_id`, be
+    /// removed by another worker on the same engine?
+    async fn orphan_verdict(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<OrphanVerdict, ControlError>;
+}
+
+/// The control plane's answer to a session request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionGrant {
+    /// Open: heartbeat well within `ttl`.
+    Granted { ttl: Duration },
+    /// Another live process holds the worker id.
+    Refused { live: WorkerSession },
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ use crate::domain::ports::{AdoptResult, ClaimResult};
 use crate::domain::run::RunId;
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
-    HeldAttemptV1, HeldRequestV1, LeaseStatusV1, ReleaseV1, StartedV1, decode_log_frames,
+    HeldAttemptV1, HeldRequestV1, LeaseStatusV1, OrphanRequestV1, OrphanVerdictV1, ReleaseV1,
+    SessionGrantV1, SessionOpenV1, SessionRefV1, SessionRenewalV1, StartedV1, decode_log_frames,
 };
 
 pub fn router() -> Router<AppState> {
@@ -29,6 +30,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/worker/held", post(held))
         .route("/v1/worker/adopt", post(adopt))
         .route("/v1/worker/release", post(release))
+        .route("/v1/worker/session", post(open_session))
+        .route("/v1/worker/session/heartbeat", post(renew_session))
+        .route("/v1/worker/session/end", post(end_session))
+        .route("/v1/worker/orphan", post(orphan))
 }
 
 /// Proof that the caller presented the worker token.
@@ -165,6 +170,60 @@ async fn release(
     let req: ReleaseV1 = json(body)?;
     let status = state.control.release(req.lease.into()).await?;
     Ok(Json(status.into()))
+}
+
+async fn open_session(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SessionGrantV1>, ApiError> {
+    let req: SessionOpenV1 = json(body)?;
+    if req.worker_id.is_empty() || req.instance.is_empty() {
+        return Err(ApiError::bad_request(
+            "a session needs a worker_id and an instance",
+        ));
+    }
+    let grant = state.control.open_session(&req.into()).await?;
+    Ok(Json(SessionGrantV1::from(&grant)))
+}
+
+async fn renew_session(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SessionRenewalV1>, ApiError> {
+    let req: SessionRefV1 = json(body)?;
+    let renewal = state
+        .control
+        .renew_session(&req.worker_id, &req.instance)
+        .await?;
+    Ok(Json(renewal.into()))
+}
+
+async fn end_session(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let req: SessionRefV1 = json(body)?;
+    state
+        .control
+        .end_session(&req.worker_id, &req.instance)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn orphan(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<OrphanVerdictV1>, ApiError> {
+    let req: OrphanRequestV1 = json(body)?;
+    let verdict = state
+        .control
+        .orphan_verdict(req.run_id, req.attempt, &req.worker_id)
+        .await?;
+    Ok(Json(verdict.into()))
 }
 
 #[derive(Deserialize)]

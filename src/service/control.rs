@@ -10,8 +10,9 @@ use chrono::Utc;
 
 use crate::domain::ports::{
     AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, LogSink,
-    OutputChunk, RunMessage, RunStore, StoreError,
+    OutputChunk, RunMessage, RunStore, SessionGrant, StoreError,
 };
+use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
 use crate::service::events::{RunEventKind, RunEvents};
 
@@ -196,5 +197,61 @@ impl ControlPlane for LocalControlPlane {
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);
         Ok(status)
+    }
+
+    async fn open_session(&self, request: &SessionRequest) -> Result<SessionGrant, ControlError> {
+        let decision = self
+            .store
+            .open_session(request, self.lease_ttl, Utc::now())
+            .await
+            .map_err(store_err)?;
+        Ok(match decision {
+            SessionDecision::Open { previous } => {
+                if let Some(previous) = previous.filter(|p| p.ended_at.is_none()) {
+                    tracing::warn!(message = "worker session replaced one that did not end cleanly", worker_id = %request.worker_id, previous_host = %previous.host, previous_pid = previous.pid);
+                }
+                tracing::info!(message = "worker session opened", worker_id = %request.worker_id, host = %request.host, pid = request.pid);
+                SessionGrant::Granted {
+                    ttl: self.lease_ttl,
+                }
+            }
+            SessionDecision::Reopen => SessionGrant::Granted {
+                ttl: self.lease_ttl,
+            },
+            SessionDecision::Refuse { live } => {
+                tracing::warn!(message = "worker session refused: the id is in use", worker_id = %request.worker_id, host = %request.host, live_host = %live.host, live_pid = live.pid);
+                SessionGrant::Refused { live }
+            }
+        })
+    }
+
+    async fn renew_session(
+        &self,
+        worker_id: &str,
+        instance: &str,
+    ) -> Result<SessionRenewal, ControlError> {
+        self.store
+            .renew_session(worker_id, instance, self.lease_ttl, Utc::now())
+            .await
+            .map_err(store_err)
+    }
+
+    async fn end_session(&self, worker_id: &str, instance: &str) -> Result<(), ControlError> {
+        self.store
+            .end_session(worker_id, instance, Utc::now())
+            .await
+            .map_err(store_err)
+    }
+
+    async fn orphan_verdict(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<OrphanVerdict, ControlError> {
+        self.store
+            .orphan_verdict(run_id, attempt, worker_id, Utc::now())
+            .await
+            .map_err(store_err)
     }
 }

@@ -5,4 +5,5 @@ pub mod control;
 pub mod events;
 pub mod relay;
 pub mod runs;
+pub mod session;
 pub mod worker;
