@@ -40,7 +40,9 @@ use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
 use crate::service::runs::Runs;
 use crate::service::session::{Session, SessionError};
-use crate::service::worker::{CrashPoint, Worker, WorkerConfig};
+#[cfg(feature = "fault-injection")]
+use crate::service::worker::CrashPoint;
+use crate::service::worker::{Worker, WorkerConfig};
 
 /// Run one command of the binary; the exit code is the command's (for `run --wait`,
 /// the job's).
@@ -165,7 +167,8 @@ fn worker_config(options: &WorkerOptions) -> WorkerConfig {
         concurrency: options.concurrency(),
         drain_timeout: options.drain_timeout,
         reconcile_interval: options.reconcile_interval,
-        // For fault tests only; see README "Testing".
+        // Fault-test builds only; see README "Testing".
+        #[cfg(feature = "fault-injection")]
         crash_at: std::env::var("TASUKI_CRASH_AT")
             .ok()
             .and_then(|v| CrashPoint::parse(&v)),

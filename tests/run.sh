@@ -3,9 +3,11 @@
 #   - a Docker engine (installs Debian's docker.io and starts dockerd if `docker info` fails)
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
 #   - the tasuki-example:latest image (static busybox, built locally)
-# then the suite with cargo-nextest (cargo test where nextest is missing), in two passes:
-# all but tests/serial in parallel, then tests/serial one test at a time.
-# Extra arguments go to the runner, in both passes.
+# then the suite with cargo-nextest (cargo test where nextest is missing), built with the
+# `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
+# two passes: all but tests/serial in parallel, then tests/serial one test at a time.
+# A last pass builds without the feature, as production does, and checks that
+# TASUKI_CRASH_AT changes nothing there. Extra arguments go to the runner, in every pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,13 +72,17 @@ deploy/example-image/build.sh >&2
 
 # Pass 1: everything but the `serial` test binary, in parallel. Pass 2: the fault tests
 # that stop or reconfigure the shared RabbitMQ and Docker engine, one at a time, with
-# nothing else running against them. Pass 2 runs even when pass 1 failed; the script
-# fails if either did.
+# nothing else running against them. Pass 3: the production build. Every pass runs even
+# when an earlier one failed; the script fails if any did.
+features=(--features fault-injection)
+production_check=production_build_ignores_tasuki_crash_at
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast -E 'not binary(serial)' "$@" || status=1
+  cargo nextest run "${features[@]}" --workspace --no-fail-fast -E 'not binary(serial)' "$@" || status=1
   log "pass 2: serial fault tests"
-  cargo nextest run --no-fail-fast --test serial --test-threads 1 --no-tests warn "$@" || status=1
+  cargo nextest run "${features[@]}" --no-fail-fast --test serial --test-threads 1 --no-tests warn "$@" || status=1
+  log "pass 3: the production build ignores TASUKI_CRASH_AT"
+  cargo nextest run --no-fail-fast --test e2e -E "test($production_check)" "$@" || status=1
 else
   # cargo test has no "all test targets but one": name them.
   targets=()
@@ -85,8 +91,10 @@ else
     name=$(basename "${f%/main.rs}" .rs)
     [ "$name" = serial ] || targets+=(--test "$name")
   done
-  cargo test --workspace --no-fail-fast --lib --bins "${targets[@]}" "$@" || status=1
+  cargo test "${features[@]}" --workspace --no-fail-fast --lib --bins "${targets[@]}" "$@" || status=1
   log "pass 2: serial fault tests"
-  RUST_TEST_THREADS=1 cargo test --no-fail-fast --test serial "$@" || status=1
+  RUST_TEST_THREADS=1 cargo test "${features[@]}" --no-fail-fast --test serial "$@" || status=1
+  log "pass 3: the production build ignores TASUKI_CRASH_AT"
+  cargo test --no-fail-fast --test e2e "$@" -- "$production_check" || status=1
 fi
 exit "$status"

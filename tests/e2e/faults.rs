@@ -18,6 +18,8 @@ fn dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
+/// Crash points exist only in builds with the `fault-injection` feature (tests/run.sh).
+#[cfg(feature = "fault-injection")]
 fn crashing_worker(id: &str, at: &str) -> WorkerSpec {
     WorkerSpec {
         env: vec![("TASUKI_CRASH_AT".into(), at.into())],
@@ -126,6 +128,7 @@ async fn worker_kill9_during_binary_output_without_newline_log_is_complete() {
 
 // 3 ---------------------------------------------------------------------------------
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test]
 async fn worker_crash_after_claim_no_duplicate_container() {
     let d = dir();
@@ -187,6 +190,7 @@ async fn worker_crash_after_claim_no_duplicate_container() {
 
 /// The worker crashes after the container exited, before reporting; the same worker
 /// id again finishes the run from what the engine kept.
+#[cfg(feature = "fault-injection")]
 async fn crash_before_finish(job: &str, params: Value, code: i64, expected: Vec<u8>) {
     let d = dir();
     let queue = unique("tasuki-faults");
@@ -225,16 +229,47 @@ async fn crash_before_finish(job: &str, params: Value, code: i64, expected: Vec<
     assert_eq!(inv.containers_created(&id), 1);
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test]
 async fn worker_crash_before_finish_outcome_from_inspect() {
     let params = json!({"code": "5"});
     crash_before_finish("exit", params, 5, b"exiting with 5\n".to_vec()).await;
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test]
 async fn worker_crash_before_finish_binary_output_is_complete() {
     let params = json!({"chunks": "40", "pause": "0"});
     crash_before_finish("drip", params, 0, vec![0xff; 40_000]).await;
+}
+
+/// A build without the `fault-injection` feature has no crash points: the variable the
+/// fault tests use changes nothing, and the worker runs the job and keeps running.
+#[cfg(not(feature = "fault-injection"))]
+#[tokio::test]
+async fn production_build_ignores_tasuki_crash_at() {
+    let d = dir();
+    let queue = unique("tasuki-faults");
+    let _queue = QueueGuard(queue.clone());
+    let worker_id = unique("test-worker");
+    let mut inv = Invariants::start(&[&worker_id]);
+    let server = amqp_server(d.path(), &queue, "10s");
+    let api = server.client();
+    let spec = WorkerSpec {
+        env: vec![("TASUKI_CRASH_AT".into(), "after-claim".into())],
+        ..worker(&worker_id, 1)
+    };
+    let mut w = start_worker_with(d.path(), &server, &queue, TOKEN, spec);
+
+    let id = api.accept("exit", json!({"code": "3"})).await;
+    inv.accepted(&id);
+    let run = api.wait_final(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 3, "{run}");
+    assert_eq!(run["attempt"], 1, "one attempt, no crash in between: {run}");
+    assert!(w.exited().is_none(), "the worker died: {}", w.log_text());
+    inv.expect_log(&id, 1, "exiting with 3\n");
+    inv.check(&api).await;
 }
 
 // 4 ---------------------------------------------------------------------------------

@@ -1,0 +1,337 @@
+//! The worker: takes deliveries only when it has a free slot, claims the run from the
+//! control plane, acks as soon as the claim is durable, then runs the attempt's one
+//! container: pull, create, attach, start, stream output, enforce timeout and cancel,
+//! wait, report the outcome, remove. The lease is renewed from the claim on; at start
+//! and then periodically the worker reconciles its own labelled containers with the
+//! attempts the control plane says it holds.
+
+//!
+//! The parts: `lease` (the lease keeper), `attempt` (one attempt's container, from pull
+//! to removal), `pump` (output to the control plane), `reconcile` (containers against
+//! held attempts). This file holds the dispatch loop and the drain.
+
+mod attempt;
+#[cfg(test)]
+mod fakes;
+mod lease;
+mod pump;
+mod reconcile;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use self::attempt::container_name;
+use crate::domain::ports::{
+    ClaimResult, ContainerRuntime, ControlError, ControlPlane, DeliverySource, RunMessage,
+};
+use crate::domain::run::RunId;
+
+/// Where a fault test may make the worker die on the spot (as `kill -9` would), read
+/// from `TASUKI_CRASH_AT`. Only in builds with the `fault-injection` feature: nothing
+/// can make a production worker abort.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The claim is stored and the delivery acked; no container exists yet.
+    AfterClaim,
+    /// The container exited; its outcome is not reported yet.
+    BeforeFinish,
+}
+
+#[cfg(feature = "fault-injection")]
+impl CrashPoint {
+    pub fn parse(s: &str) -> Option<CrashPoint> {
+        match s {
+            "after-claim" => Some(CrashPoint::AfterClaim),
+            "before-finish" => Some(CrashPoint::BeforeFinish),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub concurrency: usize,
+    /// How long a stopping worker lets running containers finish.
+    pub drain_timeout: Duration,
+    /// How often the worker compares its containers with the attempts it holds.
+    pub reconcile_interval: Duration,
+    #[cfg(feature = "fault-injection")]
+    pub crash_at: Option<CrashPoint>,
+}
+
+pub struct Worker {
+    control: Arc<dyn ControlPlane>,
+    runtime: Arc<dyn ContainerRuntime>,
+    config: WorkerConfig,
+    /// Attempts this process is working on; reconciliation leaves them alone.
+    active: Mutex<HashSet<(RunId, u32)>>,
+}
+
+/// Exponential backoff for talking to things that are down.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::START }
+    }
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+}
+
+/// Claim attempts while holding a delivery, before handing it back.
+const CLAIM_TRIES: u32 = 3;
+
+/// Forgets an attempt from the active set when its task ends, however it ends.
+struct Active<'a> {
+    worker: &'a Worker,
+    key: (RunId, u32),
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.worker.deactivate(self.key);
+    }
+}
+
+impl Worker {
+    pub fn new(
+        control: Arc<dyn ControlPlane>,
+        runtime: Arc<dyn ContainerRuntime>,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            control,
+            runtime,
+            config,
+            active: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Mark an attempt as ours in this process; false if it already was.
+    fn activate(&self, key: (RunId, u32)) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key)
+    }
+
+    fn deactivate(&self, key: (RunId, u32)) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    fn is_active(&self, key: (RunId, u32)) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn crash_if(&self, point: CrashPoint) {
+        if self.config.crash_at == Some(point) {
+            tracing::error!(message = "TASUKI_CRASH_AT reached; aborting", point = ?point);
+            std::process::abort();
+        }
+    }
+
+    /// Take deliveries until `shutdown`, then let running attempts finish for up to the
+    /// drain timeout.
+    pub async fn run(self, mut source: Box<dyn DeliverySource>, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
+        let running = TaskTracker::new();
+        let mut backoff = Backoff::new();
+        tracing::info!(message = "worker started", worker_id = %this.config.worker_id, concurrency = this.config.concurrency);
+
+        let reconciler = {
+            let this = this.clone();
+            let running = running.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    this.reconcile(&running).await;
+                    if sleep_or_shutdown(this.config.reconcile_interval, &stop).await {
+                        return;
+                    }
+                }
+            })
+        };
+
+        loop {
+            // A slot first, then a delivery: the queue never hands us work we have no
+            // room for, so nothing waits unacked behind long jobs.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = source.next() => d,
+            };
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(error) => {
+                    let wait = backoff.step();
+                    tracing::warn!(message = "queue unavailable", %error, retry_in_ms = wait.as_millis() as u64);
+                    if sleep_or_shutdown(wait, &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let message = match delivery.message {
+                Ok(m) => m,
+                Err(reason) => {
+                    tracing::error!(message = "poison message dead-lettered", %reason);
+                    if let Err(error) = delivery.handle.dead_letter(&reason).await {
+                        tracing::warn!(message = "dead-lettering failed", %error);
+                    }
+                    continue;
+                }
+            };
+            if shutdown.is_cancelled() {
+                // Stopping: hand it back unclaimed for another worker.
+                if let Err(error) = delivery.handle.requeue().await {
+                    tracing::warn!(message = "requeue failed", %error);
+                }
+                break;
+            }
+            let key = (message.run_id, message.attempt);
+            // Marked before claiming, so reconciliation never mistakes the fresh claim
+            // for one a crashed process left behind.
+            if !this.activate(key) {
+                // This process is running that very attempt: a redelivery.
+                tracing::info!(message = "delivery for an attempt this worker is running dropped", run_id = %message.run_id, attempt = message.attempt);
+                if let Err(error) = delivery.handle.ack().await {
+                    tracing::warn!(message = "ack failed", %error);
+                }
+                continue;
+            }
+            match this.claim(message).await {
+                Ok(ClaimResult::Claimed(claim)) => {
+                    backoff.reset();
+                    // The claim is durable: ack now, not when the container exits, so
+                    // the broker's consumer timeout can never redeliver a long job.
+                    if let Err(error) = delivery.handle.ack().await {
+                        tracing::warn!(message = "ack after claim failed; a redelivery will be dropped as a duplicate", run_id = %message.run_id, %error);
+                    }
+                    #[cfg(feature = "fault-injection")]
+                    this.crash_if(CrashPoint::AfterClaim);
+                    let worker = this.clone();
+                    let span = tracing::info_span!("run", run_id = %claim.lease.run_id, job = %claim.job, attempt = claim.lease.attempt);
+                    running.spawn(
+                        async move {
+                            let _active = Active {
+                                worker: &worker,
+                                key,
+                            };
+                            worker.execute(*claim, None).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                    continue;
+                }
+                Ok(ClaimResult::NotClaimable { status, attempt }) => {
+                    backoff.reset();
+                    tracing::info!(message = "duplicate delivery dropped", run_id = %message.run_id, %status, attempt);
+                    if let Err(error) = delivery.handle.ack().await {
+                        tracing::warn!(message = "ack failed", %error);
+                    }
+                }
+                Ok(ClaimResult::UnknownRun) => {
+                    tracing::error!(message = "delivery for an unknown run dead-lettered", run_id = %message.run_id);
+                    if let Err(error) = delivery.handle.dead_letter("unknown run").await {
+                        tracing::warn!(message = "dead-lettering failed", %error);
+                    }
+                }
+                Err(error) => {
+                    // Hand it back and stop taking deliveries for a while instead of
+                    // spinning through requeues.
+                    let wait = backoff.step();
+                    tracing::warn!(message = "claim failed; delivery requeued", run_id = %message.run_id, %error, retry_in_ms = wait.as_millis() as u64);
+                    if let Err(error) = delivery.handle.requeue().await {
+                        tracing::warn!(message = "requeue failed", %error);
+                    }
+                    this.deactivate(key);
+                    if sleep_or_shutdown(wait, &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            this.deactivate(key);
+        }
+        drop(source);
+        reconciler.abort();
+        running.close();
+        let active = running.len();
+        if active > 0 {
+            tracing::info!(
+                message = "draining",
+                running = active,
+                timeout_s = this.config.drain_timeout.as_secs()
+            );
+        }
+        if tokio::time::timeout(this.config.drain_timeout, running.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                message = "drain timeout passed; leaving containers running for this worker id to adopt when it starts again",
+                running = running.len()
+            );
+        }
+        tracing::info!(message = "worker stopped", worker_id = %this.config.worker_id);
+    }
+
+    /// Claim, retrying a control plane that did not answer a few times while still
+    /// holding the delivery: a claim whose answer was lost is given back to the same
+    /// worker, so retrying cannot strand the run.
+    async fn claim(&self, message: RunMessage) -> Result<ClaimResult, ControlError> {
+        let mut backoff = Backoff::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.control.claim(message, &self.config.worker_id).await {
+                Err(ControlError::Unavailable(error)) if tries < CLAIM_TRIES => {
+                    let pause = backoff.step();
+                    tracing::warn!(message = "claim failed; retrying", run_id = %message.run_id, %error, retry_in_ms = pause.as_millis() as u64);
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

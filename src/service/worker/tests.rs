@@ -1,0 +1,235 @@
+//! The worker against fakes of its ports: one attempt's supervision (timeout, cancel,
+//! takeover) and adoption of containers an earlier life of the worker left.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use super::fakes::{
+    AppendMode, Call, FakeControl, FakeRuntime, STOPPED_CODE, WORKER_ID, claim, until, worker,
+};
+use crate::domain::ports::LeaseStatus;
+use crate::domain::run::Outcome;
+
+fn fakes() -> (Arc<FakeControl>, Arc<FakeRuntime>) {
+    (
+        Arc::new(FakeControl::default()),
+        Arc::new(FakeRuntime::default()),
+    )
+}
+
+fn created(runtime: &FakeRuntime) -> Option<String> {
+    runtime.calls().into_iter().find_map(|c| match c {
+        Call::Create(id) => Some(id),
+        _ => None,
+    })
+}
+
+fn started(runtime: &FakeRuntime) -> bool {
+    runtime.calls().iter().any(|c| matches!(c, Call::Start(_)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_stops_the_container_and_reports_timed_out() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let t0 = tokio::time::Instant::now();
+    w.execute(claim(Some(Duration::from_secs(30))), None).await;
+    let id = created(&runtime).expect("a container was created");
+    let calls = runtime.calls();
+    let stop = calls.iter().position(|c| *c == Call::Stop(id.clone()));
+    let remove = calls.iter().position(|c| *c == Call::Remove(id.clone()));
+    assert!(stop.is_some(), "container not stopped: {calls:?}");
+    assert!(
+        remove > stop,
+        "container not removed after the stop: {calls:?}"
+    );
+    // The paused clock only moves to the next timer: the stop came at the timeout.
+    assert!(t0.elapsed() >= Duration::from_secs(30));
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(
+        finished[0].outcome,
+        Outcome::TimedOut {
+            after: Duration::from_secs(30),
+            code: Some(STOPPED_CODE)
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_from_a_heartbeat_stops_the_container_and_reports_cancelled() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { w.execute(claim(None), None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    runtime.emit(&id, b"working\n");
+    until(|| control.log() == b"working\n").await;
+    assert!(!runtime.touched(&id), "stopped before any cancel");
+    control.set_heartbeat(LeaseStatus::Held { cancel: true });
+    task.await.expect("attempt task");
+    assert!(runtime.calls().contains(&Call::Stop(id.clone())));
+    assert!(!runtime.exists(&id), "container not removed");
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(
+        finished[0].outcome,
+        Outcome::Cancelled {
+            code: Some(STOPPED_CODE)
+        }
+    );
+    assert_eq!(finished[0].dropped, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_lease_reports_nothing_and_removes_the_container() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { w.execute(claim(None), None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    control.set_heartbeat(LeaseStatus::Lost);
+    task.await.expect("attempt task");
+    assert!(control.finished().is_empty(), "{:?}", control.finished());
+    assert!(runtime.calls().contains(&Call::Stop(id.clone())));
+    assert!(runtime.calls().contains(&Call::Remove(id.clone())));
+    assert!(!runtime.exists(&id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn exit_code_is_reported_and_output_stored() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { w.execute(claim(None), None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    runtime.emit(&id, b"one\n");
+    runtime.emit(&id, b"two\n");
+    runtime.exit(&id, 3);
+    task.await.expect("attempt task");
+    assert_eq!(control.log(), b"one\ntwo\n");
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].outcome, Outcome::Exited { code: 3 });
+    assert!(!runtime.exists(&id));
+}
+
+/// A create finds the attempt's name taken by a running container of an earlier life
+/// of this worker, and the control plane cannot say whether the attempt is still ours.
+/// Ending the attempt (`docker_error`) would let a retry start next to that container.
+#[tokio::test(start_paused = true)]
+async fn adopt_failing_settles_nothing_and_reconciliation_adopts_later() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let id = runtime.put_running(&claim(None), WORKER_ID, chrono::Utc::now());
+    runtime.emit(&id, b"before the restart\n");
+    control.set_adopt_fails(true);
+
+    w.execute(claim(None), None).await;
+    assert!(control.finished().is_empty(), "{:?}", control.finished());
+    assert!(!runtime.touched(&id), "{:?}", runtime.calls());
+    assert!(runtime.exists(&id));
+    assert!(control.adopts() > 1, "adopt was not retried");
+
+    // The control plane is back: the next reconciliation adopts the container.
+    control.set_adopt_fails(false);
+    control.set_adoptable(Some(claim(None)));
+    let running = TaskTracker::new();
+    w.reconcile(&running).await;
+    assert_eq!(running.len(), 1, "container not adopted");
+    until(|| control.log() == b"before the restart\n").await;
+    runtime.emit(&id, b"after\n");
+    runtime.exit(&id, 0);
+    running.close();
+    running.wait().await;
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].outcome, Outcome::Exited { code: 0 });
+    assert_eq!(control.log(), b"before the restart\nafter\n");
+    assert!(!runtime.exists(&id));
+    assert!(!runtime.calls().contains(&Call::Stop(id.clone())));
+}
+
+/// While an adopted container runs, a batch is refused by the log sink. The final
+/// read of the engine's log (from the start) must skip the refused bytes too, not
+/// store again the bytes that followed them.
+#[tokio::test(start_paused = true)]
+async fn adopted_container_with_a_dropped_batch_stores_no_duplicate() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let id = runtime.put_running(&claim(None), WORKER_ID, chrono::Utc::now());
+    runtime.emit(&id, b"aaa");
+    control.set_log(b"aaa");
+    control.set_adoptable(Some(claim(None)));
+    let running = TaskTracker::new();
+    w.reconcile(&running).await;
+    assert_eq!(running.len(), 1, "container not adopted");
+
+    control.set_append_mode(AppendMode::SinkFault);
+    runtime.emit(&id, b"bbb");
+    control.appended(1).await;
+    control.set_append_mode(AppendMode::Store);
+    runtime.emit(&id, b"ccc");
+    control.appended(2).await;
+    runtime.exit(&id, 0);
+    running.close();
+    running.wait().await;
+
+    assert_eq!(control.log(), b"aaaccc");
+    assert_eq!(control.sink_dropped(), 3);
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].outcome, Outcome::Exited { code: 0 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_container_is_stopped_and_removed() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let id = runtime.put_running(&claim(None), WORKER_ID, chrono::Utc::now());
+    control.set_adoptable(None);
+    let running = TaskTracker::new();
+    w.reconcile(&running).await;
+    assert!(running.is_empty());
+    assert!(runtime.calls().contains(&Call::Stop(id.clone())));
+    assert!(!runtime.exists(&id));
+    assert!(control.finished().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_attempts_without_a_container_are_released_or_finished() {
+    use crate::domain::ports::HeldAttempt;
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let unstarted = claim(None).lease;
+    let mut vanished = unstarted;
+    vanished.attempt = 2;
+    control.set_held(vec![
+        HeldAttempt {
+            lease: unstarted,
+            container_id: None,
+        },
+        HeldAttempt {
+            lease: vanished,
+            container_id: Some("gone".to_owned()),
+        },
+    ]);
+    let running = TaskTracker::new();
+    w.reconcile(&running).await;
+    assert_eq!(control.released(), vec![unstarted]);
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].lease, vanished);
+    assert!(matches!(finished[0].outcome, Outcome::DockerError { .. }));
+}
