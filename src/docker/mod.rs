@@ -175,6 +175,37 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// Every container (any state) matching a Docker `label=` filter (`key` or
+    /// `key=value`), inspected.
+    async fn list_by_label_filter(
+        &self,
+        filter: String,
+    ) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let docker = self.docker().await?;
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), vec![filter])])),
+            ..Default::default()
+        };
+        let listed = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(map_error)?;
+        let mut found = Vec::with_capacity(listed.len());
+        for summary in listed {
+            let Some(id) = summary.id else { continue };
+            // The summary has no exit code or OOM flag: inspect each one.
+            match self.inspect(&id).await {
+                Ok(info) => found.push(info),
+                Err(RuntimeError::NoSuchContainer(_)) => {} // removed meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(found)
+    }
+}
+
 #[async_trait]
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
@@ -264,30 +295,11 @@ impl ContainerRuntime for DockerRuntime {
         key: &str,
         value: &str,
     ) -> Result<Vec<ContainerInfo>, RuntimeError> {
-        let docker = self.docker().await?;
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([(
-                "label".to_owned(),
-                vec![format!("{key}={value}")],
-            )])),
-            ..Default::default()
-        };
-        let listed = docker
-            .list_containers(Some(options))
-            .await
-            .map_err(map_error)?;
-        let mut found = Vec::with_capacity(listed.len());
-        for summary in listed {
-            let Some(id) = summary.id else { continue };
-            // The summary has no exit code or OOM flag: inspect each one.
-            match self.inspect(&id).await {
-                Ok(info) => found.push(info),
-                Err(RuntimeError::NoSuchContainer(_)) => {} // removed meanwhile
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(found)
+        self.list_by_label_filter(format!("{key}={value}")).await
+    }
+
+    async fn list_with_label(&self, key: &str) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        self.list_by_label_filter(key.to_owned()).await
     }
 
     async fn inspect(&self, id: &str) -> Result<ContainerInfo, RuntimeError> {

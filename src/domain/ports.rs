@@ -124,6 +124,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         key: &str,
         value: &str,
     ) -> Result<Vec<ContainerInfo>, RuntimeError>;
+    /// Every container (any state) that has label `key`, whatever its value.
+    async fn list_with_label(&self, key: &str) -> Result<Vec<ContainerInfo>, RuntimeError>;
     /// One container by id or name.
     async fn inspect(&self, id: &str) -> Result<ContainerInfo, RuntimeError>;
     /// The container's whole output from its start; with `follow`, on until it exits.

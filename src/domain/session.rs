@@ -99,18 +99,28 @@ pub enum OrphanVerdict {
     Keep,
 }
 
-/// The rule for orphans: both the attempt and the owning session must be over. `attempt_running`
-/// is true while the store still has the attempt running under that worker.
+/// What the control plane knows of the attempt a container claims to belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptState {
+    /// No such run or attempt here: the container may be another installation's that
+    /// shares the engine, so it is never touched.
+    Unknown,
+    /// Running under the container's worker id.
+    Running,
+    /// Ended, or moved on to another worker.
+    Over,
+}
+
+/// The rule for orphans: the attempt must be known and over, and its worker's session
+/// known and over. Anything unknown is left alone.
 pub fn orphan_verdict(
-    attempt_running: bool,
+    attempt: AttemptState,
     owner: Option<&WorkerSession>,
     now: DateTime<Utc>,
 ) -> OrphanVerdict {
-    let owner_live = owner.is_some_and(|s| s.is_live(now));
-    if attempt_running || owner_live {
-        OrphanVerdict::Keep
-    } else {
-        OrphanVerdict::Remove
+    match (attempt, owner) {
+        (AttemptState::Over, Some(session)) if !session.is_live(now) => OrphanVerdict::Remove,
+        _ => OrphanVerdict::Keep,
     }
 }
 
@@ -194,25 +204,16 @@ mod tests {
     }
 
     #[test]
-    fn an_orphan_goes_only_when_its_attempt_and_its_session_are_over() {
+    fn an_orphan_goes_only_when_its_attempt_and_its_session_are_known_and_over() {
+        use AttemptState::*;
         let live = session("a", "h1", 30, None);
         let over = session("a", "h1", 30, Some(5));
-        assert_eq!(
-            orphan_verdict(true, Some(&over), t(10)),
-            OrphanVerdict::Keep
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&live), t(10)),
-            OrphanVerdict::Keep
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&live), t(31)),
-            OrphanVerdict::Remove
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&over), t(10)),
-            OrphanVerdict::Remove
-        );
-        assert_eq!(orphan_verdict(false, None, t(10)), OrphanVerdict::Remove);
+        assert_eq!(orphan_verdict(Running, Some(&over), t(10)), OrphanVerdict::Keep);
+        assert_eq!(orphan_verdict(Over, Some(&live), t(10)), OrphanVerdict::Keep);
+        assert_eq!(orphan_verdict(Over, Some(&live), t(31)), OrphanVerdict::Remove);
+        assert_eq!(orphan_verdict(Over, Some(&over), t(10)), OrphanVerdict::Remove);
+        // Unknown to this control plane: another installation's, never touched.
+        assert_eq!(orphan_verdict(Over, None, t(10)), OrphanVerdict::Keep);
+        assert_eq!(orphan_verdict(Unknown, Some(&over), t(10)), OrphanVerdict::Keep);
     }
 }

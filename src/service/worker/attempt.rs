@@ -161,6 +161,10 @@ impl Worker {
                     tracing::info!(message = "cancelled before the container was created");
                     return Ran::report(Outcome::Cancelled { code: None }, None, 0);
                 }
+                if lease.attempt > 1 {
+                    self.clear_earlier_attempts(lease.run_id, lease.attempt, claim.lease_ttl)
+                        .await;
+                }
                 let container = container_spec(claim, &self.config.worker_id);
                 match self.runtime.create(&container).await {
                     Ok(id) => return self.start_fresh(claim, keeper, id).await,
@@ -477,7 +481,7 @@ pub(super) fn container_spec(claim: &Claim, worker_id: &str) -> ContainerSpec {
         ("tasuki.run-id".to_owned(), run_id),
         ("tasuki.job".to_owned(), claim.job.clone()),
         ("tasuki.attempt".to_owned(), attempt),
-        ("tasuki.worker-id".to_owned(), worker_id.to_owned()),
+        (super::reconcile::WORKER_LABEL.to_owned(), worker_id.to_owned()),
     ]);
     ContainerSpec {
         name: container_name(claim),

@@ -16,8 +16,9 @@ use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
     AdoptResult, Claim, ClaimResult, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec,
     ContainerState, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, OutputChunk,
-    OutputStream, RunMessage, RuntimeError, Stream,
+    OutputStream, RunMessage, RuntimeError, SessionGrant, Stream,
 };
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +103,8 @@ pub(crate) struct FakeControl {
     adoptable: Mutex<Option<Claim>>,
     held: Mutex<Vec<HeldAttempt>>,
     released: Mutex<Vec<Lease>>,
+    /// Orphan verdicts by (run, attempt, worker id); unlisted ones are kept.
+    orphans: Mutex<HashMap<(RunId, u32, String), OrphanVerdict>>,
 }
 
 impl Default for FakeControl {
@@ -119,6 +122,7 @@ impl Default for FakeControl {
             adoptable: Mutex::new(None),
             held: Mutex::new(Vec::new()),
             released: Mutex::new(Vec::new()),
+            orphans: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -167,6 +171,9 @@ impl FakeControl {
     }
     pub fn released(&self) -> Vec<Lease> {
         locked(&self.released).clone()
+    }
+    pub fn set_orphan(&self, run_id: RunId, attempt: u32, worker_id: &str, v: OrphanVerdict) {
+        locked(&self.orphans).insert((run_id, attempt, worker_id.to_owned()), v);
     }
 }
 
@@ -273,6 +280,32 @@ impl ControlPlane for FakeControl {
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
         locked(&self.released).push(lease);
         Ok(LeaseStatus::Held { cancel: false })
+    }
+
+    async fn open_session(&self, _: &SessionRequest) -> Result<SessionGrant, ControlError> {
+        Ok(SessionGrant::Granted {
+            ttl: Duration::from_secs(3),
+        })
+    }
+
+    async fn renew_session(&self, _: &str, _: &str) -> Result<SessionRenewal, ControlError> {
+        Ok(SessionRenewal::Renewed)
+    }
+
+    async fn end_session(&self, _: &str, _: &str) -> Result<(), ControlError> {
+        Ok(())
+    }
+
+    async fn orphan_verdict(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+    ) -> Result<OrphanVerdict, ControlError> {
+        Ok(locked(&self.orphans)
+            .get(&(run_id, attempt, worker_id.to_owned()))
+            .copied()
+            .unwrap_or(OrphanVerdict::Keep))
     }
 }
 
@@ -481,6 +514,14 @@ impl ContainerRuntime for FakeRuntime {
         Ok(locked(&self.containers)
             .values()
             .filter(|c| c.info.labels.get(key).map(String::as_str) == Some(value))
+            .map(|c| c.info.clone())
+            .collect())
+    }
+
+    async fn list_with_label(&self, key: &str) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        Ok(locked(&self.containers)
+            .values()
+            .filter(|c| c.info.labels.contains_key(key))
             .map(|c| c.info.clone())
             .collect())
     }

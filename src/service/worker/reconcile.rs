@@ -15,9 +15,14 @@ use super::attempt::Existing;
 use super::{Active, Worker};
 use crate::domain::ports::{AdoptResult, ContainerInfo, ContainerState, HeldAttempt};
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::session::OrphanVerdict;
 
 /// Grace for stopping a container found to be stale (its run is someone else's now).
 const STALE_GRACE: Duration = Duration::from_secs(10);
+/// The label naming the worker id a container belongs to.
+pub(super) const WORKER_LABEL: &str = "tasuki.worker-id";
+/// How often a retry asks again about an earlier attempt's container it waits for.
+const ORPHAN_RECHECK: Duration = Duration::from_millis(500);
 
 impl Worker {
     /// Compare this worker's containers with the attempts the control plane says it
@@ -25,7 +30,7 @@ impl Worker {
     /// containers are carried on with as tasks of `running`.
     pub(super) async fn reconcile(self: &Arc<Self>, running: &TaskTracker) {
         let me = &self.config.worker_id;
-        let containers = match self.runtime.list_labelled("tasuki.worker-id", me).await {
+        let containers = match self.runtime.list_labelled(WORKER_LABEL, me).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(message = "reconciliation: listing containers failed", %error);
@@ -57,6 +62,115 @@ impl Worker {
                 continue;
             }
             self.settle_without_container(attempt).await;
+        }
+        self.remove_orphans().await;
+    }
+
+    /// Containers of other worker ids on this engine whose attempt is over and whose
+    /// worker's session is over: what a worker that vanished for good left running.
+    /// Removed, so they neither hold resources nor run beside a retry of their run.
+    async fn remove_orphans(&self) {
+        let containers = match self.runtime.list_with_label(WORKER_LABEL).await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(message = "reconciliation: listing all tasuki containers failed", %error);
+                return;
+            }
+        };
+        for container in containers {
+            let Some(owner) = container.labels.get(WORKER_LABEL) else {
+                continue;
+            };
+            if *owner == self.config.worker_id {
+                continue;
+            }
+            if let Some((run_id, attempt)) = attempt_of(&container) {
+                self.remove_if_orphan(&container, run_id, attempt).await;
+            }
+        }
+    }
+
+    /// Before the container of attempt N is created: containers of earlier attempts of
+    /// the same run still on this engine go first, each once the control plane confirms
+    /// it is over, so that a retry never overlaps the attempt it replaces here. An
+    /// orphan whose worker's session has not quite expired yet (its lease ran out a
+    /// moment earlier) is waited for, up to one lease TTL.
+    pub(super) async fn clear_earlier_attempts(&self, run_id: RunId, attempt: u32, ttl: Duration) {
+        let containers = match self
+            .runtime
+            .list_labelled("tasuki.run-id", &run_id.to_string())
+            .await
+        {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(message = "listing earlier attempts' containers failed", %error);
+                return;
+            }
+        };
+        for container in containers {
+            let Some((_, earlier)) = attempt_of(&container).filter(|(_, a)| *a < attempt) else {
+                continue;
+            };
+            let mine = container.labels.get(WORKER_LABEL) == Some(&self.config.worker_id);
+            if mine {
+                if !self.is_active((run_id, earlier)) {
+                    self.remove_if_stale(&container, run_id, earlier).await;
+                }
+            } else {
+                let deadline = tokio::time::Instant::now() + ttl;
+                while !self.remove_if_orphan(&container, run_id, earlier).await
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(ORPHAN_RECHECK).await;
+                }
+            }
+        }
+    }
+
+    /// True if the container was an orphan and is gone.
+    async fn remove_if_orphan(&self, container: &ContainerInfo, run_id: RunId, attempt: u32) -> bool {
+        let Some(owner) = container.labels.get(WORKER_LABEL) else {
+            return false;
+        };
+        match self.control.orphan_verdict(run_id, attempt, owner).await {
+            Ok(OrphanVerdict::Remove) => {
+                tracing::warn!(message = "container of a vanished worker removed: its attempt is over and its worker's session expired", %run_id, attempt, worker_id = %owner, container_id = %container.id);
+                self.stop_and_remove(container).await;
+                true
+            }
+            Ok(OrphanVerdict::Keep) => false,
+            Err(error) => {
+                tracing::warn!(message = "asking whether a container is orphaned failed; left alone", %run_id, %error);
+                false
+            }
+        }
+    }
+
+    /// One of our own containers of an attempt this process is not running: removed
+    /// only if the control plane says the attempt is not ours any more.
+    async fn remove_if_stale(&self, container: &ContainerInfo, run_id: RunId, attempt: u32) {
+        match self
+            .control
+            .adopt(run_id, attempt, &self.config.worker_id)
+            .await
+        {
+            Ok((AdoptResult::Stale, _)) => {
+                tracing::warn!(message = "stale container of an earlier attempt removed", %run_id, attempt, container_id = %container.id);
+                self.stop_and_remove(container).await;
+            }
+            // Still ours (a reconciliation will carry on with it), or unknown: leave it.
+            Ok((AdoptResult::Held(_), _)) | Err(_) => {}
+        }
+    }
+
+    async fn stop_and_remove(&self, container: &ContainerInfo) {
+        if container.state == ContainerState::Running
+            && let Err(error) = self.runtime.stop(&container.id, STALE_GRACE).await
+        {
+            tracing::warn!(message = "stopping container failed", container_id = %container.id, %error);
+        }
+        if let Err(error) = self.runtime.remove(&container.id).await {
+            tracing::warn!(message = "removing container failed", container_id = %container.id, %error);
         }
     }
 
@@ -102,12 +216,7 @@ impl Worker {
             Ok((AdoptResult::Held(claim), len)) => (claim, len),
             Ok((AdoptResult::Stale, _)) => {
                 tracing::warn!(message = "reconciliation: stale container removed", %run_id, attempt, container_id = %container.id);
-                if container.state == ContainerState::Running {
-                    let _ = self.runtime.stop(&container.id, STALE_GRACE).await;
-                }
-                if let Err(error) = self.runtime.remove(&container.id).await {
-                    tracing::warn!(message = "removing stale container failed", %error);
-                }
+                self.stop_and_remove(&container).await;
                 return;
             }
             // Whose it is stays unknown: leave it exactly as it is until an answer comes.

@@ -233,3 +233,54 @@ async fn held_attempts_without_a_container_are_released_or_finished() {
     assert_eq!(finished[0].lease, vanished);
     assert!(matches!(finished[0].outcome, Outcome::DockerError { .. }));
 }
+
+/// Containers of other worker ids: removed only when the control plane says both the
+/// attempt and its worker's session are over; everything else is left exactly as is.
+#[tokio::test(start_paused = true)]
+async fn orphans_of_vanished_workers_go_only_on_the_control_planes_word() {
+    use crate::domain::session::OrphanVerdict;
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let mut first = claim(None);
+    let mut second = claim(None);
+    first.lease.attempt = 1;
+    second.lease.attempt = 2;
+    let orphan = runtime.put_running(&first, "vanished-worker", chrono::Utc::now());
+    let alive = runtime.put_running(&second, "live-worker", chrono::Utc::now());
+    control.set_orphan(first.lease.run_id, 1, "vanished-worker", OrphanVerdict::Remove);
+    let running = TaskTracker::new();
+    w.reconcile(&running).await;
+    assert!(runtime.calls().contains(&Call::Stop(orphan.clone())));
+    assert!(!runtime.exists(&orphan));
+    assert!(!runtime.touched(&alive), "{:?}", runtime.calls());
+    assert!(runtime.exists(&alive));
+    assert!(control.finished().is_empty());
+}
+
+/// A retry's container is created only after the orphaned container of the attempt it
+/// replaces is gone from this engine: the two never run side by side here.
+#[tokio::test(start_paused = true)]
+async fn a_retry_removes_the_orphan_of_the_attempt_it_replaces_before_creating() {
+    use crate::domain::session::OrphanVerdict;
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let earlier = claim(None);
+    let orphan = runtime.put_running(&earlier, "vanished-worker", chrono::Utc::now());
+    control.set_orphan(earlier.lease.run_id, 1, "vanished-worker", OrphanVerdict::Remove);
+    let mut retry = claim(None);
+    retry.lease.attempt = 2;
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { w.execute(retry, None).await }
+    });
+    until(|| started(&runtime)).await;
+    let calls = runtime.calls();
+    let removed = calls.iter().position(|c| *c == Call::Remove(orphan.clone()));
+    let create = calls.iter().position(|c| matches!(c, Call::Create(_)));
+    assert!(removed.is_some(), "orphan not removed: {calls:?}");
+    assert!(removed < create, "created before the orphan was gone: {calls:?}");
+    let id = created(&runtime).expect("a container was created");
+    runtime.exit(&id, 0);
+    task.await.expect("attempt task");
+    assert_eq!(control.finished().len(), 1);
+}
