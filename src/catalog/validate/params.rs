@@ -138,6 +138,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::regex_error_summary;
+    use crate::domain::job::ParamSpec;
     use crate::catalog::testing::*;
 
     #[test]
@@ -229,7 +230,7 @@ mod tests {
 
     #[test]
     fn regex_errors_keep_one_line() {
-        let e = regex::Regex::new("(").unwrap_err();
+        let e = ParamSpec::anchored_pattern("(").unwrap_err();
         let summary = regex_error_summary(&e);
         assert!(!summary.contains('\n'), "{summary}");
         assert!(!summary.is_empty());
