@@ -1,6 +1,7 @@
 //! Pure types and rules: no tokio, axum, lapin, bollard or sqlx here.
 
 pub mod job;
+pub mod job_lookup;
 pub mod ports;
 pub mod retry;
 pub mod run;
