@@ -497,6 +497,9 @@ pub trait LogSink: Send + Sync + 'static {
         offset: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, LogError>;
+    /// Make what the attempt's log holds durable (fsync). Called once per attempt,
+    /// before its final state is stored, so a stored end never outlives its log's end.
+    async fn sync(&self, run_id: RunId, attempt: u32) -> Result<(), LogError>;
     /// Bytes stored for the attempt so far.
     async fn len(&self, run_id: RunId, attempt: u32) -> Result<u64, LogError>;
     /// Up to `max` bytes of the attempt's log from `offset` (empty at the end).
