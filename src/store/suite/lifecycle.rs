@@ -1,11 +1,10 @@
-//! The store's behaviour, as any implementation must show it: each test is a function
-//! of a fresh store, and `store_suite!(open)` turns them all into `#[tokio::test]`s for
-//! one backend (`open` makes a fresh, empty store and whatever keeps it alive).
+//! Runs from acceptance to their final state: outbox, claims, leases, retries, cancel,
+//! idempotency keys, release and adoption.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
@@ -14,41 +13,6 @@ use crate::domain::ports::{
 };
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, ReasonCode, RunId, RunStatus};
-use crate::domain::session::{
-    OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
-};
-
-/// Every test of the suite, for one backend: `open` is an async fn returning
-/// `(store, keep_alive)`.
-macro_rules! store_suite {
-    ($open:path) => {
-        $crate::store::suite::store_suite!(@each $open;
-            a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_epoch,
-            unclaimed_runs_are_published_again_for_a_volatile_queue,
-            retry_rules_queue_the_next_attempt_after_its_backoff,
-            expired_leases_become_lost_and_a_person_can_retry,
-            cancel_ends_a_queued_run_and_flags_a_running_one,
-            idempotency_keys_return_the_first_run,
-            an_unstarted_attempt_can_be_released_and_an_adopted_one_renewed,
-            only_unclaimed_due_runs_sent_long_ago_are_published_again,
-            a_session_is_opened_refused_to_another_host_and_reopened_by_its_own_process,
-            a_live_session_is_replaced_from_its_own_host_only_with_the_host_lock,
-            an_expired_or_ended_session_gives_the_id_away,
-            a_superseded_or_ended_session_is_not_renewed,
-            an_orphan_goes_only_once_its_attempt_and_its_session_are_over,
-        );
-    };
-    (@each $open:path; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $name() {
-                let (store, _keep) = $open().await;
-                $crate::store::suite::$name(&store).await;
-            }
-        )*
-    };
-}
-pub(crate) use store_suite;
 
 pub(crate) fn new_run() -> NewRun {
     NewRun {
@@ -190,7 +154,12 @@ pub(crate) async fn unclaimed_runs_are_published_again_for_a_volatile_queue(stor
     assert_eq!(pending[0].message.run_id, waiting.id);
 }
 
-async fn claimed(store: &dyn RunStore, run: &NewRun, attempt: u32, ttl: Duration) -> Claim {
+pub(crate) async fn claimed(
+    store: &dyn RunStore,
+    run: &NewRun,
+    attempt: u32,
+    ttl: Duration,
+) -> Claim {
     let message = RunMessage {
         run_id: run.id,
         attempt,
@@ -446,262 +415,142 @@ pub(crate) async fn only_unclaimed_due_runs_sent_long_ago_are_published_again(
     assert_eq!(pending[0].message.run_id, waiting.id);
 }
 
-/// Now, to the millisecond the store keeps.
-fn now_ms() -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap_or_default()
-}
-
-fn secs(n: i64) -> chrono::Duration {
-    chrono::Duration::seconds(n)
-}
-
-const SESSION_TTL: Duration = Duration::from_secs(30);
-
-fn request(worker_id: &str, instance: &str, host: &str, lock: bool) -> SessionRequest {
-    SessionRequest {
-        worker_id: worker_id.into(),
-        instance: instance.into(),
-        host: host.into(),
-        pid: 42,
-        holds_host_lock: lock,
-    }
-}
-
-async fn stored_session(store: &dyn RunStore, worker_id: &str) -> WorkerSession {
-    match store.session(worker_id).await.unwrap() {
-        Some(s) => s,
-        None => panic!("no session for {worker_id}"),
-    }
-}
-
-pub(crate) async fn a_session_is_opened_refused_to_another_host_and_reopened_by_its_own_process(
+pub(crate) async fn a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished(
     store: &dyn RunStore,
 ) {
-    let now = now_ms();
-    assert_eq!(store.session("w1").await.unwrap(), None);
-    let a = request("w1", "a", "h1", true);
+    let ttl = Duration::from_secs(30);
+    let now = Utc::now();
+    // Given back before its container started, after a cancel: final, never published.
+    let released = new_run();
+    store.insert_run(&released, None).await.unwrap();
+    let sent: Vec<i64> = store
+        .pending_outbox(10, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    store.mark_outbox_sent(&sent, now).await.unwrap();
+    let claim = claimed(store, &released, 1, ttl).await;
     assert_eq!(
-        store.open_session(&a, SESSION_TTL, now).await.unwrap(),
-        SessionDecision::Open { previous: None }
+        store.cancel(released.id, now).await.unwrap(),
+        CancelResult::Requested
     );
-    let live = stored_session(store, "w1").await;
     assert_eq!(
-        live,
-        WorkerSession {
-            worker_id: "w1".into(),
-            instance: "a".into(),
-            host: "h1".into(),
-            pid: 42,
-            started_at: now,
-            expires_at: now + secs(30),
-            ended_at: None,
-        }
+        store.release(claim.lease, now).await.unwrap(),
+        LeaseStatus::Held { cancel: false }
     );
-    // Another host's process, even with its own host's lock, is refused while it lives.
-    let b = request("w1", "b", "h2", true);
+    let stored = store.get_run(released.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.attempt), (RunStatus::Cancelled, 0));
     assert_eq!(
+        stored.reason.as_deref(),
+        Some("cancelled before it started")
+    );
+    assert_eq!(stored.reason_code, Some(ReasonCode::Cancelled));
+    assert!(stored.finished_at.is_some() && stored.attempts.is_empty());
+    assert!(
         store
-            .open_session(&b, SESSION_TTL, now + secs(10))
+            .pending_outbox(10, now)
             .await
-            .unwrap(),
-        SessionDecision::Refuse { live: live.clone() }
+            .unwrap()
+            .iter()
+            .all(|e| e.message.run_id != released.id)
     );
-    assert_eq!(
-        stored_session(store, "w1").await,
-        live,
-        "a refusal changes nothing"
-    );
-    // The same process asking again (a retried request) keeps its session, pushed on.
-    assert_eq!(
-        store
-            .open_session(&a, SESSION_TTL, now + secs(20))
-            .await
-            .unwrap(),
-        SessionDecision::Reopen
-    );
-    let kept = stored_session(store, "w1").await;
-    assert_eq!(kept.started_at, now);
-    assert_eq!(kept.expires_at, now + secs(50));
-    // Sessions of other worker ids are their own.
-    assert_eq!(
-        store
-            .open_session(&request("w2", "b", "h2", false), SESSION_TTL, now)
-            .await
-            .unwrap(),
-        SessionDecision::Open { previous: None }
-    );
-}
-
-pub(crate) async fn a_live_session_is_replaced_from_its_own_host_only_with_the_host_lock(
-    store: &dyn RunStore,
-) {
-    let now = now_ms();
-    let a = request("w1", "a", "h1", true);
-    store.open_session(&a, SESSION_TTL, now).await.unwrap();
-    let crashed = stored_session(store, "w1").await;
-    assert!(matches!(
-        store
-            .open_session(&request("w1", "b", "h1", false), SESSION_TTL, now + secs(5))
-            .await
-            .unwrap(),
-        SessionDecision::Refuse { .. }
-    ));
-    let b = SessionRequest {
-        pid: 43,
-        ..request("w1", "b", "h1", true)
+    // Its worker vanished after the cancel: cancelled, not lost, and not retried.
+    let mut vanished = new_run();
+    vanished.retry = RetryPolicy {
+        max_attempts: 3,
+        on: [ReasonCode::Lost, ReasonCode::Cancelled].into(),
+        ..RetryPolicy::default()
     };
-    assert_eq!(
-        store
-            .open_session(&b, SESSION_TTL, now + secs(5))
-            .await
-            .unwrap(),
-        SessionDecision::Open {
-            previous: Some(crashed)
-        }
-    );
-    let new = stored_session(store, "w1").await;
-    assert_eq!((new.instance.as_str(), new.pid), ("b", 43));
-    assert_eq!(new.started_at, now + secs(5));
-    assert_eq!(new.expires_at, now + secs(35));
-    assert_eq!(new.ended_at, None);
-}
-
-pub(crate) async fn an_expired_or_ended_session_gives_the_id_away(store: &dyn RunStore) {
-    let now = now_ms();
+    store.insert_run(&vanished, None).await.unwrap();
+    let claim = claimed(store, &vanished, 1, Duration::from_millis(10)).await;
     store
-        .open_session(&request("w1", "a", "h1", false), SESSION_TTL, now)
+        .mark_started(claim.lease, "c1", Duration::from_millis(10), now)
         .await
         .unwrap();
-    let expired = stored_session(store, "w1").await;
-    let b = request("w1", "b", "h2", false);
-    assert_eq!(
-        store
-            .open_session(&b, SESSION_TTL, now + secs(30))
-            .await
-            .unwrap(),
-        SessionDecision::Open {
-            previous: Some(expired)
-        }
-    );
-    store.end_session("w1", "b", now + secs(31)).await.unwrap();
-    let ended = stored_session(store, "w1").await;
-    assert_eq!(ended.ended_at, Some(now + secs(31)));
-    let c = request("w1", "c", "h3", false);
-    assert_eq!(
-        store
-            .open_session(&c, SESSION_TTL, now + secs(32))
-            .await
-            .unwrap(),
-        SessionDecision::Open {
-            previous: Some(ended)
-        }
-    );
-    assert_eq!(stored_session(store, "w1").await.ended_at, None);
+    store.cancel(vanished.id, now).await.unwrap();
+    let later = now + chrono::Duration::seconds(1);
+    assert_eq!(store.expire_leases(later).await.unwrap(), vec![vanished.id]);
+    let stored = store.get_run(vanished.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Cancelled);
+    assert_eq!(stored.attempts[0].status, RunStatus::Cancelled);
+    assert!(stored.reason.unwrap_or_default().contains("w1"));
+    // Expiry is decided once: nothing is left to expire.
+    assert!(store.expire_leases(later).await.unwrap().is_empty());
 }
 
-pub(crate) async fn a_superseded_or_ended_session_is_not_renewed(store: &dyn RunStore) {
-    let now = now_ms();
-    store
-        .open_session(&request("w1", "a", "h1", false), SESSION_TTL, now)
-        .await
-        .unwrap();
-    // Silent past its TTL but not replaced: a slow process, still renewable.
-    assert_eq!(
-        store
-            .renew_session("w1", "a", SESSION_TTL, now + secs(40))
-            .await
-            .unwrap(),
-        SessionRenewal::Renewed
-    );
-    assert_eq!(stored_session(store, "w1").await.expires_at, now + secs(70));
-    // Taken over after it expired again: the old process learns it at its next beat.
-    store
-        .open_session(
-            &request("w1", "b", "h2", false),
-            SESSION_TTL,
-            now + secs(71),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .renew_session("w1", "a", SESSION_TTL, now + secs(72))
-            .await
-            .unwrap(),
-        SessionRenewal::Superseded
-    );
-    // Its goodbye does not end the new owner's session.
-    store.end_session("w1", "a", now + secs(72)).await.unwrap();
-    let owner = stored_session(store, "w1").await;
-    assert_eq!((owner.instance.as_str(), owner.ended_at), ("b", None));
-    assert_eq!(owner.expires_at, now + secs(101));
-    assert_eq!(
-        store
-            .renew_session("w1", "b", SESSION_TTL, now + secs(80))
-            .await
-            .unwrap(),
-        SessionRenewal::Renewed
-    );
-    store.end_session("w1", "b", now + secs(81)).await.unwrap();
-    assert_eq!(
-        store
-            .renew_session("w1", "b", SESSION_TTL, now + secs(82))
-            .await
-            .unwrap(),
-        SessionRenewal::Superseded,
-        "an ended session stays ended"
-    );
-    assert_eq!(
-        store
-            .renew_session("nobody", "x", SESSION_TTL, now)
-            .await
-            .unwrap(),
-        SessionRenewal::Superseded
-    );
-}
-
-pub(crate) async fn an_orphan_goes_only_once_its_attempt_and_its_session_are_over(
-    store: &dyn RunStore,
-) {
-    let now = now_ms();
+pub(crate) async fn writes_under_a_stale_or_ended_lease_are_refused(store: &dyn RunStore) {
+    let ttl = Duration::from_secs(30);
+    let now = Utc::now();
     let run = new_run();
     store.insert_run(&run, None).await.unwrap();
-    store
-        .open_session(&request("w1", "a", "h1", false), SESSION_TTL, now)
-        .await
-        .unwrap();
-    let claim = claimed(store, &run, 1, Duration::from_secs(3600)).await;
-    let verdict = |at: DateTime<Utc>, worker: &'static str| {
-        let run_id = run.id;
-        async move { store.orphan_verdict(run_id, 1, worker, at).await.unwrap() }
+    let claim = claimed(store, &run, 1, ttl).await;
+    let stale = Lease {
+        epoch: claim.lease.epoch - 1,
+        ..claim.lease
     };
-    // Running under w1: kept, even once w1's session is long over.
-    assert_eq!(verdict(now, "w1").await, OrphanVerdict::Keep);
-    assert_eq!(verdict(now + secs(60), "w1").await, OrphanVerdict::Keep);
-    // Not running under another worker id, which has no session: that one's goes.
-    assert_eq!(verdict(now, "w2").await, OrphanVerdict::Remove);
+    assert_eq!(
+        store.mark_started(stale, "c1", ttl, now).await.unwrap(),
+        LeaseStatus::Lost
+    );
+    assert_eq!(
+        store.renew_lease(stale, ttl, now).await.unwrap(),
+        LeaseStatus::Lost
+    );
+    assert_eq!(store.release(stale, now).await.unwrap(), LeaseStatus::Lost);
+    assert!(!store.lease_is_current(stale).await.unwrap());
+    assert!(store.lease_is_current(claim.lease).await.unwrap());
+    // Output lost under a stale lease is not counted; under the current one it is.
+    store.add_log_dropped(stale, 5).await.unwrap();
+    store.add_log_dropped(claim.lease, 7).await.unwrap();
     store
-        .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, now)
+        .finish(claim.lease, &Outcome::Exited { code: 0 }, 3, now)
         .await
         .unwrap();
-    // The attempt is over but its worker is alive and may still deal with it.
-    assert_eq!(verdict(now + secs(10), "w1").await, OrphanVerdict::Keep);
-    assert_eq!(verdict(now + secs(30), "w1").await, OrphanVerdict::Remove);
-    store.end_session("w1", "a", now + secs(5)).await.unwrap();
-    assert_eq!(verdict(now + secs(10), "w1").await, OrphanVerdict::Remove);
-    // Unknown runs and attempts are not running.
+    let stored = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Succeeded);
+    assert_eq!(stored.log_dropped_bytes, 10);
+    assert_eq!(stored.attempts[0].log_dropped_bytes, 10);
+    // Ended: no heartbeat, start or release holds any more; output still counts.
     assert_eq!(
-        store
-            .orphan_verdict(RunId::new(), 1, "w1", now + secs(10))
-            .await
-            .unwrap(),
-        OrphanVerdict::Remove
+        store.renew_lease(claim.lease, ttl, now).await.unwrap(),
+        LeaseStatus::Lost
     );
     assert_eq!(
+        store.release(claim.lease, now).await.unwrap(),
+        LeaseStatus::Lost
+    );
+    assert!(store.lease_is_current(claim.lease).await.unwrap());
+    assert!(matches!(
+        store.adopt(run.id, 1, "w1", ttl, now).await.unwrap(),
+        AdoptResult::Stale
+    ));
+    assert!(matches!(
+        store.adopt(RunId::new(), 1, "w1", ttl, now).await.unwrap(),
+        AdoptResult::Stale
+    ));
+    assert_eq!(
+        store.retry(run.id, now).await.unwrap(),
+        RetryResult::NotRetryable(RunStatus::Succeeded)
+    );
+    assert_eq!(
+        store.retry(RunId::new(), now).await.unwrap(),
+        RetryResult::UnknownRun
+    );
+    assert!(matches!(
         store
-            .orphan_verdict(run.id, 2, "nobody", now)
+            .claim(
+                RunMessage {
+                    run_id: RunId::new(),
+                    attempt: 1
+                },
+                "w1",
+                ttl,
+                now
+            )
             .await
             .unwrap(),
-        OrphanVerdict::Remove
-    );
+        ClaimResult::UnknownRun
+    ));
 }
