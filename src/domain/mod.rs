@@ -6,6 +6,8 @@ pub mod ports;
 pub mod retry;
 pub mod run;
 pub mod session;
+pub mod store;
+pub mod transition;
 
 #[cfg(test)]
 mod tidy {

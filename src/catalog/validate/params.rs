@@ -138,8 +138,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::regex_error_summary;
-    use crate::domain::job::ParamSpec;
     use crate::catalog::testing::*;
+    use crate::domain::job::ParamSpec;
 
     #[test]
     fn undeclared_param_reference() {

@@ -12,10 +12,13 @@ use tokio::sync::Notify;
 use super::*;
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
-    CancelResult, Claim, IdempotencyKey, Inserted, LogError, NewRun, OutboxBacklog, OutboxEntry,
-    RetryResult, RunFilter, Stream,
+    CancelResult, Claim, IdempotencyKey, Inserted, Leases, LogError, NewRun, Outbox, OutboxBacklog,
+    OutboxEntry, Reconciliation, RetryResult, RunFilter, RunRecords, Stream,
 };
 use crate::domain::run::{Run, RunStatus};
+use crate::domain::session::{
+    OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
+};
 
 /// What the fakes saw, in order, and the attempt's state.
 #[derive(Default)]
@@ -67,7 +70,73 @@ fn spec() -> ResolvedSpec {
 }
 
 #[async_trait]
-impl RunStore for FakeStore {
+impl RunRecords for FakeStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn insert_run(
+        &self,
+        _run: &NewRun,
+        _key: Option<&IdempotencyKey>,
+    ) -> Result<Inserted, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn get_run(&self, _id: RunId) -> Result<Option<Run>, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn list_runs(&self, _filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn cancel(&self, _id: RunId, _now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn retry(&self, _id: RunId, _now: DateTime<Utc>) -> Result<RetryResult, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+}
+
+#[async_trait]
+impl Outbox for FakeStore {
+    async fn pending_outbox(
+        &self,
+        _limit: u32,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn mark_outbox_sent(&self, _ids: &[i64], _now: DateTime<Utc>) -> Result<(), StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn mark_outbox_failed(&self, _id: i64, _error: &str) -> Result<(), StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn outbox_backlog(&self, _now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn requeue_unclaimed(&self) -> Result<u64, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn republish_unclaimed(
+        &self,
+        _sent_before: DateTime<Utc>,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+}
+
+#[async_trait]
+impl Leases for FakeStore {
     async fn claim(
         &self,
         message: RunMessage,
@@ -98,14 +167,23 @@ impl RunStore for FakeStore {
         })))
     }
 
-    async fn release(&self, lease: Lease, _now: DateTime<Utc>) -> Result<LeaseStatus, StoreError> {
-        let mut w = self.0.world();
-        if w.epoch != Some(lease.epoch) {
-            return Ok(LeaseStatus::Lost);
-        }
-        w.epoch = None;
-        w.events.push(format!("release {}", lease.epoch));
-        Ok(LeaseStatus::Held { cancel: false })
+    async fn mark_started(
+        &self,
+        _lease: Lease,
+        _container_id: &str,
+        _lease_ttl: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<LeaseStatus, StoreError> {
+        unimplemented!("not used by these tests")
+    }
+
+    async fn renew_lease(
+        &self,
+        _lease: Lease,
+        _lease_ttl: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<LeaseStatus, StoreError> {
+        unimplemented!("not used by these tests")
     }
 
     async fn finish(
@@ -137,77 +215,27 @@ impl RunStore for FakeStore {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn insert_run(
-        &self,
-        _run: &NewRun,
-        _key: Option<&IdempotencyKey>,
-    ) -> Result<Inserted, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn get_run(&self, _id: RunId) -> Result<Option<Run>, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn list_runs(&self, _filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn cancel(&self, _id: RunId, _now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn retry(&self, _id: RunId, _now: DateTime<Utc>) -> Result<RetryResult, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
     async fn expire_leases(&self, _now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError> {
         Ok(Vec::new())
     }
-    async fn pending_outbox(
-        &self,
-        _limit: u32,
-        _now: DateTime<Utc>,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        unimplemented!("not used by the control plane")
+
+    async fn release(&self, lease: Lease, _now: DateTime<Utc>) -> Result<LeaseStatus, StoreError> {
+        let mut w = self.0.world();
+        if w.epoch != Some(lease.epoch) {
+            return Ok(LeaseStatus::Lost);
+        }
+        w.epoch = None;
+        w.events.push(format!("release {}", lease.epoch));
+        Ok(LeaseStatus::Held { cancel: false })
     }
-    async fn mark_outbox_sent(&self, _ids: &[i64], _now: DateTime<Utc>) -> Result<(), StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn mark_outbox_failed(&self, _id: i64, _error: &str) -> Result<(), StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn outbox_backlog(&self, _now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn requeue_unclaimed(&self) -> Result<u64, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn republish_unclaimed(
-        &self,
-        _sent_before: DateTime<Utc>,
-        _now: DateTime<Utc>,
-    ) -> Result<Vec<RunId>, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-    async fn mark_started(
-        &self,
-        _lease: Lease,
-        _container_id: &str,
-        _lease_ttl: Duration,
-        _now: DateTime<Utc>,
-    ) -> Result<LeaseStatus, StoreError> {
-        unimplemented!("not used by these tests")
-    }
-    async fn renew_lease(
-        &self,
-        _lease: Lease,
-        _lease_ttl: Duration,
-        _now: DateTime<Utc>,
-    ) -> Result<LeaseStatus, StoreError> {
-        unimplemented!("not used by these tests")
-    }
+}
+
+#[async_trait]
+impl Reconciliation for FakeStore {
     async fn held_attempts(&self, _worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError> {
         unimplemented!("not used by these tests")
     }
+
     async fn adopt(
         &self,
         _run_id: RunId,
@@ -217,6 +245,48 @@ impl RunStore for FakeStore {
         _now: DateTime<Utc>,
     ) -> Result<AdoptResult, StoreError> {
         unimplemented!("not used by these tests")
+    }
+
+    async fn open_session(
+        &self,
+        _request: &SessionRequest,
+        _ttl: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<SessionDecision, StoreError> {
+        Ok(SessionDecision::Open { previous: None })
+    }
+
+    async fn renew_session(
+        &self,
+        _worker_id: &str,
+        _instance: &str,
+        _ttl: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<SessionRenewal, StoreError> {
+        Ok(SessionRenewal::Renewed)
+    }
+
+    async fn end_session(
+        &self,
+        _worker_id: &str,
+        _instance: &str,
+        _now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn session(&self, _worker_id: &str) -> Result<Option<WorkerSession>, StoreError> {
+        Ok(None)
+    }
+
+    async fn orphan_verdict(
+        &self,
+        _run_id: RunId,
+        _attempt: u32,
+        _worker_id: &str,
+        _now: DateTime<Utc>,
+    ) -> Result<OrphanVerdict, StoreError> {
+        Ok(OrphanVerdict::Keep)
     }
 }
 
