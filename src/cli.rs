@@ -10,8 +10,9 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::catalog::Catalog;
-use crate::client::{ApiClient, ClientError, RunInfo};
+use crate::client::{ApiClient, ClientError};
 use crate::config::{LogsArgs, RunArgs, StatusArgs};
+use crate::protocol::api::{ReasonCodeV1, RunStatusV1, RunV1};
 
 /// Exit codes for outcomes the job itself did not choose (as `timeout(1)` and
 /// `docker run` use them).
@@ -29,14 +30,14 @@ pub mod exit {
 }
 
 /// The exit code that stands for a finished run.
-pub fn exit_code_for(run: &RunInfo) -> u8 {
-    match (run.status.as_str(), run.reason_code.as_deref()) {
-        ("succeeded", _) => 0,
-        ("timed_out", _) => exit::TIMED_OUT,
-        ("cancelled", _) => exit::CANCELLED,
-        ("lost", _) => exit::LOST,
-        (_, Some("oom_killed")) => exit::OOM_KILLED,
-        (_, Some("exit_code")) => match run.exit_code {
+pub fn exit_code_for(run: &RunV1) -> u8 {
+    match (&run.status, &run.reason_code) {
+        (RunStatusV1::Succeeded, _) => 0,
+        (RunStatusV1::TimedOut, _) => exit::TIMED_OUT,
+        (RunStatusV1::Cancelled, _) => exit::CANCELLED,
+        (RunStatusV1::Lost, _) => exit::LOST,
+        (_, Some(ReasonCodeV1::OomKilled)) => exit::OOM_KILLED,
+        (_, Some(ReasonCodeV1::ExitCode)) => match run.exit_code {
             // A job that exited non-zero must never read as success.
             Some(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
             None => exit::PLATFORM,
@@ -45,7 +46,7 @@ pub fn exit_code_for(run: &RunInfo) -> u8 {
     }
 }
 
-fn summary(run: &RunInfo) -> String {
+fn summary(run: &RunV1) -> String {
     let exit_code = run
         .exit_code
         .map_or_else(|| "none".to_owned(), |c| c.to_string());
@@ -129,7 +130,7 @@ async fn create_with_retries(
     job: &str,
     params: &BTreeMap<String, String>,
     key: &str,
-) -> Result<RunInfo, ClientError> {
+) -> Result<RunV1, ClientError> {
     let mut pause = Duration::from_millis(250);
     let mut tries = 0;
     loop {
@@ -174,7 +175,7 @@ pub async fn run_action(args: StatusArgs, action: &str) -> ExitCode {
 /// Stream the run's output to stdout until it is final. The server ends a follow
 /// stream only when the run is final; a stream that breaks earlier (server restart,
 /// network) is resumed at the byte where it stopped, so nothing is printed twice.
-async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunInfo, ClientError> {
+async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunV1, ClientError> {
     let mut stdout = std::io::stdout();
     let mut written = 0u64;
     let mut failures = 0u32;
@@ -193,7 +194,7 @@ async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunInfo, ClientE
             Err(_) => {}
         }
         match client.get_run(id, None).await {
-            Ok(run) if run.status != "queued" && run.status != "running" => return Ok(run),
+            Ok(run) if !run.status.is_pending() => return Ok(run),
             Ok(_) => {}
             Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
@@ -287,16 +288,24 @@ pub fn check_jobs(dir: &Path) -> ExitCode {
 mod tests {
     use super::*;
 
-    fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunInfo {
-        RunInfo {
+    fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunV1 {
+        RunV1 {
             id: "r".into(),
             job: "j".into(),
-            status: status.into(),
+            status: RunStatusV1::from(status.to_owned()),
+            params: BTreeMap::new(),
             exit_code: code,
             reason: None,
-            reason_code: reason.map(str::to_owned),
+            reason_code: reason.map(|r| ReasonCodeV1::from(r.to_owned())),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            started_at: None,
+            finished_at: None,
             attempt: 1,
-            rest: Default::default(),
+            attempts: Vec::new(),
+            cancel_requested: false,
+            not_before: None,
+            logs_truncated: false,
+            log_dropped_bytes: 0,
         }
     }
 
@@ -329,5 +338,8 @@ mod tests {
             130
         );
         assert_eq!(exit_code_for(&run("lost", None, Some("lost"))), 129);
+        // Text from a newer server: not a job's own outcome, so the platform's code.
+        assert_eq!(exit_code_for(&run("paused", Some(0), None)), 125);
+        assert_eq!(exit_code_for(&run("failed", Some(3), Some("gone"))), 125);
     }
 }

@@ -304,13 +304,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     tracing::info!(message = "listening", %addr);
     let stop = shutdown.clone();
     let flag = accepting.clone();
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(async move {
-            stop.cancelled().await;
-            flag.store(false, Ordering::SeqCst);
-        })
-        .await
-        .context("serving HTTP")?;
+    http::serve(listener, http::router(state), async move {
+        stop.cancelled().await;
+        flag.store(false, Ordering::SeqCst);
+    })
+    .await
+    .context("serving HTTP")?;
     tasks.close();
     tasks.wait().await;
     tracing::info!(message = "stopped");

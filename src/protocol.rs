@@ -1,6 +1,9 @@
 //! Wire formats shared by both sides: the AMQP run message, the worker protocol between
 //! `tasuki worker` and `tasuki serve`, and the frozen run spec (also how the store keeps
 //! it). Serde lives here so a change to a domain type never silently changes a format.
+//! The public API's run JSON is in [`api`].
+
+pub mod api;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -6,19 +6,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-/// A run as the API returns it; only the fields the CLI reads.
-#[derive(Debug, Clone, Deserialize)]
-pub struct RunInfo {
-    pub id: String,
-    pub job: String,
-    pub status: String,
-    pub exit_code: Option<i64>,
-    pub reason: Option<String>,
-    pub reason_code: Option<String>,
-    pub attempt: u32,
-    #[serde(flatten)]
-    pub rest: serde_json::Map<String, serde_json::Value>,
-}
+use crate::protocol::api::RunV1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -110,12 +98,12 @@ impl ApiClient {
     async fn run_info(
         &self,
         response: Result<reqwest::Response, reqwest::Error>,
-    ) -> Result<RunInfo, ClientError> {
+    ) -> Result<RunV1, ClientError> {
         let response = self
             .check(response.map_err(|e| self.unreachable(e))?)
             .await?;
         response
-            .json::<RunInfo>()
+            .json::<RunV1>()
             .await
             .map_err(|e| self.unreachable(format!("reading answer: {e}")))
     }
@@ -127,7 +115,7 @@ impl ApiClient {
         job: &str,
         params: &BTreeMap<String, String>,
         idempotency_key: Option<&str>,
-    ) -> Result<RunInfo, ClientError> {
+    ) -> Result<RunV1, ClientError> {
         let url = format!("{}/v1/jobs/{job}/runs", self.base);
         let mut request = self.http.post(url).json(&json!({ "params": params }));
         if let Some(key) = idempotency_key {
@@ -153,7 +141,7 @@ impl ApiClient {
     }
 
     /// The run; with `wait`, held until it is final or the wait passes.
-    pub async fn get_run(&self, id: &str, wait: Option<Duration>) -> Result<RunInfo, ClientError> {
+    pub async fn get_run(&self, id: &str, wait: Option<Duration>) -> Result<RunV1, ClientError> {
         let mut request = self.http.get(format!("{}/v1/runs/{id}", self.base));
         if let Some(w) = wait {
             request = request.query(&[("wait", w.as_secs().max(1))]);

@@ -4,5 +4,5 @@
 mod api;
 mod control;
 
-pub use api::{ApiClient, ClientError, RunInfo};
+pub use api::{ApiClient, ClientError};
 pub use control::HttpControlPlane;

@@ -1,10 +1,13 @@
 //! Pure types and rules: no tokio, axum, lapin, bollard or sqlx here.
 
 pub mod job;
+pub mod job_lookup;
 pub mod ports;
 pub mod retry;
 pub mod run;
 pub mod session;
+pub mod store;
+pub mod transition;
 
 #[cfg(test)]
 mod tidy {

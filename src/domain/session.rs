@@ -85,6 +85,22 @@ pub enum SessionRenewal {
     Superseded,
 }
 
+/// The rule for a heartbeat: renewed while the stored session is still this instance's
+/// and not ended. An expired one nobody replaced yet is renewed: the process was slow,
+/// not gone.
+pub fn decide_renewal(current: Option<&WorkerSession>, instance: &str) -> SessionRenewal {
+    match current {
+        Some(s) if s.instance == instance && s.ended_at.is_none() => SessionRenewal::Renewed,
+        _ => SessionRenewal::Superseded,
+    }
+}
+
+/// A goodbye ends the stored session only while it is this instance's (and not ended
+/// already, so the first goodbye's time stands).
+pub fn may_end(current: Option<&WorkerSession>, instance: &str) -> bool {
+    current.is_some_and(|s| s.instance == instance && s.ended_at.is_none())
+}
+
 /// How long a session lives without a heartbeat.
 pub fn session_expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
@@ -202,6 +218,23 @@ mod tests {
             SessionDecision::Reopen
         );
     }
+
+    #[test]
+    fn only_the_holding_instance_renews_or_ends_its_session() {
+        let live = session("a", "h1", 30, None);
+        let ended = session("a", "h1", 30, Some(5));
+        assert_eq!(decide_renewal(Some(&live), "a"), SessionRenewal::Renewed);
+        assert_eq!(decide_renewal(Some(&live), "b"), SessionRenewal::Superseded);
+        assert_eq!(
+            decide_renewal(Some(&ended), "a"),
+            SessionRenewal::Superseded
+        );
+        assert_eq!(decide_renewal(None, "a"), SessionRenewal::Superseded);
+        assert!(may_end(Some(&live), "a"));
+        assert!(!may_end(Some(&live), "b"));
+        assert!(!may_end(Some(&ended), "a"));
+    }
+
 
     #[test]
     fn an_orphan_goes_only_when_its_attempt_and_its_session_are_known_and_over() {

@@ -91,7 +91,7 @@ async fn list_jobs(State(state): State<AppState>) -> Json<JobList> {
     Json(JobList {
         jobs: state
             .runs
-            .catalog()
+            .jobs()
             .iter()
             .map(|j| JobView::from(j.as_ref()))
             .collect(),

@@ -5,6 +5,7 @@ mod error;
 mod health;
 mod jobs;
 mod runs;
+mod serve;
 mod worker;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use axum::extract::DefaultBodyLimit;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use serve::serve;
 
 use crate::domain::ports::{ContainerRuntime, ControlPlane, RunQueue, RunStore};
 use crate::service::runs::Runs;

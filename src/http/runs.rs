@@ -8,13 +8,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{ApiError, AppState};
 use crate::domain::ports::RunFilter;
 use crate::domain::run::{Run, RunId, RunStatus};
+use crate::protocol::api::RunV1;
 use crate::service::events::RunEventKind;
 use crate::service::runs::MAX_IDEMPOTENCY_KEY_LEN;
 
@@ -30,92 +30,6 @@ pub fn router() -> Router<AppState> {
 
 /// The longest `?wait=` honoured, in seconds.
 const MAX_WAIT_SECS: u64 = 24 * 3600;
-
-/// A run as the API shows it (`GET /v1/runs/{id}`).
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct RunView {
-    pub id: String,
-    pub job: String,
-    pub status: String,
-    pub params: BTreeMap<String, String>,
-    pub exit_code: Option<i64>,
-    pub reason: Option<String>,
-    pub reason_code: Option<String>,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub attempt: u32,
-    #[serde(default)]
-    pub attempts: Vec<AttemptView>,
-    #[serde(default)]
-    pub cancel_requested: bool,
-    #[serde(default)]
-    pub not_before: Option<String>,
-    #[serde(default)]
-    pub logs_truncated: bool,
-    #[serde(default)]
-    pub log_dropped_bytes: u64,
-}
-
-/// One attempt in a run's `attempts`.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct AttemptView {
-    pub attempt: u32,
-    pub status: String,
-    pub exit_code: Option<i64>,
-    pub reason: Option<String>,
-    pub reason_code: Option<String>,
-    pub worker_id: String,
-    pub container_id: Option<String>,
-    pub claimed_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub log_dropped_bytes: u64,
-}
-
-fn time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-impl From<Run> for RunView {
-    fn from(r: Run) -> Self {
-        let logs_truncated = r.logs_truncated();
-        Self {
-            id: r.id.to_string(),
-            job: r.job,
-            status: r.status.as_str().to_owned(),
-            params: r.params,
-            exit_code: r.exit_code,
-            reason: r.reason,
-            reason_code: r.reason_code.map(|c| c.as_str().to_owned()),
-            created_at: time(r.created_at),
-            started_at: r.started_at.map(time),
-            finished_at: r.finished_at.map(time),
-            attempt: r.attempt,
-            cancel_requested: r.cancel_requested,
-            not_before: r.not_before.map(time),
-            logs_truncated,
-            log_dropped_bytes: r.log_dropped_bytes,
-            attempts: r
-                .attempts
-                .into_iter()
-                .map(|a| AttemptView {
-                    attempt: a.number,
-                    status: a.status.as_str().to_owned(),
-                    exit_code: a.exit_code,
-                    reason: a.reason,
-                    reason_code: a.reason_code.map(|c| c.as_str().to_owned()),
-                    worker_id: a.worker_id,
-                    container_id: a.container_id,
-                    claimed_at: time(a.claimed_at),
-                    started_at: a.started_at.map(time),
-                    finished_at: a.finished_at.map(time),
-                    log_dropped_bytes: a.log_dropped_bytes,
-                })
-                .collect(),
-        }
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,7 +62,7 @@ async fn find_run(state: &AppState, id: &str) -> Result<(RunId, Run), ApiError> 
 
 fn run_response(status: StatusCode, run: Run) -> Response {
     let location = format!("/v1/runs/{}", run.id);
-    let mut response = (status, Json(RunView::from(run))).into_response();
+    let mut response = (status, Json(RunV1::from(run))).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
     }
@@ -300,7 +214,7 @@ async fn get_run(
     if query.wait.is_some() && !run.status.is_final() {
         return finish_waiting(&state, run, query.wait).await;
     }
-    Ok((StatusCode::OK, Json(RunView::from(run))).into_response())
+    Ok((StatusCode::OK, Json(RunV1::from(run))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -312,7 +226,7 @@ struct ListQuery {
 
 #[derive(Serialize)]
 struct RunList {
-    runs: Vec<RunView>,
+    runs: Vec<RunV1>,
 }
 
 /// `GET /v1/runs?job=&status=&limit=`, newest first.
@@ -340,7 +254,7 @@ async fn list_runs(
     };
     let runs = state.runs.list(&filter).await?;
     Ok(Json(RunList {
-        runs: runs.into_iter().map(RunView::from).collect(),
+        runs: runs.into_iter().map(RunV1::from).collect(),
     }))
 }
 

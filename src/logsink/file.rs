@@ -109,6 +109,26 @@ impl LogSink for FileLogSink {
         Ok(end)
     }
 
+    async fn sync(&self, run_id: RunId, attempt: u32) -> Result<(), LogError> {
+        let path = self.path(run_id, attempt);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            // No output, no log: nothing to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&path, e)),
+        };
+        file.sync_all().await.map_err(|e| io(&path, e))?;
+        // The file's directory entry too: the run's directory and its log were created
+        // for this run, and a file nobody can find after a power cut is no log at all.
+        if let Some(parent) = path.parent() {
+            let dir = tokio::fs::File::open(parent)
+                .await
+                .map_err(|e| io(parent, e))?;
+            dir.sync_all().await.map_err(|e| io(parent, e))?;
+        }
+        Ok(())
+    }
+
     async fn len(&self, run_id: RunId, attempt: u32) -> Result<u64, LogError> {
         let path = self.path(run_id, attempt);
         match tokio::fs::metadata(&path).await {
@@ -185,5 +205,26 @@ mod tests {
         );
         assert_eq!(&sink.read(id, 1, 6, 3).await.unwrap()[..], b"wor");
         assert!(sink.read(id, 2, 0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sync_makes_a_log_durable_and_is_a_no_op_without_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileLogSink::new(dir.path());
+        let id = RunId::new();
+        // An attempt that wrote nothing has no file to sync.
+        sink.sync(id, 1).await.unwrap();
+        sink.append(id, 1, 0, &[chunk(b"last words\n")])
+            .await
+            .unwrap();
+        sink.sync(id, 1).await.unwrap();
+        assert_eq!(
+            &sink.read(id, 1, 0, 100).await.unwrap()[..],
+            b"last words\n"
+        );
+        // A log that cannot be opened is an error, not a silent success.
+        let blocked = FileLogSink::new(dir.path().join("not-a-dir"));
+        std::fs::write(dir.path().join("not-a-dir"), b"").unwrap();
+        assert!(matches!(blocked.sync(id, 1).await, Err(LogError::Io(_))));
     }
 }

@@ -2,6 +2,7 @@
 //! states, checked against the store. The embedded worker calls it in-process; remote
 //! workers reach the same code through `http::worker`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +17,40 @@ use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, Ses
 use crate::domain::run::{Outcome, RunId};
 use crate::service::events::{RunEventKind, RunEvents};
 
+/// One lock per attempt, held by `append_log` from its lease check to the end of its
+/// write, and by every call that hands the attempt to another epoch or ends it (claim,
+/// release, adopt, finish). A takeover therefore never lands between a stale writer's
+/// check and its write. The reaper takes none: expiry changes no epoch, and a retry is a
+/// new attempt with a log of its own.
+#[derive(Clone, Default)]
+struct AttemptLocks {
+    locks: Arc<std::sync::Mutex<LockMap>>,
+}
+
+type LockMap = HashMap<(RunId, u32), Arc<tokio::sync::Mutex<()>>>;
+
+impl AttemptLocks {
+    async fn lock(&self, run_id: RunId, attempt: u32) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Drop locks nobody holds, so the map stays as small as the set of attempts
+            // being written to right now.
+            if locks.len() > 1024 {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks.entry((run_id, attempt)).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
 #[derive(Clone)]
 pub struct LocalControlPlane {
     store: Arc<dyn RunStore>,
     logs: Arc<dyn LogSink>,
     events: RunEvents,
     lease_ttl: Duration,
+    attempts: AttemptLocks,
 }
 
 impl LocalControlPlane {
@@ -36,6 +65,7 @@ impl LocalControlPlane {
             logs,
             events,
             lease_ttl,
+            attempts: AttemptLocks::default(),
         }
     }
 
@@ -80,6 +110,7 @@ impl ControlPlane for LocalControlPlane {
         message: RunMessage,
         worker_id: &str,
     ) -> Result<ClaimResult, ControlError> {
+        let _attempt = self.attempts.lock(message.run_id, message.attempt).await;
         let result = self
             .store
             .claim(message, worker_id, self.lease_ttl, Utc::now())
@@ -114,6 +145,7 @@ impl ControlPlane for LocalControlPlane {
         offset: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
+        let _attempt = self.attempts.lock(lease.run_id, lease.attempt).await;
         if !self
             .store
             .lease_is_current(lease)
@@ -154,6 +186,15 @@ impl ControlPlane for LocalControlPlane {
         outcome: &Outcome,
         log_dropped_bytes: u64,
     ) -> Result<LeaseStatus, ControlError> {
+        // Held across the sync, so every write that passed its lease check is in the
+        // synced log.
+        let _attempt = self.attempts.lock(lease.run_id, lease.attempt).await;
+        // The store is synchronous=FULL: sync the log first, or a power cut could keep
+        // the final state and lose the output's end. A failed sync does not change the
+        // outcome (the exit status is independent of the log).
+        if let Err(error) = self.logs.sync(lease.run_id, lease.attempt).await {
+            tracing::error!(message = "syncing the log failed", run_id = %lease.run_id, attempt = lease.attempt, %error);
+        }
         let status = self
             .store
             .finish(lease, outcome, log_dropped_bytes, Utc::now())
@@ -173,6 +214,7 @@ impl ControlPlane for LocalControlPlane {
         attempt: u32,
         worker_id: &str,
     ) -> Result<(AdoptResult, u64), ControlError> {
+        let _attempt = self.attempts.lock(run_id, attempt).await;
         let result = self
             .store
             .adopt(run_id, attempt, worker_id, self.lease_ttl, Utc::now())
@@ -190,6 +232,7 @@ impl ControlPlane for LocalControlPlane {
     }
 
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
+        let _attempt = self.attempts.lock(lease.run_id, lease.attempt).await;
         let status = self
             .store
             .release(lease, Utc::now())
@@ -255,3 +298,6 @@ impl ControlPlane for LocalControlPlane {
             .map_err(store_err)
     }
 }
+
+#[cfg(test)]
+mod tests;

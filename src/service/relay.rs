@@ -37,7 +37,7 @@ impl Relay {
                 next_sweep = tokio::time::Instant::now() + sweep_every;
                 self.republish_lost().await;
             }
-            let delay = match self.publish_pending().await {
+            let delay = match self.publish_pending(&shutdown).await {
                 Ok(true) => {
                     backoff = Duration::from_millis(100);
                     continue;
@@ -89,7 +89,7 @@ impl Relay {
 
     /// One batch. `Ok(true)` when a full batch went out and more may be waiting;
     /// `Err` when the store or the queue failed and the caller should back off.
-    async fn publish_pending(&self) -> Result<bool, ()> {
+    async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<bool, ()> {
         let entries = match self.store.pending_outbox(BATCH, Utc::now()).await {
             Ok(e) => e,
             Err(error) => {
@@ -101,7 +101,13 @@ impl Relay {
             return Ok(false);
         }
         let messages: Vec<_> = entries.iter().map(|e| e.message).collect();
-        let results = self.queue.publish(&messages).await;
+        // A full in-process queue holds the publish until a worker takes deliveries,
+        // and a draining worker takes none: shutdown must not wait for it. What was not
+        // confirmed stays pending in the store and goes out after the restart.
+        let results = tokio::select! {
+            results = self.queue.publish(&messages) => results,
+            () = shutdown.cancelled() => return Ok(false),
+        };
         let mut sent = Vec::with_capacity(entries.len());
         let mut failed = false;
         for (entry, result) in entries.iter().zip(results) {

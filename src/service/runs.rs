@@ -9,8 +9,8 @@ use chrono::Utc;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
 use crate::domain::job::{JobSpec, ParamErrors};
+use crate::domain::job_lookup::JobLookup;
 use crate::domain::ports::{
     CancelResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult, RunFilter,
     RunStore, StoreError,
@@ -85,7 +85,7 @@ impl Drop for InFlight<'_> {
 /// The run-facing use cases, shared by the HTTP API and the scheduler.
 #[derive(Clone)]
 pub struct Runs {
-    catalog: Arc<Catalog>,
+    jobs: Arc<dyn JobLookup>,
     store: Arc<dyn RunStore>,
     logs: Arc<dyn LogSink>,
     events: RunEvents,
@@ -100,7 +100,7 @@ pub struct Runs {
 
 impl Runs {
     pub fn new(
-        catalog: Arc<Catalog>,
+        jobs: Arc<dyn JobLookup>,
         store: Arc<dyn RunStore>,
         logs: Arc<dyn LogSink>,
         events: RunEvents,
@@ -108,7 +108,7 @@ impl Runs {
         stopping: CancellationToken,
     ) -> Self {
         Self {
-            catalog,
+            jobs,
             store,
             logs,
             events,
@@ -122,12 +122,13 @@ impl Runs {
         &self.stopping
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+    pub fn job(&self, name: &str) -> Option<Arc<JobSpec>> {
+        self.jobs.job(name)
     }
 
-    pub fn job(&self, name: &str) -> Option<Arc<JobSpec>> {
-        self.catalog.get(name)
+    /// Every job, sorted by name.
+    pub fn jobs(&self) -> Vec<Arc<JobSpec>> {
+        self.jobs.jobs()
     }
 
     /// Resolve the parameters, then store the run and its outbox entry in one
@@ -140,8 +141,8 @@ impl Runs {
         key: Option<(String, String)>,
     ) -> Result<Accepted, AcceptError> {
         let spec = self
-            .catalog
-            .get(job)
+            .jobs
+            .job(job)
             .ok_or_else(|| AcceptError::UnknownJob(job.to_owned()))?;
         let resolved = spec.resolve(&params)?;
         let _in_flight = match &key {

@@ -4,6 +4,7 @@
 mod amqp_mode;
 mod cli;
 mod common;
+mod connections;
 mod docker_runtime;
 mod embedded;
 mod faults;

@@ -1,0 +1,485 @@
+//! The job catalog: one TOML file per job in a directory, turned into [`JobSpec`]s.
+//!
+//! Loading lives here; the file-format structs (`file`) and the validators, one per
+//! section of a job file (`validate`), are private to this module. Every validation
+//! error names the file, the 1-based line (when known) and the field.
+
+mod file;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::domain::job::{JobName, JobSpec};
+use crate::domain::job_lookup::JobLookup;
+use file::JobFile;
+use validate::Ctx;
+
+/// One problem in one job file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogError {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: Option<usize>,
+    /// Dotted path, e.g. `resources.memory`, `env.FOO`, `params.name.pattern`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for CatalogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CatalogError {}
+
+/// Every problem found while loading a catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogErrors(pub Vec<CatalogError>);
+
+impl fmt::Display for CatalogErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CatalogErrors {}
+
+/// The loaded jobs, keyed and iterated by name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    jobs: BTreeMap<JobName, Arc<JobSpec>>,
+}
+
+impl Catalog {
+    /// Load every `*.toml` file directly inside `dir` (not recursive). Other files,
+    /// sub-directories and dot-files (editor lock/backup files) are ignored. All errors
+    /// from all files are collected; any error fails the whole load.
+    pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogErrors> {
+        let dir_error = |message: String| {
+            CatalogErrors(vec![CatalogError {
+                file: dir.to_path_buf(),
+                line: None,
+                field: None,
+                message,
+            }])
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| dir_error(format!("cannot read job directory: {e}")))?;
+
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| dir_error(format!("cannot read job directory: {e}")))?;
+            let path = entry.path();
+            let file_name = entry.file_name();
+            if file_name.to_string_lossy().starts_with('.')
+                || path.extension().is_none_or(|ext| ext != "toml")
+            {
+                continue;
+            }
+            // Follows symlinks; a dangling link is reported when reading it.
+            if path.is_dir() {
+                continue;
+            }
+            files.push(path);
+        }
+        files.sort();
+
+        let mut jobs = BTreeMap::new();
+        let mut errors = Vec::new();
+        for path in files {
+            let file_error = |message: String| CatalogError {
+                file: path.clone(),
+                line: None,
+                field: None,
+                message,
+            };
+            // A non-UTF-8 stem becomes an invalid job name (reported), not a silent skip.
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = match std::fs::read(&path) {
+                Err(e) => {
+                    errors.push(file_error(format!("cannot read file: {e}")));
+                    continue;
+                }
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(text) => text,
+                    Err(_) => {
+                        errors.push(file_error("file is not valid UTF-8".to_owned()));
+                        continue;
+                    }
+                },
+            };
+            match parse_job(&stem, &path, &text) {
+                Ok(spec) => {
+                    jobs.insert(spec.name.clone(), Arc::new(spec));
+                }
+                Err(errs) => errors.extend(errs),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Catalog { jobs })
+        } else {
+            Err(CatalogErrors(errors))
+        }
+    }
+
+    /// Build a catalog from already-validated specs (later duplicates win).
+    pub fn from_specs(specs: impl IntoIterator<Item = JobSpec>) -> Catalog {
+        Catalog {
+            jobs: specs
+                .into_iter()
+                .map(|s| (s.name.clone(), Arc::new(s)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<JobSpec>> {
+        self.jobs.get(name).cloned()
+    }
+
+    /// Jobs sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<JobSpec>> {
+        self.jobs.values()
+    }
+
+    /// Job names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &JobName> {
+        self.jobs.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+}
+
+impl JobLookup for Catalog {
+    fn job(&self, name: &str) -> Option<Arc<JobSpec>> {
+        self.get(name)
+    }
+
+    fn jobs(&self) -> Vec<Arc<JobSpec>> {
+        self.iter().cloned().collect()
+    }
+}
+
+/// Parse and validate one job file. `name` is the file stem, `file` is used in errors.
+pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<CatalogError>> {
+    let mut ctx = Ctx::new(file, text);
+    let job_name = match JobName::parse(name) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            ctx.file_error(
+                None,
+                format!("{e} (the job name is the file name without `.toml`)"),
+            );
+            None
+        }
+    };
+
+    let raw: JobFile = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (line, field) = match e.span() {
+                Some(span) => {
+                    let line = ctx.line_of(&span);
+                    (Some(line), field_at_line(text, line))
+                }
+                None => (None, None),
+            };
+            ctx.errors.push(CatalogError {
+                file: file.to_path_buf(),
+                line,
+                field,
+                message: e.message().trim().replace('\n', " "),
+            });
+            return Err(ctx.errors);
+        }
+    };
+
+    let spec = validate::validate(&mut ctx, job_name, raw);
+    match spec {
+        Some(spec) if ctx.errors.is_empty() => Ok(spec),
+        _ => Err(ctx.errors),
+    }
+}
+
+/// Best-effort field path for a TOML parse/deserialize error at `line`: the key on
+/// that line, prefixed by the nearest `[table]` header above it.
+fn field_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let idx = line.checked_sub(1)?;
+    let here = lines.get(idx)?.trim();
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l.strip_prefix('[')?.split(']').next()?.trim();
+        (!inner.is_empty() && !inner.starts_with('[')).then(|| inner.replace([' ', '"'], ""))
+    };
+    if let Some(h) = header(here) {
+        return Some(h);
+    }
+    let key = here
+        .split_once('=')
+        .map(|(k, _)| k.trim().replace([' ', '"'], ""))
+        .filter(|k| !k.is_empty() && !k.contains('#'));
+    let table = lines[..idx].iter().rev().find_map(|l| header(l));
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Parsing a snippet as `jobs/hello.toml`, for the validators' tests.
+    use super::*;
+
+    pub fn parse(text: &str) -> Result<JobSpec, Vec<CatalogError>> {
+        parse_job("hello", Path::new("jobs/hello.toml"), text)
+    }
+
+    pub fn errors(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    pub fn one_error(text: &str) -> CatalogError {
+        let mut errs = parse(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs.remove(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::domain::job::{PullPolicy, Resources};
+    use std::fs;
+    use std::time::Duration;
+
+    const FULL: &str = r#"
+description = "Say hello"
+image = "tasuki-example:latest"
+command = ["sh", "-c", "echo {{params.name}} {{ params.punct }}"]
+workdir = "/tmp"
+user = "1000:1000"
+pull = "always"
+timeout = "30m"
+stop_grace = "5s"
+network = "none"
+schedule = "0 9 * * 1-5"
+time_zone = "Asia/Tokyo"
+
+[env]
+FOO = "bar"
+GREETING = "hi {{params.name}}"
+
+[resources]
+cpu = 512
+cpu_limit = 0.5
+memory = "256MiB"
+
+[params.name]
+default = "world"
+pattern = "[a-z]+"
+max_length = 64
+description = "who to greet"
+
+[params.punct]
+required = true
+"#;
+    #[test]
+    fn full_file() {
+        let s = parse(FULL).unwrap();
+        assert_eq!(s.name.as_str(), "hello");
+        assert_eq!(s.description.as_deref(), Some("Say hello"));
+        assert_eq!(s.image, "tasuki-example:latest");
+        assert_eq!(s.command.len(), 3);
+        assert_eq!(s.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(s.user.as_deref(), Some("1000:1000"));
+        assert_eq!(s.pull, PullPolicy::Always);
+        assert_eq!(s.timeout, Some(Duration::from_secs(1800)));
+        assert_eq!(s.stop_grace, Duration::from_secs(5));
+        assert_eq!(s.network, "none");
+        let sched = s.schedule.as_ref().unwrap();
+        assert_eq!(sched.expression, "0 9 * * 1-5");
+        assert_eq!(sched.time_zone, chrono_tz::Asia::Tokyo);
+        assert_eq!(s.env["FOO"], "bar");
+        assert_eq!(
+            s.resources,
+            Resources {
+                cpu: Some(512),
+                cpu_limit: Some(0.5),
+                memory_bytes: Some(256 << 20)
+            }
+        );
+        let name = &s.params["name"];
+        assert!(!name.required);
+        assert_eq!(name.default.as_deref(), Some("world"));
+        assert_eq!(name.max_length, 64);
+        assert_eq!(name.description.as_deref(), Some("who to greet"));
+        assert!(s.params["punct"].required);
+        assert_eq!(s.params["punct"].max_length, 1024);
+
+        let given = BTreeMap::from([("punct".to_owned(), "!".to_owned())]);
+        let r = s.resolve(&given).unwrap();
+        assert_eq!(r.command[2], "echo world !");
+        assert_eq!(r.env["GREETING"], "hi world");
+    }
+
+    #[test]
+    fn minimal_file_defaults() {
+        let s = parse(r#"image = "alpine""#).unwrap();
+        assert!(s.command.is_empty());
+        assert_eq!(s.pull, PullPolicy::IfNotPresent);
+        assert_eq!(s.stop_grace, Duration::from_secs(10));
+        assert_eq!(s.network, "bridge");
+        assert_eq!(s.timeout, None);
+        assert_eq!(s.resources, Resources::default());
+        assert!(s.params.is_empty() && s.env.is_empty() && s.schedule.is_none());
+    }
+
+    #[test]
+    fn unknown_field_with_line() {
+        let e = one_error("image = \"a\"\n\nimgae = \"b\"\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.field.as_deref(), Some("imgae"));
+        assert!(e.message.contains("unknown field `imgae`"), "{e}");
+
+        let e = one_error("image = \"a\"\n[resources]\ncpu = 512\nmem = \"1GiB\"\n");
+        assert_eq!(e.line, Some(4));
+        assert_eq!(e.field.as_deref(), Some("resources.mem"));
+
+        let e = one_error("image = \"a\"\n[params.x]\nrequired = true\nregex = \"a\"\n");
+        assert_eq!(e.line, Some(4));
+        assert_eq!(e.field.as_deref(), Some("params.x.regex"));
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_errors() {
+        let e = one_error("image = \"a\"\n[resources]\ncpu = \"lots\"\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.field.as_deref(), Some("resources.cpu"));
+        let e = one_error("image = \"a\"\n[env]\nN = 5\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.field.as_deref(), Some("env.N"));
+        let e = one_error("image = \"a\"\ncommand = [\"a\",\n");
+        assert!(e.line.is_some());
+        assert!(!e.message.contains('\n'));
+    }
+
+    #[test]
+    fn bad_job_name_from_stem() {
+        let errs =
+            parse_job("Bad.Name", Path::new("jobs/Bad.Name.toml"), "image = \"a\"").unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, None);
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("jobs/Bad.Name.toml: invalid job name \"Bad.Name\"")
+        );
+    }
+
+    #[test]
+    fn collects_multiple_errors_per_file() {
+        let errs =
+            errors("image = \"a\"\ntimeout = \"x\"\npull = \"y\"\n[resources]\nmemory = \"z\"\n");
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn load_dir_ok_and_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("b.toml"), "image = \"b\"").unwrap();
+        fs::write(dir.path().join("a.toml"), "image = \"a\"").unwrap();
+        fs::write(dir.path().join("README.md"), "not a job").unwrap();
+        fs::write(dir.path().join(".#a.toml"), "garbage").unwrap();
+        fs::create_dir(dir.path().join("sub.toml")).unwrap();
+        fs::create_dir(dir.path().join("nested")).unwrap();
+        fs::write(dir.path().join("nested/c.toml"), "image = \"c\"").unwrap();
+        let c = Catalog::load_dir(dir.path()).unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(!c.is_empty());
+        let names: Vec<&str> = c.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(c.get("b").unwrap().image, "b");
+        assert!(c.get("c").is_none());
+    }
+
+    #[test]
+    fn load_dir_collects_all_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("good.toml"), "image = \"g\"").unwrap();
+        fs::write(dir.path().join("Bad.toml"), "image = \"g\"").unwrap();
+        fs::write(dir.path().join("x.toml"), "image = \"g\"\nbogus = 1\n").unwrap();
+        fs::write(dir.path().join("y.toml"), [0xff, 0xfe]).unwrap();
+        let errs = Catalog::load_dir(dir.path()).unwrap_err();
+        assert_eq!(errs.0.len(), 3, "{errs}");
+        let text = errs.to_string();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.contains("Bad.toml: invalid job name"));
+        assert!(
+            text.contains("x.toml:2: bogus: unknown field `bogus`"),
+            "{text}"
+        );
+        assert!(text.contains("y.toml: file is not valid UTF-8"));
+    }
+
+    #[test]
+    fn load_dir_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let errs = Catalog::load_dir(&missing).unwrap_err();
+        assert_eq!(errs.0.len(), 1);
+        assert_eq!(errs.0[0].file, missing);
+        assert!(errs.to_string().contains("cannot read job directory"));
+    }
+
+    #[test]
+    fn empty_dir_is_empty_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::load_dir(dir.path()).unwrap();
+        assert!(c.is_empty());
+        assert_eq!(c.iter().count(), 0);
+    }
+
+    #[test]
+    fn field_at_line_heuristic() {
+        let t = "a = 1\n[resources]\n  memory = \"x\"\n[params.\"n\"]\nb = 2\n";
+        assert_eq!(field_at_line(t, 1).as_deref(), Some("a"));
+        assert_eq!(field_at_line(t, 3).as_deref(), Some("resources.memory"));
+        assert_eq!(field_at_line(t, 4).as_deref(), Some("params.n"));
+        assert_eq!(field_at_line(t, 5).as_deref(), Some("params.n.b"));
+        assert_eq!(field_at_line(t, 99), None);
+    }
+}

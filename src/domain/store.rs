@@ -1,0 +1,305 @@
+//! The store port: the source of truth for runs, attempts, leases, the outbox and worker
+//! sessions. One trait per part, so an implementation (SQLite today, PostgreSQL later)
+//! can be read and tested a part at a time; `RunStore` is all of them together.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::job::ResolvedSpec;
+use super::retry::RetryPolicy;
+use super::run::{Outcome, Run, RunId, RunStatus};
+use super::session::{
+    OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
+};
+
+/// A run to accept: written together with its first outbox entry, in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: RunId,
+    pub job: String,
+    pub params: BTreeMap<String, String>,
+    pub spec: ResolvedSpec,
+    pub retry: RetryPolicy,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An `Idempotency-Key` with what it was first sent with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// Whose key: keys of different clients never collide.
+    pub scope: String,
+    pub key: String,
+    pub job: String,
+    /// The request's params as canonical JSON.
+    pub fingerprint: String,
+}
+
+/// How long an idempotency key holds.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// The key was used before, with the same job and params: this is that run.
+    Existing(RunId),
+    /// The key was used before for another job or other params.
+    KeyReused {
+        job: String,
+    },
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelResult {
+    /// It had not started: it is `cancelled` now and never will start.
+    Cancelled,
+    /// It is running: its worker stops the container at its next heartbeat.
+    Requested,
+    AlreadyFinal(RunStatus),
+    UnknownRun,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryResult {
+    /// A new attempt is queued.
+    Queued {
+        attempt: u32,
+    },
+    NotRetryable(RunStatus),
+    UnknownRun,
+}
+
+/// An attempt a worker holds, as the store knows it (for reconciliation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldAttempt {
+    pub lease: Lease,
+    pub container_id: Option<String>,
+}
+
+/// A worker's answer about a container it found labelled with its own id.
+#[derive(Debug, Clone)]
+pub enum AdoptResult {
+    /// Still this worker's attempt: carry on with it under this (renewed) claim.
+    Held(Box<Claim>),
+    /// The attempt is final, taken over or unknown: the container must go.
+    Stale,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub job: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: u32,
+}
+
+/// A pending publish: "attempt N of run R is ready for a worker".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunMessage {
+    pub run_id: RunId,
+    pub attempt: u32,
+}
+
+/// Publishes waiting for the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboxBacklog {
+    pub pending: u64,
+    /// Of those, the ones a publish already failed for (down, returned, nacked).
+    pub failed: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub message: RunMessage,
+}
+
+/// The proof that a worker holds a run attempt: every write it makes carries this, and
+/// the store refuses writes whose epoch is not the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub epoch: i64,
+}
+
+/// What a worker gets when its claim succeeds: everything needed to run the attempt.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub lease: Lease,
+    pub job: String,
+    pub spec: ResolvedSpec,
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClaimResult {
+    Claimed(Box<Claim>),
+    /// Claimed by someone already, finished, or cancelled: the delivery is a duplicate.
+    NotClaimable {
+        status: RunStatus,
+        attempt: u32,
+    },
+    UnknownRun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still ours; `cancel` asks the worker to stop the container.
+    Held { cancel: bool },
+    /// Taken over, expired into `lost`, or already final: stop writing.
+    Lost,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Runs and the idempotency keys they were accepted under.
+#[async_trait]
+pub trait RunRecords: Send + Sync + 'static {
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Store the run and its first outbox entry atomically; with a key, only if the key
+    /// is new (or older than the idempotency window).
+    async fn insert_run(
+        &self,
+        run: &NewRun,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Inserted, StoreError>;
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+    async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError>;
+    /// A person's new attempt of a `failed`, `timed_out` or `lost` run.
+    async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError>;
+}
+
+/// Publishes waiting for the queue's confirm.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Outbox entries due at `now` (a retry's entry waits for its backoff).
+    async fn pending_outbox(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+    async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError>;
+    /// Publishes due and not yet confirmed, for the health report.
+    async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError>;
+    /// For a volatile queue that lost its contents: publish every still-queued run again.
+    async fn requeue_unclaimed(&self) -> Result<u64, StoreError>;
+    /// Publish again the due, still-queued runs whose message went out before
+    /// `sent_before` (the queue, found empty, no longer holds them). Returns those runs.
+    async fn republish_unclaimed(
+        &self,
+        sent_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, StoreError>;
+}
+
+/// Attempts, the claims that start them and the leases that keep them.
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
+    async fn claim(
+        &self,
+        message: RunMessage,
+        worker_id: &str,
+        lease_ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<ClaimResult, StoreError>;
+    async fn mark_started(
+        &self,
+        lease: Lease,
+        container_id: &str,
+        lease_ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<LeaseStatus, StoreError>;
+    async fn renew_lease(
+        &self,
+        lease: Lease,
+        lease_ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<LeaseStatus, StoreError>;
+    /// Record the attempt's final outcome; refused (`Lost`) unless the lease is current.
+    /// The run becomes final, or queued again when its retry rules say so.
+    async fn finish(
+        &self,
+        lease: Lease,
+        outcome: &Outcome,
+        log_dropped_bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<LeaseStatus, StoreError>;
+    /// The lease's epoch is still the attempt's (output may be written under it).
+    async fn lease_is_current(&self, lease: Lease) -> Result<bool, StoreError>;
+    async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError>;
+    /// Attempts whose lease ran out become `lost` (or queue their retry). Returns the
+    /// runs that changed.
+    async fn expire_leases(&self, now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError>;
+    /// Give back an attempt whose container never started: the run is queued again
+    /// under the same attempt number, as if never claimed.
+    async fn release(&self, lease: Lease, now: DateTime<Utc>) -> Result<LeaseStatus, StoreError>;
+}
+
+/// What a worker process needs after a restart, or to judge containers it finds: the
+/// attempts it holds, and the sessions that say which process owns a worker id.
+#[async_trait]
+pub trait Reconciliation: Send + Sync + 'static {
+    /// Attempts `worker_id` holds (status running).
+    async fn held_attempts(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError>;
+    /// A worker found a container of its own for this attempt: renew and hand back the
+    /// claim if the attempt is still its own and running.
+    async fn adopt(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+        lease_ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<AdoptResult, StoreError>;
+    /// A process asks for its worker id: decided by [`super::session::decide_session`]
+    /// on the stored session, and applied (opened, kept, or left alone when refused).
+    async fn open_session(
+        &self,
+        request: &SessionRequest,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<SessionDecision, StoreError>;
+    /// A session's heartbeat: renewed while it is still this instance's and not ended
+    /// (expired but not yet replaced is still renewable).
+    async fn renew_session(
+        &self,
+        worker_id: &str,
+        instance: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<SessionRenewal, StoreError>;
+    /// The process says goodbye; a no-op once another instance holds the id.
+    async fn end_session(
+        &self,
+        worker_id: &str,
+        instance: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn session(&self, worker_id: &str) -> Result<Option<WorkerSession>, StoreError>;
+    /// May a container labelled with `worker_id` for this attempt be removed by another
+    /// process? See [`super::session::orphan_verdict`].
+    async fn orphan_verdict(
+        &self,
+        run_id: RunId,
+        attempt: u32,
+        worker_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<OrphanVerdict, StoreError>;
+}
+
+/// The whole store, as services hold it (`Arc<dyn RunStore>`).
+pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation {}
+
+impl<T: RunRecords + Outbox + Leases + Reconciliation> RunStore for T {}

@@ -1,0 +1,364 @@
+//! The public API's run JSON, one definition for the server that writes it and the CLI
+//! that reads it. `fixtures/run_v1.json` freezes its shape: a change shows as a diff.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
+
+/// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunV1 {
+    pub id: String,
+    pub job: String,
+    pub status: RunStatusV1,
+    pub params: BTreeMap<String, String>,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<ReasonCodeV1>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub attempt: u32,
+    #[serde(default)]
+    pub attempts: Vec<AttemptV1>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default)]
+    pub not_before: Option<String>,
+    #[serde(default)]
+    pub logs_truncated: bool,
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+}
+
+/// One attempt in a run's `attempts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptV1 {
+    pub attempt: u32,
+    pub status: RunStatusV1,
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub reason_code: Option<ReasonCodeV1>,
+    pub worker_id: String,
+    pub container_id: Option<String>,
+    pub claimed_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub log_dropped_bytes: u64,
+}
+
+/// A run's status on the wire. Text this build does not know (from a newer server) is
+/// kept as it came, so a client can still print it and treat it as "not ours to map".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum RunStatusV1 {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Lost,
+    Unknown(String),
+}
+
+impl RunStatusV1 {
+    pub fn as_str(&self) -> &str {
+        match self {
+            RunStatusV1::Queued => "queued",
+            RunStatusV1::Running => "running",
+            RunStatusV1::Succeeded => "succeeded",
+            RunStatusV1::Failed => "failed",
+            RunStatusV1::TimedOut => "timed_out",
+            RunStatusV1::Cancelled => "cancelled",
+            RunStatusV1::Lost => "lost",
+            RunStatusV1::Unknown(s) => s,
+        }
+    }
+
+    /// Still waiting or running: the run will change.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, RunStatusV1::Queued | RunStatusV1::Running)
+    }
+}
+
+impl From<RunStatus> for RunStatusV1 {
+    fn from(s: RunStatus) -> Self {
+        match s {
+            RunStatus::Queued => RunStatusV1::Queued,
+            RunStatus::Running => RunStatusV1::Running,
+            RunStatus::Succeeded => RunStatusV1::Succeeded,
+            RunStatus::Failed => RunStatusV1::Failed,
+            RunStatus::TimedOut => RunStatusV1::TimedOut,
+            RunStatus::Cancelled => RunStatusV1::Cancelled,
+            RunStatus::Lost => RunStatusV1::Lost,
+        }
+    }
+}
+
+impl From<String> for RunStatusV1 {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "queued" => RunStatusV1::Queued,
+            "running" => RunStatusV1::Running,
+            "succeeded" => RunStatusV1::Succeeded,
+            "failed" => RunStatusV1::Failed,
+            "timed_out" => RunStatusV1::TimedOut,
+            "cancelled" => RunStatusV1::Cancelled,
+            "lost" => RunStatusV1::Lost,
+            _ => RunStatusV1::Unknown(s),
+        }
+    }
+}
+
+impl From<RunStatusV1> for String {
+    fn from(s: RunStatusV1) -> Self {
+        match s {
+            RunStatusV1::Unknown(s) => s,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for RunStatusV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a run did not succeed, on the wire; unknown text is kept as for [`RunStatusV1`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ReasonCodeV1 {
+    ExitCode,
+    OomKilled,
+    TimedOut,
+    ImageNotFound,
+    ImagePullFailed,
+    DockerError,
+    Cancelled,
+    Lost,
+    Unknown(String),
+}
+
+impl ReasonCodeV1 {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ReasonCodeV1::ExitCode => "exit_code",
+            ReasonCodeV1::OomKilled => "oom_killed",
+            ReasonCodeV1::TimedOut => "timed_out",
+            ReasonCodeV1::ImageNotFound => "image_not_found",
+            ReasonCodeV1::ImagePullFailed => "image_pull_failed",
+            ReasonCodeV1::DockerError => "docker_error",
+            ReasonCodeV1::Cancelled => "cancelled",
+            ReasonCodeV1::Lost => "lost",
+            ReasonCodeV1::Unknown(s) => s,
+        }
+    }
+}
+
+impl From<ReasonCode> for ReasonCodeV1 {
+    fn from(c: ReasonCode) -> Self {
+        match c {
+            ReasonCode::ExitCode => ReasonCodeV1::ExitCode,
+            ReasonCode::OomKilled => ReasonCodeV1::OomKilled,
+            ReasonCode::TimedOut => ReasonCodeV1::TimedOut,
+            ReasonCode::ImageNotFound => ReasonCodeV1::ImageNotFound,
+            ReasonCode::ImagePullFailed => ReasonCodeV1::ImagePullFailed,
+            ReasonCode::DockerError => ReasonCodeV1::DockerError,
+            ReasonCode::Cancelled => ReasonCodeV1::Cancelled,
+            ReasonCode::Lost => ReasonCodeV1::Lost,
+        }
+    }
+}
+
+impl From<String> for ReasonCodeV1 {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "exit_code" => ReasonCodeV1::ExitCode,
+            "oom_killed" => ReasonCodeV1::OomKilled,
+            "timed_out" => ReasonCodeV1::TimedOut,
+            "image_not_found" => ReasonCodeV1::ImageNotFound,
+            "image_pull_failed" => ReasonCodeV1::ImagePullFailed,
+            "docker_error" => ReasonCodeV1::DockerError,
+            "cancelled" => ReasonCodeV1::Cancelled,
+            "lost" => ReasonCodeV1::Lost,
+            _ => ReasonCodeV1::Unknown(s),
+        }
+    }
+}
+
+impl From<ReasonCodeV1> for String {
+    fn from(c: ReasonCodeV1) -> Self {
+        match c {
+            ReasonCodeV1::Unknown(s) => s,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl From<Run> for RunV1 {
+    fn from(r: Run) -> Self {
+        let logs_truncated = r.logs_truncated();
+        Self {
+            id: r.id.to_string(),
+            job: r.job,
+            status: r.status.into(),
+            params: r.params,
+            exit_code: r.exit_code,
+            reason: r.reason,
+            reason_code: r.reason_code.map(Into::into),
+            created_at: time(r.created_at),
+            started_at: r.started_at.map(time),
+            finished_at: r.finished_at.map(time),
+            attempt: r.attempt,
+            cancel_requested: r.cancel_requested,
+            not_before: r.not_before.map(time),
+            logs_truncated,
+            log_dropped_bytes: r.log_dropped_bytes,
+            attempts: r.attempts.into_iter().map(AttemptV1::from).collect(),
+        }
+    }
+}
+
+impl From<Attempt> for AttemptV1 {
+    fn from(a: Attempt) -> Self {
+        Self {
+            attempt: a.number,
+            status: a.status.into(),
+            exit_code: a.exit_code,
+            reason: a.reason,
+            reason_code: a.reason_code.map(Into::into),
+            worker_id: a.worker_id,
+            container_id: a.container_id,
+            claimed_at: time(a.claimed_at),
+            started_at: a.started_at.map(time),
+            finished_at: a.finished_at.map(time),
+            log_dropped_bytes: a.log_dropped_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    const FIXTURE: &str = include_str!("fixtures/run_v1.json");
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_767_225_600 + secs, 123_000_000)
+            .single()
+            .unwrap()
+    }
+
+    /// A run on its second attempt after the first failed, with every field set.
+    fn sample() -> Run {
+        Run {
+            id: "01jd0000000000000000000000".parse().unwrap(),
+            job: "greet".to_owned(),
+            params: BTreeMap::from([("name".to_owned(), "world".to_owned())]),
+            status: RunStatus::Running,
+            attempt: 2,
+            exit_code: None,
+            reason: None,
+            reason_code: None,
+            created_at: at(0),
+            started_at: Some(at(5)),
+            finished_at: None,
+            cancel_requested: true,
+            not_before: Some(at(3)),
+            log_dropped_bytes: 12,
+            attempts: vec![
+                Attempt {
+                    number: 1,
+                    status: RunStatus::Failed,
+                    worker_id: "worker-a".to_owned(),
+                    container_id: Some("c0ffee".to_owned()),
+                    exit_code: Some(3),
+                    reason: Some("exit_code 3".to_owned()),
+                    reason_code: Some(ReasonCode::ExitCode),
+                    claimed_at: at(1),
+                    started_at: Some(at(1)),
+                    finished_at: Some(at(2)),
+                    log_dropped_bytes: 12,
+                },
+                Attempt {
+                    number: 2,
+                    status: RunStatus::Running,
+                    worker_id: "worker-b".to_owned(),
+                    container_id: None,
+                    exit_code: None,
+                    reason: None,
+                    reason_code: None,
+                    claimed_at: at(4),
+                    started_at: Some(at(5)),
+                    finished_at: None,
+                    log_dropped_bytes: 0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn run_json_is_frozen() {
+        let json = serde_json::to_string_pretty(&RunV1::from(sample())).unwrap();
+        assert_eq!(
+            json,
+            FIXTURE.trim_end(),
+            "the run JSON changed; if on purpose, update src/protocol/fixtures/run_v1.json"
+        );
+        let back: RunV1 = serde_json::from_str(FIXTURE).unwrap();
+        assert_eq!(back, RunV1::from(sample()));
+    }
+
+    #[test]
+    fn statuses_and_reasons_use_the_domain_strings() {
+        for st in RunStatus::ALL {
+            let wire = RunStatusV1::from(st);
+            assert_eq!(wire.as_str(), st.as_str());
+            assert_eq!(RunStatusV1::from(st.as_str().to_owned()), wire);
+            assert_eq!(
+                serde_json::to_string(&wire).unwrap(),
+                format!("\"{}\"", st.as_str())
+            );
+        }
+        for c in ReasonCode::ALL {
+            let wire = ReasonCodeV1::from(c);
+            assert_eq!(wire.as_str(), c.as_str());
+            assert_eq!(ReasonCodeV1::from(c.as_str().to_owned()), wire);
+        }
+    }
+
+    #[test]
+    fn unknown_text_is_kept() {
+        let st: RunStatusV1 = serde_json::from_str("\"paused\"").unwrap();
+        assert_eq!(st, RunStatusV1::Unknown("paused".to_owned()));
+        assert!(!st.is_pending());
+        assert_eq!(serde_json::to_string(&st).unwrap(), "\"paused\"");
+        let c: ReasonCodeV1 = serde_json::from_str("\"gone\"").unwrap();
+        assert_eq!(c.as_str(), "gone");
+    }
+
+    /// Older servers sent no `attempts`, `cancel_requested`, `not_before`,
+    /// `logs_truncated` or `log_dropped_bytes`.
+    #[test]
+    fn reads_a_run_without_the_later_fields() {
+        let run: RunV1 = serde_json::from_str(
+            r#"{"id":"r","job":"j","status":"succeeded","params":{},"exit_code":0,
+                "reason":null,"reason_code":null,"created_at":"t","started_at":null,
+                "finished_at":null,"attempt":1}"#,
+        )
+        .unwrap();
+        assert_eq!(run.status, RunStatusV1::Succeeded);
+        assert!(run.attempts.is_empty() && !run.logs_truncated);
+    }
+}

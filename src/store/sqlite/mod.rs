@@ -1,0 +1,287 @@
+//! `SqliteStore`: the connection pools, schema migration, and what every part shares (row
+//! decoding, times as milliseconds, the reads of a run's and an attempt's state). Each
+//! part of the store port has its own file: `runs`, `outbox`, `leases`, `sessions`.
+
+mod leases;
+mod outbox;
+mod runs;
+mod sessions;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Decode, Row, Sqlite, Type};
+
+use crate::domain::ports::StoreError;
+use crate::domain::run::{Attempt, ReasonCode, Run, RunId, RunStatus};
+use crate::domain::transition::{AttemptState, RunState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// One connection: every write goes through it, so a transaction that reads a row,
+    /// asks the domain and writes the answer never races another writer of this process.
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) `tasuki.db` in `data_dir` and bring its schema up to date.
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("tasuki.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // A 202 promises the run is stored: every commit reaches the disk.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(db)?;
+        MIGRATOR.run(&writer).await.map_err(|e| {
+            StoreError::Unavailable(format!("migrating {}: {e}", data_dir.display()))
+        })?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(db)?;
+        Ok(Self { writer, reader })
+    }
+
+    /// The write connection, for tests that need to put rows the store never writes.
+    #[cfg(test)]
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+}
+
+/// A database error as the store port names it: data that does not decode is corrupt
+/// (an internal error, not worth a retry); anything else is the database failing.
+fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// One column of a row; a value that does not decode is corrupt data.
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: Decode<'r, Sqlite> + Type<Sqlite>,
+{
+    row.try_get(name).map_err(|e| corrupt(name, e))
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.and_then(|v| Utc.timestamp_millis_opt(v).single())
+}
+
+/// A time column that must be there.
+fn time_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, StoreError> {
+    let v: i64 = col(row, name)?;
+    from_ms(Some(v)).ok_or_else(|| corrupt(name, format!("{v} is no time")))
+}
+
+fn ttl_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn run_id_col(row: &SqliteRow, name: &str) -> Result<RunId, StoreError> {
+    let id: String = col(row, name)?;
+    RunId::from_str(&id).map_err(|e| corrupt(name, e))
+}
+
+fn status_col(row: &SqliteRow, name: &str) -> Result<RunStatus, StoreError> {
+    let status: String = col(row, name)?;
+    RunStatus::from_str(&status).map_err(|e| corrupt(name, e))
+}
+
+fn attempt_col(row: &SqliteRow, name: &str) -> Result<u32, StoreError> {
+    let n: i64 = col(row, name)?;
+    u32::try_from(n).map_err(|e| corrupt(name, e))
+}
+
+/// The optional `reason_code` column, parsed.
+fn reason_code_col(row: &SqliteRow) -> Result<Option<ReasonCode>, StoreError> {
+    let code: Option<String> = col(row, "reason_code")?;
+    code.map(|c| ReasonCode::from_str(&c))
+        .transpose()
+        .map_err(|e| corrupt("reason_code", e))
+}
+
+/// The `log_dropped_bytes` counter column.
+fn dropped_col(row: &SqliteRow) -> Result<u64, StoreError> {
+    let bytes: i64 = col(row, "log_dropped_bytes")?;
+    Ok(bytes.max(0) as u64)
+}
+
+const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
+     finished_at, cancel_requested, not_before, log_dropped_bytes";
+const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
+     claimed_at, started_at, finished_at, log_dropped_bytes";
+
+fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
+    let params: String = col(row, "params")?;
+    Ok(Run {
+        id: run_id_col(row, "id")?,
+        job: col(row, "job")?,
+        params: serde_json::from_str::<BTreeMap<String, String>>(&params)
+            .map_err(|e| corrupt("params", e))?,
+        status: status_col(row, "status")?,
+        attempt: attempt_col(row, "attempt")?,
+        exit_code: col(row, "exit_code")?,
+        reason: col(row, "reason")?,
+        reason_code: reason_code_col(row)?,
+        created_at: from_ms(col(row, "created_at")?).unwrap_or_default(),
+        started_at: from_ms(col(row, "started_at")?),
+        finished_at: from_ms(col(row, "finished_at")?),
+        cancel_requested: col::<i64>(row, "cancel_requested")? != 0,
+        not_before: from_ms(col(row, "not_before")?),
+        log_dropped_bytes: dropped_col(row)?,
+        attempts: Vec::new(),
+    })
+}
+
+fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
+    let attempt = Attempt {
+        number: attempt_col(row, "attempt")?,
+        status: status_col(row, "status")?,
+        worker_id: col(row, "worker_id")?,
+        container_id: col(row, "container_id")?,
+        exit_code: col(row, "exit_code")?,
+        reason: col(row, "reason")?,
+        reason_code: reason_code_col(row)?,
+        claimed_at: from_ms(col(row, "claimed_at")?).unwrap_or_default(),
+        started_at: from_ms(col(row, "started_at")?),
+        finished_at: from_ms(col(row, "finished_at")?),
+        log_dropped_bytes: dropped_col(row)?,
+    };
+    Ok((run_id_col(row, "run_id")?, attempt))
+}
+
+/// The run's state for the transition rules, read inside the caller's transaction.
+async fn run_state(
+    conn: &mut SqliteConnection,
+    run_id: RunId,
+) -> Result<Option<RunState>, StoreError> {
+    let row =
+        sqlx::query("SELECT status, attempt, cancel_requested, not_before FROM runs WHERE id = ?")
+            .bind(run_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    row.map(|row| {
+        Ok(RunState {
+            status: status_col(&row, "status")?,
+            attempt: attempt_col(&row, "attempt")?,
+            cancel_requested: col::<i64>(&row, "cancel_requested")? != 0,
+            not_before: from_ms(col(&row, "not_before")?),
+        })
+    })
+    .transpose()
+}
+
+/// One attempt's state for the transition rules, read inside the caller's transaction.
+async fn attempt_state(
+    conn: &mut SqliteConnection,
+    run_id: RunId,
+    attempt: u32,
+) -> Result<Option<AttemptState>, StoreError> {
+    let row = sqlx::query(
+        "SELECT worker_id, epoch, status, container_id IS NOT NULL AS started, lease_expires_at \
+         FROM attempts WHERE run_id = ? AND attempt = ?",
+    )
+    .bind(run_id.to_string())
+    .bind(i64::from(attempt))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    row.map(|row| {
+        Ok(AttemptState {
+            worker_id: col(&row, "worker_id")?,
+            epoch: col(&row, "epoch")?,
+            status: status_col(&row, "status")?,
+            started: col::<i64>(&row, "started")? != 0,
+            lease_expires_at: time_col(&row, "lease_expires_at")?,
+        })
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ports::RunRecords;
+    use crate::store::suite;
+
+    async fn open() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        (store, dir)
+    }
+
+    suite::store_suite!(open);
+
+    /// A row the store could never have written (here: a status no version knows) is
+    /// corrupt data, an internal error; never `Unavailable`, which would have clients
+    /// and workers retry forever.
+    #[tokio::test]
+    async fn a_row_that_does_not_decode_is_corrupt_not_unavailable() {
+        let (store, _dir) = open().await;
+        let run = suite::new_run();
+        store.insert_run(&run, None).await.unwrap();
+        sqlx::query("UPDATE runs SET status = 'exploded' WHERE id = ?")
+            .bind(run.id.to_string())
+            .execute(store.writer())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.get_run(run.id).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.cancel(run.id, Utc::now()).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        // A value of the wrong type (text where a number belongs) is corrupt too.
+        sqlx::query("UPDATE runs SET status = 'queued', attempt = 'one' WHERE id = ?")
+            .bind(run.id.to_string())
+            .execute(store.writer())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.get_run(run.id).await,
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

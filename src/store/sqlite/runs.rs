@@ -1,0 +1,249 @@
+//! Runs and idempotency keys: accept, read, cancel, and a person's retry.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::outbox::{drop_pending, enqueue};
+use super::{
+    ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, attempt_from_row, col, corrupt, db, ms,
+    run_from_row, run_id_col, run_state, ttl_ms,
+};
+use crate::domain::ports::{
+    CancelResult, IDEMPOTENCY_WINDOW, IdempotencyKey, Inserted, NewRun, RetryResult, RunFilter,
+    RunRecords, StoreError,
+};
+use crate::domain::retry::RetryPolicy;
+use crate::domain::run::{Attempt, Run, RunId};
+use crate::domain::transition::Ending;
+use crate::protocol::{RetryV1, SpecV1};
+
+impl SqliteStore {
+    /// Fill in each run's attempts, with one query for all of them.
+    async fn with_attempts(&self, mut runs: Vec<Run>) -> Result<Vec<Run>, StoreError> {
+        if runs.is_empty() {
+            return Ok(runs);
+        }
+        let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
+        let ids = serde_json::to_string(&ids).map_err(|e| corrupt("run ids", e))?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE run_id IN (SELECT value FROM json_each(?)) \
+             ORDER BY run_id, attempt"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(ids)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db)?;
+        let mut by_run: BTreeMap<RunId, Vec<Attempt>> = BTreeMap::new();
+        for row in &rows {
+            let (run_id, attempt) = attempt_from_row(row)?;
+            by_run.entry(run_id).or_default().push(attempt);
+        }
+        for run in &mut runs {
+            if let Some(attempts) = by_run.remove(&run.id) {
+                run.attempts = attempts;
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// A run ends without an attempt to settle (cancelled before it started, or an unstarted
+/// attempt given back after a cancel): final at once, no backoff left.
+pub(super) async fn end_run(
+    conn: &mut sqlx::SqliteConnection,
+    run_id: RunId,
+    ending: &Ending,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE runs SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ?, \
+         not_before = NULL WHERE id = ?",
+    )
+    .bind(ending.status.as_str())
+    .bind(ending.exit_code)
+    .bind(ending.reason.as_deref())
+    .bind(ending.reason_code.map(|c| c.as_str()))
+    .bind(ms(now))
+    .bind(run_id.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+#[async_trait]
+impl RunRecords for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn insert_run(
+        &self,
+        run: &NewRun,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Inserted, StoreError> {
+        let params = serde_json::to_string(&run.params).map_err(|e| corrupt("params", e))?;
+        let spec =
+            serde_json::to_string(&SpecV1::from(&run.spec)).map_err(|e| corrupt("spec", e))?;
+        let retry = (run.retry != RetryPolicy::default())
+            .then(|| serde_json::to_string(&RetryV1::from(&run.retry)))
+            .transpose()
+            .map_err(|e| corrupt("retry", e))?;
+        let id = run.id.to_string();
+        let now = ms(run.created_at);
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        if let Some(key) = key {
+            let window = ttl_ms(IDEMPOTENCY_WINDOW);
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at < ?",
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .bind(now - window)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            let seen = sqlx::query(
+                "SELECT job, params, run_id FROM idempotency_keys WHERE scope = ? AND key = ?",
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            if let Some(row) = seen {
+                let job: String = col(&row, "job")?;
+                let fingerprint: String = col(&row, "params")?;
+                let run_id = run_id_col(&row, "run_id")?;
+                tx.rollback().await.map_err(db)?;
+                return Ok(if job == key.job && fingerprint == key.fingerprint {
+                    Inserted::Existing(run_id)
+                } else {
+                    Inserted::KeyReused { job }
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, job, params, spec, retry, status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+        )
+        .bind(&id)
+        .bind(&run.job)
+        .bind(params)
+        .bind(spec)
+        .bind(retry)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        enqueue(&mut tx, run.id, 1, run.created_at, None).await?;
+        if let Some(key) = key {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, job, params, run_id, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&key.scope)
+            .bind(&key.key)
+            .bind(&key.job)
+            .bind(&key.fingerprint)
+            .bind(&id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Inserted::New)
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"));
+        let row = sqlx::query(sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
+        let Some(run) = row.as_ref().map(run_from_row).transpose()? else {
+            return Ok(None);
+        };
+        Ok(self.with_attempts(vec![run]).await?.pop())
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) \
+             ORDER BY id DESC LIMIT ?3"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(filter.job.as_deref())
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db)?;
+        let runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_attempts(runs).await
+    }
+
+    async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let Some(run) = run_state(&mut tx, id).await? else {
+            return Ok(CancelResult::UnknownRun);
+        };
+        let result = run.cancel();
+        match result {
+            CancelResult::Cancelled => {
+                // Not started (first attempt or a retry waiting out its backoff): final
+                // at once, and its pending publish is dropped.
+                end_run(&mut tx, id, &Ending::cancelled_before_start(), now).await?;
+                flag_cancel(&mut tx, id).await?;
+                drop_pending(&mut tx, id, "run cancelled", now).await?;
+            }
+            CancelResult::Requested => flag_cancel(&mut tx, id).await?,
+            CancelResult::AlreadyFinal(_) | CancelResult::UnknownRun => {}
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(result)
+    }
+
+    async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let Some(run) = run_state(&mut tx, id).await? else {
+            return Ok(RetryResult::UnknownRun);
+        };
+        let result = run.retry();
+        if let RetryResult::Queued { attempt } = result {
+            sqlx::query(
+                "UPDATE runs SET status = 'queued', exit_code = NULL, reason = NULL, reason_code = NULL, \
+                 finished_at = NULL, not_before = NULL, cancel_requested = 0 WHERE id = ?",
+            )
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            enqueue(&mut tx, id, attempt, now, None).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        Ok(result)
+    }
+}
+
+/// Ask the run's worker to stop it (seen at its next heartbeat); also keeps a cancelled
+/// run from ever being retried by rule.
+async fn flag_cancel(conn: &mut sqlx::SqliteConnection, id: RunId) -> Result<(), StoreError> {
+    sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! The store's behaviour, as any implementation must show it: each test is a function
+//! of a fresh store, and `store_suite!(open)` turns them all into `#[tokio::test]`s for
+//! one backend (`open` makes a fresh, empty store and whatever keeps it alive).
+
+mod lifecycle;
+mod sessions;
+
+pub(crate) use lifecycle::*;
+pub(crate) use sessions::*;
+
+/// Every test of the suite, for one backend: `open` is an async fn returning
+/// `(store, keep_alive)`.
+macro_rules! store_suite {
+    ($open:path) => {
+        $crate::store::suite::store_suite!(@each $open;
+            a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_epoch,
+            unclaimed_runs_are_published_again_for_a_volatile_queue,
+            retry_rules_queue_the_next_attempt_after_its_backoff,
+            expired_leases_become_lost_and_a_person_can_retry,
+            cancel_ends_a_queued_run_and_flags_a_running_one,
+            idempotency_keys_return_the_first_run,
+            an_unstarted_attempt_can_be_released_and_an_adopted_one_renewed,
+            only_unclaimed_due_runs_sent_long_ago_are_published_again,
+            a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished,
+            writes_under_a_stale_or_ended_lease_are_refused,
+            a_session_is_opened_refused_to_another_host_and_reopened_by_its_own_process,
+            a_live_session_is_replaced_from_its_own_host_only_with_the_host_lock,
+            an_expired_or_ended_session_gives_the_id_away,
+            a_superseded_or_ended_session_is_not_renewed,
+            an_orphan_goes_only_once_its_attempt_and_its_session_are_over,
+        );
+    };
+    (@each $open:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (store, _keep) = $open().await;
+                $crate::store::suite::$name(&store).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_suite;
