@@ -2,6 +2,7 @@
 
 pub mod job;
 pub mod ports;
+pub mod retention;
 pub mod retry;
 pub mod run;
 pub mod session;

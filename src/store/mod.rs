@@ -3,5 +3,6 @@
 //! writers of this process; reads use a small pool (WAL lets them run beside the writer).
 
 mod sqlite;
+mod sqlite_retention;
 
 pub use sqlite::SqliteStore;

@@ -25,19 +25,19 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+    pub(super) writer: SqlitePool,
+    pub(super) reader: SqlitePool,
 }
 
-fn unavailable(e: sqlx::Error) -> StoreError {
+pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
+pub(super) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+pub(super) fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.and_then(|v| Utc.timestamp_millis_opt(v).single())
 }
 
@@ -145,7 +145,7 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(String, Attempt), StoreError> {
     Ok((run_id, attempt))
 }
 
-fn corrupt_id(e: crate::domain::run::InvalidRunId) -> StoreError {
+pub(super) fn corrupt_id(e: crate::domain::run::InvalidRunId) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
@@ -461,7 +461,7 @@ impl RunStore for SqliteStore {
         }
         let list = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
-            "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL \
+            "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL, last_try_failed = 0 \
              WHERE id IN (SELECT value FROM json_each(?))",
         )
         .bind(ms(now))
@@ -473,18 +473,20 @@ impl RunStore for SqliteStore {
     }
 
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET tries = tries + 1, last_error = ? WHERE id = ?")
-            .bind(error)
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE outbox SET tries = tries + 1, last_error = ?, last_try_failed = 1 WHERE id = ?",
+        )
+        .bind(error)
+        .bind(id)
+        .execute(&self.writer)
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
 
     async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS pending, COALESCE(SUM(tries > 0), 0) AS failed, \
+            "SELECT COUNT(*) AS pending, COALESCE(SUM(last_try_failed), 0) AS failed, \
                (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL \
                 ORDER BY id DESC LIMIT 1) AS last_error \
              FROM outbox WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= ?)",
