@@ -7,3 +7,4 @@ mod common;
 mod docker_runtime;
 mod embedded;
 mod faults;
+mod retention;
