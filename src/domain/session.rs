@@ -197,22 +197,10 @@ mod tests {
     fn an_orphan_goes_only_when_its_attempt_and_its_session_are_over() {
         let live = session("a", "h1", 30, None);
         let over = session("a", "h1", 30, Some(5));
-        assert_eq!(
-            orphan_verdict(true, Some(&over), t(10)),
-            OrphanVerdict::Keep
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&live), t(10)),
-            OrphanVerdict::Keep
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&live), t(31)),
-            OrphanVerdict::Remove
-        );
-        assert_eq!(
-            orphan_verdict(false, Some(&over), t(10)),
-            OrphanVerdict::Remove
-        );
+        assert_eq!(orphan_verdict(true, Some(&over), t(10)), OrphanVerdict::Keep);
+        assert_eq!(orphan_verdict(false, Some(&live), t(10)), OrphanVerdict::Keep);
+        assert_eq!(orphan_verdict(false, Some(&live), t(31)), OrphanVerdict::Remove);
+        assert_eq!(orphan_verdict(false, Some(&over), t(10)), OrphanVerdict::Remove);
         assert_eq!(orphan_verdict(false, None, t(10)), OrphanVerdict::Remove);
     }
 }
