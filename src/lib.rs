@@ -31,11 +31,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::config::{Command, JobsCommand, ServeArgs, WorkerArgs, WorkerOptions};
+use crate::config::{
+    Command, JobsCommand, PruneArgs, RunsCommand, ServeArgs, WorkerArgs, WorkerOptions,
+};
 use crate::domain::ports::{ContainerRuntime, ControlPlane, DeliverySource, RunQueue, RunStore};
+use crate::domain::retention::{Retention, RetentionStore};
 use crate::service::control::LocalControlPlane;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
+use crate::service::retention::Pruner;
 use crate::service::runs::Runs;
 #[cfg(feature = "fault-injection")]
 use crate::service::worker::CrashPoint;
@@ -53,6 +57,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Cancel(args) => Ok(cli::run_action(args, "cancel").await),
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
         Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
+        Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
     }
 }
 
@@ -88,8 +93,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let store = store::SqliteStore::open(&args.data_dir)
         .await
         .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
-    let store: Arc<dyn RunStore> = Arc::new(store);
+    let store = Arc::new(store);
+    let retained: Arc<dyn RetentionStore> = store.clone();
+    let store: Arc<dyn RunStore> = store;
     let logs = Arc::new(logsink::FileLogSink::new(args.data_dir.join("logs")));
+    let pruner = Pruner::new(
+        retained,
+        logs.clone(),
+        Retention::from_setting(args.retention),
+    );
     let events = RunEvents::new();
     let wake = Arc::new(Notify::new());
     let control = Arc::new(LocalControlPlane::new(
@@ -155,6 +167,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .clone()
             .reap_expired_leases(shutdown.clone()),
     );
+    tasks.spawn(pruner.run(service::retention::EVERY, shutdown.clone()));
 
     let runtime = match source {
         Some(source) => {
@@ -199,6 +212,31 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     tasks.wait().await;
     tracing::info!(message = "stopped");
     Ok(())
+}
+
+/// `tasuki runs prune`: one pass against the data dir, as `serve` makes them. WAL and
+/// the busy timeout let it share the database with a running `serve`.
+pub async fn prune(args: PruneArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let db = args.data_dir.join("tasuki.db");
+    if !db.exists() {
+        anyhow::bail!("no run store at {}", db.display());
+    }
+    let store = store::SqliteStore::open(&args.data_dir)
+        .await
+        .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
+    let logs = logsink::FileLogSink::new(args.data_dir.join("logs"));
+    let retention = Retention::For(args.older_than);
+    let now = chrono::Utc::now();
+    let pruner = Pruner::new(Arc::new(store), Arc::new(logs), retention);
+    let report = pruner.prune(now, &shutdown).await?;
+    let cutoff = retention.cutoff(now).map_or_else(String::new, |t| {
+        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    });
+    println!(
+        "deleted {} run(s) finished before {cutoff} and {} log dir(s); {} expired idempotency key(s), {} spent outbox row(s)",
+        report.runs, report.log_dirs, report.keys, report.outbox_rows
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tasuki worker`: RabbitMQ in, Docker to run, the control plane over HTTP.

@@ -8,3 +8,4 @@ mod connections;
 mod docker_runtime;
 mod embedded;
 mod faults;
+mod retention;
