@@ -12,7 +12,7 @@ use futures::StreamExt;
 use crate::catalog::Catalog;
 use crate::client::{ApiClient, ClientError};
 use crate::config::{LogsArgs, RunArgs, StatusArgs};
-use crate::protocol::api::{ReasonCodeV1, RunStatusV1, RunV1};
+use crate::protocol::api::{ErrorCodeV1, ReasonCodeV1, RunStatusV1, RunV1};
 
 /// Exit codes for outcomes the job itself did not choose (as `timeout(1)` and
 /// `docker run` use them).
@@ -136,10 +136,7 @@ async fn create_with_retries(
     loop {
         tries += 1;
         match client.create_run(job, params, Some(key)).await {
-            Err(e)
-                if tries < 8
-                    && (e.is_transient() || e.code() == Some("idempotency_key_in_flight")) =>
-            {
+            Err(e) if tries < 8 && worth_another_create(&e) => {
                 eprintln!("tasuki: {e}; trying again in {} ms", pause.as_millis());
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(15));
@@ -147,6 +144,12 @@ async fn create_with_retries(
             other => return other,
         }
     }
+}
+
+/// A failed create is worth repeating with the same key when it was transient, or when
+/// an earlier try with that key is still being accepted (the repeat then gets its run).
+fn worth_another_create(e: &ClientError) -> bool {
+    e.is_transient() || e.code() == Some(&ErrorCodeV1::IdempotencyKeyInFlight)
 }
 
 /// `tasuki cancel RUN`, `tasuki retry RUN`: print the run; exit 1 when the server
@@ -287,6 +290,26 @@ pub fn check_jobs(dir: &Path) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_create_is_repeated_for_an_in_flight_key_but_not_for_other_refusals() {
+        let refused = |status, code: Option<&str>| ClientError::Refused {
+            status,
+            code: code.map(|c| ErrorCodeV1::from(c.to_owned())),
+            message: String::new(),
+        };
+        assert!(worth_another_create(&refused(
+            409,
+            Some("idempotency_key_in_flight")
+        )));
+        assert!(worth_another_create(&refused(503, Some("unavailable"))));
+        assert!(!worth_another_create(&refused(
+            422,
+            Some("idempotency_key_reused")
+        )));
+        assert!(!worth_another_create(&refused(409, Some("rejected"))));
+        assert!(!worth_another_create(&refused(409, None)));
+    }
 
     fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunV1 {
         RunV1 {

@@ -50,6 +50,9 @@ pub enum Command {
     /// Work with job definitions.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Work with stored runs (in the data dir, without a server).
+    #[command(subcommand)]
+    Runs(RunsCommand),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -161,6 +164,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_REPUBLISH_AFTER", value_parser = duration, default_value = "5m")]
     pub republish_after: Duration,
 
+    /// Finished runs, with their attempts and logs, are deleted this long after they
+    /// ended (looked for at start and every 5 minutes); `0` keeps them forever.
+    #[arg(long, env = "TASUKI_RETENTION", value_parser = duration, default_value = "30days")]
+    pub retention: Duration,
+
     #[command(flatten)]
     pub worker: WorkerOptions,
 }
@@ -251,6 +259,25 @@ pub enum JobsCommand {
         #[arg(env = "TASUKI_JOBS_DIR", default_value = "jobs")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Delete finished runs that ended more than --older-than ago, with their attempts
+    /// and logs (and expired idempotency keys and spent outbox rows). Works on the data
+    /// dir directly; safe while `tasuki serve` runs on it.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete runs that finished more than this long ago (`0s`: every finished run).
+    #[arg(long, env = "TASUKI_PRUNE_OLDER_THAN", value_parser = duration)]
+    pub older_than: Duration,
+
+    /// The data dir of the `tasuki serve` whose runs to prune.
+    #[arg(long, env = "TASUKI_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
 }
 
 #[cfg(test)]

@@ -40,11 +40,22 @@ pub enum HostLockError {
 pub struct HostLock {
     _file: File,
     path: PathBuf,
+    released_by: Option<String>,
 }
 
 impl HostLock {
-    /// Take the lock for `worker_id` in `dir`, and write who holds it into the file.
-    pub fn acquire(dir: &Path, worker_id: &str, holder: &str) -> Result<HostLock, HostLockError> {
+    /// Take the lock for `worker_id` in `dir` for process instance `instance`, and write
+    /// who holds it into the file (`pid P, instance I, since T`).
+    pub fn acquire(dir: &Path, worker_id: &str, instance: &str) -> Result<HostLock, HostLockError> {
+        let holder = format!(
+            "pid {}, instance {instance}, since {}",
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339()
+        );
+        Self::acquire_as(dir, worker_id, &holder)
+    }
+
+    fn acquire_as(dir: &Path, worker_id: &str, holder: &str) -> Result<HostLock, HostLockError> {
         let path = dir.join(format!("tasuki-worker-{}.lock", file_safe(worker_id)));
         let io = |source| HostLockError::Io {
             path: path.clone(),
@@ -76,17 +87,39 @@ impl HostLock {
             }
             Err(TryLockError::Error(source)) => return Err(io(source)),
         }
+        // Whoever held it before is dead: the kernel let go of its lock.
+        let mut before = String::new();
+        let _ = file.read_to_string(&mut before);
+        let released_by = instance_of(&before);
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(format!("{holder}\n").as_bytes())
             .map_err(io)?;
         file.sync_data().map_err(io)?;
-        Ok(HostLock { _file: file, path })
+        Ok(HostLock {
+            _file: file,
+            path,
+            released_by,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The process instance that held this lock before (and has died since).
+    pub fn released_by(&self) -> Option<&str> {
+        self.released_by.as_deref()
+    }
+}
+
+/// The instance named in a lock file's `pid P, instance I, since T`.
+fn instance_of(holder: &str) -> Option<String> {
+    holder
+        .split(", ")
+        .find_map(|part| part.trim().strip_prefix("instance "))
+        .filter(|i| !i.is_empty())
+        .map(str::to_owned)
 }
 
 /// A worker id as a file name: anything but `[A-Za-z0-9._-]` becomes `_`, plus a short
@@ -107,11 +140,9 @@ fn file_safe(id: &str) -> String {
         return clean;
     }
     // FNV-1a: stable across builds, unlike std's hasher.
-    let hash = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("{clean}-{hash:016x}")
 }
 
@@ -122,17 +153,35 @@ mod tests {
     #[test]
     fn a_second_holder_is_refused_with_the_first_ones_identity_until_it_lets_go() {
         let dir = tempfile::tempdir().unwrap();
-        let first = HostLock::acquire(dir.path(), "w1", "pid 10 since then").unwrap();
-        let err = HostLock::acquire(dir.path(), "w1", "pid 11").unwrap_err();
+        let first = HostLock::acquire(dir.path(), "w1", "inst-a").unwrap();
+        assert_eq!(first.released_by(), None);
+        let err = HostLock::acquire(dir.path(), "w1", "inst-b").unwrap_err();
         let text = err.to_string();
         assert!(text.contains("`w1`"), "{text}");
-        assert!(text.contains("pid 10 since then"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "pid {}, instance inst-a, since ",
+                std::process::id()
+            )),
+            "{text}"
+        );
         // Another id is independent.
-        let _other = HostLock::acquire(dir.path(), "w2", "pid 12").unwrap();
+        let _other = HostLock::acquire(dir.path(), "w2", "inst-c").unwrap();
         drop(first);
-        let again = HostLock::acquire(dir.path(), "w1", "pid 13").unwrap();
+        let again = HostLock::acquire(dir.path(), "w1", "inst-d").unwrap();
+        assert_eq!(again.released_by(), Some("inst-a"));
         let written = std::fs::read_to_string(again.path()).unwrap();
-        assert_eq!(written, "pid 13\n");
+        assert!(written.contains("instance inst-d, since "), "{written}");
+    }
+
+    #[test]
+    fn the_previous_instance_is_read_from_what_the_holder_wrote() {
+        assert_eq!(
+            instance_of("pid 1, instance 01abc, since 2026-01-01T00:00:00+00:00\n"),
+            Some("01abc".to_owned())
+        );
+        assert_eq!(instance_of(""), None);
+        assert_eq!(instance_of("garbage"), None);
     }
 
     #[test]

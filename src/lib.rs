@@ -32,12 +32,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::config::{Command, JobsCommand, ServeArgs, WorkerArgs, WorkerOptions};
+use crate::config::{
+    Command, JobsCommand, PruneArgs, RunsCommand, ServeArgs, WorkerArgs, WorkerOptions,
+};
 use crate::domain::ports::{ContainerRuntime, ControlPlane, DeliverySource, RunQueue, RunStore};
+use crate::domain::retention::{Retention, RetentionStore};
 use crate::domain::session::SessionRequest;
 use crate::service::control::LocalControlPlane;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
+use crate::service::retention::Pruner;
 use crate::service::runs::Runs;
 use crate::service::session::{Session, SessionError};
 #[cfg(feature = "fault-injection")]
@@ -56,6 +60,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Cancel(args) => Ok(cli::run_action(args, "cancel").await),
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
         Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
+        Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
     }
 }
 
@@ -95,23 +100,17 @@ async fn open_worker_session(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(hostlock::HostLock, Session)> {
     let instance = ulid::Ulid::new().to_string().to_ascii_lowercase();
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let pid = std::process::id();
     let lock_dir = options
         .lock_dir
         .clone()
         .unwrap_or_else(hostlock::default_lock_dir);
-    let holder = format!(
-        "pid {pid}, instance {instance}, since {}",
-        chrono::Utc::now().to_rfc3339()
-    );
-    let lock = hostlock::HostLock::acquire(&lock_dir, worker_id, &holder)?;
+    let lock = hostlock::HostLock::acquire(&lock_dir, worker_id, &instance)?;
     let request = SessionRequest {
         worker_id: worker_id.to_owned(),
         instance,
-        host,
-        pid,
-        holds_host_lock: true,
+        host: gethostname::gethostname().to_string_lossy().into_owned(),
+        pid: std::process::id(),
+        lock_released_by: lock.released_by().map(str::to_owned),
     };
     let session = Session::open(control, request, shutdown).await?;
     Ok((lock, session))
@@ -193,8 +192,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let store = store::SqliteStore::open(&args.data_dir)
         .await
         .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
-    let store: Arc<dyn RunStore> = Arc::new(store);
+    let store = Arc::new(store);
+    let retained: Arc<dyn RetentionStore> = store.clone();
+    let store: Arc<dyn RunStore> = store;
     let logs = Arc::new(logsink::FileLogSink::new(args.data_dir.join("logs")));
+    let pruner = Pruner::new(
+        retained,
+        logs.clone(),
+        Retention::from_setting(args.retention),
+    );
     let events = RunEvents::new();
     let wake = Arc::new(Notify::new());
     let control = Arc::new(LocalControlPlane::new(
@@ -260,18 +266,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .clone()
             .reap_expired_leases(shutdown.clone()),
     );
+    tasks.spawn(pruner.run(service::retention::EVERY, shutdown.clone()));
 
     let runtime = match source {
         Some(source) => {
             let runtime = docker(&args.worker)?;
             let config = worker_config(&args.worker);
-            let identity = open_worker_session(
-                control.clone(),
-                &args.worker,
-                &config.worker_id,
-                &shutdown,
-            )
-            .await?;
+            let identity =
+                open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown)
+                    .await?;
             let worker = Worker::new(control.clone(), runtime.clone(), config);
             let stop = shutdown.clone();
             tasks.spawn(async move {
@@ -316,6 +319,31 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     Ok(())
 }
 
+/// `tasuki runs prune`: one pass against the data dir, as `serve` makes them. WAL and
+/// the busy timeout let it share the database with a running `serve`.
+pub async fn prune(args: PruneArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let db = args.data_dir.join("tasuki.db");
+    if !db.exists() {
+        anyhow::bail!("no run store at {}", db.display());
+    }
+    let store = store::SqliteStore::open(&args.data_dir)
+        .await
+        .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
+    let logs = logsink::FileLogSink::new(args.data_dir.join("logs"));
+    let retention = Retention::For(args.older_than);
+    let now = chrono::Utc::now();
+    let pruner = Pruner::new(Arc::new(store), Arc::new(logs), retention);
+    let report = pruner.prune(now, &shutdown).await?;
+    let cutoff = retention.cutoff(now).map_or_else(String::new, |t| {
+        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    });
+    println!(
+        "deleted {} run(s) finished before {cutoff} and {} log dir(s); {} expired idempotency key(s), {} spent outbox row(s)",
+        report.runs, report.log_dirs, report.keys, report.outbox_rows
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `tasuki worker`: RabbitMQ in, Docker to run, the control plane over HTTP.
 pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     if args.worker_token.is_empty() {
@@ -333,5 +361,11 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
         &args.queue.queue,
         &config.worker_id,
     ));
-    run_worker(Worker::new(control, runtime, config), source, identity, shutdown).await
+    run_worker(
+        Worker::new(control, runtime, config),
+        source,
+        identity,
+        shutdown,
+    )
+    .await
 }

@@ -16,8 +16,8 @@ use crate::domain::ports::{
     Stream,
 };
 use crate::domain::retry::RetryPolicy;
-use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 use crate::domain::run::{Outcome, ReasonCode, RunId, RunStatus};
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
 /// The AMQP message body: `{"v":1,"run_id":"...","attempt":1}`. Small on purpose: the
 /// spec comes from the control plane at claim time.
@@ -349,7 +349,8 @@ pub struct SessionOpenV1 {
     pub instance: String,
     pub host: String,
     pub pid: u32,
-    pub holds_host_lock: bool,
+    /// The instance that held this host's lock for the id before; it is dead.
+    pub lock_released_by: Option<String>,
 }
 
 impl From<&SessionRequest> for SessionOpenV1 {
@@ -359,7 +360,7 @@ impl From<&SessionRequest> for SessionOpenV1 {
             instance: r.instance.clone(),
             host: r.host.clone(),
             pid: r.pid,
-            holds_host_lock: r.holds_host_lock,
+            lock_released_by: r.lock_released_by.clone(),
         }
     }
 }
@@ -371,7 +372,7 @@ impl From<SessionOpenV1> for SessionRequest {
             instance: r.instance,
             host: r.host,
             pid: r.pid,
-            holds_host_lock: r.holds_host_lock,
+            lock_released_by: r.lock_released_by,
         }
     }
 }

@@ -3,10 +3,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::json;
 
-use crate::protocol::api::RunV1;
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, RunV1};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -17,7 +16,8 @@ pub enum ClientError {
     #[error("server refused ({status}): {message}")]
     Refused {
         status: u16,
-        code: String,
+        /// `None` when the answer was not an API error body (e.g. from a proxy).
+        code: Option<ErrorCodeV1>,
         message: String,
     },
 }
@@ -33,9 +33,9 @@ impl ClientError {
     }
 
     /// The API's error code, when the server answered with one.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCodeV1> {
         match self {
-            ClientError::Refused { code, .. } => Some(code),
+            ClientError::Refused { code, .. } => code.as_ref(),
             ClientError::Unreachable { .. } => None,
         }
     }
@@ -45,17 +45,6 @@ impl ClientError {
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorInner,
-}
-
-#[derive(Deserialize)]
-struct ErrorInner {
-    code: String,
-    message: String,
 }
 
 impl ApiClient {
@@ -84,9 +73,9 @@ impl ApiClient {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
-        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => (b.error.code, b.error.message),
-            Err(_) => ("http_error".to_owned(), text.chars().take(500).collect()),
+        let (code, message) = match serde_json::from_str::<ErrorBodyV1>(&text) {
+            Ok(b) => (Some(b.error.code), b.error.message),
+            Err(_) => (None, text.chars().take(500).collect()),
         };
         Err(ClientError::Refused {
             status: status.as_u16(),
@@ -186,5 +175,55 @@ impl ApiClient {
                 message: e.to_string(),
             })
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn refusal(status: u16, body: &'static str) -> ClientError {
+        let client = ApiClient::new("http://127.0.0.1:1").unwrap();
+        let response = axum::http::Response::builder()
+            .status(status)
+            .body(body)
+            .unwrap();
+        client.check(response.into()).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn an_error_body_gives_its_typed_code_and_message() {
+        let e = refusal(
+            409,
+            r#"{"error":{"code":"idempotency_key_in_flight","message":"busy"}}"#,
+        )
+        .await;
+        assert_eq!(e.code(), Some(&ErrorCodeV1::IdempotencyKeyInFlight));
+        assert_eq!(e.to_string(), "server refused (409): busy");
+    }
+
+    #[tokio::test]
+    async fn a_code_this_build_does_not_know_still_reads() {
+        let e = refusal(
+            400,
+            r#"{"error":{"code":"quota_exceeded","message":"later"}}"#,
+        )
+        .await;
+        assert_eq!(
+            e.code(),
+            Some(&ErrorCodeV1::Unknown("quota_exceeded".to_owned()))
+        );
+        assert_eq!(e.to_string(), "server refused (400): later");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_an_api_error_has_no_code() {
+        let e = refusal(502, "<html>bad gateway</html>").await;
+        assert_eq!(e.code(), None);
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "server refused (502): <html>bad gateway</html>"
+        );
     }
 }

@@ -9,8 +9,8 @@ use crate::domain::ports::{
     AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
     OutputChunk, RunMessage, SessionGrant,
 };
-use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
     HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, OrphanRequestV1,

@@ -3,6 +3,7 @@
 pub mod job;
 pub mod job_lookup;
 pub mod ports;
+pub mod retention;
 pub mod retry;
 pub mod run;
 pub mod session;
@@ -20,8 +21,13 @@ mod tidy {
             "tokio", "axum", "lapin", "bollard", "sqlx", "reqwest", "hyper", "serde",
         ];
         let mut offences = Vec::new();
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
+        let files = rust_files(&dir);
+        // Guards against the walk silently finding nothing (e.g. after a move).
+        assert!(
+            files.iter().any(|p| p.ends_with("job/params.rs")),
+            "the scan must reach files in subdirectories: {files:?}"
+        );
+        for path in files {
             let text = std::fs::read_to_string(&path).unwrap();
             for (n, line) in text.lines().enumerate() {
                 let code = line.split("//").next().unwrap_or("");
@@ -38,5 +44,23 @@ mod tidy {
             "domain imports I/O or serde:\n{}",
             offences.join("\n")
         );
+    }
+
+    /// Every `.rs` file under `dir`, subdirectories included.
+    fn rust_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        files
     }
 }

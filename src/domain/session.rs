@@ -36,9 +36,10 @@ pub struct SessionRequest {
     pub instance: String,
     pub host: String,
     pub pid: u32,
-    /// The process holds the host-wide lock for this worker id, so no other live process
-    /// on `host` has the id: a live-looking session from the same host is a crashed one.
-    pub holds_host_lock: bool,
+    /// The instance that held this host's lock for the worker id before the requester
+    /// took it. The kernel releases the lock only when its holder dies, so a live-looking
+    /// session of that instance on this host is a crashed process.
+    pub lock_released_by: Option<String>,
 }
 
 /// What the control plane decides about a session request.
@@ -54,8 +55,9 @@ pub enum SessionDecision {
 }
 
 /// The rule: a live session of another instance blocks the id, unless it is on the same
-/// host and the requester holds that host's lock (the kernel released the lock when the
-/// old process died, so the old session is a crash that has not expired yet).
+/// host and is the very instance whose lock the requester took over (the kernel released
+/// that lock when the old process died, so its session is a crash that has not expired
+/// yet). A lock in another directory proves nothing about the live session's process.
 pub fn decide_session(
     current: Option<&WorkerSession>,
     request: &SessionRequest,
@@ -69,9 +71,14 @@ pub fn decide_session(
         Some(s) if !s.is_live(now) => SessionDecision::Open {
             previous: Some(s.clone()),
         },
-        Some(s) if request.holds_host_lock && s.host == request.host => SessionDecision::Open {
-            previous: Some(s.clone()),
-        },
+        Some(s)
+            if s.host == request.host
+                && request.lock_released_by.as_deref() == Some(s.instance.as_str()) =>
+        {
+            SessionDecision::Open {
+                previous: Some(s.clone()),
+            }
+        }
         Some(s) => SessionDecision::Refuse { live: s.clone() },
     }
 }
@@ -160,13 +167,14 @@ mod tests {
         }
     }
 
+    /// `lock`: the requester took over the host lock last held by instance `a`.
     fn request(instance: &str, host: &str, lock: bool) -> SessionRequest {
         SessionRequest {
             worker_id: "w1".into(),
             instance: instance.into(),
             host: host.into(),
             pid: 43,
-            holds_host_lock: lock,
+            lock_released_by: lock.then(|| "a".to_owned()),
         }
     }
 
@@ -187,9 +195,19 @@ mod tests {
         assert_eq!(
             decide_session(Some(&live), &request("b", "h1", true), t(10)),
             SessionDecision::Open {
-                previous: Some(live)
+                previous: Some(live.clone())
             }
         );
+        // A lock some other instance held (another lock directory, say) proves nothing
+        // about the live one.
+        let elsewhere = SessionRequest {
+            lock_released_by: Some("z".into()),
+            ..request("b", "h1", false)
+        };
+        assert!(matches!(
+            decide_session(Some(&live), &elsewhere, t(10)),
+            SessionDecision::Refuse { .. }
+        ));
     }
 
     #[test]
@@ -235,18 +253,32 @@ mod tests {
         assert!(!may_end(Some(&ended), "a"));
     }
 
-
     #[test]
     fn an_orphan_goes_only_when_its_attempt_and_its_session_are_known_and_over() {
         use AttemptState::*;
         let live = session("a", "h1", 30, None);
         let over = session("a", "h1", 30, Some(5));
-        assert_eq!(orphan_verdict(Running, Some(&over), t(10)), OrphanVerdict::Keep);
-        assert_eq!(orphan_verdict(Over, Some(&live), t(10)), OrphanVerdict::Keep);
-        assert_eq!(orphan_verdict(Over, Some(&live), t(31)), OrphanVerdict::Remove);
-        assert_eq!(orphan_verdict(Over, Some(&over), t(10)), OrphanVerdict::Remove);
+        assert_eq!(
+            orphan_verdict(Running, Some(&over), t(10)),
+            OrphanVerdict::Keep
+        );
+        assert_eq!(
+            orphan_verdict(Over, Some(&live), t(10)),
+            OrphanVerdict::Keep
+        );
+        assert_eq!(
+            orphan_verdict(Over, Some(&live), t(31)),
+            OrphanVerdict::Remove
+        );
+        assert_eq!(
+            orphan_verdict(Over, Some(&over), t(10)),
+            OrphanVerdict::Remove
+        );
         // Unknown to this control plane: another installation's, never touched.
         assert_eq!(orphan_verdict(Over, None, t(10)), OrphanVerdict::Keep);
-        assert_eq!(orphan_verdict(Unknown, Some(&over), t(10)), OrphanVerdict::Keep);
+        assert_eq!(
+            orphan_verdict(Unknown, Some(&over), t(10)),
+            OrphanVerdict::Keep
+        );
     }
 }

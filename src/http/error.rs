@@ -1,23 +1,22 @@
-//! The one place where errors become HTTP statuses. Every error body is
-//! `{"error":{"code":"...","message":"..."}}`, the framework's own rejections included.
+//! The one place where errors become HTTP statuses. Every error body is a
+//! [`ErrorBodyV1`], the framework's own rejections included.
 
+use crate::domain::ports::{ControlError, LogError, StoreError};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
+use crate::service::runs::{AcceptError, ActionError};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-
-use crate::domain::ports::{ControlError, LogError, StoreError};
-use crate::service::runs::{AcceptError, ActionError};
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCodeV1,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCodeV1, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -25,9 +24,9 @@ impl ApiError {
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCodeV1::BadRequest, message)
     }
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn not_found(code: ErrorCodeV1, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
     /// Logged with its details; the client gets no internals.
@@ -35,7 +34,7 @@ impl ApiError {
         tracing::error!(message = "request failed", %error);
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCodeV1::Internal,
             "internal error; see the server log",
         )
     }
@@ -43,31 +42,15 @@ impl ApiError {
         tracing::warn!(message = "dependency unavailable", error = %what);
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCodeV1::Unavailable,
             what.to_string(),
         )
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
-}
-
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-            },
-        };
+        let body = ErrorBodyV1::new(self.code, self.message);
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was never read: the connection cannot carry another
@@ -100,7 +83,9 @@ impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Unavailable(_) => ApiError::unavailable(e),
-            ControlError::Rejected(m) => ApiError::new(StatusCode::CONFLICT, "rejected", m),
+            ControlError::Rejected(m) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCodeV1::Rejected, m)
+            }
         }
     }
 }
@@ -108,20 +93,22 @@ impl From<ControlError> for ApiError {
 impl From<AcceptError> for ApiError {
     fn from(e: AcceptError) -> Self {
         match e {
-            AcceptError::UnknownJob(_) => ApiError::not_found("unknown_job", e.to_string()),
+            AcceptError::UnknownJob(_) => {
+                ApiError::not_found(ErrorCodeV1::UnknownJob, e.to_string())
+            }
             AcceptError::Params(p) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_params",
+                ErrorCodeV1::InvalidParams,
                 p.to_string(),
             ),
             AcceptError::KeyReused { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
+                ErrorCodeV1::IdempotencyKeyReused,
                 e.to_string(),
             ),
             AcceptError::KeyInFlight(_) => ApiError::new(
                 StatusCode::CONFLICT,
-                "idempotency_key_in_flight",
+                ErrorCodeV1::IdempotencyKeyInFlight,
                 e.to_string(),
             ),
             AcceptError::Store(s) => s.into(),
@@ -132,13 +119,19 @@ impl From<AcceptError> for ApiError {
 impl From<ActionError> for ApiError {
     fn from(e: ActionError) -> Self {
         match e {
-            ActionError::UnknownRun(_) => ApiError::not_found("unknown_run", e.to_string()),
-            ActionError::AlreadyFinal { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "run_finished", e.to_string())
+            ActionError::UnknownRun(_) => {
+                ApiError::not_found(ErrorCodeV1::UnknownRun, e.to_string())
             }
-            ActionError::NotRetryable { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "not_retryable", e.to_string())
-            }
+            ActionError::AlreadyFinal { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCodeV1::RunFinished,
+                e.to_string(),
+            ),
+            ActionError::NotRetryable { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCodeV1::NotRetryable,
+                e.to_string(),
+            ),
             ActionError::Store(s) => s.into(),
         }
     }
@@ -156,23 +149,23 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
-                "body_too_large",
+                ErrorCodeV1::BodyTooLarge,
                 "request body is over the 1 MiB limit",
             )
         } else {
-            ApiError::new(status, "bad_request", e.body_text())
+            ApiError::new(status, ErrorCodeV1::BadRequest, e.body_text())
         }
     }
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::not_found("not_found", "no such endpoint")
+    ApiError::not_found(ErrorCodeV1::NotFound, "no such endpoint")
 }
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCodeV1::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
 }

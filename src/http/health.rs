@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::AppState;
+use crate::protocol::api::{ErrorCodeV1, ErrorV1};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -66,10 +67,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response()
     } else {
+        let error = ErrorV1 {
+            code: ErrorCodeV1::NotReady,
+            message: format!("not ready: {}", failing.join(", ")),
+        };
         let body = json!({
             "status": "not_ready",
             "checks": checks,
-            "error": {"code": "not_ready", "message": format!("not ready: {}", failing.join(", "))},
+            "error": error,
         });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::domain::job::JobSpec;
+use crate::protocol::api::ErrorCodeV1;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -102,9 +103,8 @@ async fn get_job(
     State(state): State<AppState>,
     Path(job): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let spec = state
-        .runs
-        .job(&job)
-        .ok_or_else(|| ApiError::not_found("unknown_job", format!("no job named `{job}`")))?;
+    let spec = state.runs.job(&job).ok_or_else(|| {
+        ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"))
+    })?;
     Ok(Json(JobView::from(spec.as_ref())))
 }

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use super::{ApiError, AppState};
 use crate::domain::ports::RunFilter;
 use crate::domain::run::{Run, RunId, RunStatus};
-use crate::protocol::api::RunV1;
+use crate::protocol::api::{ErrorCodeV1, RunV1};
 use crate::service::events::RunEventKind;
 use crate::service::runs::MAX_IDEMPOTENCY_KEY_LEN;
 
@@ -45,7 +45,7 @@ struct WaitQuery {
 
 fn parse_id(id: &str) -> Result<RunId, ApiError> {
     id.parse().map_err(|e: crate::domain::run::InvalidRunId| {
-        ApiError::not_found("unknown_run", e.to_string())
+        ApiError::not_found(ErrorCodeV1::UnknownRun, e.to_string())
     })
 }
 
@@ -56,7 +56,7 @@ async fn find_run(state: &AppState, id: &str) -> Result<(RunId, Run), ApiError> 
         .runs
         .get(id)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))?;
+        .ok_or_else(|| ApiError::not_found(ErrorCodeV1::UnknownRun, format!("no run {id}")))?;
     Ok((id, run))
 }
 
@@ -87,7 +87,7 @@ fn params_from_json(
                     };
                     return Err(ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_params",
+                        ErrorCodeV1::InvalidParams,
                         format!("parameter `{k}` is {kind}; give a string, number or boolean"),
                     ));
                 }
@@ -111,7 +111,7 @@ async fn create_run(
     let key = idempotency_key(&headers)?;
     if state.runs.job(&job).is_none() {
         return Err(ApiError::not_found(
-            "unknown_job",
+            ErrorCodeV1::UnknownJob,
             format!("no job named `{job}`"),
         ));
     }
@@ -284,7 +284,7 @@ async fn get_logs(
         && (a == 0 || a > run.attempt.max(1))
     {
         return Err(ApiError::not_found(
-            "unknown_attempt",
+            ErrorCodeV1::UnknownAttempt,
             format!("run {id} has no attempt {a}"),
         ));
     }

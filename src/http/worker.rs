@@ -14,6 +14,7 @@ use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
 use crate::domain::ports::{AdoptResult, ClaimResult};
 use crate::domain::run::RunId;
+use crate::protocol::api::ErrorCodeV1;
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
     HeldAttemptV1, HeldRequestV1, LeaseStatusV1, OrphanRequestV1, OrphanVerdictV1, ReleaseV1,
@@ -46,7 +47,7 @@ impl FromRequestParts<AppState> for WorkerAuth {
         let Some(expected) = state.worker_token.as_deref() else {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "worker_api_disabled",
+                ErrorCodeV1::WorkerApiDisabled,
                 "the worker API is disabled: start `tasuki serve` with --worker-token",
             ));
         };
@@ -61,7 +62,7 @@ impl FromRequestParts<AppState> for WorkerAuth {
         } else {
             Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCodeV1::Unauthorized,
                 "missing or wrong worker token",
             ))
         }

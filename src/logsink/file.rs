@@ -138,6 +138,17 @@ impl LogSink for FileLogSink {
         }
     }
 
+    async fn delete_run(&self, run_id: RunId) -> Result<bool, LogError> {
+        let dir = self.dir.join(run_id.to_string());
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(true),
+            // Never written (a run cancelled before it started), or deleted by an
+            // earlier pass that did not get to delete the run's rows.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&dir, e)),
+        }
+    }
+
     async fn read(
         &self,
         run_id: RunId,
@@ -226,5 +237,23 @@ mod tests {
         let blocked = FileLogSink::new(dir.path().join("not-a-dir"));
         std::fs::write(dir.path().join("not-a-dir"), b"").unwrap();
         assert!(matches!(blocked.sync(id, 1).await, Err(LogError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn deleting_a_run_removes_every_attempts_log_and_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileLogSink::new(dir.path());
+        let (gone, kept) = (RunId::new(), RunId::new());
+        sink.append(gone, 1, 0, &[chunk(b"one")]).await.unwrap();
+        sink.append(gone, 2, 0, &[chunk(b"two")]).await.unwrap();
+        sink.append(kept, 1, 0, &[chunk(b"stays")]).await.unwrap();
+
+        assert!(sink.delete_run(gone).await.unwrap());
+        assert!(!dir.path().join(gone.to_string()).exists());
+        assert_eq!(sink.len(gone, 1).await.unwrap(), 0);
+        assert_eq!(&sink.read(kept, 1, 0, 100).await.unwrap()[..], b"stays");
+        // Nothing left to delete is not an error.
+        assert!(!sink.delete_run(gone).await.unwrap());
+        assert!(!sink.delete_run(RunId::new()).await.unwrap());
     }
 }

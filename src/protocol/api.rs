@@ -1,5 +1,6 @@
-//! The public API's run JSON, one definition for the server that writes it and the CLI
-//! that reads it. `fixtures/run_v1.json` freezes its shape: a change shows as a diff.
+//! The public API's run JSON and error body, one definition each for the server that
+//! writes them and the CLI that reads them. `fixtures/run_v1.json` and
+//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -201,6 +202,124 @@ impl From<ReasonCodeV1> for String {
     }
 }
 
+/// Every API error answer: `{"error":{"code":"...","message":"..."}}`, the framework's
+/// own rejections included.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBodyV1 {
+    pub error: ErrorV1,
+}
+
+/// The `error` object of an [`ErrorBodyV1`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorV1 {
+    pub code: ErrorCodeV1,
+    pub message: String,
+}
+
+impl ErrorBodyV1 {
+    pub fn new(code: ErrorCodeV1, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorV1 {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// An API error's stable code. A code this build does not know (from a newer or older
+/// server) is kept as it came, so the answer still parses and its message still shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ErrorCodeV1 {
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    BodyTooLarge,
+    Internal,
+    Unavailable,
+    NotReady,
+    Rejected,
+    UnknownJob,
+    UnknownRun,
+    UnknownAttempt,
+    InvalidParams,
+    IdempotencyKeyReused,
+    IdempotencyKeyInFlight,
+    RunFinished,
+    NotRetryable,
+    WorkerApiDisabled,
+    Unauthorized,
+    Unknown(String),
+}
+
+impl ErrorCodeV1 {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCodeV1::BadRequest => "bad_request",
+            ErrorCodeV1::NotFound => "not_found",
+            ErrorCodeV1::MethodNotAllowed => "method_not_allowed",
+            ErrorCodeV1::BodyTooLarge => "body_too_large",
+            ErrorCodeV1::Internal => "internal",
+            ErrorCodeV1::Unavailable => "unavailable",
+            ErrorCodeV1::NotReady => "not_ready",
+            ErrorCodeV1::Rejected => "rejected",
+            ErrorCodeV1::UnknownJob => "unknown_job",
+            ErrorCodeV1::UnknownRun => "unknown_run",
+            ErrorCodeV1::UnknownAttempt => "unknown_attempt",
+            ErrorCodeV1::InvalidParams => "invalid_params",
+            ErrorCodeV1::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCodeV1::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            ErrorCodeV1::RunFinished => "run_finished",
+            ErrorCodeV1::NotRetryable => "not_retryable",
+            ErrorCodeV1::WorkerApiDisabled => "worker_api_disabled",
+            ErrorCodeV1::Unauthorized => "unauthorized",
+            ErrorCodeV1::Unknown(s) => s,
+        }
+    }
+}
+
+impl From<String> for ErrorCodeV1 {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "bad_request" => ErrorCodeV1::BadRequest,
+            "not_found" => ErrorCodeV1::NotFound,
+            "method_not_allowed" => ErrorCodeV1::MethodNotAllowed,
+            "body_too_large" => ErrorCodeV1::BodyTooLarge,
+            "internal" => ErrorCodeV1::Internal,
+            "unavailable" => ErrorCodeV1::Unavailable,
+            "not_ready" => ErrorCodeV1::NotReady,
+            "rejected" => ErrorCodeV1::Rejected,
+            "unknown_job" => ErrorCodeV1::UnknownJob,
+            "unknown_run" => ErrorCodeV1::UnknownRun,
+            "unknown_attempt" => ErrorCodeV1::UnknownAttempt,
+            "invalid_params" => ErrorCodeV1::InvalidParams,
+            "idempotency_key_reused" => ErrorCodeV1::IdempotencyKeyReused,
+            "idempotency_key_in_flight" => ErrorCodeV1::IdempotencyKeyInFlight,
+            "run_finished" => ErrorCodeV1::RunFinished,
+            "not_retryable" => ErrorCodeV1::NotRetryable,
+            "worker_api_disabled" => ErrorCodeV1::WorkerApiDisabled,
+            "unauthorized" => ErrorCodeV1::Unauthorized,
+            _ => ErrorCodeV1::Unknown(s),
+        }
+    }
+}
+
+impl From<ErrorCodeV1> for String {
+    fn from(c: ErrorCodeV1) -> Self {
+        match c {
+            ErrorCodeV1::Unknown(s) => s,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCodeV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -346,6 +465,72 @@ mod tests {
         assert_eq!(serde_json::to_string(&st).unwrap(), "\"paused\"");
         let c: ReasonCodeV1 = serde_json::from_str("\"gone\"").unwrap();
         assert_eq!(c.as_str(), "gone");
+    }
+
+    const ERROR_FIXTURE: &str = include_str!("fixtures/error_v1.json");
+
+    #[test]
+    fn error_json_is_frozen() {
+        let body = ErrorBodyV1::new(
+            ErrorCodeV1::IdempotencyKeyInFlight,
+            "a request with idempotency key k is still being accepted",
+        );
+        let json = serde_json::to_string_pretty(&body).unwrap();
+        assert_eq!(
+            json,
+            ERROR_FIXTURE.trim_end(),
+            "the error JSON changed; if on purpose, update src/protocol/fixtures/error_v1.json"
+        );
+        let back: ErrorBodyV1 = serde_json::from_str(ERROR_FIXTURE).unwrap();
+        assert_eq!(back, body);
+    }
+
+    /// The codes are part of the API (clients branch on them): each one is spelled here
+    /// once more so a rename shows as a failing test, and each reads back as itself.
+    #[test]
+    fn error_codes_are_frozen() {
+        use ErrorCodeV1::*;
+        let codes = [
+            (BadRequest, "bad_request"),
+            (NotFound, "not_found"),
+            (MethodNotAllowed, "method_not_allowed"),
+            (BodyTooLarge, "body_too_large"),
+            (Internal, "internal"),
+            (Unavailable, "unavailable"),
+            (NotReady, "not_ready"),
+            (Rejected, "rejected"),
+            (UnknownJob, "unknown_job"),
+            (UnknownRun, "unknown_run"),
+            (UnknownAttempt, "unknown_attempt"),
+            (InvalidParams, "invalid_params"),
+            (IdempotencyKeyReused, "idempotency_key_reused"),
+            (IdempotencyKeyInFlight, "idempotency_key_in_flight"),
+            (RunFinished, "run_finished"),
+            (NotRetryable, "not_retryable"),
+            (WorkerApiDisabled, "worker_api_disabled"),
+            (Unauthorized, "unauthorized"),
+        ];
+        for (code, text) in codes {
+            assert_eq!(code.as_str(), text);
+            assert_eq!(ErrorCodeV1::from(text.to_owned()), code);
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{text}\""));
+        }
+    }
+
+    #[test]
+    fn an_unknown_error_code_still_parses() {
+        let body: ErrorBodyV1 =
+            serde_json::from_str(r#"{"error":{"code":"quota_exceeded","message":"slow down"}}"#)
+                .unwrap();
+        assert_eq!(
+            body.error.code,
+            ErrorCodeV1::Unknown("quota_exceeded".to_owned())
+        );
+        assert_eq!(body.error.message, "slow down");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"error":{"code":"quota_exceeded","message":"slow down"}}"#
+        );
     }
 
     /// Older servers sent no `attempts`, `cancel_requested`, `not_before`,

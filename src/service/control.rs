@@ -13,8 +13,8 @@ use crate::domain::ports::{
     AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, LogSink,
     OutputChunk, RunMessage, RunStore, SessionGrant, StoreError,
 };
-use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
 use crate::service::events::{RunEventKind, RunEvents};
 
 /// One lock per attempt, held by `append_log` from its lease check to the end of its

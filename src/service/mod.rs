@@ -1,9 +1,11 @@
 //! Use cases, written against the ports in `domain` only: accepting and querying runs,
-//! the control plane a worker talks to, the outbox relay, and the worker itself.
+//! the control plane a worker talks to, the outbox relay, the worker itself, and pruning what
+//! nobody will read again.
 
 pub mod control;
 pub mod events;
 pub mod relay;
+pub mod retention;
 pub mod runs;
 pub mod session;
 pub mod worker;

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Invariants, QueueGuard, ServeOptions, Server, TOKEN, WorkerSpec, amqp_server, attempts_of,
-    containers_of, docker_cli, is_final, publish_raw, queue_counts, remove_containers,
-    start_worker_with, tasuki_cli, unique, worker,
+    containers_of, docker_cli, is_final, publish_raw, queue_counts, start_worker_with, tasuki_cli,
+    unique, worker,
 };
 
 fn dir() -> tempfile::TempDir {

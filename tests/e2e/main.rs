@@ -8,4 +8,5 @@ mod connections;
 mod docker_runtime;
 mod embedded;
 mod faults;
+mod retention;
 mod sessions;

@@ -313,6 +313,10 @@ impl LogSink for FakeSink {
         Ok(())
     }
 
+    async fn delete_run(&self, _run_id: RunId) -> Result<bool, LogError> {
+        Ok(false)
+    }
+
     async fn len(&self, _run_id: RunId, _attempt: u32) -> Result<u64, LogError> {
         Ok(self.0.world().log.iter().map(|(_, b)| b.len() as u64).sum())
     }

@@ -481,7 +481,10 @@ pub(super) fn container_spec(claim: &Claim, worker_id: &str) -> ContainerSpec {
         ("tasuki.run-id".to_owned(), run_id),
         ("tasuki.job".to_owned(), claim.job.clone()),
         ("tasuki.attempt".to_owned(), attempt),
-        (super::reconcile::WORKER_LABEL.to_owned(), worker_id.to_owned()),
+        (
+            super::reconcile::WORKER_LABEL.to_owned(),
+            worker_id.to_owned(),
+        ),
     ]);
     ContainerSpec {
         name: container_name(claim),

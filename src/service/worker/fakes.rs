@@ -18,8 +18,8 @@ use crate::domain::ports::{
     ContainerState, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, OutputChunk,
     OutputStream, RunMessage, RuntimeError, SessionGrant, Stream,
 };
-use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

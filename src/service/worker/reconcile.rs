@@ -128,7 +128,12 @@ impl Worker {
     }
 
     /// True if the container was an orphan and is gone.
-    async fn remove_if_orphan(&self, container: &ContainerInfo, run_id: RunId, attempt: u32) -> bool {
+    async fn remove_if_orphan(
+        &self,
+        container: &ContainerInfo,
+        run_id: RunId,
+        attempt: u32,
+    ) -> bool {
         let Some(owner) = container.labels.get(WORKER_LABEL) else {
             return false;
         };

@@ -247,7 +247,12 @@ async fn orphans_of_vanished_workers_go_only_on_the_control_planes_word() {
     second.lease.attempt = 2;
     let orphan = runtime.put_running(&first, "vanished-worker", chrono::Utc::now());
     let alive = runtime.put_running(&second, "live-worker", chrono::Utc::now());
-    control.set_orphan(first.lease.run_id, 1, "vanished-worker", OrphanVerdict::Remove);
+    control.set_orphan(
+        first.lease.run_id,
+        1,
+        "vanished-worker",
+        OrphanVerdict::Remove,
+    );
     let running = TaskTracker::new();
     w.reconcile(&running).await;
     assert!(runtime.calls().contains(&Call::Stop(orphan.clone())));
@@ -266,7 +271,12 @@ async fn a_retry_removes_the_orphan_of_the_attempt_it_replaces_before_creating()
     let w = worker(&control, &runtime);
     let earlier = claim(None);
     let orphan = runtime.put_running(&earlier, "vanished-worker", chrono::Utc::now());
-    control.set_orphan(earlier.lease.run_id, 1, "vanished-worker", OrphanVerdict::Remove);
+    control.set_orphan(
+        earlier.lease.run_id,
+        1,
+        "vanished-worker",
+        OrphanVerdict::Remove,
+    );
     let mut retry = claim(None);
     retry.lease.attempt = 2;
     let task = tokio::spawn({
@@ -275,10 +285,15 @@ async fn a_retry_removes_the_orphan_of_the_attempt_it_replaces_before_creating()
     });
     until(|| started(&runtime)).await;
     let calls = runtime.calls();
-    let removed = calls.iter().position(|c| *c == Call::Remove(orphan.clone()));
+    let removed = calls
+        .iter()
+        .position(|c| *c == Call::Remove(orphan.clone()));
     let create = calls.iter().position(|c| matches!(c, Call::Create(_)));
     assert!(removed.is_some(), "orphan not removed: {calls:?}");
-    assert!(removed < create, "created before the orphan was gone: {calls:?}");
+    assert!(
+        removed < create,
+        "created before the orphan was gone: {calls:?}"
+    );
     let id = created(&runtime).expect("a container was created");
     runtime.exit(&id, 0);
     task.await.expect("attempt task");

@@ -4,6 +4,7 @@
 
 mod leases;
 mod outbox;
+mod retention;
 mod runs;
 mod sessions;
 

@@ -82,7 +82,7 @@ impl Outbox for SqliteStore {
         }
         let list = serde_json::to_string(ids).map_err(|e| corrupt("outbox ids", e))?;
         sqlx::query(
-            "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL \
+            "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL, last_try_failed = 0 \
              WHERE id IN (SELECT value FROM json_each(?))",
         )
         .bind(ms(now))
@@ -94,18 +94,20 @@ impl Outbox for SqliteStore {
     }
 
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET tries = tries + 1, last_error = ? WHERE id = ?")
-            .bind(error)
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .map_err(db)?;
+        sqlx::query(
+            "UPDATE outbox SET tries = tries + 1, last_error = ?, last_try_failed = 1 WHERE id = ?",
+        )
+        .bind(error)
+        .bind(id)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
     async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS pending, COALESCE(SUM(tries > 0), 0) AS failed, \
+            "SELECT COUNT(*) AS pending, COALESCE(SUM(last_try_failed), 0) AS failed, \
                (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL \
                 ORDER BY id DESC LIMIT 1) AS last_error \
              FROM outbox WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= ?)",

@@ -16,9 +16,8 @@ use crate::domain::ports::{
 };
 use crate::domain::run::RunId;
 use crate::domain::session::{
-    AttemptState,
-    self, OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
-    decide_renewal, decide_session, may_end, session_expiry,
+    self, AttemptState, OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest,
+    WorkerSession, decide_renewal, decide_session, may_end, session_expiry,
 };
 
 fn session_from_row(row: &SqliteRow) -> Result<WorkerSession, StoreError> {

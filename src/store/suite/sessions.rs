@@ -23,13 +23,15 @@ fn secs(n: i64) -> chrono::Duration {
 
 const SESSION_TTL: Duration = Duration::from_secs(30);
 
+/// `lock`: the requester found the host lock last held by instance `a` (the first
+/// process of every test), so that process is dead.
 fn request(worker_id: &str, instance: &str, host: &str, lock: bool) -> SessionRequest {
     SessionRequest {
         worker_id: worker_id.into(),
         instance: instance.into(),
         host: host.into(),
         pid: 42,
-        holds_host_lock: lock,
+        lock_released_by: lock.then(|| "a".to_owned()),
     }
 }
 

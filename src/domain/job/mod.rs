@@ -1,0 +1,210 @@
+//! Job definitions: the validated, in-memory form of a job file.
+//!
+//! This module holds the job's name and spec; the pure helpers around it live in
+//! submodules, re-exported here: request parameters (`params`), sizes and
+//! durations (`units`) and cron schedules (`schedule`).
+//!
+//! Nothing in here performs I/O; the TOML file format lives in
+//! `crate::catalog`.
+
+mod params;
+mod schedule;
+mod units;
+
+pub use params::{
+    ParamError, ParamErrors, ParamSpec, RESERVED_ENV_PREFIX, has_malformed_param_reference,
+    is_reserved_env_name, is_valid_env_name, is_valid_param_name, param_references,
+};
+pub use schedule::{InvalidSchedule, Schedule};
+pub use units::{InvalidDuration, InvalidSize, MAX_SIZE, parse_duration, parse_size};
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A job's name: the job file's stem, `^[a-z0-9][a-z0-9_-]{0,62}$`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobName(String);
+
+/// The given string is not a valid job name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid job name {0:?}: use 1-63 characters from a-z, 0-9, '_' and '-', \
+     starting with a letter or digit"
+)]
+pub struct InvalidJobName(pub String);
+
+impl JobName {
+    /// Maximum length of a job name, in bytes (all allowed characters are ASCII).
+    pub const MAX_LEN: usize = 63;
+
+    pub fn parse(s: &str) -> Result<JobName, InvalidJobName> {
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if first_ok && rest_ok && s.len() <= Self::MAX_LEN {
+            Ok(JobName(s.to_owned()))
+        } else {
+            Err(InvalidJobName(s.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for JobName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets a `BTreeMap<JobName, _>` / `HashMap<JobName, _>` be queried with a `&str`.
+/// Sound because `Eq`, `Ord` and `Hash` are derived from the inner `String`.
+impl Borrow<str> for JobName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for JobName {
+    type Err = InvalidJobName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobName::parse(s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    #[default]
+    IfNotPresent,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid pull policy {0:?} (expected \"if-not-present\", \"always\" or \"never\")")]
+pub struct InvalidPullPolicy(pub String);
+
+impl PullPolicy {
+    pub fn parse(s: &str) -> Result<PullPolicy, InvalidPullPolicy> {
+        match s {
+            "if-not-present" => Ok(PullPolicy::IfNotPresent),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            other => Err(InvalidPullPolicy(other.to_owned())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "if-not-present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Container resource limits.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Resources {
+    /// Relative CPU weight in ECS units (1024 = one core's share); Docker `CpuShares`.
+    pub cpu: Option<u32>,
+    /// Hard CPU cap in cores (e.g. 0.5); Docker `NanoCpus` = cores * 1e9.
+    pub cpu_limit: Option<f64>,
+    /// Hard memory limit in bytes; Docker `Memory`.
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub name: JobName,
+    pub description: Option<String>,
+    pub image: String,
+    /// Empty means "use the image's default command".
+    pub command: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub pull: PullPolicy,
+    pub resources: Resources,
+    pub timeout: Option<Duration>,
+    pub stop_grace: Duration,
+    pub network: String,
+    pub params: BTreeMap<String, ParamSpec>,
+    pub schedule: Option<Schedule>,
+    pub retry: super::retry::RetryPolicy,
+}
+
+/// A job with request parameters applied: what actually gets run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub pull: PullPolicy,
+    pub resources: Resources,
+    pub timeout: Option<Duration>,
+    pub stop_grace: Duration,
+    pub network: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_name_valid_and_invalid() {
+        for ok in ["a", "hello", "0day", "a-b_c", &"a".repeat(63)] {
+            let n = JobName::parse(ok).unwrap();
+            assert_eq!(n.as_str(), ok);
+            assert_eq!(n.to_string(), ok);
+        }
+        for bad in ["", "-a", "_a", "Hello", "a.b", "a b", "é", &"a".repeat(64)] {
+            let err = JobName::parse(bad).unwrap_err();
+            assert_eq!(err.0, bad);
+            assert!(err.to_string().contains("invalid job name"));
+        }
+    }
+
+    #[test]
+    fn job_name_borrow_lookup() {
+        let mut m = BTreeMap::new();
+        m.insert(JobName::parse("x").unwrap(), 1);
+        assert_eq!(m.get("x"), Some(&1));
+    }
+
+    #[test]
+    fn pull_policy_round_trip() {
+        for p in [
+            PullPolicy::IfNotPresent,
+            PullPolicy::Always,
+            PullPolicy::Never,
+        ] {
+            assert_eq!(PullPolicy::parse(p.as_str()).unwrap(), p);
+        }
+        assert_eq!(PullPolicy::default(), PullPolicy::IfNotPresent);
+        assert!(PullPolicy::parse("Always").is_err());
+        assert!(PullPolicy::parse("missing").is_err());
+    }
+}
