@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
-    Claim, ClaimResult, HeldAttempt, Lease, LeaseStatus, OutputChunk, RunMessage, SessionGrant,
-    Stream,
+    Adoption, Claim, ClaimResult, HeldAttempt, Lease, LeaseStatus, OutputChunk, OutputPosition,
+    RunMessage, SessionGrant, Stream,
 };
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, ReasonCode, RunId, RunStatus};
@@ -283,7 +283,7 @@ impl From<LeaseStatusV1> for LeaseStatus {
 pub struct FinishV1 {
     pub lease: LeaseV1,
     pub outcome: OutcomeV1,
-    /// Output the worker could not deliver at all.
+    /// Output the worker could not deliver at all, all told (an earlier life's too).
     #[serde(default)]
     pub log_dropped_bytes: u64,
 }
@@ -331,9 +331,60 @@ pub struct AdoptRequestV1 {
 pub enum AdoptResponseV1 {
     Held {
         claim: ClaimResponseV1,
+        /// The stored log's length: where the next write goes.
         log_length: u64,
+        /// Bytes of the container's output handled (stored or dropped); a control plane
+        /// from before it was sent means `log_length`.
+        #[serde(default)]
+        output_read: u64,
+        /// Of those, the bytes the worker could not deliver, all told.
+        #[serde(default)]
+        undelivered_bytes: u64,
     },
     Stale,
+}
+
+impl From<&Adoption> for AdoptResponseV1 {
+    fn from(a: &Adoption) -> Self {
+        match a {
+            Adoption::Held { claim, output } => AdoptResponseV1::Held {
+                claim: ClaimResponseV1::from(&ClaimResult::Claimed(claim.clone())),
+                log_length: output.stored,
+                output_read: output.read,
+                undelivered_bytes: output.undelivered,
+            },
+            Adoption::Stale => AdoptResponseV1::Stale,
+        }
+    }
+}
+
+impl TryFrom<AdoptResponseV1> for Adoption {
+    type Error = String;
+    fn try_from(r: AdoptResponseV1) -> Result<Self, String> {
+        match r {
+            AdoptResponseV1::Stale => Ok(Adoption::Stale),
+            AdoptResponseV1::Held {
+                claim,
+                log_length,
+                output_read,
+                undelivered_bytes,
+            } => match ClaimResult::try_from(claim)? {
+                ClaimResult::Claimed(claim) => {
+                    // Nothing stored was not read first.
+                    let read = output_read.max(log_length);
+                    Ok(Adoption::Held {
+                        claim,
+                        output: OutputPosition {
+                            read,
+                            stored: log_length,
+                            undelivered: undelivered_bytes.min(read - log_length),
+                        },
+                    })
+                }
+                _ => Err("adopt answered `held` without a claim".to_owned()),
+            },
+        }
+    }
 }
 
 /// `POST /v1/worker/release`: the attempt's container never started; queue it again.
@@ -599,7 +650,9 @@ impl From<OutcomeV1> for Outcome {
     }
 }
 
-/// Log upload body (`PUT /v1/worker/runs/{id}/attempts/{n}/log?offset=N&epoch=E`):
+/// Log upload body (`PUT /v1/worker/log?run_id=R&attempt=N&epoch=E&offset=O&undelivered=U`,
+/// `undelivered` being the bytes the worker could not deliver before these, all told;
+/// absent means 0):
 /// frames of `[stream: u8][0,0,0][len: u32 big-endian][len bytes]`, stream 1 = stdout,
 /// 2 = stderr (the same framing Docker uses for attach), so stream identity survives the
 /// trip without copying bytes into JSON.
@@ -700,6 +753,76 @@ mod tests {
             parse_run_message(br#"{"v":1,"run_id":"01jd0000000000000000000000","attempt":0}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_adopt_answer_without_the_output_position_still_reads() {
+        // As a control plane from before the output position sends it.
+        let old = r#"{"result":"held","claim":{"result":"claimed",
+            "lease":{"run_id":"01jd0000000000000000000000","attempt":1,"epoch":3},
+            "job":"hello","spec":{"image":"img:1","command":[],"env":{},"pull":"never",
+            "stop_grace_ms":1000,"network":"none"},"lease_ttl_ms":30000},"log_length":42}"#;
+        let answer: AdoptResponseV1 = serde_json::from_str(old).unwrap();
+        match Adoption::try_from(answer).unwrap() {
+            // A control plane from before it was sent: nothing dropped on record.
+            Adoption::Held { claim, output } => {
+                assert_eq!(claim.lease.epoch, 3);
+                assert_eq!(
+                    output,
+                    OutputPosition {
+                        read: 42,
+                        stored: 42,
+                        undelivered: 0
+                    }
+                );
+            }
+            Adoption::Stale => panic!("held read as stale"),
+        }
+        let stale: AdoptResponseV1 = serde_json::from_str(r#"{"result":"stale"}"#).unwrap();
+        assert!(matches!(Adoption::try_from(stale), Ok(Adoption::Stale)));
+    }
+
+    #[test]
+    fn an_adopt_answer_carries_the_output_position_both_ways() {
+        let claim = Claim {
+            lease: Lease {
+                run_id: "01jd0000000000000000000000".parse().unwrap(),
+                attempt: 2,
+                epoch: 5,
+            },
+            job: "hello".into(),
+            spec: ResolvedSpec {
+                image: "img:1".into(),
+                command: vec![],
+                workdir: None,
+                user: None,
+                env: BTreeMap::new(),
+                pull: PullPolicy::Never,
+                resources: Resources::default(),
+                timeout: None,
+                stop_grace: Duration::from_secs(1),
+                network: "none".into(),
+            },
+            lease_ttl: Duration::from_secs(30),
+        };
+        let output = OutputPosition {
+            read: 9,
+            stored: 6,
+            undelivered: 3,
+        };
+        let sent = AdoptResponseV1::from(&Adoption::Held {
+            claim: Box::new(claim),
+            output,
+        });
+        let json = serde_json::to_value(&sent).unwrap();
+        assert_eq!(json["log_length"], 6);
+        assert_eq!(json["output_read"], 9);
+        assert_eq!(json["undelivered_bytes"], 3);
+        let back: AdoptResponseV1 = serde_json::from_value(json).unwrap();
+        match Adoption::try_from(back).unwrap() {
+            Adoption::Held { output: got, .. } => assert_eq!(got, output),
+            Adoption::Stale => panic!("held read as stale"),
+        }
     }
 
     #[test]

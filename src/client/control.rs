@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::ports::{
-    AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
+    Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
     OutputChunk, RunMessage, SessionGrant,
 };
 use crate::domain::run::{Outcome, RunId};
@@ -116,6 +116,7 @@ impl ControlPlane for HttpControlPlane {
         &self,
         lease: Lease,
         offset: u64,
+        undelivered_before: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
         #[derive(serde::Deserialize)]
@@ -130,6 +131,7 @@ impl ControlPlane for HttpControlPlane {
                 ("attempt", lease.attempt.to_string()),
                 ("epoch", lease.epoch.to_string()),
                 ("offset", offset.to_string()),
+                ("undelivered", undelivered_before.to_string()),
             ])
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, LOG_CONTENT_TYPE)
@@ -144,12 +146,12 @@ impl ControlPlane for HttpControlPlane {
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
     ) -> Result<LeaseStatus, ControlError> {
         let req = FinishV1 {
             lease: lease.into(),
             outcome: outcome.into(),
-            log_dropped_bytes,
+            log_dropped_bytes: undelivered,
         };
         let answer: LeaseStatusV1 = self.post("/v1/worker/finish", &req).await?;
         Ok(answer.into())
@@ -168,24 +170,14 @@ impl ControlPlane for HttpControlPlane {
         run_id: RunId,
         attempt: u32,
         worker_id: &str,
-    ) -> Result<(AdoptResult, u64), ControlError> {
+    ) -> Result<Adoption, ControlError> {
         let req = AdoptRequestV1 {
             run_id,
             attempt,
             worker_id: worker_id.to_owned(),
         };
         let answer: AdoptResponseV1 = self.post("/v1/worker/adopt", &req).await?;
-        match answer {
-            AdoptResponseV1::Stale => Ok((AdoptResult::Stale, 0)),
-            AdoptResponseV1::Held { claim, log_length } => {
-                match ClaimResult::try_from(claim).map_err(ControlError::Rejected)? {
-                    ClaimResult::Claimed(claim) => Ok((AdoptResult::Held(claim), log_length)),
-                    _ => Err(ControlError::Rejected(
-                        "adopt answered `held` without a claim".to_owned(),
-                    )),
-                }
-            }
-        }
+        Adoption::try_from(answer).map_err(ControlError::Rejected)
     }
 
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {

@@ -217,28 +217,34 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn heartbeat(&self, lease: Lease) -> Result<LeaseStatus, ControlError>;
     /// Append output at `offset` (bytes of this attempt's log before `chunks`). Idempotent
     /// by offset: bytes already stored are skipped. Returns the log's new length.
+    /// `undelivered_before`: bytes of the attempt's output the worker dropped, all told,
+    /// because it could not deliver them (before `chunks`); recorded before the write,
+    /// so a log holding bytes that followed a hole always has the hole on record.
     async fn append_log(
         &self,
         lease: Lease,
         offset: u64,
+        undelivered_before: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError>;
-    /// `log_dropped_bytes`: output the worker could not deliver at all.
+    /// `undelivered`: all the attempt's output the worker could not deliver at all
+    /// (including what an earlier life of the worker reported); counted once however
+    /// often it was reported.
     async fn finish(
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
     ) -> Result<LeaseStatus, ControlError>;
     /// The attempts the control plane thinks `worker_id` holds.
     async fn held(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, ControlError>;
-    /// See [`RunStore::adopt`]; also says how much of the attempt's log is stored.
+    /// See [`RunStore::adopt`]; also says where the attempt's output stands.
     async fn adopt(
         &self,
         run_id: RunId,
         attempt: u32,
         worker_id: &str,
-    ) -> Result<(AdoptResult, u64), ControlError>;
+    ) -> Result<Adoption, ControlError>;
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError>;
     /// Open this process's session for its worker id (see `domain::session`).
     async fn open_session(&self, request: &SessionRequest) -> Result<SessionGrant, ControlError>;
@@ -257,6 +263,43 @@ pub trait ControlPlane: Send + Sync + 'static {
         attempt: u32,
         worker_id: &str,
     ) -> Result<OrphanVerdict, ControlError>;
+}
+
+/// The control plane's answer to `adopt`.
+#[derive(Debug, Clone)]
+pub enum Adoption {
+    /// Still this worker's attempt: carry on with it under this (renewed) claim, its
+    /// output from `output`.
+    Held {
+        claim: Box<Claim>,
+        output: OutputPosition,
+    },
+    /// The attempt is final, taken over or unknown: the container must go.
+    Stale,
+}
+
+/// Where an attempt's output stands, for a worker that carries on with its container
+/// and reads the container's output again from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutputPosition {
+    /// Bytes of the container's output handled: stored or dropped. A read from the
+    /// start skips this many.
+    pub read: u64,
+    /// The stored log's length: where the next write goes.
+    pub stored: u64,
+    /// Of `read`, what the worker could not deliver; its count goes on from here.
+    pub undelivered: u64,
+}
+
+impl OutputPosition {
+    /// The position of output whose log holds `stored` bytes and lost `dropped`.
+    pub fn after(stored: u64, dropped: DroppedOutput) -> Self {
+        Self {
+            read: stored.saturating_add(dropped.total),
+            stored,
+            undelivered: dropped.undelivered,
+        }
+    }
 }
 
 /// The control plane's answer to a session request.

@@ -82,10 +82,26 @@ pub struct HeldAttempt {
 /// A worker's answer about a container it found labelled with its own id.
 #[derive(Debug, Clone)]
 pub enum AdoptResult {
-    /// Still this worker's attempt: carry on with it under this (renewed) claim.
-    Held(Box<Claim>),
+    /// Still this worker's attempt: carry on with it under this (renewed) claim. Its
+    /// output dropped so far tells how much of the container's output lies behind the
+    /// stored log.
+    Held {
+        claim: Box<Claim>,
+        dropped: DroppedOutput,
+    },
     /// The attempt is final, taken over or unknown: the container must go.
     Stale,
+}
+
+/// An attempt's output that is not in its log, as counted so far. The next write goes
+/// where the log ends, closing up over every hole, so the log's length plus `total` is
+/// how much of the container's output has been handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DroppedOutput {
+    /// Every dropped byte: refused by the log sink, plus `undelivered`.
+    pub total: u64,
+    /// Bytes the worker could not deliver at all, as it last said (the most it said).
+    pub undelivered: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -229,16 +245,26 @@ pub trait Leases: Send + Sync + 'static {
     ) -> Result<LeaseStatus, StoreError>;
     /// Record the attempt's final outcome; refused (`Lost`) unless the lease is current.
     /// The run becomes final, or queued again when its retry rules say so.
+    /// `undelivered`: all the attempt's output its worker could not deliver, counted as
+    /// [`Leases::record_undelivered`] does (what was recorded already counts once).
     async fn finish(
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError>;
     /// The lease's epoch is still the attempt's (output may be written under it).
     async fn lease_is_current(&self, lease: Lease) -> Result<bool, StoreError>;
+    /// Output the log sink refused, counted in `log_dropped_bytes` of the attempt and
+    /// its run.
     async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError>;
+    /// The worker says `bytes` of the attempt's output so far never reached the control
+    /// plane (a running total). The attempt's recorded total rises to it and never
+    /// falls (a late or repeated report says less), and only the rise is counted in
+    /// `log_dropped_bytes`. Like `add_log_dropped`, it counts under the attempt's
+    /// current epoch, final or not.
+    async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError>;
     /// Attempts whose lease ran out become `lost` (or queue their retry). Returns the
     /// runs that changed.
     async fn expire_leases(&self, now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError>;
@@ -254,7 +280,8 @@ pub trait Reconciliation: Send + Sync + 'static {
     /// Attempts `worker_id` holds (status running).
     async fn held_attempts(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError>;
     /// A worker found a container of its own for this attempt: renew and hand back the
-    /// claim if the attempt is still its own and running.
+    /// claim, with the output dropped so far, if the attempt is still its own and
+    /// running.
     async fn adopt(
         &self,
         run_id: RunId,

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
-use crate::domain::ports::{AdoptResult, ClaimResult};
 use crate::domain::run::RunId;
 use crate::protocol::api::ErrorCodeV1;
 use crate::protocol::{
@@ -150,17 +149,11 @@ async fn adopt(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AdoptResponseV1>, ApiError> {
     let req: AdoptRequestV1 = json(body)?;
-    let (result, log_length) = state
+    let adoption = state
         .control
         .adopt(req.run_id, req.attempt, &req.worker_id)
         .await?;
-    Ok(Json(match result {
-        AdoptResult::Stale => AdoptResponseV1::Stale,
-        AdoptResult::Held(claim) => AdoptResponseV1::Held {
-            claim: ClaimResponseV1::from(&ClaimResult::Claimed(claim)),
-            log_length,
-        },
-    }))
+    Ok(Json(AdoptResponseV1::from(&adoption)))
 }
 
 async fn release(
@@ -233,6 +226,9 @@ struct LogTarget {
     attempt: u32,
     epoch: i64,
     offset: u64,
+    /// Absent from workers that do not count it.
+    #[serde(default)]
+    undelivered: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -240,7 +236,8 @@ pub struct LogAppended {
     pub length: u64,
 }
 
-/// `PUT /v1/worker/log?run_id=&attempt=&epoch=&offset=` with a body of log frames.
+/// `PUT /v1/worker/log?run_id=&attempt=&epoch=&offset=&undelivered=` with a body of log
+/// frames.
 async fn append_log(
     _: WorkerAuth,
     State(state): State<AppState>,
@@ -254,6 +251,9 @@ async fn append_log(
         attempt: t.attempt,
         epoch: t.epoch,
     };
-    let length = state.control.append_log(lease, t.offset, &chunks).await?;
+    let length = state
+        .control
+        .append_log(lease, t.offset, t.undelivered, &chunks)
+        .await?;
     Ok(Json(LogAppended { length }))
 }

@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::domain::ports::{
-    AdoptResult, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, LogSink,
-    OutputChunk, RunMessage, RunStore, SessionGrant, StoreError,
+    AdoptResult, Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease,
+    LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
+    StoreError,
 };
 use crate::domain::run::{Outcome, RunId};
 use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
@@ -143,6 +144,7 @@ impl ControlPlane for LocalControlPlane {
         &self,
         lease: Lease,
         offset: u64,
+        undelivered_before: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
         let _attempt = self.attempts.lock(lease.run_id, lease.attempt).await;
@@ -156,6 +158,15 @@ impl ControlPlane for LocalControlPlane {
                 "attempt {} of run {} is not held under epoch {}",
                 lease.attempt, lease.run_id, lease.epoch
             )));
+        }
+        // On record before the write: should this process die between the two, the
+        // log never holds bytes that followed a hole nobody knows of, and an adopting
+        // worker resumes after the hole instead of storing those bytes again.
+        if undelivered_before > 0 {
+            self.store
+                .record_undelivered(lease, undelivered_before)
+                .await
+                .map_err(store_err)?;
         }
         match self
             .logs
@@ -184,7 +195,7 @@ impl ControlPlane for LocalControlPlane {
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
     ) -> Result<LeaseStatus, ControlError> {
         // Held across the sync, so every write that passed its lease check is in the
         // synced log.
@@ -197,7 +208,7 @@ impl ControlPlane for LocalControlPlane {
         }
         let status = self
             .store
-            .finish(lease, outcome, log_dropped_bytes, Utc::now())
+            .finish(lease, outcome, undelivered, Utc::now())
             .await
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);
@@ -213,22 +224,29 @@ impl ControlPlane for LocalControlPlane {
         run_id: RunId,
         attempt: u32,
         worker_id: &str,
-    ) -> Result<(AdoptResult, u64), ControlError> {
+    ) -> Result<Adoption, ControlError> {
+        // Under the attempt's lock, so the log's length and the dropped counts are
+        // read between writes, never halfway through one.
         let _attempt = self.attempts.lock(run_id, attempt).await;
         let result = self
             .store
             .adopt(run_id, attempt, worker_id, self.lease_ttl, Utc::now())
             .await
             .map_err(store_err)?;
-        let len = match &result {
-            AdoptResult::Held(_) => self
-                .logs
-                .len(run_id, attempt)
-                .await
-                .map_err(|e| ControlError::Unavailable(e.to_string()))?,
-            AdoptResult::Stale => 0,
-        };
-        Ok((result, len))
+        match result {
+            AdoptResult::Held { claim, dropped } => {
+                let stored = self
+                    .logs
+                    .len(run_id, attempt)
+                    .await
+                    .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+                Ok(Adoption::Held {
+                    claim,
+                    output: OutputPosition::after(stored, dropped),
+                })
+            }
+            AdoptResult::Stale => Ok(Adoption::Stale),
+        }
     }
 
     async fn release(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {

@@ -29,6 +29,8 @@ struct World {
     events: Vec<String>,
     /// Bytes written to the log, each with the epoch current when they were written.
     log: Vec<(i64, Vec<u8>)>,
+    /// The sink refuses every write (a full disk).
+    sink_fails: bool,
 }
 
 #[derive(Default)]
@@ -190,7 +192,7 @@ impl Leases for FakeStore {
         &self,
         lease: Lease,
         _outcome: &Outcome,
-        _log_dropped_bytes: u64,
+        _undelivered: u64,
         _now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let mut w = self.0.world();
@@ -211,7 +213,19 @@ impl Leases for FakeStore {
         Ok(current)
     }
 
-    async fn add_log_dropped(&self, _lease: Lease, _bytes: u64) -> Result<(), StoreError> {
+    async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
+        self.0
+            .world()
+            .events
+            .push(format!("sink dropped {bytes} under {}", lease.epoch));
+        Ok(())
+    }
+
+    async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
+        self.0
+            .world()
+            .events
+            .push(format!("undelivered {bytes} under {}", lease.epoch));
         Ok(())
     }
 
@@ -300,6 +314,10 @@ impl LogSink for FakeSink {
         chunks: &[OutputChunk],
     ) -> Result<u64, LogError> {
         let mut w = self.0.world();
+        if w.sink_fails {
+            w.events.push("append refused".into());
+            return Err(LogError::Io("fake: disk full".into()));
+        }
         let epoch = w.epoch.unwrap_or(0);
         for c in chunks {
             w.log.push((epoch, c.bytes.to_vec()));
@@ -371,7 +389,7 @@ async fn a_takeover_cannot_land_between_the_lease_check_and_the_write() {
     *shared.hold_check.lock().unwrap() = Some(gate.clone());
     let writer = tokio::spawn({
         let control = control.clone();
-        async move { control.append_log(stale, 0, &chunk(b"stale ")).await }
+        async move { control.append_log(stale, 0, 0, &chunk(b"stale ")).await }
     });
     gate.checked.notified().await;
 
@@ -400,13 +418,13 @@ async fn a_takeover_cannot_land_between_the_lease_check_and_the_write() {
     );
 
     // From now on the old holder's bytes are refused; the new holder's go in.
-    let refused = control.append_log(stale, 6, &chunk(b"late ")).await;
+    let refused = control.append_log(stale, 6, 0, &chunk(b"late ")).await;
     assert!(
         matches!(refused, Err(ControlError::Rejected(_))),
         "{refused:?}"
     );
     control
-        .append_log(fresh, 6, &chunk(b"fresh"))
+        .append_log(fresh, 6, 0, &chunk(b"fresh"))
         .await
         .unwrap();
 
@@ -430,8 +448,14 @@ async fn finish_syncs_the_log_once_before_the_final_state_is_stored() {
         attempt: 1,
     };
     let lease = claimed(&control, message, "w1").await;
-    control.append_log(lease, 0, &chunk(b"one ")).await.unwrap();
-    control.append_log(lease, 4, &chunk(b"two")).await.unwrap();
+    control
+        .append_log(lease, 0, 0, &chunk(b"one "))
+        .await
+        .unwrap();
+    control
+        .append_log(lease, 4, 0, &chunk(b"two"))
+        .await
+        .unwrap();
     let status = control
         .finish(lease, &Outcome::Exited { code: 0 }, 0)
         .await
@@ -442,5 +466,45 @@ async fn finish_syncs_the_log_once_before_the_final_state_is_stored() {
         events,
         ["claim 1", "append", "append", "sync", "finish 1"],
         "synced once per attempt, not per write, and before the store's finish"
+    );
+}
+
+/// The worker's count of output it could not deliver is on record before the batch that
+/// follows the hole is written, whatever the sink then does: a log never holds bytes
+/// that followed a hole the store does not know of.
+#[tokio::test]
+async fn undelivered_output_is_recorded_before_the_write_that_follows_it() {
+    let (control, shared) = control();
+    let message = RunMessage {
+        run_id: RunId::new(),
+        attempt: 1,
+    };
+    let lease = claimed(&control, message, "w1").await;
+    control
+        .append_log(lease, 0, 0, &chunk(b"aaa"))
+        .await
+        .unwrap();
+    control
+        .append_log(lease, 3, 3, &chunk(b"ccc"))
+        .await
+        .unwrap();
+    shared.world().sink_fails = true;
+    let refused = control.append_log(lease, 6, 5, &chunk(b"eee")).await;
+    assert!(
+        matches!(refused, Err(ControlError::Rejected(_))),
+        "{refused:?}"
+    );
+    let events = shared.world().events.clone();
+    assert_eq!(
+        events,
+        [
+            "claim 1",
+            "append",
+            "undelivered 3 under 1",
+            "append",
+            "undelivered 5 under 1",
+            "append refused",
+            "sink dropped 3 under 1",
+        ],
     );
 }

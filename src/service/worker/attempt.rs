@@ -12,8 +12,8 @@ use super::lease::{LeaseKeeper, LeaseState};
 use super::pump::{Pumped, pump_output};
 use super::{Backoff, Worker};
 use crate::domain::ports::{
-    AdoptResult, Claim, ContainerExit, ContainerSpec, ContainerState, ControlError, Lease,
-    LeaseStatus, RuntimeError,
+    Adoption, Claim, ContainerExit, ContainerSpec, ContainerState, ControlError, Lease,
+    LeaseStatus, OutputPosition, RuntimeError,
 };
 use crate::domain::run::Outcome;
 
@@ -29,8 +29,8 @@ const WAIT_TRIES: u32 = 10;
 pub(super) struct Existing {
     pub id: String,
     pub running: bool,
-    /// Bytes of its output the log sink already holds.
-    pub log_length: u64,
+    /// Where its output stands, as the control plane said when it was adopted.
+    pub output: OutputPosition,
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -42,7 +42,7 @@ struct Ran {
     outcome: Option<Outcome>,
     /// The container, removed once the outcome is stored (or the lease is lost).
     container: Option<String>,
-    /// Output bytes the control plane never got.
+    /// Output bytes the control plane never got, all told.
     dropped: u64,
 }
 
@@ -180,19 +180,14 @@ impl Worker {
             }
         };
         // Carry on with a container an earlier run of this worker left: catch its output
-        // up from the engine's log, skipping what the sink already holds.
+        // up from the engine's log, skipping what was stored or dropped already.
         let output = match self.runtime.logs(&existing.id, true).await {
             Ok(o) => o,
             Err(error) => return Ran::failed(error, Some(existing.id)),
         };
-        let stored = Pumped {
-            read: existing.log_length,
-            stored: existing.log_length,
-            undelivered: 0,
-        };
-        let pump = tokio::spawn(
-            pump_output(self.control.clone(), lease, output, stored).in_current_span(),
-        );
+        let from = Pumped::from(existing.output);
+        let pump =
+            tokio::spawn(pump_output(self.control.clone(), lease, output, from).in_current_span());
         if existing.running {
             // Tell the control plane which container it is, in case the earlier run of
             // this worker died before it could.
@@ -208,22 +203,19 @@ impl Worker {
             .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default())
             .unwrap_or_default();
         let done = self
-            .supervise(claim, keeper, &existing.id, pump, ran_for)
+            .supervise(claim, keeper, &existing.id, pump, from, ran_for)
             .await;
-        let mut dropped = done.pumped.undelivered;
         // A follow read of the engine's log can end without the container's last
         // partial entry (output without a newline). Read it once more, now that the
         // container has exited, and store whatever lies past what was handled.
-        match self.runtime.logs(&existing.id, false).await {
-            Ok(rest) => {
-                let last = pump_output(self.control.clone(), lease, rest, done.pumped).await;
-                dropped += last.undelivered;
-            }
+        let last = match self.runtime.logs(&existing.id, false).await {
+            Ok(rest) => pump_output(self.control.clone(), lease, rest, done.pumped).await,
             Err(error) => {
-                tracing::warn!(message = "final read of the adopted container's log failed", %error)
+                tracing::warn!(message = "final read of the adopted container's log failed", %error);
+                done.pumped
             }
-        }
-        Ran::report(done.outcome, Some(existing.id), dropped)
+        };
+        Ran::report(done.outcome, Some(existing.id), last.undelivered)
     }
 
     /// The attempt's container name was taken: by this very attempt, in an earlier
@@ -243,10 +235,10 @@ impl Worker {
             let id = self.runtime.create(&container).await?;
             return Ok(Found::Done(self.start_fresh(claim, keeper, id).await));
         }
-        let log_length = match self.adopt(claim).await {
-            Some((AdoptResult::Held(_), len)) => len,
+        let output = match self.adopt(claim).await {
+            Some(Adoption::Held { output, .. }) => output,
             // Not ours any more: reconciliation removes it as stale.
-            Some((AdoptResult::Stale, _)) => return Ok(Found::Done(Ran::nothing(None))),
+            Some(Adoption::Stale) => return Ok(Found::Done(Ran::nothing(None))),
             // Not knowing whether the attempt is still ours, the container is neither
             // ours to stop nor a reason to end the attempt: an outcome here would let
             // a retry start while this container still runs. Reconciliation adopts it
@@ -260,14 +252,14 @@ impl Worker {
         Ok(Found::Adopt(Existing {
             running: info.state == ContainerState::Running,
             id: info.id,
-            log_length,
+            output,
             started_at: info.started_at,
         }))
     }
 
     /// Ask the control plane whether the attempt is still ours, retrying while it
     /// cannot be reached. `None` if no answer came.
-    async fn adopt(&self, claim: &Claim) -> Option<(AdoptResult, u64)> {
+    async fn adopt(&self, claim: &Claim) -> Option<Adoption> {
         let (run_id, attempt) = (claim.lease.run_id, claim.lease.attempt);
         let mut backoff = Backoff::new();
         for tries in 1..=ADOPT_TRIES {
@@ -324,19 +316,21 @@ impl Worker {
             }
         }
         let done = self
-            .supervise(claim, keeper, &id, pump, Duration::ZERO)
+            .supervise(claim, keeper, &id, pump, Pumped::default(), Duration::ZERO)
             .await;
         Ran::report(done.outcome, Some(id), done.pumped.undelivered)
     }
 
     /// Waits for the container, enforcing the timeout (`ran_for` of it already spent)
-    /// and acting on cancels and takeovers; then collects the last output.
+    /// and acting on cancels and takeovers; then collects the last output. `from` is
+    /// where the pump started, the position to fall back on if it never ends.
     async fn supervise(
         &self,
         claim: &Claim,
         keeper: &LeaseKeeper,
         id: &str,
         mut pump: tokio::task::JoinHandle<Pumped>,
+        from: Pumped,
         ran_for: Duration,
     ) -> Supervised {
         let spec = &claim.spec;
@@ -421,14 +415,14 @@ impl Worker {
             }
             Ok(Err(error)) => {
                 tracing::warn!(message = "output pump failed", %error);
-                Pumped::default()
+                from
             }
             Err(_) => {
                 pump.abort();
                 tracing::warn!(
                     message = "output still streaming after the container exited; stopped it"
                 );
-                Pumped::default()
+                from
             }
         };
         let outcome = match exit {

@@ -14,9 +14,9 @@ use tokio::sync::watch;
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
-    AdoptResult, Claim, ClaimResult, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec,
-    ContainerState, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus, OutputChunk,
-    OutputStream, RunMessage, RuntimeError, SessionGrant, Stream,
+    Adoption, Claim, ClaimResult, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec,
+    ContainerState, ControlError, ControlPlane, DroppedOutput, HeldAttempt, Lease, LeaseStatus,
+    OutputChunk, OutputPosition, OutputStream, RunMessage, RuntimeError, SessionGrant, Stream,
 };
 use crate::domain::run::{Outcome, RunId};
 use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
@@ -96,6 +96,9 @@ pub(crate) struct FakeControl {
     log: Mutex<Vec<u8>>,
     /// Bytes the sink refused, as the real control plane counts them.
     sink_dropped: Mutex<u64>,
+    /// The worker's undelivered total as recorded from appends and finish (the most
+    /// it said), as the real store keeps it.
+    undelivered: Mutex<u64>,
     finished: Mutex<Vec<Finished>>,
     adopt_fails: Mutex<bool>,
     adopts: Mutex<u32>,
@@ -116,6 +119,7 @@ impl Default for FakeControl {
             appends: watch::channel(0).0,
             log: Mutex::new(Vec::new()),
             sink_dropped: Mutex::new(0),
+            undelivered: Mutex::new(0),
             finished: Mutex::new(Vec::new()),
             adopt_fails: Mutex::new(false),
             adopts: Mutex::new(0),
@@ -153,6 +157,14 @@ impl FakeControl {
     }
     pub fn sink_dropped(&self) -> u64 {
         *locked(&self.sink_dropped)
+    }
+    /// The worker's undelivered total, as recorded.
+    pub fn undelivered(&self) -> u64 {
+        *locked(&self.undelivered)
+    }
+    fn record_undelivered(&self, bytes: u64) {
+        let mut recorded = locked(&self.undelivered);
+        *recorded = (*recorded).max(bytes);
     }
     pub fn finished(&self) -> Vec<Finished> {
         locked(&self.finished).clone()
@@ -204,22 +216,22 @@ impl ControlPlane for FakeControl {
         &self,
         _lease: Lease,
         offset: u64,
+        undelivered_before: u64,
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
         self.appends.send_modify(|c| *c += 1);
         let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
         let mode = *locked(&self.append_mode);
+        if mode == AppendMode::Unavailable {
+            return Err(ControlError::Unavailable("fake: down".to_owned()));
+        }
+        // As the real control plane: on record before the write, whatever the sink does.
+        self.record_undelivered(undelivered_before);
         let mut log = locked(&self.log);
         let len = log.len() as u64;
-        match mode {
-            AppendMode::Unavailable => {
-                return Err(ControlError::Unavailable("fake: down".to_owned()));
-            }
-            AppendMode::SinkFault => {
-                *locked(&self.sink_dropped) += bytes;
-                return Err(ControlError::Rejected("fake: log sink i/o".to_owned()));
-            }
-            AppendMode::Store => {}
+        if mode == AppendMode::SinkFault {
+            *locked(&self.sink_dropped) += bytes;
+            return Err(ControlError::Rejected("fake: log sink i/o".to_owned()));
         }
         // As the file sink: a write past the end would leave a gap and is refused (and
         // counted as dropped by the control plane); bytes below the end are skipped.
@@ -246,12 +258,13 @@ impl ControlPlane for FakeControl {
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
     ) -> Result<LeaseStatus, ControlError> {
+        self.record_undelivered(undelivered);
         locked(&self.finished).push(Finished {
             lease,
             outcome: outcome.clone(),
-            dropped: log_dropped_bytes,
+            dropped: undelivered,
         });
         Ok(LeaseStatus::Held { cancel: false })
     }
@@ -265,15 +278,23 @@ impl ControlPlane for FakeControl {
         _run_id: RunId,
         _attempt: u32,
         _worker_id: &str,
-    ) -> Result<(AdoptResult, u64), ControlError> {
+    ) -> Result<Adoption, ControlError> {
         *locked(&self.adopts) += 1;
         if *locked(&self.adopt_fails) {
             return Err(ControlError::Unavailable("fake: down".to_owned()));
         }
-        let len = locked(&self.log).len() as u64;
+        let stored = locked(&self.log).len() as u64;
+        let undelivered = self.undelivered();
+        let dropped = DroppedOutput {
+            total: self.sink_dropped() + undelivered,
+            undelivered,
+        };
         Ok(match locked(&self.adoptable).clone() {
-            Some(claim) => (AdoptResult::Held(Box::new(claim)), len),
-            None => (AdoptResult::Stale, 0),
+            Some(claim) => Adoption::Held {
+                claim: Box::new(claim),
+                output: OutputPosition::after(stored, dropped),
+            },
+            None => Adoption::Stale,
         })
     }
 
@@ -402,6 +423,14 @@ impl FakeRuntime {
         c.history.push(chunk(bytes));
         c.readers
             .retain(|r| r.unbounded_send(Ok(chunk(bytes))).is_ok());
+    }
+
+    /// The connections of the process reading the container's output die with it (a
+    /// worker crash): its readers end, the container and its history stay.
+    pub fn sever(&self, id: &str) {
+        if let Some(c) = locked(&self.containers).get_mut(id) {
+            c.readers.clear();
+        }
     }
 
     /// The container's main process exits with `code`.

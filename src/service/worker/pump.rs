@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::{FutureExt, StreamExt};
 
 use super::Backoff;
-use crate::domain::ports::{ControlError, ControlPlane, Lease, OutputStream};
+use crate::domain::ports::{ControlError, ControlPlane, Lease, OutputPosition, OutputStream};
 
 /// Largest batch of output sent to the control plane in one call.
 pub(super) const LOG_BATCH_BYTES: usize = 256 * 1024;
@@ -23,20 +23,37 @@ pub(super) const LOG_BATCH_BYTES: usize = 256 * 1024;
 /// position in the container's output, so a later read of the same output from its
 /// start (the final catch-up of an adopted container) skips exactly what was already
 /// stored or dropped, never re-storing bytes that followed the hole.
+///
+/// Across a restart of the worker the same holds: every batch carries `undelivered`,
+/// which the control plane records before it writes the batch, and the sink counts its
+/// own drops; `adopt` hands back all three positions, so the next life of the worker
+/// starts where this one stood (`read = stored + dropped by the sink + undelivered`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) struct Pumped {
     /// Bytes of the container's output handled: stored, dropped or skipped.
     pub read: u64,
     /// The stored log's length as the control plane last said: where the next write goes.
     pub stored: u64,
-    /// Bytes the control plane never got because it could not be reached.
+    /// Bytes the control plane never got because it could not be reached, all told:
+    /// over every life of the worker that carried the attempt.
     pub undelivered: u64,
+}
+
+impl From<OutputPosition> for Pumped {
+    fn from(p: OutputPosition) -> Self {
+        Self {
+            read: p.read,
+            stored: p.stored,
+            undelivered: p.undelivered,
+        }
+    }
 }
 
 /// Streams `output` to the control plane in batches of whatever has arrived. `from`
 /// says where `output` starts: its first `from.read` bytes are already handled (a
-/// catch-up read of output from the container's start), and the log holds `from.stored`
-/// bytes. Returns where the pump stopped; `undelivered` counts this call's drops only.
+/// catch-up read of output from the container's start), the log holds `from.stored`
+/// bytes, and `from.undelivered` were dropped undelivered before. Returns where the
+/// pump stopped, `undelivered` counting on from `from.undelivered`.
 pub(super) async fn pump_output(
     control: Arc<dyn ControlPlane>,
     lease: Lease,
@@ -46,7 +63,7 @@ pub(super) async fn pump_output(
     let mut skip = from.read;
     let mut read = from.read;
     let mut stored = from.stored;
-    let mut undelivered = 0u64;
+    let mut undelivered = from.undelivered;
     let mut batch = Vec::new();
     let mut ended = false;
     while !ended {
@@ -92,7 +109,7 @@ pub(super) async fn pump_output(
         read += size as u64;
         let mut backoff = Backoff::new();
         loop {
-            match control.append_log(lease, stored, &batch).await {
+            match control.append_log(lease, stored, undelivered, &batch).await {
                 Ok(len) => {
                     stored = len;
                     break;
@@ -117,8 +134,11 @@ pub(super) async fn pump_output(
         }
         batch.clear();
     }
-    if undelivered > 0 {
-        tracing::warn!(message = "output incomplete", dropped_bytes = undelivered);
+    if undelivered > from.undelivered {
+        tracing::warn!(
+            message = "output incomplete",
+            dropped_bytes = undelivered - from.undelivered
+        );
     }
     Pumped {
         read,
@@ -280,8 +300,12 @@ mod tests {
             }
         );
 
+        // The batch after the hole told the control plane about it.
+        assert_eq!(control.undelivered(), 3);
+
         // A later read of the same output from its start (the final catch-up of an
-        // adopted container) carries on after the hole and stores nothing twice.
+        // adopted container) carries on after the hole, stores nothing twice, and
+        // counts on from what was undelivered before.
         let again = stream_of(vec![
             chunk(b"aaa"),
             chunk(b"bbb"),
@@ -295,7 +319,7 @@ mod tests {
             Pumped {
                 read: 10,
                 stored: 7,
-                undelivered: 0
+                undelivered: 3
             }
         );
     }

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::attempt::Existing;
 use super::{Active, Worker};
-use crate::domain::ports::{AdoptResult, ContainerInfo, ContainerState, HeldAttempt};
+use crate::domain::ports::{Adoption, ContainerInfo, ContainerState, HeldAttempt};
 use crate::domain::run::{Outcome, RunId};
 use crate::domain::session::OrphanVerdict;
 
@@ -159,12 +159,12 @@ impl Worker {
             .adopt(run_id, attempt, &self.config.worker_id)
             .await
         {
-            Ok((AdoptResult::Stale, _)) => {
+            Ok(Adoption::Stale) => {
                 tracing::warn!(message = "stale container of an earlier attempt removed", %run_id, attempt, container_id = %container.id);
                 self.stop_and_remove(container).await;
             }
             // Still ours (a reconciliation will carry on with it), or unknown: leave it.
-            Ok((AdoptResult::Held(_), _)) | Err(_) => {}
+            Ok(Adoption::Held { .. }) | Err(_) => {}
         }
     }
 
@@ -217,9 +217,9 @@ impl Worker {
             .control
             .adopt(run_id, attempt, &self.config.worker_id)
             .await;
-        let (claim, log_length) = match adopted {
-            Ok((AdoptResult::Held(claim), len)) => (claim, len),
-            Ok((AdoptResult::Stale, _)) => {
+        let (claim, output) = match adopted {
+            Ok(Adoption::Held { claim, output }) => (claim, output),
+            Ok(Adoption::Stale) => {
                 tracing::warn!(message = "reconciliation: stale container removed", %run_id, attempt, container_id = %container.id);
                 self.stop_and_remove(&container).await;
                 return;
@@ -248,11 +248,11 @@ impl Worker {
                 if !self.activate(key) {
                     return;
                 }
-                tracing::info!(message = "reconciliation: adopting container", %run_id, attempt, container_id = %container.id, log_length);
+                tracing::info!(message = "reconciliation: adopting container", %run_id, attempt, container_id = %container.id, log_length = output.stored, output_read = output.read);
                 let existing = Existing {
                     running: container.state == ContainerState::Running,
                     id: container.id,
-                    log_length,
+                    output,
                     started_at: container.started_at,
                 };
                 let worker = self.clone();

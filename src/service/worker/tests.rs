@@ -299,3 +299,96 @@ async fn a_retry_removes_the_orphan_of_the_attempt_it_replaces_before_creating()
     task.await.expect("attempt task");
     assert_eq!(control.finished().len(), 1);
 }
+
+/// A first life of the worker drops a batch (the control plane unreachable), stores the
+/// next one after the hole, and crashes. The next life adopts the container and reads
+/// its output from the start: it must resume after the hole, storing nothing twice,
+/// and the dropped bytes are counted once.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_worker_resumes_after_a_hole_its_earlier_life_left() {
+    let (control, runtime) = fakes();
+    let first = worker(&control, &runtime);
+    let task = tokio::spawn({
+        let w = first.clone();
+        async move { w.execute(claim(None), None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    runtime.emit(&id, b"aaa");
+    until(|| control.log() == b"aaa").await;
+    control.set_append_mode(AppendMode::Unavailable);
+    let before = control.append_calls();
+    runtime.emit(&id, b"bbb");
+    control.appended(before + 1).await;
+    // Past every retry (the paused clock jumps from timer to timer).
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    control.set_append_mode(AppendMode::Store);
+    runtime.emit(&id, b"ccc");
+    until(|| control.log() == b"aaaccc").await;
+    // The first life dies: its connections first, then the rest of it.
+    runtime.sever(&id);
+    task.abort();
+    let _ = task.await;
+    assert!(control.finished().is_empty(), "{:?}", control.finished());
+
+    let second = worker(&control, &runtime);
+    control.set_adoptable(Some(claim(None)));
+    let running = TaskTracker::new();
+    second.reconcile(&running).await;
+    assert_eq!(running.len(), 1, "container not adopted");
+    runtime.emit(&id, b"ddd");
+    runtime.exit(&id, 0);
+    running.close();
+    running.wait().await;
+
+    assert_eq!(control.log(), b"aaacccddd");
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].outcome, Outcome::Exited { code: 0 });
+    // The first life told the control plane of the hole with the batch after it; the
+    // second reports the same total, not the hole again on top of it.
+    assert_eq!(finished[0].dropped, 3, "{finished:?}");
+    assert_eq!(control.undelivered(), 3);
+    assert_eq!(control.sink_dropped(), 0);
+}
+
+/// As above with the hole made by the control plane's log sink: the sink's own count
+/// tells the next life of the worker where to resume.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_worker_resumes_after_a_hole_the_log_sink_left() {
+    let (control, runtime) = fakes();
+    let first = worker(&control, &runtime);
+    let task = tokio::spawn({
+        let w = first.clone();
+        async move { w.execute(claim(None), None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    runtime.emit(&id, b"aaa");
+    until(|| control.log() == b"aaa").await;
+    control.set_append_mode(AppendMode::SinkFault);
+    runtime.emit(&id, b"bbb");
+    until(|| control.sink_dropped() == 3).await;
+    control.set_append_mode(AppendMode::Store);
+    runtime.emit(&id, b"ccc");
+    until(|| control.log() == b"aaaccc").await;
+    runtime.sever(&id);
+    task.abort();
+    let _ = task.await;
+
+    let second = worker(&control, &runtime);
+    control.set_adoptable(Some(claim(None)));
+    let running = TaskTracker::new();
+    second.reconcile(&running).await;
+    assert_eq!(running.len(), 1, "container not adopted");
+    runtime.emit(&id, b"ddd");
+    runtime.exit(&id, 0);
+    running.close();
+    running.wait().await;
+
+    assert_eq!(control.log(), b"aaacccddd");
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].dropped, 0, "the sink counted its own");
+    assert_eq!(control.sink_dropped(), 3);
+}

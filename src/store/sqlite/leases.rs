@@ -170,6 +170,39 @@ async fn count_dropped(
     Ok(())
 }
 
+/// The worker reports `reported` bytes undelivered, all told: the attempt's recorded
+/// total rises to it, never falls, and only the rise is counted as dropped, so a byte
+/// reported with every later batch and again at finish counts once.
+async fn raise_undelivered(
+    conn: &mut sqlx::SqliteConnection,
+    lease: Lease,
+    reported: u64,
+) -> Result<(), StoreError> {
+    let recorded: Option<i64> = sqlx::query_scalar(
+        "SELECT log_undelivered_bytes FROM attempts WHERE run_id = ? AND attempt = ?",
+    )
+    .bind(lease.run_id.to_string())
+    .bind(i64::from(lease.attempt))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    let Some(recorded) = recorded else {
+        return Ok(());
+    };
+    let reported = i64::try_from(reported).unwrap_or(i64::MAX);
+    if reported <= recorded {
+        return Ok(());
+    }
+    sqlx::query("UPDATE attempts SET log_undelivered_bytes = ? WHERE run_id = ? AND attempt = ?")
+        .bind(reported)
+        .bind(lease.run_id.to_string())
+        .bind(i64::from(lease.attempt))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    count_dropped(conn, lease, reported - recorded).await
+}
+
 #[async_trait]
 impl Leases for SqliteStore {
     async fn claim(
@@ -287,20 +320,17 @@ impl Leases for SqliteStore {
         &self,
         lease: Lease,
         outcome: &Outcome,
-        log_dropped_bytes: u64,
+        undelivered: u64,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let ending = Ending::of(outcome);
-        let dropped = i64::try_from(log_dropped_bytes).unwrap_or(i64::MAX);
         let mut tx = self.writer.begin().await.map_err(db)?;
         let held = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
         if !held.is_some_and(|a| a.held_under(lease)) {
             return Ok(LeaseStatus::Lost);
         }
         end_attempt(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
-        if dropped > 0 {
-            count_dropped(&mut tx, lease, dropped).await?;
-        }
+        raise_undelivered(&mut tx, lease, undelivered).await?;
         settle(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(LeaseStatus::Held { cancel: false })
@@ -327,6 +357,15 @@ impl Leases for SqliteStore {
         let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
         if current.is_some_and(|a| a.epoch == lease.epoch) {
             count_dropped(&mut tx, lease, bytes).await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
+        if current.is_some_and(|a| a.epoch == lease.epoch) {
+            raise_undelivered(&mut tx, lease, bytes).await?;
         }
         tx.commit().await.map_err(db)
     }

@@ -140,9 +140,9 @@ fn reason_code_col(row: &SqliteRow) -> Result<Option<ReasonCode>, StoreError> {
         .map_err(|e| corrupt("reason_code", e))
 }
 
-/// The `log_dropped_bytes` counter column.
-fn dropped_col(row: &SqliteRow) -> Result<u64, StoreError> {
-    let bytes: i64 = col(row, "log_dropped_bytes")?;
+/// A byte counter column (`log_dropped_bytes`, `log_undelivered_bytes`).
+fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
+    let bytes: i64 = col(row, name)?;
     Ok(bytes.max(0) as u64)
 }
 
@@ -168,7 +168,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         finished_at: from_ms(col(row, "finished_at")?),
         cancel_requested: col::<i64>(row, "cancel_requested")? != 0,
         not_before: from_ms(col(row, "not_before")?),
-        log_dropped_bytes: dropped_col(row)?,
+        log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
         attempts: Vec::new(),
     })
 }
@@ -185,7 +185,7 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
         claimed_at: from_ms(col(row, "claimed_at")?).unwrap_or_default(),
         started_at: from_ms(col(row, "started_at")?),
         finished_at: from_ms(col(row, "finished_at")?),
-        log_dropped_bytes: dropped_col(row)?,
+        log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
     };
     Ok((run_id_col(row, "run_id")?, attempt))
 }

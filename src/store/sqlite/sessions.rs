@@ -9,10 +9,11 @@ use sqlx::sqlite::SqliteRow;
 
 use super::leases::claim_for;
 use super::{
-    SqliteStore, attempt_col, attempt_state, col, corrupt, db, from_ms, ms, run_id_col, time_col,
+    SqliteStore, attempt_col, attempt_state, col, corrupt, db, dropped_col, from_ms, ms,
+    run_id_col, time_col,
 };
 use crate::domain::ports::{
-    AdoptResult, HeldAttempt, Lease, Reconciliation, RunMessage, StoreError,
+    AdoptResult, DroppedOutput, HeldAttempt, Lease, Reconciliation, RunMessage, StoreError,
 };
 use crate::domain::run::RunId;
 use crate::domain::session::{
@@ -110,8 +111,24 @@ impl Reconciliation for SqliteStore {
             .map_err(db)?;
         let message = RunMessage { run_id, attempt };
         let claim = claim_for(&mut tx, message, held.epoch, lease_ttl).await?;
+        let row = sqlx::query(
+            "SELECT log_dropped_bytes, log_undelivered_bytes FROM attempts \
+             WHERE run_id = ? AND attempt = ?",
+        )
+        .bind(run_id.to_string())
+        .bind(i64::from(attempt))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let dropped = DroppedOutput {
+            total: dropped_col(&row, "log_dropped_bytes")?,
+            undelivered: dropped_col(&row, "log_undelivered_bytes")?,
+        };
         tx.commit().await.map_err(db)?;
-        Ok(AdoptResult::Held(Box::new(claim)))
+        Ok(AdoptResult::Held {
+            claim: Box::new(claim),
+            dropped,
+        })
     }
 
     async fn open_session(

@@ -375,7 +375,7 @@ pub(crate) async fn an_unstarted_attempt_can_be_released_and_an_adopted_one_rene
         AdoptResult::Stale
     ));
     match store.adopt(run.id, 1, "w1", ttl, Utc::now()).await.unwrap() {
-        AdoptResult::Held(c) => assert_eq!(c.lease, claim.lease),
+        AdoptResult::Held { claim: c, .. } => assert_eq!(c.lease, claim.lease),
         AdoptResult::Stale => panic!("own attempt not adoptable"),
     }
 }

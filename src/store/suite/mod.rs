@@ -3,9 +3,11 @@
 //! one backend (`open` makes a fresh, empty store and whatever keeps it alive).
 
 mod lifecycle;
+mod output;
 mod sessions;
 
 pub(crate) use lifecycle::*;
+pub(crate) use output::*;
 pub(crate) use sessions::*;
 
 /// Every test of the suite, for one backend: `open` is an async fn returning
@@ -23,6 +25,7 @@ macro_rules! store_suite {
             only_unclaimed_due_runs_sent_long_ago_are_published_again,
             a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished,
             writes_under_a_stale_or_ended_lease_are_refused,
+            undelivered_output_only_rises_counts_once_and_is_handed_to_adopt,
             a_session_is_opened_refused_to_another_host_and_reopened_by_its_own_process,
             a_live_session_is_replaced_from_its_own_host_only_with_the_host_lock,
             an_expired_or_ended_session_gives_the_id_away,
