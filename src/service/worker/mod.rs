@@ -12,7 +12,7 @@
 
 mod attempt;
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 mod lease;
 mod pump;
 mod reconcile;

@@ -108,6 +108,11 @@ pub(crate) struct FakeControl {
     released: Mutex<Vec<Lease>>,
     /// Orphan verdicts by (run, attempt, worker id); unlisted ones are kept.
     orphans: Mutex<HashMap<(RunId, u32, String), OrphanVerdict>>,
+    /// Answers to `open_session`, in order; granted once they run out.
+    session_answers: Mutex<Vec<Result<SessionGrant, ControlError>>>,
+    renewal: Mutex<SessionRenewal>,
+    renewals: Mutex<u32>,
+    sessions_ended: Mutex<u32>,
 }
 
 impl Default for FakeControl {
@@ -127,6 +132,10 @@ impl Default for FakeControl {
             held: Mutex::new(Vec::new()),
             released: Mutex::new(Vec::new()),
             orphans: Mutex::new(HashMap::new()),
+            session_answers: Mutex::new(Vec::new()),
+            renewal: Mutex::new(SessionRenewal::Renewed),
+            renewals: Mutex::new(0),
+            sessions_ended: Mutex::new(0),
         }
     }
 }
@@ -183,6 +192,18 @@ impl FakeControl {
     }
     pub fn released(&self) -> Vec<Lease> {
         locked(&self.released).clone()
+    }
+    pub fn set_session_answers(&self, answers: Vec<Result<SessionGrant, ControlError>>) {
+        *locked(&self.session_answers) = answers;
+    }
+    pub fn set_renewal(&self, renewal: SessionRenewal) {
+        *locked(&self.renewal) = renewal;
+    }
+    pub fn renewals(&self) -> u32 {
+        *locked(&self.renewals)
+    }
+    pub fn sessions_ended(&self) -> u32 {
+        *locked(&self.sessions_ended)
     }
     pub fn set_orphan(&self, run_id: RunId, attempt: u32, worker_id: &str, v: OrphanVerdict) {
         locked(&self.orphans).insert((run_id, attempt, worker_id.to_owned()), v);
@@ -304,16 +325,22 @@ impl ControlPlane for FakeControl {
     }
 
     async fn open_session(&self, _: &SessionRequest) -> Result<SessionGrant, ControlError> {
-        Ok(SessionGrant::Granted {
-            ttl: Duration::from_secs(3),
-        })
+        let mut answers = locked(&self.session_answers);
+        if answers.is_empty() {
+            return Ok(SessionGrant::Granted {
+                ttl: Duration::from_secs(3),
+            });
+        }
+        answers.remove(0)
     }
 
     async fn renew_session(&self, _: &str, _: &str) -> Result<SessionRenewal, ControlError> {
-        Ok(SessionRenewal::Renewed)
+        *locked(&self.renewals) += 1;
+        Ok(*locked(&self.renewal))
     }
 
     async fn end_session(&self, _: &str, _: &str) -> Result<(), ControlError> {
+        *locked(&self.sessions_ended) += 1;
         Ok(())
     }
 
