@@ -300,6 +300,32 @@ async fn a_retry_removes_the_orphan_of_the_attempt_it_replaces_before_creating()
     assert_eq!(control.finished().len(), 1);
 }
 
+/// The worker's first life (running `task` on container `id`) dies without reporting:
+/// its connections first, then the rest of it. A second life adopts the container,
+/// which writes `last` and exits 0.
+async fn die_then_adopt_and_finish(
+    control: &Arc<FakeControl>,
+    runtime: &Arc<FakeRuntime>,
+    id: &str,
+    task: tokio::task::JoinHandle<()>,
+    last: &'static [u8],
+) {
+    runtime.sever(id);
+    task.abort();
+    let _ = task.await;
+    assert!(control.finished().is_empty(), "{:?}", control.finished());
+
+    let second = worker(control, runtime);
+    control.set_adoptable(Some(claim(None)));
+    let running = TaskTracker::new();
+    second.reconcile(&running).await;
+    assert_eq!(running.len(), 1, "container not adopted");
+    runtime.emit(id, last);
+    runtime.exit(id, 0);
+    running.close();
+    running.wait().await;
+}
+
 /// A first life of the worker drops a batch (the control plane unreachable), stores the
 /// next one after the hole, and crashes. The next life adopts the container and reads
 /// its output from the start: it must resume after the hole, storing nothing twice,
@@ -325,21 +351,7 @@ async fn a_restarted_worker_resumes_after_a_hole_its_earlier_life_left() {
     control.set_append_mode(AppendMode::Store);
     runtime.emit(&id, b"ccc");
     until(|| control.log() == b"aaaccc").await;
-    // The first life dies: its connections first, then the rest of it.
-    runtime.sever(&id);
-    task.abort();
-    let _ = task.await;
-    assert!(control.finished().is_empty(), "{:?}", control.finished());
-
-    let second = worker(&control, &runtime);
-    control.set_adoptable(Some(claim(None)));
-    let running = TaskTracker::new();
-    second.reconcile(&running).await;
-    assert_eq!(running.len(), 1, "container not adopted");
-    runtime.emit(&id, b"ddd");
-    runtime.exit(&id, 0);
-    running.close();
-    running.wait().await;
+    die_then_adopt_and_finish(&control, &runtime, &id, task, b"ddd").await;
 
     assert_eq!(control.log(), b"aaacccddd");
     let finished = control.finished();
@@ -372,19 +384,7 @@ async fn a_restarted_worker_resumes_after_a_hole_the_log_sink_left() {
     control.set_append_mode(AppendMode::Store);
     runtime.emit(&id, b"ccc");
     until(|| control.log() == b"aaaccc").await;
-    runtime.sever(&id);
-    task.abort();
-    let _ = task.await;
-
-    let second = worker(&control, &runtime);
-    control.set_adoptable(Some(claim(None)));
-    let running = TaskTracker::new();
-    second.reconcile(&running).await;
-    assert_eq!(running.len(), 1, "container not adopted");
-    runtime.emit(&id, b"ddd");
-    runtime.exit(&id, 0);
-    running.close();
-    running.wait().await;
+    die_then_adopt_and_finish(&control, &runtime, &id, task, b"ddd").await;
 
     assert_eq!(control.log(), b"aaacccddd");
     let finished = control.finished();
