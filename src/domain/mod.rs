@@ -6,6 +6,7 @@ pub mod ports;
 pub mod retention;
 pub mod retry;
 pub mod run;
+pub mod schedule;
 pub mod session;
 pub mod store;
 pub mod transition;

@@ -260,6 +260,34 @@ impl Outcome {
     }
 }
 
+/// What started a run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Trigger {
+    /// The HTTP API or the CLI (which uses it).
+    #[default]
+    Api,
+    /// A schedule's slot (a backfill's too).
+    Schedule {
+        schedule: String,
+        /// The slot's nominal instant.
+        slot: DateTime<Utc>,
+        /// The calendar date the slot belongs to, in the schedule's zone, after any shift.
+        business_date: chrono::NaiveDate,
+        /// The slot's nominal instant in the schedule's zone, for `TASUKI_SCHEDULED_TIME`
+        /// (RFC 3339 with the zone's offset).
+        local_time: String,
+    },
+}
+
+impl Trigger {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Trigger::Api => "api",
+            Trigger::Schedule { .. } => "schedule",
+        }
+    }
+}
+
 /// A run as the API shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::job::ResolvedSpec;
 use super::retry::RetryPolicy;
-use super::run::{Outcome, Run, RunId, RunStatus};
+use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
+use super::schedule::{Admission, Overlap, SkipReason};
 use super::session::{
     OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
 };
@@ -24,6 +25,10 @@ pub struct NewRun {
     pub spec: ResolvedSpec,
     pub retry: RetryPolicy,
     pub created_at: DateTime<Utc>,
+    pub trigger: Trigger,
+    /// When the run may be handed to a worker: at once, or within the job's
+    /// `max_concurrent` (runs wait `queued` in arrival order until admitted).
+    pub admission: Admission,
 }
 
 /// An `Idempotency-Key` with what it was first sent with.
@@ -330,3 +335,109 @@ pub trait Reconciliation: Send + Sync + 'static {
 pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation {}
 
 impl<T: RunRecords + Outbox + Leases + Reconciliation> RunStore for T {}
+
+/// A slot as the scheduler hands it to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotKey {
+    pub job: String,
+    pub schedule: String,
+    /// The slot's identity within the schedule (see `domain::schedule::PlannedSlot`).
+    pub nominal: DateTime<Utc>,
+}
+
+/// How a slot ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotOutcome {
+    Fired(RunId),
+    Skipped(SkipReason),
+}
+
+/// A slot the store has accounted for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRecord {
+    pub key: SlotKey,
+    pub fire_at: DateTime<Utc>,
+    pub business_date: NaiveDate,
+    pub outcome: SlotOutcome,
+    /// Words for a person, e.g. which run was active for an overlap skip.
+    pub detail: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What `fire_slot` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FireResult {
+    /// The run is stored with its outbox row (or waiting for admission) and the slot.
+    Fired(RunId),
+    /// The overlap policy said no: the slot is recorded as skipped (`overlap`).
+    SkippedOverlap,
+    /// The slot was accounted for already (another scheduler, an earlier try, a backfill).
+    AlreadyAccounted(SlotOutcome),
+}
+
+/// A schedule paused at run time (kept across restarts and reloads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    pub note: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Schedule slots, scheduler cursors and pauses.
+#[async_trait]
+pub trait Schedules: Send + Sync + 'static {
+    /// In one transaction: unless the slot is accounted for already, read the job's
+    /// active runs, decide by `overlap` (`domain::schedule::decide_overlap`), and store
+    /// the slot as fired with the run and its outbox row (cancelling the other runs for
+    /// `cancel_other`), or as skipped (`overlap`).
+    async fn fire_slot(
+        &self,
+        slot: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        run: &NewRun,
+        overlap: Overlap,
+        now: DateTime<Utc>,
+    ) -> Result<FireResult, StoreError>;
+    /// Record a slot as skipped, unless it is accounted for already (then `false`).
+    async fn skip_slot(
+        &self,
+        slot: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        reason: SkipReason,
+        detail: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// The job's slots (of one schedule, or all), newest nominal instant first.
+    async fn slots(
+        &self,
+        job: &str,
+        schedule: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SlotRecord>, StoreError>;
+    /// Slots of a schedule with nominal instants in `[from, to]`, oldest first.
+    async fn slots_between(
+        &self,
+        job: &str,
+        schedule: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<SlotRecord>, StoreError>;
+    /// Up to when the schedule's slots have been looked at (`None`: never).
+    async fn cursor(&self, job: &str, schedule: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Move the cursor forward to `to` (never back: several schedulers may share a store).
+    async fn advance_cursor(
+        &self,
+        job: &str,
+        schedule: &str,
+        to: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn pause(&self, job: &str, schedule: &str) -> Result<Option<Pause>, StoreError>;
+    /// Pause (`Some`) or resume (`None`) a schedule.
+    async fn set_pause(
+        &self,
+        job: &str,
+        schedule: &str,
+        pause: Option<&Pause>,
+    ) -> Result<(), StoreError>;
+}

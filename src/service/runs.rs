@@ -178,6 +178,8 @@ impl Runs {
             spec: resolved,
             retry: spec.retry.clone(),
             created_at: Utc::now(),
+            trigger: crate::domain::run::Trigger::Api,
+            admission: crate::domain::schedule::Admission::Unlimited,
         };
         match self.store.insert_run(&new, idempotency.as_ref()).await? {
             Inserted::New => {}

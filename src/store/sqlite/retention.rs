@@ -184,6 +184,8 @@ mod tests {
             },
             retry: RetryPolicy::default(),
             created_at,
+            trigger: crate::domain::run::Trigger::Api,
+            admission: crate::domain::schedule::Admission::Unlimited,
         }
     }
 

@@ -33,6 +33,8 @@ pub(crate) fn new_run() -> NewRun {
         },
         retry: RetryPolicy::default(),
         created_at: Utc::now(),
+        trigger: crate::domain::run::Trigger::Api,
+        admission: crate::domain::schedule::Admission::Unlimited,
     }
 }
 
