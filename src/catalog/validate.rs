@@ -152,6 +152,7 @@ pub(super) fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -
         network: container.network,
         params,
         schedule,
+        max_concurrent: None,
         retry,
     })
 }

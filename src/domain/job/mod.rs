@@ -151,6 +151,9 @@ pub struct JobSpec {
     pub network: String,
     pub params: BTreeMap<String, ParamSpec>,
     pub schedule: Option<Schedule>,
+    /// At most this many runs of the job admitted (handed to workers) at once, whatever
+    /// started them; the others wait `queued` in arrival order.
+    pub max_concurrent: Option<u32>,
     pub retry: super::retry::RetryPolicy,
 }
 
