@@ -327,6 +327,7 @@ mod tests {
                 ("opt".to_owned(), spec(None, false, None)),
             ]),
             schedule: None,
+            max_concurrent: None,
             retry: Default::default(),
         }
     }
