@@ -53,6 +53,10 @@ pub enum Command {
     /// Work with stored runs (in the data dir, without a server).
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// See and steer job schedules on a running server: next fire times, past slots,
+    /// pause, resume, backfill.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -169,6 +173,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_RETENTION", value_parser = duration, default_value = "30days")]
     pub retention: Duration,
 
+    /// Fire job schedules from this process. Several `serve` processes on one store
+    /// may all do so: each slot still fires once.
+    #[arg(long, env = "TASUKI_SCHEDULER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub scheduler: bool,
+
+    /// A schedule slot first seen this long after its fire time was missed (the
+    /// scheduler was not running); the schedule's `catch_up` decides what happens to it.
+    #[arg(long, env = "TASUKI_SCHEDULE_GRACE", value_parser = duration, default_value = "30s")]
+    pub schedule_grace: Duration,
+
     #[command(flatten)]
     pub worker: WorkerOptions,
 }
@@ -258,6 +272,88 @@ pub enum JobsCommand {
         /// Directory of job definitions.
         #[arg(env = "TASUKI_JOBS_DIR", default_value = "jobs")]
         dir: PathBuf,
+    },
+}
+
+/// `JOB` or `JOB/SCHEDULE`.
+#[derive(Debug, Clone)]
+pub struct ScheduleTarget {
+    pub job: String,
+    pub schedule: Option<String>,
+}
+
+fn schedule_target(s: &str) -> Result<ScheduleTarget, String> {
+    let (job, schedule) = match s.split_once('/') {
+        Some((job, name)) if !name.is_empty() => (job, Some(name.to_owned())),
+        Some(_) => return Err(format!("`{s}`: write JOB or JOB/SCHEDULE")),
+        None => (s, None),
+    };
+    if job.is_empty() {
+        return Err(format!("`{s}`: write JOB or JOB/SCHEDULE"));
+    }
+    Ok(ScheduleTarget {
+        job: job.to_owned(),
+        schedule,
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// The next fire times of a job's schedules, in each schedule's zone and in UTC.
+    Next {
+        /// JOB or JOB/SCHEDULE.
+        #[arg(value_parser = schedule_target)]
+        target: ScheduleTarget,
+        /// How many fire times per schedule.
+        #[arg(short = 'n', long = "count", env = "TASUKI_SCHEDULES_COUNT", default_value_t = 10)]
+        count: usize,
+        #[command(flatten)]
+        server: ServerOption,
+    },
+    /// Past slots of a job's schedules, newest first: fired (with the run) or skipped
+    /// (with the reason).
+    Slots {
+        /// JOB or JOB/SCHEDULE.
+        #[arg(value_parser = schedule_target)]
+        target: ScheduleTarget,
+        /// How many slots.
+        #[arg(long, env = "TASUKI_SLOTS_LIMIT", default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerOption,
+    },
+    /// Pause a schedule (all of the job's without /SCHEDULE); kept across restarts and
+    /// reloads. Slots that come due while paused are recorded as skipped (`suspended`).
+    Pause {
+        /// JOB or JOB/SCHEDULE.
+        #[arg(value_parser = schedule_target)]
+        target: ScheduleTarget,
+        /// Why, for whoever looks later.
+        #[arg(long, env = "TASUKI_PAUSE_NOTE")]
+        note: Option<String>,
+        #[command(flatten)]
+        server: ServerOption,
+    },
+    /// Resume a paused schedule (all of the job's without /SCHEDULE).
+    Resume {
+        /// JOB or JOB/SCHEDULE.
+        #[arg(value_parser = schedule_target)]
+        target: ScheduleTarget,
+        #[command(flatten)]
+        server: ServerOption,
+    },
+    /// Start one run for every slot of a schedule between --from and --to (fire times,
+    /// RFC 3339) that has not fired, oldest first, obeying the job's max_concurrent.
+    Backfill {
+        /// JOB/SCHEDULE (JOB alone when the job has one schedule).
+        #[arg(value_parser = schedule_target)]
+        target: ScheduleTarget,
+        #[arg(long, env = "TASUKI_BACKFILL_FROM")]
+        from: String,
+        #[arg(long, env = "TASUKI_BACKFILL_TO")]
+        to: String,
+        #[command(flatten)]
+        server: ServerOption,
     },
 }
 

@@ -61,6 +61,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
         Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
         Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
+        Command::Schedules(cmd) => Ok(cli::schedules::command(cmd).await),
     }
 }
 
@@ -209,8 +210,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         events.clone(),
         args.lease_ttl,
     ));
+    let jobs: Arc<dyn crate::domain::job_lookup::JobLookup> = Arc::new(catalog);
     let runs = Runs::new(
-        Arc::new(catalog),
+        jobs.clone(),
         store.clone(),
         logs,
         events,
@@ -267,6 +269,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .reap_expired_leases(shutdown.clone()),
     );
     tasks.spawn(pruner.run(service::retention::EVERY, shutdown.clone()));
+    let scheduler = service::scheduler::Scheduler::new(
+        jobs,
+        store.clone(),
+        runs.clone(),
+        Arc::new(crate::domain::ports::SystemClock),
+        args.schedule_grace,
+    );
+    if args.scheduler {
+        tasks.spawn(scheduler.clone().run(shutdown.clone()));
+    }
 
     let runtime = match source {
         Some(source) => {
@@ -291,6 +303,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let accepting = Arc::new(AtomicBool::new(true));
     let state = http::AppState {
         runs,
+        scheduler,
         control: control as Arc<dyn ControlPlane>,
         store,
         queue,

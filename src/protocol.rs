@@ -4,6 +4,7 @@
 //! changes a format. The public API's run JSON is in [`api`].
 
 pub mod api;
+pub mod schedules;
 pub mod worker;
 
 pub use worker::*;

@@ -1,6 +1,8 @@
 //! The client commands: `run`, `status`, `logs`, `jobs check`. `run --wait` exits with
 //! the job's exit code, or with a documented code saying which side failed.
 
+pub mod schedules;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -60,7 +62,7 @@ fn summary(run: &RunV1) -> String {
     line
 }
 
-fn client_failure(error: &ClientError) -> ExitCode {
+pub(crate) fn client_failure(error: &ClientError) -> ExitCode {
     eprintln!("tasuki: {error}");
     ExitCode::from(exit::PLATFORM)
 }

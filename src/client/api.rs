@@ -6,6 +6,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, RunV1};
+use crate::protocol::schedules::{BackfillV1, ScheduleStateV1, SchedulesV1, SlotsV1};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -147,6 +148,76 @@ impl ApiClient {
             .map_err(|e| self.unreachable(e))?;
         let response = self.check(response).await?;
         response.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    async fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<T, ClientError> {
+        let response = self
+            .check(response.map_err(|e| self.unreachable(e))?)
+            .await?;
+        response
+            .json::<T>()
+            .await
+            .map_err(|e| self.unreachable(format!("reading answer: {e}")))
+    }
+
+    /// A job's schedules with their next `next` fire times.
+    pub async fn schedules(&self, job: &str, next: usize) -> Result<SchedulesV1, ClientError> {
+        let request = self
+            .http
+            .get(format!("{}/v1/jobs/{job}/schedules", self.base))
+            .query(&[("next", next)]);
+        self.answer(request.send().await).await
+    }
+
+    /// A job's past slots, newest first.
+    pub async fn slots(
+        &self,
+        job: &str,
+        schedule: Option<&str>,
+        limit: u32,
+    ) -> Result<SlotsV1, ClientError> {
+        let mut request = self
+            .http
+            .get(format!("{}/v1/jobs/{job}/slots", self.base))
+            .query(&[("limit", limit)]);
+        if let Some(name) = schedule {
+            request = request.query(&[("schedule", name)]);
+        }
+        self.answer(request.send().await).await
+    }
+
+    /// `pause` (with an optional note) or `resume` one schedule.
+    pub async fn schedule_action(
+        &self,
+        job: &str,
+        schedule: &str,
+        action: &str,
+        note: Option<&str>,
+    ) -> Result<ScheduleStateV1, ClientError> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/jobs/{job}/schedules/{schedule}/{action}", self.base));
+        if action == "pause" {
+            request = request.json(&json!({ "note": note }));
+        }
+        self.answer(request.send().await).await
+    }
+
+    pub async fn backfill(
+        &self,
+        job: &str,
+        schedule: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<BackfillV1, ClientError> {
+        let request = self
+            .http
+            .post(format!("{}/v1/jobs/{job}/schedules/{schedule}/backfill", self.base))
+            .json(&json!({ "from": from, "to": to }));
+        self.answer(request.send().await).await
     }
 
     /// The run's output from byte `offset` of its current attempt; following streams

@@ -350,3 +350,18 @@ pub trait LogSink: Send + Sync + 'static {
         max: usize,
     ) -> Result<Bytes, LogError>;
 }
+
+/// Where services read the time, so tests can set it (the scheduler's slots, above all).
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> chrono::DateTime<chrono::Utc>;
+}
+
+/// The real time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+    }
+}

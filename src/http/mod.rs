@@ -5,6 +5,7 @@ mod error;
 mod health;
 mod jobs;
 mod runs;
+mod schedules;
 mod serve;
 mod worker;
 
@@ -20,6 +21,7 @@ pub use serve::serve;
 
 use crate::domain::ports::{ContainerRuntime, ControlPlane, RunQueue, RunStore};
 use crate::service::runs::Runs;
+use crate::service::scheduler::Scheduler;
 
 /// Request bodies above this are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -27,6 +29,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub runs: Runs,
+    pub scheduler: Scheduler,
     pub control: Arc<dyn ControlPlane>,
     pub store: Arc<dyn RunStore>,
     pub queue: Arc<dyn RunQueue>,
@@ -42,6 +45,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(runs::router())
         .merge(jobs::router())
+        .merge(schedules::router())
         .merge(health::router())
         .merge(worker::router())
         .fallback(error::not_found)

@@ -7,5 +7,6 @@ pub mod events;
 pub mod relay;
 pub mod retention;
 pub mod runs;
+pub mod scheduler;
 pub mod session;
 pub mod worker;

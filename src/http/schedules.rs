@@ -1,0 +1,198 @@
+//! Schedules at run time: slots, state and next fire times, pause, resume, backfill.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+use crate::protocol::api::ErrorCodeV1;
+use crate::protocol::schedules::{
+    BackfillRequestV1, BackfillV1, BackfilledSlotV1, PauseRequestV1, PlannedSlotV1,
+    ScheduleStateV1, SchedulesV1, SlotV1, SlotsV1, catch_up_text, overlap_text, rule_text,
+};
+use crate::service::scheduler::{ScheduleError, ScheduleState};
+
+/// Next fire times shown per schedule unless `?next=` says otherwise.
+const DEFAULT_NEXT: usize = 5;
+const MAX_NEXT: usize = 100;
+const MAX_SLOTS: u32 = 1000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs/{job}/slots", get(list_slots))
+        .route("/v1/jobs/{job}/schedules", get(list_schedules))
+        .route("/v1/jobs/{job}/schedules/{name}/pause", post(pause))
+        .route("/v1/jobs/{job}/schedules/{name}/resume", post(resume))
+        .route("/v1/jobs/{job}/schedules/{name}/backfill", post(backfill))
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        match e {
+            ScheduleError::UnknownJob(_) => ApiError::not_found(ErrorCodeV1::UnknownJob, e.to_string()),
+            ScheduleError::UnknownSchedule { .. } | ScheduleError::NoSchedules(_) => {
+                ApiError::not_found(ErrorCodeV1::UnknownSchedule, e.to_string())
+            }
+            ScheduleError::BadRange(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCodeV1::BadRequest,
+                e.to_string(),
+            ),
+            ScheduleError::Accept(a) => a.into(),
+            ScheduleError::Store(s) => s.into(),
+        }
+    }
+}
+
+pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
+    let zone = s.schedule.time_zone;
+    ScheduleStateV1 {
+        name: s.schedule.name.clone(),
+        rule: rule_text(&s.schedule),
+        time_zone: zone.name().to_owned(),
+        calendar: s.schedule.calendar.as_ref().map(|c| c.name.clone()),
+        overlap: overlap_text(s.schedule.overlap).to_owned(),
+        catch_up: catch_up_text(s.schedule.catch_up).to_owned(),
+        paused: s.paused(),
+        suspended: s.schedule.suspended,
+        pause_note: s.pause.as_ref().and_then(|p| p.note.clone()),
+        paused_at: s
+            .pause
+            .as_ref()
+            .map(|p| p.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        next: s.next.iter().map(|slot| PlannedSlotV1::new(slot, zone)).collect(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotsQuery {
+    schedule: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_slots(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    query: Result<Query<SlotsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SlotsV1>, ApiError> {
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_SLOTS);
+    let slots = state
+        .scheduler
+        .slots(&job, q.schedule.as_deref(), limit)
+        .await?;
+    Ok(Json(SlotsV1 {
+        job,
+        slots: slots.iter().map(SlotV1::from).collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NextQuery {
+    next: Option<usize>,
+}
+
+async fn list_schedules(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    query: Result<Query<NextQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SchedulesV1>, ApiError> {
+    let Query(q) = query?;
+    let n = q.next.unwrap_or(DEFAULT_NEXT).min(MAX_NEXT);
+    let states = state.scheduler.states(&job, n).await?;
+    Ok(Json(SchedulesV1 {
+        job,
+        schedules: states.iter().map(state_view).collect(),
+    }))
+}
+
+/// An optional JSON body: empty is the default.
+fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn schedule_state(state: &AppState, job: &str, name: &str) -> Result<Json<ScheduleStateV1>, ApiError> {
+    let states = state.scheduler.states(job, DEFAULT_NEXT).await?;
+    states
+        .iter()
+        .find(|s| s.schedule.name == name)
+        .map(|s| Json(state_view(s)))
+        .ok_or_else(|| ApiError::internal(format!("schedule {job}/{name} vanished")))
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    Path((job, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ScheduleStateV1>, ApiError> {
+    let req: PauseRequestV1 = optional_body(body)?;
+    if req.note.as_ref().is_some_and(|n| n.len() > 1000) {
+        return Err(ApiError::bad_request("`note` is over 1000 bytes"));
+    }
+    state.scheduler.pause(&job, Some(&name), req.note).await?;
+    schedule_state(&state, &job, &name).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    Path((job, name)): Path<(String, String)>,
+) -> Result<Json<ScheduleStateV1>, ApiError> {
+    state.scheduler.resume(&job, Some(&name)).await?;
+    schedule_state(&state, &job, &name).await
+}
+
+fn instant(field: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "`{field}`: {text:?} is not an RFC 3339 time (e.g. 2026-11-26T00:00:00+09:00): {e}"
+            ))
+        })
+}
+
+async fn backfill(
+    State(state): State<AppState>,
+    Path((job, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BackfillV1>, ApiError> {
+    let body = body?;
+    let req: BackfillRequestV1 = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid backfill body (expected {{\"from\": RFC 3339, \"to\": RFC 3339}}): {e}"
+        ))
+    })?;
+    let from = instant("from", &req.from)?;
+    let to = instant("to", &req.to)?;
+    let report = state.scheduler.backfill(&job, &name, from, to).await?;
+    let zone = state
+        .runs
+        .job(&job)
+        .and_then(|j| j.schedules.iter().find(|s| s.name == name).map(|s| s.time_zone))
+        .unwrap_or(chrono_tz::UTC);
+    Ok(Json(BackfillV1 {
+        job,
+        schedule: name,
+        fired: report.fired.iter().map(|(s, id)| BackfilledSlotV1::new(s, id)).collect(),
+        already_fired: report
+            .already_fired
+            .iter()
+            .map(|(s, id)| BackfilledSlotV1::new(s, id))
+            .collect(),
+        not_firing: report.not_firing.iter().map(|s| PlannedSlotV1::new(s, zone)).collect(),
+    }))
+}

@@ -1,0 +1,305 @@
+//! The scheduler inside `serve`: turns due schedule slots into runs, and answers what a
+//! schedule did and will do (slots, next fire times, pause, resume, backfill).
+//!
+//! Timing never decides whether a slot fires twice: every slot goes to the store under
+//! its unique key (`Schedules::fire_slot`, `skip_slot`), so two schedulers on one store,
+//! a restart half-way through a tick, or a backfill over fired slots each account for a
+//! slot once. Time comes from a [`Clock`], so tests drive months of slots without
+//! sleeping.
+
+mod admin;
+#[cfg(test)]
+mod tests;
+
+pub use admin::{BackfillReport, ScheduleError, ScheduleState};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::job::JobSpec;
+use crate::domain::job_lookup::JobLookup;
+use crate::domain::ports::{Clock, FireResult, RunStore, SlotKey, StoreError};
+use crate::domain::run::Trigger;
+use crate::domain::schedule::{PlannedSlot, ScheduleSpec, SlotAction, plan_due};
+use crate::service::runs::Runs;
+
+/// At most this many slots of one schedule are handled in one tick; the rest wait for
+/// the next tick (the cursor stops at the last one handled), so a long outage of a
+/// per-second schedule is worked off in steps instead of in one long transaction burst.
+const SLOTS_PER_TICK: usize = 1000;
+
+/// The longest the loop sleeps: pauses, resumes and reloads are seen within this.
+const MAX_SLEEP: Duration = Duration::from_secs(2);
+
+/// What one tick did with one slot (for logs and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotHandled {
+    pub job: String,
+    pub schedule: String,
+    pub slot: PlannedSlot,
+    pub result: Handled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    Fired(crate::domain::run::RunId),
+    Skipped(crate::domain::schedule::SkipReason),
+    /// Another scheduler (or an earlier try of this one) accounted for it already.
+    AlreadyAccounted,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    jobs: Arc<dyn JobLookup>,
+    store: Arc<dyn RunStore>,
+    runs: Runs,
+    clock: Arc<dyn Clock>,
+    /// A slot this late when the scheduler first sees it was missed (the scheduler was
+    /// not running): the schedule's catch-up policy decides. Earlier ones are on time.
+    grace: Duration,
+}
+
+impl Scheduler {
+    pub fn new(
+        jobs: Arc<dyn JobLookup>,
+        store: Arc<dyn RunStore>,
+        runs: Runs,
+        clock: Arc<dyn Clock>,
+        grace: Duration,
+    ) -> Self {
+        Self {
+            jobs,
+            store,
+            runs,
+            clock,
+            grace,
+        }
+    }
+
+    /// Tick until `stopping`, sleeping until the next slot is due (at most [`MAX_SLEEP`]).
+    pub async fn run(self, stopping: CancellationToken) {
+        tracing::info!(
+            message = "scheduler started",
+            schedules = self.jobs.jobs().iter().map(|j| j.schedules.len()).sum::<usize>()
+        );
+        loop {
+            let now = self.clock.now();
+            if let Err(error) = self.tick(now).await {
+                tracing::warn!(message = "scheduler tick failed; trying again", %error);
+            }
+            let wait = self.sleep_for(self.clock.now());
+            tokio::select! {
+                _ = stopping.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!(message = "scheduler stopped");
+    }
+
+    /// How long until the earliest next slot of any schedule, capped at [`MAX_SLEEP`].
+    fn sleep_for(&self, now: DateTime<Utc>) -> Duration {
+        let next = self
+            .jobs
+            .jobs()
+            .iter()
+            .flat_map(|job| job.schedules.iter())
+            .filter_map(|s| s.upcoming(now, 1).into_iter().next())
+            .map(|slot| slot.fire_at)
+            .min();
+        match next {
+            Some(at) => (at - now).to_std().unwrap_or(Duration::ZERO).min(MAX_SLEEP),
+            None => MAX_SLEEP,
+        }
+    }
+
+    /// One pass over every schedule of every job at `now`. A schedule whose store call
+    /// fails is left at its cursor and tried again next tick; the others go on.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<Vec<SlotHandled>, StoreError> {
+        let mut handled = Vec::new();
+        let mut failure = None;
+        for job in self.jobs.jobs() {
+            for schedule in &job.schedules {
+                match self.tick_schedule(&job, schedule, now).await {
+                    Ok(mut done) => handled.append(&mut done),
+                    Err(error) => {
+                        tracing::warn!(
+                            message = "schedule not handled this tick",
+                            job = %job.name,
+                            schedule = schedule.name,
+                            %error
+                        );
+                        failure = Some(error);
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(error) if handled.is_empty() => Err(error),
+            _ => Ok(handled),
+        }
+    }
+
+    async fn tick_schedule(
+        &self,
+        job: &JobSpec,
+        schedule: &ScheduleSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SlotHandled>, StoreError> {
+        let name = job.name.as_str();
+        let Some(cursor) = self.store.cursor(name, &schedule.name).await? else {
+            // First sight of this schedule: it starts from now; nothing before it existed.
+            self.store.advance_cursor(name, &schedule.name, now).await?;
+            tracing::info!(message = "schedule registered", job = name, schedule = schedule.name);
+            return Ok(Vec::new());
+        };
+        if cursor >= now {
+            return Ok(Vec::new());
+        }
+        let paused = self.store.pause(name, &schedule.name).await?.is_some();
+        let plan = plan_due(schedule, cursor, now, self.grace, paused, SLOTS_PER_TICK);
+        let mut handled = Vec::with_capacity(plan.slots.len());
+        for (slot, action) in plan.slots {
+            let result = self.apply(job, schedule, &slot, action, now).await?;
+            handled.push(SlotHandled {
+                job: name.to_owned(),
+                schedule: schedule.name.clone(),
+                slot,
+                result,
+            });
+        }
+        self.store
+            .advance_cursor(name, &schedule.name, plan.complete_until)
+            .await?;
+        Ok(handled)
+    }
+
+    /// Fire or skip one slot, through the store's unique slot key.
+    async fn apply(
+        &self,
+        job: &JobSpec,
+        schedule: &ScheduleSpec,
+        slot: &PlannedSlot,
+        action: SlotAction,
+        now: DateTime<Utc>,
+    ) -> Result<Handled, StoreError> {
+        let key = SlotKey {
+            job: job.name.as_str().to_owned(),
+            schedule: schedule.name.clone(),
+            nominal: slot.nominal,
+        };
+        match action {
+            SlotAction::Skip(reason) => {
+                let recorded = self
+                    .store
+                    .skip_slot(&key, slot.fire_at, slot.business_date, reason, None, now)
+                    .await?;
+                if recorded {
+                    tracing::info!(
+                        message = "schedule slot skipped",
+                        job = %job.name,
+                        schedule = schedule.name,
+                        slot = %slot.nominal,
+                        reason = reason.as_str()
+                    );
+                    Ok(Handled::Skipped(reason))
+                } else {
+                    Ok(Handled::AlreadyAccounted)
+                }
+            }
+            SlotAction::Fire => {
+                self.fire(job, schedule, slot, schedule.overlap, now)
+                    .await
+            }
+        }
+    }
+
+    /// Start the slot's run (obeying `overlap`), unless the slot is accounted for.
+    async fn fire(
+        &self,
+        job: &JobSpec,
+        schedule: &ScheduleSpec,
+        slot: &PlannedSlot,
+        overlap: crate::domain::schedule::Overlap,
+        _now: DateTime<Utc>,
+    ) -> Result<Handled, StoreError> {
+        let key = SlotKey {
+            job: job.name.as_str().to_owned(),
+            schedule: schedule.name.clone(),
+            nominal: slot.nominal,
+        };
+        let trigger = trigger_for(schedule, slot);
+        let new = match self
+            .runs
+            .prepare(job.name.as_str(), schedule.params.clone(), trigger)
+        {
+            Ok(new) => new,
+            Err(error) => {
+                // Schedule params are checked against the job's at load, from the same
+                // catalog snapshot, so this means a bug rather than bad input.
+                tracing::error!(
+                    message = "schedule slot could not become a run",
+                    job = %job.name,
+                    schedule = schedule.name,
+                    slot = %slot.nominal,
+                    %error
+                );
+                return Err(StoreError::Corrupt(format!(
+                    "schedule {}/{}: {error}",
+                    job.name, schedule.name
+                )));
+            }
+        };
+        let result = self
+            .runs
+            .fire_slot(&key, slot.fire_at, slot.business_date, new, overlap)
+            .await
+            .map_err(|e| match e {
+                crate::service::runs::AcceptError::Store(s) => s,
+                other => StoreError::Corrupt(other.to_string()),
+            })?;
+        Ok(match result {
+            FireResult::Fired(run_id) => {
+                tracing::info!(
+                    message = "schedule slot fired",
+                    job = %job.name,
+                    schedule = schedule.name,
+                    slot = %slot.nominal,
+                    %run_id
+                );
+                Handled::Fired(run_id)
+            }
+            FireResult::SkippedOverlap => {
+                tracing::info!(
+                    message = "schedule slot skipped",
+                    job = %job.name,
+                    schedule = schedule.name,
+                    slot = %slot.nominal,
+                    reason = "overlap"
+                );
+                Handled::Skipped(crate::domain::schedule::SkipReason::Overlap)
+            }
+            FireResult::AlreadyAccounted(_) => Handled::AlreadyAccounted,
+        })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+}
+
+/// The run's trigger for a slot: the schedule, the nominal instant (also in the
+/// schedule's zone, for `TASUKI_SCHEDULED_TIME`) and the business date.
+pub fn trigger_for(schedule: &ScheduleSpec, slot: &PlannedSlot) -> Trigger {
+    Trigger::Schedule {
+        schedule: schedule.name.clone(),
+        slot: slot.nominal,
+        business_date: slot.business_date,
+        local_time: slot
+            .nominal
+            .with_timezone(&schedule.time_zone)
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+    }
+}
