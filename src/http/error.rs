@@ -1,8 +1,9 @@
 //! The one place where errors become HTTP statuses. Every error body is a
 //! [`ErrorBodyV1`], the framework's own rejections included.
 
+use crate::domain::job_lookup::CatalogErrors;
 use crate::domain::ports::{ControlError, LogError, StoreError};
-use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1};
 use crate::service::runs::{AcceptError, ActionError};
 use axum::Json;
 use axum::http::StatusCode;
@@ -13,6 +14,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCodeV1,
     pub message: String,
+    pub details: Vec<ErrorDetailV1>,
 }
 
 impl ApiError {
@@ -21,7 +23,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            details: Vec::new(),
         }
+    }
+    pub fn with_details(mut self, details: Vec<ErrorDetailV1>) -> Self {
+        self.details = details;
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCodeV1::BadRequest, message)
@@ -50,7 +57,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBodyV1::new(self.code, self.message);
+        let mut body = ErrorBodyV1::new(self.code, self.message);
+        body.error.details = self.details;
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was never read: the connection cannot carry another
@@ -155,6 +163,29 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
         } else {
             ApiError::new(status, ErrorCodeV1::BadRequest, e.body_text())
         }
+    }
+}
+
+impl From<CatalogErrors> for ApiError {
+    fn from(e: CatalogErrors) -> Self {
+        let details: Vec<ErrorDetailV1> =
+            e.0.into_iter()
+                .map(|e| ErrorDetailV1 {
+                    file: e.file.display().to_string(),
+                    line: e.line,
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCodeV1::InvalidJobFiles,
+            format!(
+                "the job files have {} error(s); the running jobs stay as they were",
+                details.len()
+            ),
+        )
+        .with_details(details)
     }
 }
 

@@ -214,6 +214,45 @@ pub struct ErrorBodyV1 {
 pub struct ErrorV1 {
     pub code: ErrorCodeV1,
     pub message: String,
+    /// The individual problems, when there are several (e.g. every invalid line of the
+    /// job files for `invalid_job_files`); absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ErrorDetailV1>,
+}
+
+/// One problem in a file: `{"file","line","field","message"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetailV1 {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ErrorDetailV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// `POST /v1/jobs/reload`: what the reload changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadSummaryV1 {
+    /// Goes up by one with each reload that changed something.
+    pub generation: u64,
+    pub jobs: usize,
+    pub calendars: usize,
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl ErrorBodyV1 {
@@ -222,6 +261,7 @@ impl ErrorBodyV1 {
             error: ErrorV1 {
                 code,
                 message: message.into(),
+                details: Vec::new(),
             },
         }
     }
@@ -250,6 +290,7 @@ pub enum ErrorCodeV1 {
     NotRetryable,
     WorkerApiDisabled,
     Unauthorized,
+    InvalidJobFiles,
     Unknown(String),
 }
 
@@ -274,6 +315,7 @@ impl ErrorCodeV1 {
             ErrorCodeV1::NotRetryable => "not_retryable",
             ErrorCodeV1::WorkerApiDisabled => "worker_api_disabled",
             ErrorCodeV1::Unauthorized => "unauthorized",
+            ErrorCodeV1::InvalidJobFiles => "invalid_job_files",
             ErrorCodeV1::Unknown(s) => s,
         }
     }
@@ -300,6 +342,7 @@ impl From<String> for ErrorCodeV1 {
             "not_retryable" => ErrorCodeV1::NotRetryable,
             "worker_api_disabled" => ErrorCodeV1::WorkerApiDisabled,
             "unauthorized" => ErrorCodeV1::Unauthorized,
+            "invalid_job_files" => ErrorCodeV1::InvalidJobFiles,
             _ => ErrorCodeV1::Unknown(s),
         }
     }
@@ -509,6 +552,7 @@ mod tests {
             (NotRetryable, "not_retryable"),
             (WorkerApiDisabled, "worker_api_disabled"),
             (Unauthorized, "unauthorized"),
+            (InvalidJobFiles, "invalid_job_files"),
         ];
         for (code, text) in codes {
             assert_eq!(code.as_str(), text);
