@@ -309,6 +309,21 @@ pub(crate) mod testing {
         parse_job("hello", Path::new("jobs/hello.toml"), text)
     }
 
+    /// As [`parse`], with these calendars known.
+    pub fn parse_with(
+        text: &str,
+        calendars: &[crate::domain::schedule::Calendar],
+    ) -> Result<JobSpec, Vec<CatalogError>> {
+        let set = CalendarSet {
+            calendars: calendars
+                .iter()
+                .map(|c| (c.name.clone(), Arc::new(c.clone())))
+                .collect(),
+            ..CalendarSet::default()
+        };
+        parse_job_in("hello", Path::new("jobs/hello.toml"), text, &set)
+    }
+
     pub fn errors(text: &str) -> Vec<String> {
         parse(text)
             .unwrap_err()

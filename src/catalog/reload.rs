@@ -103,3 +103,84 @@ impl ReloadJobs for Reloadable {
         Reloadable::reload(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::*;
+
+    fn write(root: &Path, name: &str, text: &str) {
+        fs::write(root.join(name), text).unwrap();
+    }
+
+    fn setup() -> (tempfile::TempDir, Reloadable) {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("jobs")).unwrap();
+        fs::create_dir(root.path().join("calendars")).unwrap();
+        write(root.path(), "calendars/jp.toml", "closed = [2026-01-01]\n");
+        write(root.path(), "jobs/keep.toml", "image = \"a\"\n");
+        write(root.path(), "jobs/edit.toml", "image = \"a\"\n");
+        write(root.path(), "jobs/gone.toml", "image = \"a\"\n");
+        write(
+            root.path(),
+            "jobs/cal.toml",
+            "image = \"a\"\n[[schedules]]\nname = \"s\"\ncron = \"@daily\"\ncalendar = \"jp\"\n",
+        );
+        let r = Reloadable::load(CatalogDirs::new(root.path().join("jobs"), None)).unwrap();
+        (root, r)
+    }
+
+    #[test]
+    fn a_reload_reports_added_changed_and_removed_jobs() {
+        let (root, r) = setup();
+        assert_eq!(r.generation(), 0);
+        assert_eq!(r.jobs().len(), 4);
+
+        let same = r.reload().unwrap();
+        assert!(same.is_unchanged(), "{same:?}");
+        assert_eq!((same.generation, r.generation()), (0, 0));
+
+        write(root.path(), "jobs/edit.toml", "image = \"b\"\n");
+        write(root.path(), "jobs/new.toml", "image = \"a\"\n");
+        fs::remove_file(root.path().join("jobs/gone.toml")).unwrap();
+        // A calendar a job uses counts as a change of that job.
+        write(root.path(), "calendars/jp.toml", "closed = [2026-01-02]\n");
+        let s = r.reload().unwrap();
+        assert_eq!(s.added, ["new"]);
+        assert_eq!(s.changed, ["cal", "edit"]);
+        assert_eq!(s.removed, ["gone"]);
+        assert_eq!((s.jobs, s.calendars, s.generation), (4, 1, 1));
+        assert_eq!(r.generation(), 1);
+        assert_eq!(r.job("edit").unwrap().image, "b");
+        assert!(r.job("gone").is_none());
+    }
+
+    #[test]
+    fn an_invalid_set_is_refused_and_the_running_one_stays() {
+        let (root, r) = setup();
+        write(root.path(), "jobs/edit.toml", "image = \"b\"\n");
+        write(
+            root.path(),
+            "jobs/bad.toml",
+            "image = \"a\"\nmax_concurrent = 0\n",
+        );
+        write(root.path(), "calendars/jp.toml", "include = [\"jp\"]\n");
+        let errors = r.reload().unwrap_err();
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 2, "{text}");
+        assert!(
+            text.contains("jp.toml:1: include[0]: include cycle: jp -> jp"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bad.toml:2: max_concurrent: 0 is out of range"),
+            "{text}"
+        );
+        assert_eq!(r.generation(), 0);
+        assert_eq!(r.job("edit").unwrap().image, "a");
+        assert!(r.job("bad").is_none());
+        assert_eq!(r.current().calendars()["jp"].closed.len(), 1);
+    }
+}

@@ -200,3 +200,36 @@ pub async fn method_not_allowed() -> ApiError {
         "method not allowed on this endpoint",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job_lookup::CatalogError;
+
+    #[tokio::test]
+    async fn invalid_job_files_answer_422_with_every_problem() {
+        let errors = CatalogErrors(vec![CatalogError {
+            file: "jobs/a.toml".into(),
+            line: Some(3),
+            field: Some("schedules[0].calendar".into()),
+            message: "unknown calendar \"x\"".into(),
+        }]);
+        let response = ApiError::from(errors).into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_job_files");
+        assert_eq!(
+            json["error"]["details"],
+            serde_json::json!([{"file": "jobs/a.toml", "line": 3,
+                "field": "schedules[0].calendar", "message": "unknown calendar \"x\""}])
+        );
+        let back: ErrorBodyV1 = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            back.error.details[0].to_string(),
+            "jobs/a.toml:3: schedules[0].calendar: unknown calendar \"x\""
+        );
+    }
+}

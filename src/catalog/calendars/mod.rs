@@ -112,9 +112,12 @@ pub(super) fn load(dir: &CalendarsDir) -> CalendarSet {
                 ),
             );
         }
-        let own = parse_own(&mut ctx, path, &file, &text, &mut errors);
-        let ok = ctx.errors.is_empty();
+        // The calendar file's own problems first, then those of the lists it names.
+        let mut list_errors = Vec::new();
+        let own = parse_own(&mut ctx, path, &file, &text, &mut list_errors);
+        let ok = ctx.errors.is_empty() && list_errors.is_empty();
         errors.append(&mut ctx.errors);
+        errors.append(&mut list_errors);
         match own {
             Some(own) if ok => {
                 owns.insert(stem, own);
@@ -326,3 +329,6 @@ fn flatten(
     done.insert(name.to_owned(), result.clone());
     result
 }
+
+#[cfg(test)]
+mod tests;

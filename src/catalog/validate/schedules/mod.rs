@@ -487,3 +487,6 @@ pub(super) fn check_params(ctx: &mut Ctx<'_>, spec: &JobSpec, raw: &crate::catal
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
