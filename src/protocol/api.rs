@@ -8,7 +8,7 @@ use std::fmt;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
+use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus, Trigger};
 
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -17,6 +17,9 @@ pub struct RunV1 {
     pub job: String,
     pub status: RunStatusV1,
     pub params: BTreeMap<String, String>,
+    /// What started the run; older servers sent none (the API then).
+    #[serde(default)]
+    pub trigger: TriggerV1,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
     pub reason_code: Option<ReasonCodeV1>,
@@ -34,6 +37,42 @@ pub struct RunV1 {
     pub logs_truncated: bool,
     #[serde(default)]
     pub log_dropped_bytes: u64,
+}
+
+/// A run's `trigger`: `{"type":"api"}`, or
+/// `{"type":"schedule","schedule":"nightly","slot":"<RFC 3339 UTC>","business_date":"YYYY-MM-DD"}`.
+/// A type this build does not know (from a newer server) reads as `Unknown`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TriggerV1 {
+    #[default]
+    Api,
+    Schedule {
+        schedule: String,
+        /// The slot's nominal instant.
+        slot: String,
+        business_date: String,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+impl From<&Trigger> for TriggerV1 {
+    fn from(t: &Trigger) -> Self {
+        match t {
+            Trigger::Api => TriggerV1::Api,
+            Trigger::Schedule {
+                schedule,
+                slot,
+                business_date,
+                ..
+            } => TriggerV1::Schedule {
+                schedule: schedule.clone(),
+                slot: time(*slot),
+                business_date: business_date.format("%Y-%m-%d").to_string(),
+            },
+        }
+    }
 }
 
 /// One attempt in a run's `attempts`.
@@ -332,6 +371,7 @@ impl From<Run> for RunV1 {
             job: r.job,
             status: r.status.into(),
             params: r.params,
+            trigger: TriggerV1::from(&r.trigger),
             exit_code: r.exit_code,
             reason: r.reason,
             reason_code: r.reason_code.map(Into::into),
@@ -386,6 +426,12 @@ mod tests {
             job: "greet".to_owned(),
             params: BTreeMap::from([("name".to_owned(), "world".to_owned())]),
             status: RunStatus::Running,
+            trigger: Trigger::Schedule {
+                schedule: "nightly".to_owned(),
+                slot: at(-3600),
+                business_date: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+                local_time: "2025-12-31T23:00:00.123+00:00".to_owned(),
+            },
             attempt: 2,
             exit_code: None,
             reason: None,
@@ -534,7 +580,7 @@ mod tests {
     }
 
     /// Older servers sent no `attempts`, `cancel_requested`, `not_before`,
-    /// `logs_truncated` or `log_dropped_bytes`.
+    /// `logs_truncated`, `log_dropped_bytes` or `trigger`.
     #[test]
     fn reads_a_run_without_the_later_fields() {
         let run: RunV1 = serde_json::from_str(
@@ -545,5 +591,16 @@ mod tests {
         .unwrap();
         assert_eq!(run.status, RunStatusV1::Succeeded);
         assert!(run.attempts.is_empty() && !run.logs_truncated);
+        assert_eq!(run.trigger, TriggerV1::Api);
+    }
+
+    #[test]
+    fn triggers_read_back_and_unknown_types_still_parse() {
+        assert_eq!(
+            serde_json::to_string(&TriggerV1::from(&Trigger::Api)).unwrap(),
+            r#"{"type":"api"}"#
+        );
+        let t: TriggerV1 = serde_json::from_str(r#"{"type":"webhook","from":"x"}"#).unwrap();
+        assert_eq!(t, TriggerV1::Unknown);
     }
 }

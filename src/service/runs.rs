@@ -207,6 +207,7 @@ impl Runs {
             job: new.job,
             params: new.params,
             status: RunStatus::Queued,
+            trigger: new.trigger,
             attempt: 0,
             exit_code: None,
             reason: None,
