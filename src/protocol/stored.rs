@@ -5,8 +5,9 @@
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::run::Trigger;
-use crate::domain::schedule::Admission;
+use crate::domain::ports::SlotOutcome;
+use crate::domain::run::{RunId, Trigger};
+use crate::domain::schedule::{Admission, SkipReason};
 
 /// A run's trigger as stored: `{"type":"api"}` or
 /// `{"type":"schedule","schedule":"nightly","slot":"2026-01-01T01:00:00Z",
@@ -125,6 +126,55 @@ pub fn parse_admission(text: Option<&str>) -> Result<Admission, String> {
     }
 }
 
+/// A slot's outcome as stored: the `outcome` column (`fired` | `skipped`), the run it
+/// started, or why it was skipped (the domain's `SkipReason` text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSlotOutcome {
+    pub outcome: &'static str,
+    pub run_id: Option<String>,
+    pub reason: Option<&'static str>,
+}
+
+const FIRED: &str = "fired";
+const SKIPPED: &str = "skipped";
+
+impl From<&SlotOutcome> for StoredSlotOutcome {
+    fn from(o: &SlotOutcome) -> Self {
+        match o {
+            SlotOutcome::Fired(id) => Self {
+                outcome: FIRED,
+                run_id: Some(id.to_string()),
+                reason: None,
+            },
+            SlotOutcome::Skipped(reason) => Self {
+                outcome: SKIPPED,
+                run_id: None,
+                reason: Some(reason.as_str()),
+            },
+        }
+    }
+}
+
+/// Read a slot's outcome back from its three columns.
+pub fn parse_slot_outcome(
+    outcome: &str,
+    run_id: Option<&str>,
+    reason: Option<&str>,
+) -> Result<SlotOutcome, String> {
+    match (outcome, run_id, reason) {
+        (FIRED, Some(id), _) => id
+            .parse::<RunId>()
+            .map(SlotOutcome::Fired)
+            .map_err(|e| e.to_string()),
+        (SKIPPED, _, Some(reason)) => SkipReason::parse(reason)
+            .map(SlotOutcome::Skipped)
+            .ok_or_else(|| format!("unknown skip reason `{reason}`")),
+        _ => Err(format!(
+            "slot outcome `{outcome}` with run {run_id:?} and reason {reason:?}"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,7 +200,10 @@ mod tests {
         );
         assert_eq!(parse_trigger(Some(&text)).unwrap(), scheduled());
         assert_eq!(parse_trigger(None).unwrap(), Trigger::Api);
-        assert_eq!(parse_trigger(Some(r#"{"type":"api"}"#)).unwrap(), Trigger::Api);
+        assert_eq!(
+            parse_trigger(Some(r#"{"type":"api"}"#)).unwrap(),
+            Trigger::Api
+        );
         assert!(parse_trigger(Some(r#"{"type":"cron"}"#)).is_err());
         assert!(
             parse_trigger(Some(
@@ -161,11 +214,29 @@ mod tests {
     }
 
     #[test]
+    fn slot_outcomes_round_trip() {
+        let fired = SlotOutcome::Fired(RunId::new());
+        for o in [fired, SlotOutcome::Skipped(SkipReason::Overlap)] {
+            let s = StoredSlotOutcome::from(&o);
+            assert_eq!(
+                parse_slot_outcome(s.outcome, s.run_id.as_deref(), s.reason).unwrap(),
+                o
+            );
+        }
+        assert!(parse_slot_outcome("fired", None, None).is_err());
+        assert!(parse_slot_outcome("skipped", None, Some("bored")).is_err());
+        assert!(parse_slot_outcome("maybe", None, None).is_err());
+    }
+
+    #[test]
     fn admission_round_trips() {
         for a in [Admission::Unlimited, Admission::AtMost(3), Admission::Alone] {
             assert_eq!(parse_admission(admission_text(a).as_deref()).unwrap(), a);
         }
-        assert_eq!(admission_text(Admission::AtMost(2)).as_deref(), Some("at_most:2"));
+        assert_eq!(
+            admission_text(Admission::AtMost(2)).as_deref(),
+            Some("at_most:2")
+        );
         assert!(parse_admission(Some("at_most:x")).is_err());
         assert!(parse_admission(Some("sometimes")).is_err());
     }

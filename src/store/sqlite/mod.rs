@@ -1,12 +1,14 @@
 //! `SqliteStore`: the connection pools, schema migration, and what every part shares (row
 //! decoding, times as milliseconds, the reads of a run's and an attempt's state). Each
-//! part of the store port has its own file: `runs`, `outbox`, `leases`, `sessions`.
+//! part of the store port has its own file: `runs` (with `admission`), `outbox`, `leases`,
+//! `sessions`, `schedules`.
 
 mod admission;
 mod leases;
 mod outbox;
 mod retention;
 mod runs;
+mod schedules;
 mod sessions;
 
 use std::collections::BTreeMap;
