@@ -367,3 +367,57 @@ impl Schedules for SqliteStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ports::RunRecords;
+    use crate::domain::schedule::Overlap;
+    use crate::store::suite::{hour, slot, slot_run};
+
+    /// Two stores on one file (two schedulers, or two `serve` processes) race for the
+    /// same slots: each slot fires exactly once, and the loser is told which run won.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_on_one_file_never_fire_a_slot_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open(dir.path()).await.unwrap();
+        let b = SqliteStore::open(dir.path()).await.unwrap();
+        let day = NaiveDate::from_ymd_opt(2026, 3, 1).unwrap();
+        for h in 0..20 {
+            let key = slot("default", h);
+            let (run_a, run_b) = (
+                slot_run(&key, Admission::Unlimited),
+                slot_run(&key, Admission::Unlimited),
+            );
+            let now = Utc::now();
+            let (fa, fb) = tokio::join!(
+                a.fire_slot(&key, hour(h), day, &run_a, Overlap::Allow, now),
+                b.fire_slot(&key, hour(h), day, &run_b, Overlap::Allow, now),
+            );
+            let results = [fa.unwrap().result, fb.unwrap().result];
+            let winner = match &results {
+                [
+                    FireResult::Fired(id),
+                    FireResult::AlreadyAccounted(SlotOutcome::Fired(w)),
+                ]
+                | [
+                    FireResult::AlreadyAccounted(SlotOutcome::Fired(w)),
+                    FireResult::Fired(id),
+                ] if id == w => *id,
+                other => panic!("slot {h} fired as {other:?}"),
+            };
+            let loser = if winner == run_a.id {
+                run_b.id
+            } else {
+                run_a.id
+            };
+            assert!(a.get_run(winner).await.unwrap().is_some());
+            assert!(b.get_run(loser).await.unwrap().is_none());
+        }
+        let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs")
+            .fetch_one(a.writer())
+            .await
+            .unwrap();
+        assert_eq!(runs, 20);
+    }
+}
