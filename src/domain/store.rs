@@ -188,7 +188,10 @@ pub enum StoreError {
 pub trait RunRecords: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Store the run and its first outbox entry atomically; with a key, only if the key
-    /// is new (or older than the idempotency window).
+    /// is new (or older than the idempotency window). The outbox entry is written only
+    /// when the run is admitted: its `admission` allows the job's admitted runs that are
+    /// not final and no run of the job waits already; otherwise it waits `queued`, and
+    /// is admitted (in arrival order) when a run of its job becomes final.
     async fn insert_run(
         &self,
         run: &NewRun,
@@ -197,7 +200,8 @@ pub trait RunRecords: Send + Sync + 'static {
     async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
     async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError>;
-    /// A person's new attempt of a `failed`, `timed_out` or `lost` run.
+    /// A person's new attempt of a `failed`, `timed_out` or `lost` run, admitted like a
+    /// new run (or left waiting for room).
     async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError>;
 }
 

@@ -1,6 +1,7 @@
 //! The public API's run JSON and error body, one definition each for the server that
 //! writes them and the CLI that reads them. `fixtures/run_v1.json` and
-//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff.
+//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff. A run's
+//! `trigger` is in `api/trigger.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -8,7 +9,11 @@ use std::fmt;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus, Trigger};
+use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
+
+mod trigger;
+
+pub use trigger::TriggerV1;
 
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,42 +42,6 @@ pub struct RunV1 {
     pub logs_truncated: bool,
     #[serde(default)]
     pub log_dropped_bytes: u64,
-}
-
-/// A run's `trigger`: `{"type":"api"}`, or
-/// `{"type":"schedule","schedule":"nightly","slot":"<RFC 3339 UTC>","business_date":"YYYY-MM-DD"}`.
-/// A type this build does not know (from a newer server) reads as `Unknown`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum TriggerV1 {
-    #[default]
-    Api,
-    Schedule {
-        schedule: String,
-        /// The slot's nominal instant.
-        slot: String,
-        business_date: String,
-    },
-    #[serde(other)]
-    Unknown,
-}
-
-impl From<&Trigger> for TriggerV1 {
-    fn from(t: &Trigger) -> Self {
-        match t {
-            Trigger::Api => TriggerV1::Api,
-            Trigger::Schedule {
-                schedule,
-                slot,
-                business_date,
-                ..
-            } => TriggerV1::Schedule {
-                schedule: schedule.clone(),
-                slot: time(*slot),
-                business_date: business_date.format("%Y-%m-%d").to_string(),
-            },
-        }
-    }
 }
 
 /// One attempt in a run's `attempts`.
@@ -409,6 +378,7 @@ impl From<Attempt> for AttemptV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::run::Trigger;
     use chrono::TimeZone;
 
     const FIXTURE: &str = include_str!("fixtures/run_v1.json");
