@@ -387,6 +387,7 @@ mod tests {
             job: "j".into(),
             status: RunStatusV1::from(status.to_owned()),
             params: BTreeMap::new(),
+            trigger: Default::default(),
             exit_code: code,
             reason: None,
             reason_code: reason.map(|r| ReasonCodeV1::from(r.to_owned())),

@@ -1,6 +1,7 @@
 //! The public API's run JSON and error body, one definition each for the server that
 //! writes them and the CLI that reads them. `fixtures/run_v1.json` and
-//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff.
+//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff. A run's
+//! `trigger` is in `api/trigger.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
 
+mod trigger;
+
+pub use trigger::TriggerV1;
+
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunV1 {
@@ -17,6 +22,9 @@ pub struct RunV1 {
     pub job: String,
     pub status: RunStatusV1,
     pub params: BTreeMap<String, String>,
+    /// What started the run; older servers sent none (the API then).
+    #[serde(default)]
+    pub trigger: TriggerV1,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
     pub reason_code: Option<ReasonCodeV1>,
@@ -375,6 +383,7 @@ impl From<Run> for RunV1 {
             job: r.job,
             status: r.status.into(),
             params: r.params,
+            trigger: TriggerV1::from(&r.trigger),
             exit_code: r.exit_code,
             reason: r.reason,
             reason_code: r.reason_code.map(Into::into),
@@ -412,6 +421,7 @@ impl From<Attempt> for AttemptV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::run::Trigger;
     use chrono::TimeZone;
 
     const FIXTURE: &str = include_str!("fixtures/run_v1.json");
@@ -429,6 +439,12 @@ mod tests {
             job: "greet".to_owned(),
             params: BTreeMap::from([("name".to_owned(), "world".to_owned())]),
             status: RunStatus::Running,
+            trigger: Trigger::Schedule {
+                schedule: "nightly".to_owned(),
+                slot: at(-3600),
+                business_date: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+                local_time: "2025-12-31T23:00:00.123+00:00".to_owned(),
+            },
             attempt: 2,
             exit_code: None,
             reason: None,
@@ -578,7 +594,7 @@ mod tests {
     }
 
     /// Older servers sent no `attempts`, `cancel_requested`, `not_before`,
-    /// `logs_truncated` or `log_dropped_bytes`.
+    /// `logs_truncated`, `log_dropped_bytes` or `trigger`.
     #[test]
     fn reads_a_run_without_the_later_fields() {
         let run: RunV1 = serde_json::from_str(
@@ -589,5 +605,16 @@ mod tests {
         .unwrap();
         assert_eq!(run.status, RunStatusV1::Succeeded);
         assert!(run.attempts.is_empty() && !run.logs_truncated);
+        assert_eq!(run.trigger, TriggerV1::Api);
+    }
+
+    #[test]
+    fn triggers_read_back_and_unknown_types_still_parse() {
+        assert_eq!(
+            serde_json::to_string(&TriggerV1::from(&Trigger::Api)).unwrap(),
+            r#"{"type":"api"}"#
+        );
+        let t: TriggerV1 = serde_json::from_str(r#"{"type":"webhook","from":"x"}"#).unwrap();
+        assert_eq!(t, TriggerV1::Unknown);
     }
 }
