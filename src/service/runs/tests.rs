@@ -40,7 +40,7 @@ fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
         params: BTreeMap::new(),
-        schedule: None,
+        schedules: Vec::new(),
         max_concurrent,
         retry: Default::default(),
     })
