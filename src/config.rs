@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_JOBS_DIR", default_value = "jobs")]
     pub jobs_dir: PathBuf,
 
+    /// Directory of business calendars (`*.toml`) the jobs' schedules may name
+    /// [default: `calendars` beside the jobs directory, if there is one].
+    #[arg(long, env = "TASUKI_CALENDARS_DIR")]
+    pub calendars_dir: Option<PathBuf>,
+
     /// Where the run database and the logs live.
     #[arg(long, env = "TASUKI_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
@@ -267,11 +272,22 @@ pub struct LogsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Validate every job file; print each error with file, line and field.
+    /// Validate every job and calendar file; print each error with file, line and field.
     Check {
         /// Directory of job definitions.
         #[arg(env = "TASUKI_JOBS_DIR", default_value = "jobs")]
         dir: PathBuf,
+
+        /// Directory of business calendars [default: `calendars` beside DIR, if there
+        /// is one].
+        #[arg(long, env = "TASUKI_CALENDARS_DIR")]
+        calendars_dir: Option<PathBuf>,
+    },
+    /// Make a running server read its job and calendar files again (as SIGHUP does);
+    /// exit 1 if it refused them (the errors are printed, its jobs stay as they were).
+    Reload {
+        #[command(flatten)]
+        server: ServerOption,
     },
 }
 

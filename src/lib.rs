@@ -31,7 +31,7 @@ use anyhow::Context;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
+use crate::catalog::{CatalogDirs, Reloadable};
 use crate::config::{
     Command, JobsCommand, PruneArgs, RunsCommand, ServeArgs, WorkerArgs, WorkerOptions,
 };
@@ -59,7 +59,10 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Logs(args) => Ok(cli::logs(args).await),
         Command::Cancel(args) => Ok(cli::run_action(args, "cancel").await),
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
-        Command::Jobs(JobsCommand::Check { dir }) => Ok(cli::check_jobs(&dir)),
+        Command::Jobs(JobsCommand::Check { dir, calendars_dir }) => {
+            Ok(cli::check_jobs(&CatalogDirs::new(dir, calendars_dir)))
+        }
+        Command::Jobs(JobsCommand::Reload { server }) => Ok(cli::reload_jobs(server).await),
         Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
         Command::Schedules(cmd) => Ok(cli::schedules::command(cmd).await),
     }
@@ -183,13 +186,22 @@ fn docker(options: &WorkerOptions) -> anyhow::Result<Arc<dyn ContainerRuntime>> 
 
 /// `tasuki serve`: API, store, outbox relay, and (without AMQP, or when asked) a worker.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let catalog = Catalog::load_dir(&args.jobs_dir).map_err(|errors| {
+    let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
+    let catalog = Reloadable::load(dirs.clone()).map_err(|errors| {
         anyhow::anyhow!(
             "invalid job definitions in {}:\n{errors}",
             args.jobs_dir.display()
         )
     })?;
-    tracing::info!(message = "jobs loaded", count = catalog.len(), dir = %args.jobs_dir.display());
+    let current = catalog.current();
+    tracing::info!(
+        message = "jobs loaded",
+        count = current.len(),
+        calendars = current.calendars().len(),
+        dir = %dirs.jobs.display(),
+        calendars_dir = %dirs.calendars.path().display()
+    );
+    let catalog = Arc::new(catalog);
     let store = store::SqliteStore::open(&args.data_dir)
         .await
         .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
@@ -210,7 +222,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         events.clone(),
         args.lease_ttl,
     ));
-    let jobs: Arc<dyn crate::domain::job_lookup::JobLookup> = Arc::new(catalog);
+    let jobs: Arc<dyn crate::domain::job_lookup::JobLookup> = catalog.clone();
     let runs = Runs::new(
         jobs.clone(),
         store.clone(),
@@ -269,6 +281,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .reap_expired_leases(shutdown.clone()),
     );
     tasks.spawn(pruner.run(service::retention::EVERY, shutdown.clone()));
+    tasks.spawn(reload_on_sighup(catalog.clone(), shutdown.clone()));
     let scheduler = service::scheduler::Scheduler::new(
         jobs,
         store.clone(),
@@ -308,6 +321,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         store,
         queue,
         runtime,
+        reload: catalog,
         worker_token: args.worker_token.filter(|t| !t.is_empty()).map(Arc::from),
         accepting: accepting.clone(),
     };
@@ -330,6 +344,43 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     tasks.wait().await;
     tracing::info!(message = "stopped");
     Ok(())
+}
+
+/// SIGHUP: read the job and calendar files again; an invalid set is logged with every
+/// error and the running one stays.
+async fn reload_on_sighup(catalog: Arc<Reloadable>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(message = "cannot listen for SIGHUP; reload with `tasuki jobs reload`", %error);
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        let reloader = catalog.clone();
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(s)) => tracing::info!(
+                message = "SIGHUP: jobs reloaded",
+                generation = s.generation,
+                jobs = s.jobs,
+                calendars = s.calendars,
+                added = ?s.added,
+                changed = ?s.changed,
+                removed = ?s.removed
+            ),
+            Ok(Err(errors)) => tracing::error!(
+                message = "SIGHUP: reload refused, the running jobs stay",
+                count = errors.0.len(),
+                errors = %errors
+            ),
+            Err(error) => tracing::error!(message = "SIGHUP: reload failed", %error),
+        }
+    }
 }
 
 /// `tasuki runs prune`: one pass against the data dir, as `serve` makes them. WAL and

@@ -1,12 +1,15 @@
 //! Wire formats shared by both sides: the AMQP run message, the worker protocol between
 //! `tasuki worker` and `tasuki serve` (in [`worker`]), and the frozen run spec (also how
 //! the store keeps it). Serde lives here so a change to a domain type never silently
-//! changes a format. The public API's run JSON is in [`api`].
+//! changes a format. The public API's run JSON is in [`api`]; a run's stored trigger and
+//! admission rule in `stored`.
 
 pub mod api;
 pub mod schedules;
+mod stored;
 pub mod worker;
 
+pub use stored::*;
 pub use worker::*;
 
 use std::collections::BTreeMap;

@@ -21,6 +21,9 @@ pub(super) struct JobFile {
     pub schedule: Option<Spanned<String>>,
     pub time_zone: Option<Spanned<String>>,
     #[serde(default)]
+    pub schedules: Vec<Spanned<ScheduleFile>>,
+    pub max_concurrent: Option<Spanned<i64>>,
+    #[serde(default)]
     pub env: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
     pub resources: ResourcesFile,
@@ -60,4 +63,42 @@ pub(super) struct ParamFile {
     pub pattern: Option<Spanned<String>>,
     pub max_length: Option<Spanned<i64>>,
     pub description: Option<String>,
+}
+
+/// One `[[schedules]]` entry.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScheduleFile {
+    pub name: Option<Spanned<String>>,
+    pub cron: Option<Spanned<String>>,
+    pub open_days_of_month: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub at: Option<Spanned<String>>,
+    pub time_zone: Option<Spanned<String>>,
+    pub params: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub calendar: Option<Spanned<String>>,
+    pub on_closed_day: Option<Spanned<String>>,
+    pub max_shift_days: Option<Spanned<i64>>,
+    pub on_gap: Option<Spanned<String>>,
+    pub on_fold: Option<Spanned<String>>,
+    pub overlap: Option<Spanned<String>>,
+    pub catch_up: Option<Spanned<String>>,
+    pub catch_up_window: Option<Spanned<String>>,
+    pub max_catch_up: Option<Spanned<i64>>,
+    pub suspended: Option<Spanned<bool>>,
+}
+
+/// A calendar file (`calendars/NAME.toml`). Dates are TOML dates or strings, so both
+/// `2026-01-01` and `"2026-01-01"` read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CalendarFile {
+    pub open_weekdays: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub closed: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub open: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub closed_from: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub include: Vec<Spanned<String>>,
 }

@@ -1,143 +1,125 @@
-//! The job catalog: one TOML file per job in a directory, turned into [`JobSpec`]s.
+//! The job catalog: one TOML file per job in a directory, turned into [`JobSpec`]s,
+//! and the business calendars their schedules use (`calendars`, `datelist`).
 //!
 //! Loading lives here; the file-format structs (`file`) and the validators, one per
-//! section of a job file (`validate`), are private to this module. Every validation
-//! error names the file, the 1-based line (when known) and the field.
+//! section of a job file (`validate`), are private to this module; `reload` swaps a
+//! newly loaded set in while the process runs. Every validation error names the file,
+//! the 1-based line (when known) and the field.
 
+mod calendars;
+mod datelist;
 mod file;
+mod reload;
 mod validate;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::domain::job::{JobName, JobSpec};
 use crate::domain::job_lookup::JobLookup;
+pub use crate::domain::job_lookup::{CatalogError, CatalogErrors};
+use crate::domain::schedule::Calendar;
+use calendars::CalendarSet;
+pub use calendars::{Calendars, CalendarsDir};
 use file::JobFile;
+pub use reload::Reloadable;
 use validate::Ctx;
+pub use validate::WEEKDAYS_CALENDAR;
 
-/// One problem in one job file.
+/// Where a catalog is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CatalogError {
-    pub file: PathBuf,
-    /// 1-based.
-    pub line: Option<usize>,
-    /// Dotted path, e.g. `resources.memory`, `env.FOO`, `params.name.pattern`.
-    pub field: Option<String>,
-    pub message: String,
+pub struct CatalogDirs {
+    pub jobs: PathBuf,
+    pub calendars: CalendarsDir,
 }
 
-impl fmt::Display for CatalogError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        f.write_str(": ")?;
-        if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
-        }
-        f.write_str(&self.message)
+impl CatalogDirs {
+    /// The jobs directory, and `calendars_dir` or else `calendars` beside it.
+    pub fn new(jobs: impl Into<PathBuf>, calendars_dir: Option<PathBuf>) -> CatalogDirs {
+        let jobs = jobs.into();
+        let calendars = CalendarsDir::for_jobs_dir(&jobs, calendars_dir);
+        CatalogDirs { jobs, calendars }
     }
 }
 
-impl std::error::Error for CatalogError {}
-
-/// Every problem found while loading a catalog.
+/// What a job was built from, to tell on reload whether it changed: its file, and the
+/// calendars its schedules use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CatalogErrors(pub Vec<CatalogError>);
-
-impl fmt::Display for CatalogErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
+struct JobSource {
+    text: String,
+    calendars: Vec<Calendar>,
 }
 
-impl std::error::Error for CatalogErrors {}
-
-/// The loaded jobs, keyed and iterated by name.
+/// The loaded jobs, keyed and iterated by name, and the calendars they may use.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     jobs: BTreeMap<JobName, Arc<JobSpec>>,
+    calendars: Calendars,
+    sources: BTreeMap<JobName, JobSource>,
 }
 
 impl Catalog {
-    /// Load every `*.toml` file directly inside `dir` (not recursive). Other files,
-    /// sub-directories and dot-files (editor lock/backup files) are ignored. All errors
-    /// from all files are collected; any error fails the whole load.
+    /// Load the calendars, then every job. All errors from all files are collected; any
+    /// error fails the whole load.
+    pub fn load(dirs: &CatalogDirs) -> Result<Catalog, CatalogErrors> {
+        let set = calendars::load(&dirs.calendars);
+        Self::load_jobs(&dirs.jobs, set)
+    }
+
+    /// Load the jobs of `dir` without calendars (a job naming one is an error).
     pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogErrors> {
-        let dir_error = |message: String| {
-            CatalogErrors(vec![CatalogError {
-                file: dir.to_path_buf(),
-                line: None,
-                field: None,
-                message,
-            }])
+        Self::load_jobs(dir, CalendarSet::default())
+    }
+
+    /// Every `*.toml` file directly inside `dir` (not recursive). Other files,
+    /// sub-directories and dot-files (editor lock/backup files) are ignored.
+    fn load_jobs(dir: &Path, set: CalendarSet) -> Result<Catalog, CatalogErrors> {
+        let mut errors = set.errors.clone();
+        let files = match toml_files(dir, "job directory") {
+            Ok(files) => files,
+            Err(e) => {
+                errors.push(e);
+                return Err(CatalogErrors(errors));
+            }
         };
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| dir_error(format!("cannot read job directory: {e}")))?;
-
-        let mut files = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| dir_error(format!("cannot read job directory: {e}")))?;
-            let path = entry.path();
-            let file_name = entry.file_name();
-            if file_name.to_string_lossy().starts_with('.')
-                || path.extension().is_none_or(|ext| ext != "toml")
-            {
-                continue;
-            }
-            // Follows symlinks; a dangling link is reported when reading it.
-            if path.is_dir() {
-                continue;
-            }
-            files.push(path);
-        }
-        files.sort();
-
         let mut jobs = BTreeMap::new();
-        let mut errors = Vec::new();
+        let mut sources = BTreeMap::new();
         for path in files {
-            let file_error = |message: String| CatalogError {
-                file: path.clone(),
-                line: None,
-                field: None,
-                message,
-            };
             // A non-UTF-8 stem becomes an invalid job name (reported), not a silent skip.
             let stem = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let text = match std::fs::read(&path) {
+            let text = match read_text(&path) {
+                Ok(text) => text,
                 Err(e) => {
-                    errors.push(file_error(format!("cannot read file: {e}")));
+                    errors.push(e);
                     continue;
                 }
-                Ok(bytes) => match String::from_utf8(bytes) {
-                    Ok(text) => text,
-                    Err(_) => {
-                        errors.push(file_error("file is not valid UTF-8".to_owned()));
-                        continue;
-                    }
-                },
             };
-            match parse_job(&stem, &path, &text) {
+            match parse_job_in(&stem, &path, &text, &set) {
                 Ok(spec) => {
+                    let source = JobSource {
+                        calendars: spec
+                            .schedules
+                            .iter()
+                            .filter_map(|s| s.calendar.as_deref().cloned())
+                            .collect(),
+                        text,
+                    };
+                    sources.insert(spec.name.clone(), source);
                     jobs.insert(spec.name.clone(), Arc::new(spec));
                 }
                 Err(errs) => errors.extend(errs),
             }
         }
         if errors.is_empty() {
-            Ok(Catalog { jobs })
+            Ok(Catalog {
+                jobs,
+                calendars: set.calendars,
+                sources,
+            })
         } else {
             Err(CatalogErrors(errors))
         }
@@ -150,6 +132,7 @@ impl Catalog {
                 .into_iter()
                 .map(|s| (s.name.clone(), Arc::new(s)))
                 .collect(),
+            ..Catalog::default()
         }
     }
 
@@ -167,12 +150,26 @@ impl Catalog {
         self.jobs.keys()
     }
 
+    /// The calendars, sorted by name (those no job uses too).
+    pub fn calendars(&self) -> &Calendars {
+        &self.calendars
+    }
+
     pub fn len(&self) -> usize {
         self.jobs.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
+    }
+
+    /// Did `name` change between `self` and `newer`? A job without a recorded source
+    /// (built by [`Catalog::from_specs`]) always counts as changed.
+    fn changed(&self, newer: &Catalog, name: &JobName) -> bool {
+        match (self.sources.get(name), newer.sources.get(name)) {
+            (Some(a), Some(b)) => a != b,
+            _ => true,
+        }
     }
 }
 
@@ -186,8 +183,57 @@ impl JobLookup for Catalog {
     }
 }
 
-/// Parse and validate one job file. `name` is the file stem, `file` is used in errors.
+/// The `*.toml` files directly in `dir`, sorted; dot-files and directories skipped.
+fn toml_files(dir: &Path, what: &str) -> Result<Vec<PathBuf>, CatalogError> {
+    let dir_error = |e: std::io::Error| CatalogError {
+        file: dir.to_path_buf(),
+        line: None,
+        field: None,
+        message: format!("cannot read {what}: {e}"),
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_error)? {
+        let entry = entry.map_err(dir_error)?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.')
+            || path.extension().is_none_or(|ext| ext != "toml")
+        {
+            continue;
+        }
+        // Follows symlinks; a dangling link is reported when reading it.
+        if path.is_dir() {
+            continue;
+        }
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A file's text, which must be UTF-8.
+fn read_text(path: &Path) -> Result<String, CatalogError> {
+    let file_error = |message: String| CatalogError {
+        file: path.to_path_buf(),
+        line: None,
+        field: None,
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read file: {e}")))?;
+    String::from_utf8(bytes).map_err(|_| file_error("file is not valid UTF-8".to_owned()))
+}
+
+/// Parse and validate one job file without calendars. `name` is the file stem, `file`
+/// is used in errors.
 pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<CatalogError>> {
+    parse_job_in(name, file, text, &CalendarSet::default())
+}
+
+fn parse_job_in(
+    name: &str,
+    file: &Path,
+    text: &str,
+    calendars: &CalendarSet,
+) -> Result<JobSpec, Vec<CatalogError>> {
     let mut ctx = Ctx::new(file, text);
     let job_name = match JobName::parse(name) {
         Ok(n) => Some(n),
@@ -203,24 +249,12 @@ pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<Cat
     let raw: JobFile = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            let (line, field) = match e.span() {
-                Some(span) => {
-                    let line = ctx.line_of(&span);
-                    (Some(line), field_at_line(text, line))
-                }
-                None => (None, None),
-            };
-            ctx.errors.push(CatalogError {
-                file: file.to_path_buf(),
-                line,
-                field,
-                message: e.message().trim().replace('\n', " "),
-            });
+            ctx.toml_error(&e);
             return Err(ctx.errors);
         }
     };
 
-    let spec = validate::validate(&mut ctx, job_name, raw);
+    let spec = validate::validate(&mut ctx, job_name, &raw, calendars);
     match spec {
         Some(spec) if ctx.errors.is_empty() => Ok(spec),
         _ => Err(ctx.errors),
@@ -228,24 +262,36 @@ pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<Cat
 }
 
 /// Best-effort field path for a TOML parse/deserialize error at `line`: the key on
-/// that line, prefixed by the nearest `[table]` header above it.
+/// that line, prefixed by the nearest `[table]` header above it; an `[[array]]` table
+/// header counts as `array[i]`, `i` being how many of its kind come before it.
 fn field_at_line(text: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
     let idx = line.checked_sub(1)?;
     let here = lines.get(idx)?.trim();
-    let header = |l: &str| -> Option<String> {
-        let l = l.trim();
-        let inner = l.strip_prefix('[')?.split(']').next()?.trim();
-        (!inner.is_empty() && !inner.starts_with('[')).then(|| inner.replace([' ', '"'], ""))
+    let array_name = |l: &str| -> Option<String> {
+        let inner = l.trim().strip_prefix("[[")?.split("]]").next()?.trim();
+        (!inner.is_empty()).then(|| inner.replace([' ', '"'], ""))
     };
-    if let Some(h) = header(here) {
+    let header = |i: usize| -> Option<String> {
+        let l = lines[i].trim();
+        if let Some(name) = array_name(l) {
+            let before = lines[..i]
+                .iter()
+                .filter(|l| array_name(l).as_ref() == Some(&name))
+                .count();
+            return Some(format!("{name}[{before}]"));
+        }
+        let inner = l.strip_prefix('[')?.split(']').next()?.trim();
+        (!inner.is_empty()).then(|| inner.replace([' ', '"'], ""))
+    };
+    if let Some(h) = header(idx) {
         return Some(h);
     }
     let key = here
         .split_once('=')
         .map(|(k, _)| k.trim().replace([' ', '"'], ""))
         .filter(|k| !k.is_empty() && !k.contains('#'));
-    let table = lines[..idx].iter().rev().find_map(|l| header(l));
+    let table = (0..idx).rev().find_map(header);
     match (table, key) {
         (Some(t), Some(k)) => Some(format!("{t}.{k}")),
         (None, Some(k)) => Some(k),
@@ -261,6 +307,21 @@ pub(crate) mod testing {
 
     pub fn parse(text: &str) -> Result<JobSpec, Vec<CatalogError>> {
         parse_job("hello", Path::new("jobs/hello.toml"), text)
+    }
+
+    /// As [`parse`], with these calendars known.
+    pub fn parse_with(
+        text: &str,
+        calendars: &[crate::domain::schedule::Calendar],
+    ) -> Result<JobSpec, Vec<CatalogError>> {
+        let set = CalendarSet {
+            calendars: calendars
+                .iter()
+                .map(|c| (c.name.clone(), Arc::new(c.clone())))
+                .collect(),
+            ..CalendarSet::default()
+        };
+        parse_job_in("hello", Path::new("jobs/hello.toml"), text, &set)
     }
 
     pub fn errors(text: &str) -> Vec<String> {
@@ -296,8 +357,13 @@ pull = "always"
 timeout = "30m"
 stop_grace = "5s"
 network = "none"
-schedule = "0 9 * * 1-5"
+max_concurrent = 2
+
+[[schedules]]
+name = "morning"
+cron = "0 9 * * 1-5"
 time_zone = "Asia/Tokyo"
+params = { punct = "!" }
 
 [env]
 FOO = "bar"
@@ -330,8 +396,15 @@ required = true
         assert_eq!(s.timeout, Some(Duration::from_secs(1800)));
         assert_eq!(s.stop_grace, Duration::from_secs(5));
         assert_eq!(s.network, "none");
-        let sched = s.schedule.as_ref().unwrap();
-        assert_eq!(sched.expression, "0 9 * * 1-5");
+        assert_eq!(s.schedules.len(), 1);
+        let sched = &s.schedules[0];
+        assert_eq!(sched.name, "morning");
+        assert_eq!(sched.params["punct"], "!");
+        assert_eq!(s.max_concurrent, Some(2));
+        match &sched.rule {
+            crate::domain::schedule::Rule::Cron(c) => assert_eq!(c.expression, "0 9 * * 1-5"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(sched.time_zone, chrono_tz::Asia::Tokyo);
         assert_eq!(s.env["FOO"], "bar");
         assert_eq!(
@@ -365,7 +438,7 @@ required = true
         assert_eq!(s.network, "bridge");
         assert_eq!(s.timeout, None);
         assert_eq!(s.resources, Resources::default());
-        assert!(s.params.is_empty() && s.env.is_empty() && s.schedule.is_none());
+        assert!(s.params.is_empty() && s.env.is_empty() && s.schedules.is_empty());
     }
 
     #[test]
@@ -481,5 +554,9 @@ required = true
         assert_eq!(field_at_line(t, 4).as_deref(), Some("params.n"));
         assert_eq!(field_at_line(t, 5).as_deref(), Some("params.n.b"));
         assert_eq!(field_at_line(t, 99), None);
+        let t = "[[schedules]]\nname = \"a\"\n[[schedules]]\nnmae = \"b\"\n";
+        assert_eq!(field_at_line(t, 1).as_deref(), Some("schedules[0]"));
+        assert_eq!(field_at_line(t, 2).as_deref(), Some("schedules[0].name"));
+        assert_eq!(field_at_line(t, 4).as_deref(), Some("schedules[1].nmae"));
     }
 }

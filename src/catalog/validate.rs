@@ -8,6 +8,7 @@
 mod params;
 mod resources;
 mod retry;
+mod schedules;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -17,16 +18,19 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::CatalogError;
+use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
 use crate::domain::job::{
-    InvalidSchedule, JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, Schedule,
-    is_reserved_env_name, is_valid_env_name, parse_duration,
+    JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name, is_valid_env_name,
+    parse_duration,
 };
 
 pub(super) use params::check_refs;
+pub use schedules::WEEKDAYS_CALENDAR;
 
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_NETWORK: &str = "bridge";
+const MAX_CONCURRENT: std::ops::RangeInclusive<i64> = 1..=10_000;
 
 /// Collects errors for one file.
 pub(super) struct Ctx<'a> {
@@ -64,6 +68,23 @@ impl<'a> Ctx<'a> {
         });
     }
 
+    /// A TOML parse or type error, at its line and (best effort) field.
+    pub(super) fn toml_error(&mut self, e: &toml::de::Error) {
+        let (line, field) = match e.span() {
+            Some(span) => {
+                let line = self.line_of(&span);
+                (Some(line), super::field_at_line(self.text, line))
+            }
+            None => (None, None),
+        };
+        self.errors.push(CatalogError {
+            file: self.file.to_path_buf(),
+            line,
+            field,
+            message: e.message().trim().replace('\n', " "),
+        });
+    }
+
     fn push(&mut self, line: Option<usize>, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(CatalogError {
             file: self.file.to_path_buf(),
@@ -73,7 +94,12 @@ impl<'a> Ctx<'a> {
         });
     }
 
-    fn at(&mut self, span: &Range<usize>, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn at(
+        &mut self,
+        span: &Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let line = self.line_of(span);
         self.push(Some(line), field, message);
     }
@@ -108,6 +134,27 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// An integer within `range`.
+    fn int_in(
+        &mut self,
+        value: &Spanned<i64>,
+        field: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<u32> {
+        let v = *value.get_ref();
+        match u32::try_from(v) {
+            Ok(n) if range.contains(&v) => Some(n),
+            _ => {
+                self.at(
+                    &value.span(),
+                    field,
+                    format!("{v} is out of range ({}..={})", range.start(), range.end()),
+                );
+                None
+            }
+        }
+    }
+
     fn duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
         match parse_duration(value.get_ref()) {
             Ok(d) => Some(d),
@@ -121,13 +168,28 @@ impl<'a> Ctx<'a> {
 
 /// The whole file: every section's validator, in file order. `None` when the spec
 /// cannot be built (`ctx` then holds at least one error).
-pub(super) fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -> Option<JobSpec> {
+pub(super) fn validate(
+    ctx: &mut Ctx<'_>,
+    name: Option<JobName>,
+    raw: &JobFile,
+    calendars: &CalendarSet,
+) -> Option<JobSpec> {
     let image = image(ctx, raw.image.as_ref());
     let command = command(ctx, raw.command.as_ref(), &raw.params);
-    let container = container(ctx, &raw);
+    let container = container(ctx, raw);
     let pull = pull(ctx, raw.pull.as_ref());
     let timeouts = timeouts(ctx, raw.timeout.as_ref(), raw.stop_grace.as_ref());
-    let schedule = schedule(ctx, raw.schedule.as_ref(), raw.time_zone.as_ref());
+    let schedules = schedules::schedules(
+        ctx,
+        raw.schedule.as_ref(),
+        raw.time_zone.as_ref(),
+        &raw.schedules,
+        calendars,
+    );
+    let max_concurrent = raw
+        .max_concurrent
+        .as_ref()
+        .and_then(|m| ctx.int_in(m, "max_concurrent", MAX_CONCURRENT));
     let env = env(ctx, &raw.env, &raw.params);
     let resources = resources::resources(ctx, &raw.resources);
     let params = params::params(ctx, &raw.params);
@@ -137,9 +199,9 @@ pub(super) fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -
         .map(|r| retry::retry(ctx, r))
         .unwrap_or_default();
 
-    Some(JobSpec {
+    let spec = JobSpec {
         name: name?,
-        description: raw.description.map(Spanned::into_inner),
+        description: raw.description.as_ref().map(|d| d.get_ref().clone()),
         image: image?,
         command,
         workdir: container.workdir,
@@ -151,10 +213,12 @@ pub(super) fn validate(ctx: &mut Ctx<'_>, name: Option<JobName>, raw: JobFile) -
         stop_grace: timeouts.stop_grace,
         network: container.network,
         params,
-        schedule,
-        max_concurrent: None,
+        schedules,
+        max_concurrent,
         retry,
-    })
+    };
+    schedules::check_params(ctx, &spec, raw);
+    Some(spec)
 }
 
 /// `image`: required, one token, no parameters.
@@ -271,39 +335,6 @@ fn timeouts(
     }
 }
 
-/// `schedule` and its `time_zone`.
-fn schedule(
-    ctx: &mut Ctx<'_>,
-    expr: Option<&Spanned<String>>,
-    tz: Option<&Spanned<String>>,
-) -> Option<Schedule> {
-    let expr = match (expr, tz) {
-        (None, None) => return None,
-        (None, Some(tz)) => {
-            ctx.at(
-                &tz.span(),
-                "time_zone",
-                "`time_zone` is only meaningful together with `schedule`",
-            );
-            return None;
-        }
-        (Some(expr), _) => expr,
-    };
-    match Schedule::parse(expr.get_ref(), tz.map(|t| t.get_ref().as_str())) {
-        Ok(s) => Some(s),
-        Err(e @ InvalidSchedule::TimeZone(_)) => {
-            if let Some(tz) = tz {
-                ctx.at(&tz.span(), "time_zone", e.to_string());
-            }
-            None
-        }
-        Err(e) => {
-            ctx.at(&expr.span(), "schedule", e.to_string());
-            None
-        }
-    }
-}
-
 /// `[env]`: names a shell would take, none of tasuki's own, values without NUL.
 fn env(
     ctx: &mut Ctx<'_>,
@@ -390,7 +421,7 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("time_zone"));
         assert_eq!(e.line, Some(3));
         let s = parse("image = \"a\"\nschedule = \"@daily\"\n").unwrap();
-        assert_eq!(s.schedule.unwrap().time_zone, chrono_tz::UTC);
+        assert_eq!(s.schedules[0].time_zone, chrono_tz::UTC);
     }
 
     #[test]

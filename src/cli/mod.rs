@@ -1,19 +1,19 @@
-//! The client commands: `run`, `status`, `logs`, `jobs check`. `run --wait` exits with
+//! The client commands: `run`, `status`, `logs`, `jobs check`, `jobs reload`. `run --wait` exits with
 //! the job's exit code, or with a documented code saying which side failed.
 
 pub mod schedules;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::catalog::Catalog;
-use crate::client::{ApiClient, ClientError};
-use crate::config::{LogsArgs, RunArgs, StatusArgs};
+use crate::catalog::{Catalog, CatalogDirs};
+use crate::client::{ApiClient, ClientError, ReloadOutcome};
+use crate::config::{LogsArgs, RunArgs, ServerOption, StatusArgs};
+use crate::domain::schedule::{Rule, ScheduleSpec};
 use crate::protocol::api::{ErrorCodeV1, ReasonCodeV1, RunStatusV1, RunV1};
 
 /// Exit codes for outcomes the job itself did not choose (as `timeout(1)` and
@@ -260,32 +260,102 @@ pub async fn logs(args: LogsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `tasuki jobs check [DIR]`
-pub fn check_jobs(dir: &Path) -> ExitCode {
-    match Catalog::load_dir(dir) {
+/// `tasuki jobs check [DIR] [--calendars-dir DIR]`: every calendar (used or not) and
+/// every job; exit 1 with every error when any file is invalid.
+pub fn check_jobs(dirs: &CatalogDirs) -> ExitCode {
+    let dir = dirs.jobs.display();
+    match Catalog::load(dirs) {
         Ok(catalog) => {
-            for job in catalog.iter() {
-                let params = job.params.len();
-                let schedule = job
-                    .schedule
-                    .as_ref()
-                    .map(|s| format!(", schedule {:?}", s.expression))
-                    .unwrap_or_default();
+            for c in catalog.calendars().values() {
                 println!(
-                    "ok  {}  image {}, {params} param(s){schedule}",
-                    job.name, job.image
+                    "ok  calendar {}: {} open weekdays, {} closed dates, {} open dates",
+                    c.name,
+                    c.open_weekdays.len(),
+                    c.closed.len(),
+                    c.open.len()
                 );
             }
-            println!("{} job(s) valid in {}", catalog.len(), dir.display());
+            for job in catalog.iter() {
+                let params = job.params.len();
+                let mut line = format!("ok  {}  image {}, {params} param(s)", job.name, job.image);
+                for s in &job.schedules {
+                    line.push_str(&format!(", schedule {}", schedule_summary(s)));
+                }
+                if let Some(n) = job.max_concurrent {
+                    line.push_str(&format!(", max_concurrent {n}"));
+                }
+                println!("{line}");
+            }
+            println!(
+                "{} job(s) and {} calendar(s) valid in {dir} and {}",
+                catalog.len(),
+                catalog.calendars().len(),
+                dirs.calendars.path().display()
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {
             for e in &errors.0 {
                 eprintln!("{e}");
             }
-            eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
+            eprintln!("{} error(s) in {dir}", errors.0.len());
             ExitCode::from(1)
         }
+    }
+}
+
+/// `nightly "30 2 * * 1-5" Asia/Tokyo calendar jp-business`, for `jobs check`.
+fn schedule_summary(s: &ScheduleSpec) -> String {
+    let rule = match &s.rule {
+        Rule::Cron(c) => format!("{:?}", c.expression),
+        Rule::OpenDaysOfMonth { days, at } => {
+            let days: Vec<String> = days.iter().map(ToString::to_string).collect();
+            format!("open days [{}] at {}", days.join(", "), at.format("%H:%M"))
+        }
+    };
+    let mut line = format!("{} {rule} {}", s.name, s.time_zone.name());
+    if let Some(c) = &s.calendar {
+        line.push_str(&format!(" calendar {}", c.name));
+    }
+    if s.suspended {
+        line.push_str(" (suspended)");
+    }
+    line
+}
+
+/// `tasuki jobs reload [--server URL]`: exit 0 with the summary, 1 when the server
+/// refused the files (every problem printed), 125 when it could not be asked.
+pub async fn reload_jobs(server: ServerOption) -> ExitCode {
+    let client = match ApiClient::new(&server.server) {
+        Ok(c) => c,
+        Err(e) => return client_failure(&e),
+    };
+    match client.reload_jobs().await {
+        Ok(ReloadOutcome::Reloaded(s)) => {
+            let list = |names: &[String]| {
+                if names.is_empty() {
+                    "-".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            };
+            println!(
+                "reloaded: {} job(s), {} calendar(s), generation {}",
+                s.jobs, s.calendars, s.generation
+            );
+            println!("added:   {}", list(&s.added));
+            println!("changed: {}", list(&s.changed));
+            println!("removed: {}", list(&s.removed));
+            ExitCode::SUCCESS
+        }
+        Ok(ReloadOutcome::Refused { message, details }) => {
+            for d in &details {
+                eprintln!("{d}");
+            }
+            eprintln!("tasuki: {message}");
+            ExitCode::from(1)
+        }
+        Err(e) => client_failure(&e),
     }
 }
 
@@ -319,6 +389,7 @@ mod tests {
             job: "j".into(),
             status: RunStatusV1::from(status.to_owned()),
             params: BTreeMap::new(),
+            trigger: Default::default(),
             exit_code: code,
             reason: None,
             reason_code: reason.map(|r| ReasonCodeV1::from(r.to_owned())),

@@ -5,7 +5,7 @@ use futures::Stream;
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, RunV1};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1, ReloadSummaryV1, RunV1};
 use crate::protocol::schedules::{BackfillV1, ScheduleStateV1, SchedulesV1, SlotsV1};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,17 @@ impl ClientError {
             ClientError::Unreachable { .. } => None,
         }
     }
+}
+
+/// What a reload request came to.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Reloaded(ReloadSummaryV1),
+    /// The files are invalid; the server keeps its jobs.
+    Refused {
+        message: String,
+        details: Vec<ErrorDetailV1>,
+    },
 }
 
 /// The API as the CLI uses it.
@@ -128,6 +139,44 @@ impl ApiClient {
             .map_err(|e| self.unreachable(e))?;
         let response = self.check(response).await?;
         response.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// `POST /v1/jobs/reload`: the summary, or the server's refusal with every problem
+    /// in the files.
+    pub async fn reload_jobs(&self) -> Result<ReloadOutcome, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs/reload", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if response.status() == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+            let text = response.text().await.unwrap_or_default();
+            return match serde_json::from_str::<ErrorBodyV1>(&text) {
+                Ok(body) if body.error.code == ErrorCodeV1::InvalidJobFiles => {
+                    Ok(ReloadOutcome::Refused {
+                        message: body.error.message,
+                        details: body.error.details,
+                    })
+                }
+                Ok(body) => Err(ClientError::Refused {
+                    status: 422,
+                    code: Some(body.error.code),
+                    message: body.error.message,
+                }),
+                Err(_) => Err(ClientError::Refused {
+                    status: 422,
+                    code: None,
+                    message: text.chars().take(500).collect(),
+                }),
+            };
+        }
+        let response = self.check(response).await?;
+        let summary = response
+            .json::<ReloadSummaryV1>()
+            .await
+            .map_err(|e| self.unreachable(format!("reading answer: {e}")))?;
+        Ok(ReloadOutcome::Reloaded(summary))
     }
 
     /// The run; with `wait`, held until it is final or the wait passes.

@@ -4,5 +4,5 @@
 mod api;
 mod control;
 
-pub use api::{ApiClient, ClientError};
+pub use api::{ApiClient, ClientError, ReloadOutcome};
 pub use control::HttpControlPlane;

@@ -295,6 +295,8 @@ pub struct Run {
     pub job: String,
     pub params: BTreeMap<String, String>,
     pub status: RunStatus,
+    /// What started it: the API or a schedule's slot.
+    pub trigger: Trigger,
     /// The current attempt; 0 while the first attempt has not been claimed.
     pub attempt: u32,
     pub exit_code: Option<i64>,

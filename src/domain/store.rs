@@ -188,7 +188,10 @@ pub enum StoreError {
 pub trait RunRecords: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Store the run and its first outbox entry atomically; with a key, only if the key
-    /// is new (or older than the idempotency window).
+    /// is new (or older than the idempotency window). The outbox entry is written only
+    /// when the run is admitted: its `admission` allows the job's admitted runs that are
+    /// not final and no run of the job waits already; otherwise it waits `queued`, and
+    /// is admitted (in arrival order) when a run of its job becomes final.
     async fn insert_run(
         &self,
         run: &NewRun,
@@ -197,7 +200,8 @@ pub trait RunRecords: Send + Sync + 'static {
     async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError>;
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
     async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError>;
-    /// A person's new attempt of a `failed`, `timed_out` or `lost` run.
+    /// A person's new attempt of a `failed`, `timed_out` or `lost` run, admitted like a
+    /// new run (or left waiting for room).
     async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError>;
 }
 
@@ -332,9 +336,9 @@ pub trait Reconciliation: Send + Sync + 'static {
 }
 
 /// The whole store, as services hold it (`Arc<dyn RunStore>`).
-pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation {}
+pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation + Schedules {}
 
-impl<T: RunRecords + Outbox + Leases + Reconciliation> RunStore for T {}
+impl<T: RunRecords + Outbox + Leases + Reconciliation + Schedules> RunStore for T {}
 
 /// A slot as the scheduler hands it to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,6 +379,14 @@ pub enum FireResult {
     AlreadyAccounted(SlotOutcome),
 }
 
+/// What `Schedules::fire_slot` did, with the runs a `cancel_other` firing cancelled or
+/// asked to stop (so whoever watches them can be told).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firing {
+    pub result: FireResult,
+    pub cancelled: Vec<RunId>,
+}
+
 /// A schedule paused at run time (kept across restarts and reloads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pause {
@@ -388,7 +400,8 @@ pub trait Schedules: Send + Sync + 'static {
     /// In one transaction: unless the slot is accounted for already, read the job's
     /// active runs, decide by `overlap` (`domain::schedule::decide_overlap`), and store
     /// the slot as fired with the run and its outbox row (cancelling the other runs for
-    /// `cancel_other`), or as skipped (`overlap`).
+    /// `cancel_other`), or as skipped (`overlap`). A buffered firing's run waits with
+    /// `Admission::Alone`; otherwise the run keeps its own admission rule.
     async fn fire_slot(
         &self,
         slot: &SlotKey,
@@ -397,7 +410,7 @@ pub trait Schedules: Send + Sync + 'static {
         run: &NewRun,
         overlap: Overlap,
         now: DateTime<Utc>,
-    ) -> Result<FireResult, StoreError>;
+    ) -> Result<Firing, StoreError>;
     /// Record a slot as skipped, unless it is accounted for already (then `false`).
     async fn skip_slot(
         &self,

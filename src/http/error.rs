@@ -1,8 +1,9 @@
 //! The one place where errors become HTTP statuses. Every error body is a
 //! [`ErrorBodyV1`], the framework's own rejections included.
 
+use crate::domain::job_lookup::CatalogErrors;
 use crate::domain::ports::{ControlError, LogError, StoreError};
-use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1};
 use crate::service::runs::{AcceptError, ActionError};
 use axum::Json;
 use axum::http::StatusCode;
@@ -13,6 +14,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCodeV1,
     pub message: String,
+    pub details: Vec<ErrorDetailV1>,
 }
 
 impl ApiError {
@@ -21,7 +23,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            details: Vec::new(),
         }
+    }
+    pub fn with_details(mut self, details: Vec<ErrorDetailV1>) -> Self {
+        self.details = details;
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCodeV1::BadRequest, message)
@@ -50,7 +57,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBodyV1::new(self.code, self.message);
+        let mut body = ErrorBodyV1::new(self.code, self.message);
+        body.error.details = self.details;
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was never read: the connection cannot carry another
@@ -158,6 +166,29 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
     }
 }
 
+impl From<CatalogErrors> for ApiError {
+    fn from(e: CatalogErrors) -> Self {
+        let details: Vec<ErrorDetailV1> =
+            e.0.into_iter()
+                .map(|e| ErrorDetailV1 {
+                    file: e.file.display().to_string(),
+                    line: e.line,
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCodeV1::InvalidJobFiles,
+            format!(
+                "the job files have {} error(s); the running jobs stay as they were",
+                details.len()
+            ),
+        )
+        .with_details(details)
+    }
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found(ErrorCodeV1::NotFound, "no such endpoint")
 }
@@ -168,4 +199,37 @@ pub async fn method_not_allowed() -> ApiError {
         ErrorCodeV1::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job_lookup::CatalogError;
+
+    #[tokio::test]
+    async fn invalid_job_files_answer_422_with_every_problem() {
+        let errors = CatalogErrors(vec![CatalogError {
+            file: "jobs/a.toml".into(),
+            line: Some(3),
+            field: Some("schedules[0].calendar".into()),
+            message: "unknown calendar \"x\"".into(),
+        }]);
+        let response = ApiError::from(errors).into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_job_files");
+        assert_eq!(
+            json["error"]["details"],
+            serde_json::json!([{"file": "jobs/a.toml", "line": 3,
+                "field": "schedules[0].calendar", "message": "unknown calendar \"x\""}])
+        );
+        let back: ErrorBodyV1 = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            back.error.details[0].to_string(),
+            "jobs/a.toml:3: schedules[0].calendar: unknown calendar \"x\""
+        );
+    }
 }

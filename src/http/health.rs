@@ -70,6 +70,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         let error = ErrorV1 {
             code: ErrorCodeV1::NotReady,
             message: format!("not ready: {}", failing.join(", ")),
+            details: Vec::new(),
         };
         let body = json!({
             "status": "not_ready",

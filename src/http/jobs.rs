@@ -1,17 +1,23 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::domain::job::JobSpec;
-use crate::protocol::api::ErrorCodeV1;
+use crate::domain::schedule::{Rule, ScheduleSpec};
+use crate::protocol::api::{ErrorCodeV1, ReloadSummaryV1};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs", get(list_jobs))
+        // A job may be named `reload`: GET still shows it.
+        .route(
+            "/v1/jobs/reload",
+            post(reload).get(|state| get_job(state, Path("reload".to_owned()))),
+        )
         .route("/v1/jobs/{job}", get(get_job))
 }
 
@@ -42,8 +48,61 @@ struct JobView {
     timeout: Option<String>,
     resources: ResourcesView,
     params: BTreeMap<String, ParamView>,
-    schedule: Option<String>,
-    time_zone: Option<String>,
+    schedules: Vec<ScheduleView>,
+    max_concurrent: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ScheduleView {
+    name: String,
+    /// Set for a cron rule ...
+    cron: Option<String>,
+    /// ... or these two for an open-days-of-month rule.
+    open_days_of_month: Option<Vec<i32>>,
+    at: Option<String>,
+    time_zone: String,
+    calendar: Option<String>,
+    params: BTreeMap<String, String>,
+    on_closed_day: &'static str,
+    max_shift_days: u32,
+    on_gap: &'static str,
+    on_fold: &'static str,
+    overlap: &'static str,
+    catch_up: &'static str,
+    catch_up_window: String,
+    max_catch_up: u32,
+    suspended: bool,
+}
+
+impl From<&ScheduleSpec> for ScheduleView {
+    fn from(s: &ScheduleSpec) -> Self {
+        let (cron, open_days_of_month, at) = match &s.rule {
+            Rule::Cron(c) => (Some(c.expression.clone()), None, None),
+            Rule::OpenDaysOfMonth { days, at } => (
+                None,
+                Some(days.clone()),
+                Some(at.format("%H:%M:%S").to_string()),
+            ),
+        };
+        Self {
+            name: s.name.clone(),
+            cron,
+            open_days_of_month,
+            at,
+            time_zone: s.time_zone.name().to_owned(),
+            calendar: s.calendar.as_ref().map(|c| c.name.clone()),
+            params: s.params.clone(),
+            on_closed_day: s.on_closed_day.as_str(),
+            max_shift_days: s.max_shift_days,
+            on_gap: s.on_gap.as_str(),
+            on_fold: s.on_fold.as_str(),
+            overlap: s.overlap.as_str(),
+            catch_up: s.catch_up.as_str(),
+            catch_up_window: humantime::format_duration(s.catch_up_window).to_string(),
+            max_catch_up: s.max_catch_up,
+            suspended: s.suspended,
+        }
+    }
 }
 
 impl From<&JobSpec> for JobView {
@@ -77,8 +136,8 @@ impl From<&JobSpec> for JobView {
                     )
                 })
                 .collect(),
-            schedule: j.schedule.as_ref().map(|s| s.expression.clone()),
-            time_zone: j.schedule.as_ref().map(|s| s.time_zone.name().to_owned()),
+            schedules: j.schedules.iter().map(ScheduleView::from).collect(),
+            max_concurrent: j.max_concurrent,
         }
     }
 }
@@ -107,4 +166,36 @@ async fn get_job(
         ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"))
     })?;
     Ok(Json(JobView::from(spec.as_ref())))
+}
+
+/// `POST /v1/jobs/reload`: read the job and calendar files again. 200 with what changed,
+/// or 422 `invalid_job_files` with every problem (the running jobs stay).
+async fn reload(State(state): State<AppState>) -> Result<Json<ReloadSummaryV1>, ApiError> {
+    let reloader = state.reload.clone();
+    let result = tokio::task::spawn_blocking(move || reloader.reload())
+        .await
+        .map_err(ApiError::internal)?;
+    match result {
+        Ok(s) => {
+            tracing::info!(
+                message = "jobs reloaded",
+                generation = s.generation,
+                added = ?s.added,
+                changed = ?s.changed,
+                removed = ?s.removed
+            );
+            Ok(Json(ReloadSummaryV1 {
+                generation: s.generation,
+                jobs: s.jobs,
+                calendars: s.calendars,
+                added: s.added,
+                changed: s.changed,
+                removed: s.removed,
+            }))
+        }
+        Err(errors) => {
+            tracing::warn!(message = "reload refused: invalid job files", errors = %errors);
+            Err(errors.into())
+        }
+    }
 }

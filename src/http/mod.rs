@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 pub use serve::serve;
 
+use crate::domain::job_lookup::ReloadJobs;
 use crate::domain::ports::{ContainerRuntime, ControlPlane, RunQueue, RunStore};
 use crate::service::runs::Runs;
 use crate::service::scheduler::Scheduler;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub runtime: Option<Arc<dyn ContainerRuntime>>,
     /// Bearer token for the worker endpoints; `None` disables them.
     pub worker_token: Option<Arc<str>>,
+    /// Re-reads the job and calendar files (`POST /v1/jobs/reload`).
+    pub reload: Arc<dyn ReloadJobs>,
     /// False once shutdown began: /readyz answers 503 so load balancers move away.
     pub accepting: Arc<AtomicBool>,
 }

@@ -1,6 +1,7 @@
 //! The public API's run JSON and error body, one definition each for the server that
 //! writes them and the CLI that reads them. `fixtures/run_v1.json` and
-//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff.
+//! `fixtures/error_v1.json` freeze their shapes: a change shows as a diff. A run's
+//! `trigger` is in `api/trigger.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
 
+mod trigger;
+
+pub use trigger::TriggerV1;
+
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunV1 {
@@ -17,6 +22,9 @@ pub struct RunV1 {
     pub job: String,
     pub status: RunStatusV1,
     pub params: BTreeMap<String, String>,
+    /// What started the run; older servers sent none (the API then).
+    #[serde(default)]
+    pub trigger: TriggerV1,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,
     pub reason_code: Option<ReasonCodeV1>,
@@ -214,6 +222,45 @@ pub struct ErrorBodyV1 {
 pub struct ErrorV1 {
     pub code: ErrorCodeV1,
     pub message: String,
+    /// The individual problems, when there are several (e.g. every invalid line of the
+    /// job files for `invalid_job_files`); absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ErrorDetailV1>,
+}
+
+/// One problem in a file: `{"file","line","field","message"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetailV1 {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ErrorDetailV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// `POST /v1/jobs/reload`: what the reload changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadSummaryV1 {
+    /// Goes up by one with each reload that changed something.
+    pub generation: u64,
+    pub jobs: usize,
+    pub calendars: usize,
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl ErrorBodyV1 {
@@ -222,6 +269,7 @@ impl ErrorBodyV1 {
             error: ErrorV1 {
                 code,
                 message: message.into(),
+                details: Vec::new(),
             },
         }
     }
@@ -251,6 +299,7 @@ pub enum ErrorCodeV1 {
     NotRetryable,
     WorkerApiDisabled,
     Unauthorized,
+    InvalidJobFiles,
     Unknown(String),
 }
 
@@ -276,6 +325,7 @@ impl ErrorCodeV1 {
             ErrorCodeV1::NotRetryable => "not_retryable",
             ErrorCodeV1::WorkerApiDisabled => "worker_api_disabled",
             ErrorCodeV1::Unauthorized => "unauthorized",
+            ErrorCodeV1::InvalidJobFiles => "invalid_job_files",
             ErrorCodeV1::Unknown(s) => s,
         }
     }
@@ -303,6 +353,7 @@ impl From<String> for ErrorCodeV1 {
             "not_retryable" => ErrorCodeV1::NotRetryable,
             "worker_api_disabled" => ErrorCodeV1::WorkerApiDisabled,
             "unauthorized" => ErrorCodeV1::Unauthorized,
+            "invalid_job_files" => ErrorCodeV1::InvalidJobFiles,
             _ => ErrorCodeV1::Unknown(s),
         }
     }
@@ -335,6 +386,7 @@ impl From<Run> for RunV1 {
             job: r.job,
             status: r.status.into(),
             params: r.params,
+            trigger: TriggerV1::from(&r.trigger),
             exit_code: r.exit_code,
             reason: r.reason,
             reason_code: r.reason_code.map(Into::into),
@@ -372,6 +424,7 @@ impl From<Attempt> for AttemptV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::run::Trigger;
     use chrono::TimeZone;
 
     const FIXTURE: &str = include_str!("fixtures/run_v1.json");
@@ -389,6 +442,12 @@ mod tests {
             job: "greet".to_owned(),
             params: BTreeMap::from([("name".to_owned(), "world".to_owned())]),
             status: RunStatus::Running,
+            trigger: Trigger::Schedule {
+                schedule: "nightly".to_owned(),
+                slot: at(-3600),
+                business_date: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+                local_time: "2025-12-31T23:00:00.123+00:00".to_owned(),
+            },
             attempt: 2,
             exit_code: None,
             reason: None,
@@ -513,6 +572,7 @@ mod tests {
             (NotRetryable, "not_retryable"),
             (WorkerApiDisabled, "worker_api_disabled"),
             (Unauthorized, "unauthorized"),
+            (InvalidJobFiles, "invalid_job_files"),
         ];
         for (code, text) in codes {
             assert_eq!(code.as_str(), text);
@@ -538,7 +598,7 @@ mod tests {
     }
 
     /// Older servers sent no `attempts`, `cancel_requested`, `not_before`,
-    /// `logs_truncated` or `log_dropped_bytes`.
+    /// `logs_truncated`, `log_dropped_bytes` or `trigger`.
     #[test]
     fn reads_a_run_without_the_later_fields() {
         let run: RunV1 = serde_json::from_str(
@@ -549,5 +609,16 @@ mod tests {
         .unwrap();
         assert_eq!(run.status, RunStatusV1::Succeeded);
         assert!(run.attempts.is_empty() && !run.logs_truncated);
+        assert_eq!(run.trigger, TriggerV1::Api);
+    }
+
+    #[test]
+    fn triggers_read_back_and_unknown_types_still_parse() {
+        assert_eq!(
+            serde_json::to_string(&TriggerV1::from(&Trigger::Api)).unwrap(),
+            r#"{"type":"api"}"#
+        );
+        let t: TriggerV1 = serde_json::from_str(r#"{"type":"webhook","from":"x"}"#).unwrap();
+        assert_eq!(t, TriggerV1::Unknown);
     }
 }

@@ -5,17 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::job::{JobSpec, ParamErrors};
 use crate::domain::job_lookup::JobLookup;
 use crate::domain::ports::{
-    CancelResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult, RunFilter,
-    RunStore, StoreError,
+    CancelResult, FireResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult,
+    RunFilter, RunStore, SlotKey, StoreError,
 };
-use crate::domain::run::{Run, RunId, RunStatus};
+use crate::domain::run::{Run, RunId, RunStatus, Trigger};
+use crate::domain::schedule::{Admission, Overlap};
 use crate::service::events::{RunEventKind, RunEvents};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,27 @@ pub enum ActionError {
     NotRetryable { id: RunId, status: RunStatus },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The variables tasuki puts in a run's frozen env about what started it (`TASUKI_` names
+/// are refused in job files, so nothing here overrides a job's own).
+fn trigger_env(trigger: &Trigger) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("TASUKI_TRIGGER".to_owned(), trigger.kind().to_owned())]);
+    if let Trigger::Schedule {
+        schedule,
+        business_date,
+        local_time,
+        ..
+    } = trigger
+    {
+        env.insert("TASUKI_SCHEDULE".to_owned(), schedule.clone());
+        env.insert("TASUKI_SCHEDULED_TIME".to_owned(), local_time.clone());
+        env.insert(
+            "TASUKI_BUSINESS_DATE".to_owned(),
+            business_date.format("%Y-%m-%d").to_string(),
+        );
+    }
+    env
 }
 
 /// Removes a key from the in-flight set when its request is done, however it ends.
@@ -131,20 +153,46 @@ impl Runs {
         self.jobs.jobs()
     }
 
+    /// A run of `job` ready to store: the parameters resolved into the frozen spec (with
+    /// the trigger's `TASUKI_*` variables), the job's retry rules, and its admission rule
+    /// from `max_concurrent`. Shared by `accept` and the scheduler.
+    pub fn prepare(
+        &self,
+        job: &str,
+        params: BTreeMap<String, String>,
+        trigger: Trigger,
+    ) -> Result<NewRun, AcceptError> {
+        let spec = self
+            .jobs
+            .job(job)
+            .ok_or_else(|| AcceptError::UnknownJob(job.to_owned()))?;
+        let mut resolved = spec.resolve(&params)?;
+        resolved.env.extend(trigger_env(&trigger));
+        Ok(NewRun {
+            id: RunId::new(),
+            job: job.to_owned(),
+            params,
+            spec: resolved,
+            retry: spec.retry.clone(),
+            created_at: Utc::now(),
+            trigger,
+            admission: spec
+                .max_concurrent
+                .map_or(Admission::Unlimited, Admission::AtMost),
+        })
+    }
+
     /// Resolve the parameters, then store the run and its outbox entry in one
-    /// transaction. Publishing happens from the outbox, not from here. With an
-    /// idempotency key (`(scope, key)`), a request seen before returns its run.
+    /// transaction (the outbox entry waits for the job's `max_concurrent`). Publishing
+    /// happens from the outbox, not from here. With an idempotency key (`(scope, key)`),
+    /// a request seen before returns its run.
     pub async fn accept(
         &self,
         job: &str,
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
     ) -> Result<Accepted, AcceptError> {
-        let spec = self
-            .jobs
-            .job(job)
-            .ok_or_else(|| AcceptError::UnknownJob(job.to_owned()))?;
-        let resolved = spec.resolve(&params)?;
+        let new = self.prepare(job, params, Trigger::Api)?;
         let _in_flight = match &key {
             Some(entry) => {
                 let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,7 +210,7 @@ impl Runs {
             .as_ref()
             .map(|(scope, key)| {
                 // BTreeMap serialises with sorted keys: canonical JSON.
-                serde_json::to_string(&params).map(|fingerprint| IdempotencyKey {
+                serde_json::to_string(&new.params).map(|fingerprint| IdempotencyKey {
                     scope: scope.clone(),
                     key: key.clone(),
                     job: job.to_owned(),
@@ -171,16 +219,6 @@ impl Runs {
             })
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let new = NewRun {
-            id: RunId::new(),
-            job: job.to_owned(),
-            params,
-            spec: resolved,
-            retry: spec.retry.clone(),
-            created_at: Utc::now(),
-            trigger: crate::domain::run::Trigger::Api,
-            admission: crate::domain::schedule::Admission::Unlimited,
-        };
         match self.store.insert_run(&new, idempotency.as_ref()).await? {
             Inserted::New => {}
             Inserted::Existing(id) => {
@@ -207,6 +245,7 @@ impl Runs {
             job: new.job,
             params: new.params,
             status: RunStatus::Queued,
+            trigger: new.trigger,
             attempt: 0,
             exit_code: None,
             reason: None,
@@ -219,6 +258,32 @@ impl Runs {
             log_dropped_bytes: 0,
             attempts: Vec::new(),
         }))
+    }
+
+    /// Fire a schedule's slot with a run from [`Runs::prepare`]: stored with the slot in
+    /// one transaction unless the slot is accounted for already or the overlap policy
+    /// skips it. Wakes the relay, and tells watchers of runs a `cancel_other` stopped.
+    pub async fn fire_slot(
+        &self,
+        key: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        new: NewRun,
+        overlap: Overlap,
+    ) -> Result<FireResult, AcceptError> {
+        let firing = self
+            .store
+            .fire_slot(key, fire_at, business_date, &new, overlap, Utc::now())
+            .await?;
+        for id in &firing.cancelled {
+            tracing::info!(message = "run cancelled by a schedule's cancel_other", run_id = %id, job = %key.job, schedule = %key.schedule);
+            self.events.publish(*id, RunEventKind::Status);
+        }
+        if let FireResult::Fired(id) = firing.result {
+            self.outbox.notify_one();
+            tracing::info!(message = "slot fired", run_id = %id, job = %key.job, schedule = %key.schedule, nominal = %key.nominal);
+        }
+        Ok(firing.result)
     }
 
     /// Cancel: a queued run is final at once; a running one is stopped by its worker.
@@ -307,3 +372,6 @@ impl Runs {
         self.logs.read(id, attempt, offset, max).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,4 +9,5 @@ mod docker_runtime;
 mod embedded;
 mod faults;
 mod retention;
+mod schedules;
 mod sessions;

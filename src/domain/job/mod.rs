@@ -150,7 +150,8 @@ pub struct JobSpec {
     pub stop_grace: Duration,
     pub network: String,
     pub params: BTreeMap<String, ParamSpec>,
-    pub schedule: Option<Schedule>,
+    /// When the job starts by itself; empty for a job only started on request.
+    pub schedules: Vec<crate::domain::schedule::ScheduleSpec>,
     /// At most this many runs of the job admitted (handed to workers) at once, whatever
     /// started them; the others wait `queued` in arrival order.
     pub max_concurrent: Option<u32>,

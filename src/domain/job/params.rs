@@ -326,7 +326,7 @@ mod tests {
                 ),
                 ("opt".to_owned(), spec(None, false, None)),
             ]),
-            schedule: None,
+            schedules: Vec::new(),
             max_concurrent: None,
             retry: Default::default(),
         }

@@ -8,6 +8,7 @@
 //! time, and the store applies what it decides.
 
 mod calendar;
+mod names;
 
 pub use calendar::Calendar;
 
@@ -24,6 +25,8 @@ use super::job::Schedule as CronSchedule;
 pub const DEFAULT_SCHEDULE_NAME: &str = "default";
 
 /// What a schedule's wall-clock times come from.
+// One per schedule, and few schedules: boxing the cron variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Rule {
     /// A cron expression (crontab syntax, 5 or 6 fields), read in the schedule's zone.

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::Notify;
 
 use super::*;
@@ -15,7 +15,9 @@ use crate::domain::ports::{
     CancelResult, Claim, IdempotencyKey, Inserted, Leases, LogError, NewRun, Outbox, OutboxBacklog,
     OutboxEntry, Reconciliation, RetryResult, RunFilter, RunRecords, Stream,
 };
+use crate::domain::ports::{Firing, Pause, Schedules, SlotKey, SlotRecord};
 use crate::domain::run::{Run, RunStatus};
+use crate::domain::schedule::{Overlap, SkipReason};
 use crate::domain::session::{
     OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
 };
@@ -241,6 +243,57 @@ impl Leases for FakeStore {
         w.epoch = None;
         w.events.push(format!("release {}", lease.epoch));
         Ok(LeaseStatus::Held { cancel: false })
+    }
+}
+
+/// The control plane never touches schedules.
+#[async_trait]
+impl Schedules for FakeStore {
+    async fn fire_slot(
+        &self,
+        _: &SlotKey,
+        _: DateTime<Utc>,
+        _: NaiveDate,
+        _: &NewRun,
+        _: Overlap,
+        _: DateTime<Utc>,
+    ) -> Result<Firing, StoreError> {
+        unimplemented!()
+    }
+    async fn skip_slot(
+        &self,
+        _: &SlotKey,
+        _: DateTime<Utc>,
+        _: NaiveDate,
+        _: SkipReason,
+        _: Option<&str>,
+        _: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        unimplemented!()
+    }
+    async fn slots(&self, _: &str, _: Option<&str>, _: u32) -> Result<Vec<SlotRecord>, StoreError> {
+        unimplemented!()
+    }
+    async fn slots_between(
+        &self,
+        _: &str,
+        _: &str,
+        _: DateTime<Utc>,
+        _: DateTime<Utc>,
+    ) -> Result<Vec<SlotRecord>, StoreError> {
+        unimplemented!()
+    }
+    async fn cursor(&self, _: &str, _: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        unimplemented!()
+    }
+    async fn advance_cursor(&self, _: &str, _: &str, _: DateTime<Utc>) -> Result<(), StoreError> {
+        unimplemented!()
+    }
+    async fn pause(&self, _: &str, _: &str) -> Result<Option<Pause>, StoreError> {
+        unimplemented!()
+    }
+    async fn set_pause(&self, _: &str, _: &str, _: Option<&Pause>) -> Result<(), StoreError> {
+        unimplemented!()
     }
 }
 

@@ -213,7 +213,7 @@ impl Leases for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<ClaimResult, StoreError> {
         let id = message.run_id;
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let Some(run) = run_state(&mut tx, id).await? else {
             return Ok(ClaimResult::UnknownRun);
         };
@@ -266,7 +266,7 @@ impl Leases for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let id = lease.run_id;
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let held = attempt_state(&mut tx, id, lease.attempt).await?;
         if !held.is_some_and(|a| a.held_under(lease)) {
             return Ok(LeaseStatus::Lost);
@@ -303,7 +303,7 @@ impl Leases for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let id = lease.run_id;
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let held = attempt_state(&mut tx, id, lease.attempt).await?;
         if !held.is_some_and(|a| a.held_under(lease)) {
             return Ok(LeaseStatus::Lost);
@@ -324,7 +324,7 @@ impl Leases for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let ending = Ending::of(outcome);
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let held = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
         if !held.is_some_and(|a| a.held_under(lease)) {
             return Ok(LeaseStatus::Lost);
@@ -351,7 +351,7 @@ impl Leases for SqliteStore {
 
     async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         // Output is counted under any current epoch, final or not: it belongs to the
         // attempt whose epoch it carries.
         let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
@@ -362,7 +362,7 @@ impl Leases for SqliteStore {
     }
 
     async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
         if current.is_some_and(|a| a.epoch == lease.epoch) {
             raise_undelivered(&mut tx, lease, bytes).await?;
@@ -385,7 +385,7 @@ impl Leases for SqliteStore {
         for row in &candidates {
             let run_id = run_id_col(row, "run_id")?;
             let attempt = attempt_col(row, "attempt")?;
-            let mut tx = self.writer.begin().await.map_err(db)?;
+            let mut tx = self.begin_write().await?;
             let Some(expired) = attempt_state(&mut tx, run_id, attempt).await? else {
                 continue;
             };
@@ -409,7 +409,7 @@ impl Leases for SqliteStore {
 
     async fn release(&self, lease: Lease, now: DateTime<Utc>) -> Result<LeaseStatus, StoreError> {
         let id = lease.run_id;
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let held = attempt_state(&mut tx, id, lease.attempt).await?;
         if !held.is_some_and(|a| a.releasable_under(lease)) {
             return Ok(LeaseStatus::Lost);

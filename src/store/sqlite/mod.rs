@@ -1,11 +1,14 @@
 //! `SqliteStore`: the connection pools, schema migration, and what every part shares (row
 //! decoding, times as milliseconds, the reads of a run's and an attempt's state). Each
-//! part of the store port has its own file: `runs`, `outbox`, `leases`, `sessions`.
+//! part of the store port has its own file: `runs` (with `admission`), `outbox`, `leases`,
+//! `sessions`, `schedules`.
 
+mod admission;
 mod leases;
 mod outbox;
 mod retention;
 mod runs;
+mod schedules;
 mod sessions;
 
 use std::collections::BTreeMap;
@@ -21,8 +24,10 @@ use sqlx::sqlite::{
 use sqlx::{Decode, Row, Sqlite, Type};
 
 use crate::domain::ports::StoreError;
-use crate::domain::run::{Attempt, ReasonCode, Run, RunId, RunStatus};
+use crate::domain::run::{Attempt, ReasonCode, Run, RunId, RunStatus, Trigger};
+use crate::domain::schedule::Admission;
 use crate::domain::transition::{AttemptState, RunState};
+use crate::protocol::{parse_admission, parse_trigger};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -65,6 +70,13 @@ impl SqliteStore {
             .await
             .map_err(db)?;
         Ok(Self { writer, reader })
+    }
+
+    /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`):
+    /// what it reads cannot be changed by another process on the same file before it
+    /// writes, and it never fails half-way for a snapshot gone stale.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)
     }
 
     /// The write connection, for tests that need to put rows the store never writes.
@@ -140,6 +152,18 @@ fn reason_code_col(row: &SqliteRow) -> Result<Option<ReasonCode>, StoreError> {
         .map_err(|e| corrupt("reason_code", e))
 }
 
+/// The optional `trigger` column (NULL: the API).
+fn trigger_col(row: &SqliteRow) -> Result<Trigger, StoreError> {
+    let text: Option<String> = col(row, "trigger")?;
+    parse_trigger(text.as_deref()).map_err(|e| corrupt("trigger", e))
+}
+
+/// The optional `admission` column (NULL: unlimited).
+fn admission_col(row: &SqliteRow) -> Result<Admission, StoreError> {
+    let text: Option<String> = col(row, "admission")?;
+    parse_admission(text.as_deref()).map_err(|e| corrupt("admission", e))
+}
+
 /// A byte counter column (`log_dropped_bytes`, `log_undelivered_bytes`).
 fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
     let bytes: i64 = col(row, name)?;
@@ -147,7 +171,7 @@ fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
 }
 
 const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
-     finished_at, cancel_requested, not_before, log_dropped_bytes";
+     finished_at, cancel_requested, not_before, log_dropped_bytes, \"trigger\"";
 const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
      claimed_at, started_at, finished_at, log_dropped_bytes";
 
@@ -159,6 +183,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         params: serde_json::from_str::<BTreeMap<String, String>>(&params)
             .map_err(|e| corrupt("params", e))?,
         status: status_col(row, "status")?,
+        trigger: trigger_col(row)?,
         attempt: attempt_col(row, "attempt")?,
         exit_code: col(row, "exit_code")?,
         reason: col(row, "reason")?,

@@ -129,7 +129,7 @@ impl Outbox for SqliteStore {
         let done = sqlx::query(
             "UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL AND id IN (\
                SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
-               WHERE r.status = 'queued' AND o.attempt = r.attempt + 1)",
+               WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1)",
         )
         .execute(&self.writer)
         .await
@@ -146,7 +146,7 @@ impl Outbox for SqliteStore {
             "UPDATE outbox SET sent_at = NULL, last_error = 'published again: the queue no longer held it' \
              WHERE sent_at IS NOT NULL AND sent_at < ?1 AND id IN (\
                SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
-               WHERE r.status = 'queued' AND o.attempt = r.attempt + 1 \
+               WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1 \
                  AND (r.not_before IS NULL OR r.not_before <= ?2) \
                  AND o.id = (SELECT MAX(id) FROM outbox WHERE run_id = r.id)) \
              RETURNING run_id",

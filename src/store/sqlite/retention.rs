@@ -60,7 +60,7 @@ impl RetentionStore for SqliteStore {
     async fn purge_sent_outbox(&self, after: i64, limit: u32) -> Result<OutboxPurge, StoreError> {
         // Looked at and deleted in one write transaction: no claim, retry or sweep can
         // change a run between the decision and the delete.
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
             "SELECT o.id, o.attempt, r.status, r.attempt AS run_attempt \
              FROM outbox o LEFT JOIN runs r ON r.id = o.run_id \
@@ -112,7 +112,7 @@ impl RetentionStore for SqliteStore {
         let statuses: Vec<&str> = prunable_statuses().map(RunStatus::as_str).collect();
         // In the writer's transaction: a person's retry cannot bring a run back between
         // the look and the delete.
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
             "SELECT id, status, finished_at FROM runs \
              WHERE finished_at < ? AND status IN (SELECT value FROM json_each(?)) \

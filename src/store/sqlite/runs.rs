@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::admission::{admit_waiting, admits_arrival, set_admitted};
 use super::outbox::{drop_pending, enqueue};
 use super::{
-    ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, attempt_from_row, col, corrupt, db, ms,
-    run_from_row, run_id_col, run_state, ttl_ms,
+    ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
+    ms, run_from_row, run_id_col, run_state, ttl_ms,
 };
 use crate::domain::ports::{
     CancelResult, IDEMPOTENCY_WINDOW, IdempotencyKey, Inserted, NewRun, RetryResult, RunFilter,
@@ -17,7 +18,7 @@ use crate::domain::ports::{
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Attempt, Run, RunId};
 use crate::domain::transition::Ending;
-use crate::protocol::{RetryV1, SpecV1};
+use crate::protocol::{RetryV1, SpecV1, admission_text, trigger_text};
 
 impl SqliteStore {
     /// Fill in each run's attempts, with one query for all of them.
@@ -51,16 +52,29 @@ impl SqliteStore {
 }
 
 /// A run ends without an attempt to settle (cancelled before it started, or an unstarted
-/// attempt given back after a cancel): final at once, no backoff left.
+/// attempt given back after a cancel): final at once, no backoff left. Its job's waiting
+/// runs are admitted as far as there is room now.
 pub(super) async fn end_run(
     conn: &mut sqlx::SqliteConnection,
     run_id: RunId,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let job = finalize(conn, run_id, ending, now).await?;
+    admit_waiting(conn, &job, now).await?;
+    Ok(())
+}
+
+/// Write the run's final state (nothing else); returns its job.
+async fn finalize(
+    conn: &mut sqlx::SqliteConnection,
+    run_id: RunId,
+    ending: &Ending,
+    now: DateTime<Utc>,
+) -> Result<String, StoreError> {
+    sqlx::query_scalar(
         "UPDATE runs SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ?, \
-         not_before = NULL WHERE id = ?",
+         not_before = NULL WHERE id = ? RETURNING job",
     )
     .bind(ending.status.as_str())
     .bind(ending.exit_code)
@@ -68,10 +82,78 @@ pub(super) async fn end_run(
     .bind(ending.reason_code.map(|c| c.as_str()))
     .bind(ms(now))
     .bind(run_id.to_string())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)
+}
+
+/// Store a new run: admitted at once (with the outbox row of its first attempt) when
+/// its admission rule allows and nothing of its job waits before it, else waiting.
+/// Inside the caller's transaction.
+pub(super) async fn insert_new_run(
+    conn: &mut sqlx::SqliteConnection,
+    run: &NewRun,
+) -> Result<(), StoreError> {
+    let params = serde_json::to_string(&run.params).map_err(|e| corrupt("params", e))?;
+    let spec = serde_json::to_string(&SpecV1::from(&run.spec)).map_err(|e| corrupt("spec", e))?;
+    let retry = (run.retry != RetryPolicy::default())
+        .then(|| serde_json::to_string(&RetryV1::from(&run.retry)))
+        .transpose()
+        .map_err(|e| corrupt("retry", e))?;
+    let trigger = trigger_text(&run.trigger).map_err(|e| corrupt("trigger", e))?;
+    let admitted = admits_arrival(conn, &run.job, run.admission).await?;
+    sqlx::query(
+        "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted) \
+         VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+    )
+    .bind(run.id.to_string())
+    .bind(&run.job)
+    .bind(params)
+    .bind(spec)
+    .bind(retry)
+    .bind(ms(run.created_at))
+    .bind(trigger)
+    .bind(admission_text(run.admission))
+    .bind(i64::from(admitted))
     .execute(&mut *conn)
     .await
     .map_err(db)?;
+    if admitted {
+        enqueue(conn, run.id, 1, run.created_at, None).await?;
+    }
     Ok(())
+}
+
+/// What `cancel` does to one run, inside the caller's transaction; `admit` says whether
+/// the job's waiting runs are admitted when it ends (a caller cancelling several runs
+/// of a job admits once, after the last).
+pub(super) async fn cancel_run(
+    conn: &mut sqlx::SqliteConnection,
+    id: RunId,
+    admit: bool,
+    now: DateTime<Utc>,
+) -> Result<CancelResult, StoreError> {
+    let Some(run) = run_state(conn, id).await? else {
+        return Ok(CancelResult::UnknownRun);
+    };
+    let result = run.cancel();
+    match result {
+        CancelResult::Cancelled => {
+            // Not started (first attempt, a retry waiting out its backoff, or a run
+            // waiting for admission): final at once, and its pending publish is dropped.
+            let ending = Ending::cancelled_before_start();
+            if admit {
+                end_run(conn, id, &ending, now).await?;
+            } else {
+                finalize(conn, id, &ending, now).await?;
+            }
+            flag_cancel(conn, id).await?;
+            drop_pending(conn, id, "run cancelled", now).await?;
+        }
+        CancelResult::Requested => flag_cancel(conn, id).await?,
+        CancelResult::AlreadyFinal(_) | CancelResult::UnknownRun => {}
+    }
+    Ok(result)
 }
 
 #[async_trait]
@@ -89,16 +171,9 @@ impl RunRecords for SqliteStore {
         run: &NewRun,
         key: Option<&IdempotencyKey>,
     ) -> Result<Inserted, StoreError> {
-        let params = serde_json::to_string(&run.params).map_err(|e| corrupt("params", e))?;
-        let spec =
-            serde_json::to_string(&SpecV1::from(&run.spec)).map_err(|e| corrupt("spec", e))?;
-        let retry = (run.retry != RetryPolicy::default())
-            .then(|| serde_json::to_string(&RetryV1::from(&run.retry)))
-            .transpose()
-            .map_err(|e| corrupt("retry", e))?;
         let id = run.id.to_string();
         let now = ms(run.created_at);
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         if let Some(key) = key {
             let window = ttl_ms(IDEMPOTENCY_WINDOW);
             sqlx::query(
@@ -130,19 +205,7 @@ impl RunRecords for SqliteStore {
                 });
             }
         }
-        sqlx::query(
-            "INSERT INTO runs (id, job, params, spec, retry, status, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-        )
-        .bind(&id)
-        .bind(&run.job)
-        .bind(params)
-        .bind(spec)
-        .bind(retry)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        enqueue(&mut tx, run.id, 1, run.created_at, None).await?;
+        insert_new_run(&mut tx, run).await?;
         if let Some(key) = key {
             sqlx::query(
                 "INSERT INTO idempotency_keys (scope, key, job, params, run_id, created_at) \
@@ -195,33 +258,28 @@ impl RunRecords for SqliteStore {
     }
 
     async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
-        let Some(run) = run_state(&mut tx, id).await? else {
-            return Ok(CancelResult::UnknownRun);
-        };
-        let result = run.cancel();
-        match result {
-            CancelResult::Cancelled => {
-                // Not started (first attempt or a retry waiting out its backoff): final
-                // at once, and its pending publish is dropped.
-                end_run(&mut tx, id, &Ending::cancelled_before_start(), now).await?;
-                flag_cancel(&mut tx, id).await?;
-                drop_pending(&mut tx, id, "run cancelled", now).await?;
-            }
-            CancelResult::Requested => flag_cancel(&mut tx, id).await?,
-            CancelResult::AlreadyFinal(_) | CancelResult::UnknownRun => {}
-        }
+        let mut tx = self.begin_write().await?;
+        let result = cancel_run(&mut tx, id, true, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(result)
     }
 
     async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let Some(run) = run_state(&mut tx, id).await? else {
             return Ok(RetryResult::UnknownRun);
         };
         let result = run.retry();
         if let RetryResult::Queued { attempt } = result {
+            // Through the job's admission like a new run; read while this run is still
+            // final, so it does not count against itself.
+            let row = sqlx::query("SELECT job, admission FROM runs WHERE id = ?")
+                .bind(id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            let job: String = col(&row, "job")?;
+            let admitted = admits_arrival(&mut tx, &job, admission_col(&row)?).await?;
             sqlx::query(
                 "UPDATE runs SET status = 'queued', exit_code = NULL, reason = NULL, reason_code = NULL, \
                  finished_at = NULL, not_before = NULL, cancel_requested = 0 WHERE id = ?",
@@ -230,7 +288,7 @@ impl RunRecords for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            enqueue(&mut tx, id, attempt, now, None).await?;
+            set_admitted(&mut tx, id, attempt, admitted, now).await?;
             tx.commit().await.map_err(db)?;
         }
         Ok(result)

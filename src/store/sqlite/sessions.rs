@@ -95,7 +95,7 @@ impl Reconciliation for SqliteStore {
         lease_ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<AdoptResult, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let Some(held) = attempt_state(&mut tx, run_id, attempt).await? else {
             return Ok(AdoptResult::Stale);
         };
@@ -137,7 +137,7 @@ impl Reconciliation for SqliteStore {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<SessionDecision, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let current = read_session(&mut tx, &request.worker_id).await?;
         let decision = decide_session(current.as_ref(), request, now);
         match &decision {
@@ -174,7 +174,7 @@ impl Reconciliation for SqliteStore {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<SessionRenewal, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let current = read_session(&mut tx, worker_id).await?;
         let renewal = decide_renewal(current.as_ref(), instance);
         if renewal == SessionRenewal::Renewed {
@@ -190,7 +190,7 @@ impl Reconciliation for SqliteStore {
         instance: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut tx = self.begin_write().await?;
         let current = read_session(&mut tx, worker_id).await?;
         if may_end(current.as_ref(), instance) {
             sqlx::query("UPDATE worker_sessions SET ended_at = ? WHERE worker_id = ?")

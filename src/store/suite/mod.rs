@@ -2,12 +2,16 @@
 //! of a fresh store, and `store_suite!(open)` turns them all into `#[tokio::test]`s for
 //! one backend (`open` makes a fresh, empty store and whatever keeps it alive).
 
+mod admission;
 mod lifecycle;
 mod output;
+mod schedules;
 mod sessions;
 
+pub(crate) use admission::*;
 pub(crate) use lifecycle::*;
 pub(crate) use output::*;
+pub(crate) use schedules::*;
 pub(crate) use sessions::*;
 
 /// Every test of the suite, for one backend: `open` is an async fn returning
@@ -31,6 +35,18 @@ macro_rules! store_suite {
             an_expired_or_ended_session_gives_the_id_away,
             a_superseded_or_ended_session_is_not_renewed,
             an_orphan_goes_only_once_its_attempt_and_its_session_are_over,
+            max_concurrent_one_admits_the_next_run_whenever_one_ends,
+            at_most_two_runs_together_and_alone_waits_for_all,
+            a_persons_retry_waits_for_room_like_a_new_run,
+            a_run_waiting_for_admission_is_never_published_again,
+            a_slot_fires_once_and_its_run_carries_the_trigger,
+            overlap_skip_and_allow,
+            overlap_buffer_one_keeps_one_waiting_and_buffer_all_every_one,
+            overlap_cancel_other_stops_the_active_runs_then_starts,
+            a_skipped_slot_is_recorded_once_and_never_fires,
+            slots_are_listed_newest_first_and_ranges_oldest_first,
+            a_cursor_never_goes_back,
+            a_schedule_is_paused_and_resumed,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

@@ -1,0 +1,121 @@
+//! Admission: a job's `max_concurrent` (and a buffered firing's "alone") applied. A run
+//! goes to workers (gets its outbox row) only once admitted; until then it waits
+//! `queued` with `admitted = 0`, in arrival (id) order. The rows are read here and
+//! `Admission::allows` decides; nothing here is spelled in SQL beyond picking rows.
+
+use chrono::{DateTime, Utc};
+
+use super::outbox::enqueue;
+use super::{admission_col, attempt_col, corrupt, db, run_id_col};
+use crate::domain::ports::StoreError;
+use crate::domain::run::{RunId, RunStatus};
+use crate::domain::schedule::Admission;
+
+/// The statuses of runs that are not final, as a JSON list for `json_each`.
+pub(super) fn not_final_json() -> Result<String, StoreError> {
+    let statuses: Vec<&str> = RunStatus::ALL
+        .into_iter()
+        .filter(|s| !s.is_final())
+        .map(RunStatus::as_str)
+        .collect();
+    serde_json::to_string(&statuses).map_err(|e| corrupt("statuses", e))
+}
+
+/// A run waiting for admission.
+struct Waiting {
+    id: RunId,
+    attempt: u32,
+    admission: Admission,
+}
+
+/// How many runs of `job` are admitted and not final.
+async fn admitted_count(conn: &mut sqlx::SqliteConnection, job: &str) -> Result<u32, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM runs WHERE job = ? AND admitted = 1 \
+         AND status IN (SELECT value FROM json_each(?))",
+    )
+    .bind(job)
+    .bind(not_final_json()?)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The first of the job's runs that wait for admission, in arrival order.
+async fn first_waiting(
+    conn: &mut sqlx::SqliteConnection,
+    job: &str,
+) -> Result<Option<Waiting>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, attempt, admission FROM runs WHERE job = ? AND admitted = 0 \
+         AND status IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1",
+    )
+    .bind(job)
+    .bind(not_final_json()?)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    row.map(|row| {
+        Ok(Waiting {
+            id: run_id_col(&row, "id")?,
+            attempt: attempt_col(&row, "attempt")?,
+            admission: admission_col(&row)?,
+        })
+    })
+    .transpose()
+}
+
+/// May a run of `job` arriving now under `admission` (a new run, or a person's retry)
+/// go to workers at once? Only when nothing of the job waits before it and its rule
+/// allows the job's admitted runs.
+pub(super) async fn admits_arrival(
+    conn: &mut sqlx::SqliteConnection,
+    job: &str,
+    admission: Admission,
+) -> Result<bool, StoreError> {
+    if first_waiting(conn, job).await?.is_some() {
+        return Ok(false);
+    }
+    Ok(admission.allows(admitted_count(conn, job).await?))
+}
+
+/// Mark the run admitted (or waiting) and, when admitted, queue the publish of its next
+/// attempt. Inside the caller's transaction.
+pub(super) async fn set_admitted(
+    conn: &mut sqlx::SqliteConnection,
+    id: RunId,
+    next_attempt: u32,
+    admitted: bool,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE runs SET admitted = ? WHERE id = ?")
+        .bind(i64::from(admitted))
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    if admitted {
+        enqueue(conn, id, next_attempt, now, None).await?;
+    }
+    Ok(())
+}
+
+/// A run of `job` became final: admit the job's waiting runs, oldest first, while the
+/// first one's rule allows (a run never overtakes an earlier one). Inside the
+/// transaction that made the run final. Returns the runs admitted.
+pub(super) async fn admit_waiting(
+    conn: &mut sqlx::SqliteConnection,
+    job: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<RunId>, StoreError> {
+    let mut admitted = Vec::new();
+    while let Some(head) = first_waiting(conn, job).await? {
+        if !head.admission.allows(admitted_count(conn, job).await?) {
+            break;
+        }
+        set_admitted(conn, head.id, head.attempt.saturating_add(1), true, now).await?;
+        admitted.push(head.id);
+    }
+    Ok(admitted)
+}
