@@ -24,6 +24,8 @@ use super::job::Schedule as CronSchedule;
 pub const DEFAULT_SCHEDULE_NAME: &str = "default";
 
 /// What a schedule's wall-clock times come from.
+// One per schedule, so the cron variant's size costs nothing worth a box at every use.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Rule {
     /// A cron expression (crontab syntax, 5 or 6 fields), read in the schedule's zone.
