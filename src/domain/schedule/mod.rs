@@ -8,8 +8,13 @@
 //! time, and the store applies what it decides.
 
 mod calendar;
+mod dst;
+mod slots;
+#[cfg(test)]
+mod slots_tests;
 
 pub use calendar::Calendar;
+pub use slots::{ITERATION_BUDGET, SHIFT_DAYS_CAP, SlotPage, UPCOMING_HORIZON_DAYS};
 
 use std::collections::BTreeMap;
 use std::fmt;
