@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 
 /// A cron schedule evaluated in a time zone.
 #[derive(Debug, Clone)]
@@ -70,6 +70,16 @@ impl Schedule {
             .after(&after.with_timezone(&self.time_zone))
             .next()
             .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The wall-clock times the expression names strictly after `after`, in order, read
+    /// on a plain calendar with no zone (so no DST): mapping them to instants, with the
+    /// gap and fold rules, is `domain::schedule`'s business.
+    pub fn wall_times_after(
+        &self,
+        after: NaiveDateTime,
+    ) -> impl Iterator<Item = NaiveDateTime> + '_ {
+        self.cron.after(&after.and_utc()).map(|t| t.naive_utc())
     }
 }
 
@@ -281,6 +291,22 @@ mod tests {
             Schedule::parse("0 9 * * *", Some("Mars/Olympus")),
             Err(InvalidSchedule::TimeZone(_))
         ));
+    }
+
+    #[test]
+    fn wall_times_ignore_the_zone() {
+        // 02:30 does not exist in New York on 2026-03-08; as a wall time it does.
+        let s = Schedule::parse("30 2 * * *", Some("America/New_York")).unwrap();
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 8).unwrap();
+        let walls: Vec<_> = s
+            .wall_times_after(day.and_hms_opt(0, 0, 0).unwrap())
+            .take(2)
+            .collect();
+        assert_eq!(walls[0], day.and_hms_opt(2, 30, 0).unwrap());
+        assert_eq!(
+            walls[1],
+            day.succ_opt().unwrap().and_hms_opt(2, 30, 0).unwrap()
+        );
     }
 
     #[test]

@@ -8,9 +8,16 @@
 //! time, and the store applies what it decides.
 
 mod calendar;
+mod catch_up;
+mod dst;
 mod names;
+mod slots;
+#[cfg(test)]
+mod slots_tests;
 
 pub use calendar::Calendar;
+pub use catch_up::{DuePlan, plan_due};
+pub use slots::{ITERATION_BUDGET, SHIFT_DAYS_CAP, SlotPage, UPCOMING_HORIZON_DAYS};
 
 use std::collections::BTreeMap;
 use std::fmt;
