@@ -321,7 +321,12 @@ pub enum SchedulesCommand {
         #[arg(value_parser = schedule_target)]
         target: ScheduleTarget,
         /// How many fire times per schedule.
-        #[arg(short = 'n', long = "count", env = "TASUKI_SCHEDULES_COUNT", default_value_t = 10)]
+        #[arg(
+            short = 'n',
+            long = "count",
+            env = "TASUKI_SCHEDULES_COUNT",
+            default_value_t = 10
+        )]
         count: usize,
         #[command(flatten)]
         server: ServerOption,

@@ -37,7 +37,11 @@ pub async fn command(cmd: SchedulesCommand) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The server said no (unknown job or schedule, bad range): the request was wrong.
-        Err(e @ ClientError::Refused { status: 400..=499, .. }) => {
+        Err(
+            e @ ClientError::Refused {
+                status: 400..=499, ..
+            },
+        ) => {
             eprintln!("tasuki: {e}");
             ExitCode::from(1)
         }
@@ -114,7 +118,10 @@ async fn next(client: ApiClient, target: ScheduleTarget, count: usize) -> Result
         }
     }
     if let Some(name) = target.schedule.filter(|_| shown == 0) {
-        eprintln!("tasuki: job `{}` has no schedule named `{name}`", target.job);
+        eprintln!(
+            "tasuki: job `{}` has no schedule named `{name}`",
+            target.job
+        );
         return Err(ClientError::Refused {
             status: 404,
             code: None,
@@ -134,7 +141,11 @@ async fn slots(client: ApiClient, target: ScheduleTarget, limit: u32) -> Result<
             (None, Some(reason)) => format!("skipped  {reason}"),
             _ => s.outcome.clone(),
         };
-        let detail = s.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default();
+        let detail = s
+            .detail
+            .as_ref()
+            .map(|d| format!("  ({d})"))
+            .unwrap_or_default();
         println!(
             "{}/{}  slot {}  business date {}  {what}{detail}",
             answer.job, s.schedule, s.slot, s.business_date

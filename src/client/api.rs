@@ -246,9 +246,10 @@ impl ApiClient {
         action: &str,
         note: Option<&str>,
     ) -> Result<ScheduleStateV1, ClientError> {
-        let mut request = self
-            .http
-            .post(format!("{}/v1/jobs/{job}/schedules/{schedule}/{action}", self.base));
+        let mut request = self.http.post(format!(
+            "{}/v1/jobs/{job}/schedules/{schedule}/{action}",
+            self.base
+        ));
         if action == "pause" {
             request = request.json(&json!({ "note": note }));
         }
@@ -264,7 +265,10 @@ impl ApiClient {
     ) -> Result<BackfillV1, ClientError> {
         let request = self
             .http
-            .post(format!("{}/v1/jobs/{job}/schedules/{schedule}/backfill", self.base))
+            .post(format!(
+                "{}/v1/jobs/{job}/schedules/{schedule}/backfill",
+                self.base
+            ))
             .json(&json!({ "from": from, "to": to }));
         self.answer(request.send().await).await
     }

@@ -411,6 +411,18 @@ pub trait Schedules: Send + Sync + 'static {
         overlap: Overlap,
         now: DateTime<Utc>,
     ) -> Result<Firing, StoreError>;
+    /// A backfill's firing, in one transaction: unless the slot fired already, store the
+    /// run (its admission as given: the job's `max_concurrent`, no overlap rule) with its
+    /// outbox row and the slot as fired, replacing a record of it as skipped. A slot
+    /// that fired is `AlreadyAccounted(Fired(run))` and nothing is written.
+    async fn backfill_slot(
+        &self,
+        slot: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        run: &NewRun,
+        now: DateTime<Utc>,
+    ) -> Result<FireResult, StoreError>;
     /// Record a slot as skipped, unless it is accounted for already (then `false`).
     async fn skip_slot(
         &self,

@@ -9,6 +9,8 @@ use super::{ApiError, AppState};
 use crate::domain::job::JobSpec;
 use crate::domain::schedule::{Rule, ScheduleSpec};
 use crate::protocol::api::{ErrorCodeV1, ReloadSummaryV1};
+use crate::protocol::schedules::PlannedSlotV1;
+use crate::service::scheduler::ScheduleError;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -72,6 +74,15 @@ struct ScheduleView {
     catch_up_window: String,
     max_catch_up: u32,
     suspended: bool,
+    /// `GET /v1/jobs/{job}` only: paused at run time or by `suspended`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_note: Option<String>,
+    /// `GET /v1/jobs/{job}` only: the next fire times, in the zone and in UTC, marking
+    /// those a DST change or a closed day moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<Vec<PlannedSlotV1>>,
 }
 
 impl From<&ScheduleSpec> for ScheduleView {
@@ -101,6 +112,9 @@ impl From<&ScheduleSpec> for ScheduleView {
             catch_up_window: humantime::format_duration(s.catch_up_window).to_string(),
             max_catch_up: s.max_catch_up,
             suspended: s.suspended,
+            paused: None,
+            pause_note: None,
+            next: None,
         }
     }
 }
@@ -165,8 +179,31 @@ async fn get_job(
     let spec = state.runs.job(&job).ok_or_else(|| {
         ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"))
     })?;
-    Ok(Json(JobView::from(spec.as_ref())))
+    let mut view = JobView::from(spec.as_ref());
+    let states = state
+        .scheduler
+        .states(&job, NEXT_FIRE_TIMES)
+        .await
+        .or_else(|e| match e {
+            // A job without schedules has no states to add.
+            ScheduleError::NoSchedules(_) => Ok(Vec::new()),
+            other => Err(other),
+        })?;
+    for (schedule, st) in view.schedules.iter_mut().zip(&states) {
+        schedule.paused = Some(st.paused());
+        schedule.pause_note = st.pause.as_ref().and_then(|p| p.note.clone());
+        schedule.next = Some(
+            st.next
+                .iter()
+                .map(|slot| PlannedSlotV1::new(slot, st.schedule.time_zone))
+                .collect(),
+        );
+    }
+    Ok(Json(view))
 }
+
+/// Next fire times shown per schedule by `GET /v1/jobs/{job}`.
+const NEXT_FIRE_TIMES: usize = 5;
 
 /// `POST /v1/jobs/reload`: read the job and calendar files again. 200 with what changed,
 /// or 422 `invalid_job_files` with every problem (the running jobs stay).

@@ -35,7 +35,9 @@ pub fn router() -> Router<AppState> {
 impl From<ScheduleError> for ApiError {
     fn from(e: ScheduleError) -> Self {
         match e {
-            ScheduleError::UnknownJob(_) => ApiError::not_found(ErrorCodeV1::UnknownJob, e.to_string()),
+            ScheduleError::UnknownJob(_) => {
+                ApiError::not_found(ErrorCodeV1::UnknownJob, e.to_string())
+            }
             ScheduleError::UnknownSchedule { .. } | ScheduleError::NoSchedules(_) => {
                 ApiError::not_found(ErrorCodeV1::UnknownSchedule, e.to_string())
             }
@@ -66,7 +68,11 @@ pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
             .pause
             .as_ref()
             .map(|p| p.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        next: s.next.iter().map(|slot| PlannedSlotV1::new(slot, zone)).collect(),
+        next: s
+            .next
+            .iter()
+            .map(|slot| PlannedSlotV1::new(slot, zone))
+            .collect(),
     }
 }
 
@@ -122,10 +128,15 @@ fn optional_body<T: Default + serde::de::DeserializeOwned>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-async fn schedule_state(state: &AppState, job: &str, name: &str) -> Result<Json<ScheduleStateV1>, ApiError> {
+async fn schedule_state(
+    state: &AppState,
+    job: &str,
+    name: &str,
+) -> Result<Json<ScheduleStateV1>, ApiError> {
     let states = state.scheduler.states(job, DEFAULT_NEXT).await?;
     states
         .iter()
@@ -182,17 +193,30 @@ async fn backfill(
     let zone = state
         .runs
         .job(&job)
-        .and_then(|j| j.schedules.iter().find(|s| s.name == name).map(|s| s.time_zone))
+        .and_then(|j| {
+            j.schedules
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.time_zone)
+        })
         .unwrap_or(chrono_tz::UTC);
     Ok(Json(BackfillV1 {
         job,
         schedule: name,
-        fired: report.fired.iter().map(|(s, id)| BackfilledSlotV1::new(s, id)).collect(),
+        fired: report
+            .fired
+            .iter()
+            .map(|(s, id)| BackfilledSlotV1::new(s, id))
+            .collect(),
         already_fired: report
             .already_fired
             .iter()
             .map(|(s, id)| BackfilledSlotV1::new(s, id))
             .collect(),
-        not_firing: report.not_firing.iter().map(|s| PlannedSlotV1::new(s, zone)).collect(),
+        not_firing: report
+            .not_firing
+            .iter()
+            .map(|s| PlannedSlotV1::new(s, zone))
+            .collect(),
     }))
 }

@@ -279,11 +279,28 @@ impl Runs {
             tracing::info!(message = "run cancelled by a schedule's cancel_other", run_id = %id, job = %key.job, schedule = %key.schedule);
             self.events.publish(*id, RunEventKind::Status);
         }
-        if let FireResult::Fired(id) = firing.result {
+        if let FireResult::Fired(_) = firing.result {
             self.outbox.notify_one();
-            tracing::info!(message = "slot fired", run_id = %id, job = %key.job, schedule = %key.schedule, nominal = %key.nominal);
         }
         Ok(firing.result)
+    }
+
+    /// A backfill's run for a slot that has not fired (see `Schedules::backfill_slot`).
+    pub async fn backfill_slot(
+        &self,
+        key: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        new: NewRun,
+    ) -> Result<FireResult, AcceptError> {
+        let result = self
+            .store
+            .backfill_slot(key, fire_at, business_date, &new, Utc::now())
+            .await?;
+        if let FireResult::Fired(_) = result {
+            self.outbox.notify_one();
+        }
+        Ok(result)
     }
 
     /// Cancel: a queued run is final at once; a running one is stopped by its worker.

@@ -19,7 +19,11 @@ fn jobs_dir(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
     let jobs = dir.join("jobs");
     std::fs::create_dir_all(&jobs).unwrap();
     for (name, body) in files {
-        std::fs::write(jobs.join(format!("{name}.toml")), format!("{IMAGE_LINES}{body}")).unwrap();
+        std::fs::write(
+            jobs.join(format!("{name}.toml")),
+            format!("{IMAGE_LINES}{body}"),
+        )
+        .unwrap();
     }
     jobs
 }
@@ -74,7 +78,11 @@ fn fired(slots: &[&Value]) -> usize {
 fn assert_contiguous(slots: &[&Value], step: i64) {
     let nominals: Vec<DateTime<Utc>> = slots.iter().map(|s| instant(&s["slot"])).collect();
     let unique: BTreeSet<_> = nominals.iter().collect();
-    assert_eq!(unique.len(), nominals.len(), "a slot accounted twice: {slots:#?}");
+    assert_eq!(
+        unique.len(),
+        nominals.len(),
+        "a slot accounted twice: {slots:#?}"
+    );
     for pair in nominals.windows(2) {
         assert_eq!(
             (pair[1] - pair[0]).num_seconds(),
@@ -96,8 +104,15 @@ async fn check_fired_runs(api: &Api, slots: &[&Value]) -> Vec<Value> {
         let run = api.wait_final(id, Duration::from_secs(60)).await;
         assert_eq!(run["trigger"]["type"], "schedule", "{run}");
         assert_eq!(run["trigger"]["schedule"], slot["schedule"], "{run}");
-        assert_eq!(instant(&run["trigger"]["slot"]), instant(&slot["slot"]), "{run}");
-        assert_eq!(run["trigger"]["business_date"], slot["business_date"], "{run}");
+        assert_eq!(
+            instant(&run["trigger"]["slot"]),
+            instant(&slot["slot"]),
+            "{run}"
+        );
+        assert_eq!(
+            run["trigger"]["business_date"], slot["business_date"],
+            "{run}"
+        );
         runs.push(run);
     }
     runs
@@ -125,19 +140,30 @@ async fn a_seconds_schedule_fires_every_slot_once_and_the_container_knows_its_sl
         },
     );
     let api = server.client();
-    wait_slots(&api, "tick", Duration::from_secs(60), "4 fired slots", |s| {
-        fired(&s.iter().collect::<Vec<_>>()) >= 4
-    })
+    wait_slots(
+        &api,
+        "tick",
+        Duration::from_secs(60),
+        "4 fired slots",
+        |s| fired(&s.iter().collect::<Vec<_>>()) >= 4,
+    )
     .await;
 
-    let out = tasuki_cli(&server.url, &["schedules", "pause", "tick", "--note", "test done"]);
+    let out = tasuki_cli(
+        &server.url,
+        &["schedules", "pause", "tick", "--note", "test done"],
+    );
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("tick/default  paused"), "{text}");
     // Paused slots are recorded, not silently dropped: wait for one.
-    let all = wait_slots(&api, "tick", Duration::from_secs(30), "a suspended slot", |s| {
-        s.iter().any(|x| x["reason"] == "suspended")
-    })
+    let all = wait_slots(
+        &api,
+        "tick",
+        Duration::from_secs(30),
+        "a suspended slot",
+        |s| s.iter().any(|x| x["reason"] == "suspended"),
+    )
     .await;
     let all: Vec<&Value> = all.iter().collect();
     assert_contiguous(&all, 2);
@@ -153,9 +179,14 @@ async fn a_seconds_schedule_fires_every_slot_once_and_the_container_knows_its_sl
         assert_eq!(run["status"], "succeeded", "{run}");
         let slot = instant(&run["trigger"]["slot"]);
         let created = instant(&run["created_at"]);
-        assert!(created >= slot, "run {} created before its slot: {run}", run["id"]);
+        assert!(
+            created >= slot,
+            "run {} created before its slot: {run}",
+            run["id"]
+        );
         lags.push((created - slot).num_milliseconds());
-        let log = String::from_utf8_lossy(&api.logs(run["id"].as_str().unwrap()).await).into_owned();
+        let log =
+            String::from_utf8_lossy(&api.logs(run["id"].as_str().unwrap()).await).into_owned();
         let expected = format!(
             "trigger=schedule schedule=default slot={} date={}\n",
             slot.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
@@ -194,11 +225,17 @@ async fn serve_stopped_across_slots_catches_up_by_each_policy_on_restart() {
         },
     );
     let api = server.client();
-    let before = wait_slots(&api, "catchup", Duration::from_secs(60), "a fired slot per schedule", |s| {
-        ["all", "latest", "none"]
-            .iter()
-            .all(|n| fired(&of_schedule(s, n)) >= 1)
-    })
+    let before = wait_slots(
+        &api,
+        "catchup",
+        Duration::from_secs(60),
+        "a fired slot per schedule",
+        |s| {
+            ["all", "latest", "none"]
+                .iter()
+                .all(|n| fired(&of_schedule(s, n)) >= 1)
+        },
+    )
     .await;
     server.process.signal("TERM");
     server.process.wait_exit(Duration::from_secs(60)).await;
@@ -211,13 +248,19 @@ async fn serve_stopped_across_slots_catches_up_by_each_policy_on_restart() {
     }
     let restarted_at = Utc::now();
     server.restart(dir.path());
-    let after = wait_slots(&api, "catchup", Duration::from_secs(60), "slots after the restart", |s| {
-        ["all", "latest", "none"].iter().all(|n| {
-            of_schedule(s, n)
-                .iter()
-                .any(|x| instant(&x["slot"]) > restarted_at + chrono::Duration::seconds(3))
-        })
-    })
+    let after = wait_slots(
+        &api,
+        "catchup",
+        Duration::from_secs(60),
+        "slots after the restart",
+        |s| {
+            ["all", "latest", "none"].iter().all(|n| {
+                of_schedule(s, n)
+                    .iter()
+                    .any(|x| instant(&x["slot"]) > restarted_at + chrono::Duration::seconds(3))
+            })
+        },
+    )
     .await;
 
     // Slots certainly missed: due after the last one seen and over the grace before the
@@ -258,7 +301,10 @@ async fn serve_stopped_across_slots_catches_up_by_each_policy_on_restart() {
         .filter(|s| instant(&s["slot"]) > last_before && instant(&s["slot"]) < restarted_at)
         .filter(|s| s["outcome"] == "fired")
         .count();
-    assert!(fired_latest <= 1, "latest fired more than one missed slot: {after:#?}");
+    assert!(
+        fired_latest <= 1,
+        "latest fired more than one missed slot: {after:#?}"
+    );
     check_fired_runs(&api, &of_schedule(&after, "all")).await;
 }
 
@@ -343,15 +389,26 @@ async fn two_schedulers_on_one_store_fire_each_slot_once() {
         })
         .collect();
     let api = servers[0].client();
-    wait_slots(&api, "shared", Duration::from_secs(60), "8 fired slots", |s| {
-        fired(&s.iter().collect::<Vec<_>>()) >= 8
-    })
+    wait_slots(
+        &api,
+        "shared",
+        Duration::from_secs(60),
+        "8 fired slots",
+        |s| fired(&s.iter().collect::<Vec<_>>()) >= 8,
+    )
     .await;
-    let out = tasuki_cli(&servers[1].url, &["schedules", "pause", "shared/every-second"]);
+    let out = tasuki_cli(
+        &servers[1].url,
+        &["schedules", "pause", "shared/every-second"],
+    );
     assert!(out.status.success(), "{out:?}");
-    let all = wait_slots(&api, "shared", Duration::from_secs(30), "a suspended slot", |s| {
-        s.iter().any(|x| x["reason"] == "suspended")
-    })
+    let all = wait_slots(
+        &api,
+        "shared",
+        Duration::from_secs(30),
+        "a suspended slot",
+        |s| s.iter().any(|x| x["reason"] == "suspended"),
+    )
     .await;
     let all: Vec<&Value> = all.iter().collect();
     assert_contiguous(&all, 1);

@@ -15,7 +15,7 @@ use crate::domain::ports::{
     CancelResult, Claim, IdempotencyKey, Inserted, Leases, LogError, NewRun, Outbox, OutboxBacklog,
     OutboxEntry, Reconciliation, RetryResult, RunFilter, RunRecords, Stream,
 };
-use crate::domain::ports::{Firing, Pause, Schedules, SlotKey, SlotRecord};
+use crate::domain::ports::{FireResult, Firing, Pause, Schedules, SlotKey, SlotRecord};
 use crate::domain::run::{Run, RunStatus};
 use crate::domain::schedule::{Overlap, SkipReason};
 use crate::domain::session::{
@@ -258,6 +258,16 @@ impl Schedules for FakeStore {
         _: Overlap,
         _: DateTime<Utc>,
     ) -> Result<Firing, StoreError> {
+        unimplemented!()
+    }
+    async fn backfill_slot(
+        &self,
+        _: &SlotKey,
+        _: DateTime<Utc>,
+        _: NaiveDate,
+        _: &NewRun,
+        _: DateTime<Utc>,
+    ) -> Result<FireResult, StoreError> {
         unimplemented!()
     }
     async fn skip_slot(

@@ -96,11 +96,7 @@ impl Scheduler {
     }
 
     /// Each schedule of the job with its pause and its next `n` fire times.
-    pub async fn states(
-        &self,
-        job: &str,
-        n: usize,
-    ) -> Result<Vec<ScheduleState>, ScheduleError> {
+    pub async fn states(&self, job: &str, n: usize) -> Result<Vec<ScheduleState>, ScheduleError> {
         let spec = self.job_spec(job)?;
         let now = self.clock.now();
         let mut out = Vec::with_capacity(spec.schedules.len());
@@ -143,7 +139,12 @@ impl Scheduler {
         let mut names = Vec::new();
         for s in Self::pick(&spec, schedule)? {
             self.store.set_pause(job, &s.name, Some(&pause)).await?;
-            tracing::info!(message = "schedule paused", job, schedule = s.name, note = pause.note.as_deref());
+            tracing::info!(
+                message = "schedule paused",
+                job,
+                schedule = s.name,
+                note = pause.note.as_deref()
+            );
             names.push(s.name.clone());
         }
         Ok(names)
@@ -206,8 +207,14 @@ impl Scheduler {
                 schedule: schedule.name.clone(),
                 nominal: slot.nominal,
             };
-            let new = self.runs.prepare(job, schedule.params.clone(), trigger_for(schedule, &slot))?;
-            match self.runs.backfill_slot(&key, slot.fire_at, slot.business_date, new).await? {
+            let new =
+                self.runs
+                    .prepare(job, schedule.params.clone(), trigger_for(schedule, &slot))?;
+            match self
+                .runs
+                .backfill_slot(&key, slot.fire_at, slot.business_date, new)
+                .await?
+            {
                 FireResult::Fired(id) => report.fired.push((slot, id)),
                 FireResult::AlreadyAccounted(SlotOutcome::Fired(id)) => {
                     report.already_fired.push((slot, id))

@@ -83,7 +83,12 @@ impl Scheduler {
     pub async fn run(self, stopping: CancellationToken) {
         tracing::info!(
             message = "scheduler started",
-            schedules = self.jobs.jobs().iter().map(|j| j.schedules.len()).sum::<usize>()
+            schedules = self
+                .jobs
+                .jobs()
+                .iter()
+                .map(|j| j.schedules.len())
+                .sum::<usize>()
         );
         loop {
             let now = self.clock.now();
@@ -152,7 +157,11 @@ impl Scheduler {
         let Some(cursor) = self.store.cursor(name, &schedule.name).await? else {
             // First sight of this schedule: it starts from now; nothing before it existed.
             self.store.advance_cursor(name, &schedule.name, now).await?;
-            tracing::info!(message = "schedule registered", job = name, schedule = schedule.name);
+            tracing::info!(
+                message = "schedule registered",
+                job = name,
+                schedule = schedule.name
+            );
             return Ok(Vec::new());
         };
         if cursor >= now {
@@ -209,10 +218,7 @@ impl Scheduler {
                     Ok(Handled::AlreadyAccounted)
                 }
             }
-            SlotAction::Fire => {
-                self.fire(job, schedule, slot, schedule.overlap, now)
-                    .await
-            }
+            SlotAction::Fire => self.fire(job, schedule, slot, schedule.overlap, now).await,
         }
     }
 

@@ -214,6 +214,46 @@ impl Schedules for SqliteStore {
         })
     }
 
+    async fn backfill_slot(
+        &self,
+        slot: &SlotKey,
+        fire_at: DateTime<Utc>,
+        business_date: NaiveDate,
+        run: &NewRun,
+        now: DateTime<Utc>,
+    ) -> Result<FireResult, StoreError> {
+        let mut tx = self.begin_write().await?;
+        match slot_outcome(&mut tx, slot).await? {
+            Some(SlotOutcome::Fired(id)) => {
+                return Ok(FireResult::AlreadyAccounted(SlotOutcome::Fired(id)));
+            }
+            Some(SlotOutcome::Skipped(_)) => {
+                sqlx::query(
+                    "DELETE FROM schedule_slots WHERE job = ? AND schedule = ? AND nominal = ?",
+                )
+                .bind(&slot.job)
+                .bind(&slot.schedule)
+                .bind(ms(slot.nominal))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            }
+            None => {}
+        }
+        insert_new_run(&mut tx, run).await?;
+        let new = NewSlot {
+            key: slot,
+            fire_at,
+            business_date,
+            outcome: SlotOutcome::Fired(run.id),
+            detail: Some("backfill"),
+            now,
+        };
+        insert_slot(&mut tx, new).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(FireResult::Fired(run.id))
+    }
+
     async fn skip_slot(
         &self,
         slot: &SlotKey,

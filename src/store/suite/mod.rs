@@ -47,6 +47,7 @@ macro_rules! store_suite {
             slots_are_listed_newest_first_and_ranges_oldest_first,
             a_cursor_never_goes_back,
             a_schedule_is_paused_and_resumed,
+            a_backfill_fires_skipped_or_unseen_slots_and_never_a_fired_one,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

@@ -279,3 +279,71 @@ pub(crate) async fn a_schedule_is_paused_and_resumed(store: &dyn RunStore) {
     store.set_pause(JOB, "default", None).await.unwrap();
     assert_eq!(store.pause(JOB, "default").await.unwrap(), None);
 }
+
+pub(crate) async fn a_backfill_fires_skipped_or_unseen_slots_and_never_a_fired_one(
+    store: &dyn RunStore,
+) {
+    let fired = slot("default", 1);
+    let skipped = slot("default", 2);
+    let unseen = slot("default", 3);
+    let first_run = slot_run(&fired, Admission::Unlimited);
+    fire(store, &fired, &first_run, Overlap::Allow).await;
+    assert!(
+        store
+            .skip_slot(
+                &skipped,
+                skipped.nominal,
+                day(),
+                SkipReason::Suspended,
+                None,
+                Utc::now()
+            )
+            .await
+            .unwrap()
+    );
+    let backfill = |key: SlotKey| async move {
+        let run = slot_run(&key, Admission::AtMost(1));
+        let result = store
+            .backfill_slot(&key, key.nominal, day(), &run, Utc::now())
+            .await
+            .unwrap();
+        (run, result)
+    };
+    let (_, again) = backfill(fired.clone()).await;
+    assert_eq!(
+        again,
+        FireResult::AlreadyAccounted(SlotOutcome::Fired(first_run.id))
+    );
+    let (run2, r2) = backfill(skipped.clone()).await;
+    assert_eq!(r2, FireResult::Fired(run2.id));
+    let (run3, r3) = backfill(unseen.clone()).await;
+    assert_eq!(r3, FireResult::Fired(run3.id));
+    // A second backfill over the same slots starts nothing.
+    let (_, r2_again) = backfill(skipped.clone()).await;
+    assert_eq!(
+        r2_again,
+        FireResult::AlreadyAccounted(SlotOutcome::Fired(run2.id))
+    );
+    let slots = store.slots(JOB, Some("default"), 10).await.unwrap();
+    let outcomes: Vec<SlotOutcome> = slots.iter().map(|s| s.outcome.clone()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            SlotOutcome::Fired(run3.id),
+            SlotOutcome::Fired(run2.id),
+            SlotOutcome::Fired(first_run.id)
+        ]
+    );
+    assert_eq!(slots[1].detail.as_deref(), Some("backfill"));
+    // Backfilled runs obey their admission (max_concurrent 1): the first run is still
+    // active, so neither is published yet... except the first run itself.
+    let published: Vec<_> = take_published(store)
+        .await
+        .into_iter()
+        .map(|m| m.run_id)
+        .collect();
+    assert_eq!(published, [first_run.id]);
+    let _ = claim;
+    let status = store.get_run(run2.id).await.unwrap().unwrap().status;
+    assert_eq!(status, RunStatus::Queued);
+}
