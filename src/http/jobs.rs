@@ -195,7 +195,7 @@ async fn get_job(
         schedule.next = Some(
             st.next
                 .iter()
-                .map(|slot| PlannedSlotV1::new(slot, st.schedule.time_zone))
+                .map(|slot| PlannedSlotV1::new(&st.schedule, slot))
                 .collect(),
         );
     }

@@ -71,7 +71,7 @@ pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
         next: s
             .next
             .iter()
-            .map(|slot| PlannedSlotV1::new(slot, zone))
+            .map(|slot| PlannedSlotV1::new(&s.schedule, slot))
             .collect(),
     }
 }
@@ -81,6 +81,8 @@ pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
 struct SlotsQuery {
     schedule: Option<String>,
     limit: Option<u32>,
+    /// Planned slots per schedule (default 5).
+    next: Option<usize>,
 }
 
 async fn list_slots(
@@ -94,9 +96,23 @@ async fn list_slots(
         .scheduler
         .slots(&job, q.schedule.as_deref(), limit)
         .await?;
+    let mut planned: Vec<PlannedSlotV1> = state
+        .scheduler
+        .states(&job, q.next.unwrap_or(DEFAULT_NEXT).min(MAX_NEXT))
+        .await?
+        .iter()
+        .filter(|s| q.schedule.as_ref().is_none_or(|n| *n == s.schedule.name))
+        .flat_map(|s| {
+            s.next
+                .iter()
+                .map(|slot| PlannedSlotV1::new(&s.schedule, slot))
+        })
+        .collect();
+    planned.sort_by(|a, b| a.fire_at.cmp(&b.fire_at));
     Ok(Json(SlotsV1 {
         job,
         slots: slots.iter().map(SlotV1::from).collect(),
+        planned,
     }))
 }
 
@@ -190,16 +206,11 @@ async fn backfill(
     let from = instant("from", &req.from)?;
     let to = instant("to", &req.to)?;
     let report = state.scheduler.backfill(&job, &name, from, to).await?;
-    let zone = state
+    let spec = state
         .runs
         .job(&job)
-        .and_then(|j| {
-            j.schedules
-                .iter()
-                .find(|s| s.name == name)
-                .map(|s| s.time_zone)
-        })
-        .unwrap_or(chrono_tz::UTC);
+        .and_then(|j| j.schedules.iter().find(|s| s.name == name).cloned())
+        .ok_or_else(|| ApiError::internal(format!("schedule {job}/{name} vanished")))?;
     Ok(Json(BackfillV1 {
         job,
         schedule: name,
@@ -216,7 +227,7 @@ async fn backfill(
         not_firing: report
             .not_firing
             .iter()
-            .map(|s| PlannedSlotV1::new(s, zone))
+            .map(|s| PlannedSlotV1::new(&spec, s))
             .collect(),
     }))
 }

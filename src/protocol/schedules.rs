@@ -53,6 +53,7 @@ impl From<&SlotRecord> for SlotV1 {
 /// A slot planned ahead (or covered by a backfill), in UTC and in the schedule's zone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PlannedSlotV1 {
+    pub schedule: String,
     pub slot: String,
     pub fire_at: String,
     /// `fire_at` in the schedule's zone, with its offset.
@@ -68,7 +69,8 @@ pub struct PlannedSlotV1 {
 }
 
 impl PlannedSlotV1 {
-    pub fn new(slot: &PlannedSlot, zone: chrono_tz::Tz) -> Self {
+    pub fn new(schedule: &ScheduleSpec, slot: &PlannedSlot) -> Self {
+        let zone = schedule.time_zone;
         let (moved, moved_from) = match slot.moved {
             None => (None, None),
             Some(Moved::DstGap) => (Some("dst_gap"), None),
@@ -76,6 +78,7 @@ impl PlannedSlotV1 {
             Some(Moved::ClosedDay { from }) => (Some("closed_day"), Some(from.to_string())),
         };
         PlannedSlotV1 {
+            schedule: schedule.name.clone(),
             slot: time(slot.nominal),
             fire_at: time(slot.fire_at),
             fire_at_local: slot
@@ -149,6 +152,9 @@ pub struct SlotsV1 {
     pub job: String,
     /// Newest first.
     pub slots: Vec<SlotV1>,
+    /// The next slots of each schedule (or of the one asked for), soonest first.
+    #[serde(default)]
+    pub planned: Vec<PlannedSlotV1>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

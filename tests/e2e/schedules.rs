@@ -440,3 +440,193 @@ async fn two_schedulers_on_one_store_fire_each_slot_once() {
     }
     invariants.check(&api).await;
 }
+
+#[tokio::test]
+async fn the_cli_pauses_backfills_and_previews_and_a_reload_adds_a_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = jobs_dir(
+        dir.path(),
+        &[(
+            "steer",
+            "command = [\"sh\", \"-c\", \"echo $TASUKI_SCHEDULED_TIME\"]\n\
+             [[schedules]]\nname = \"every-2s\"\ncron = \"*/2 * * * * *\"\noverlap = \"allow\"\n",
+        )],
+    );
+    let worker_id = unique("sched-cli");
+    let mut invariants = Invariants::start(&[&worker_id]);
+    let mut server = Server::start(
+        dir.path(),
+        ServeOptions {
+            jobs_dir: jobs.clone(),
+            worker_id: Some(worker_id),
+            ..Default::default()
+        },
+    );
+    let api = server.client();
+    let cli = |args: &[&str]| {
+        let out = tasuki_cli(&server.url, args);
+        assert!(out.status.success(), "tasuki {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // Preview: ten fire times, two seconds apart, in the zone and in UTC.
+    let next = cli(&["schedules", "next", "steer", "-n", "10"]);
+    let lines: Vec<&str> = next.lines().collect();
+    assert!(
+        lines[0].starts_with("steer/every-2s  */2 * * * * *  (UTC)"),
+        "{next}"
+    );
+    assert_eq!(lines.len(), 11, "{next}");
+
+    // Pause with a note, see slots recorded as suspended, resume.
+    wait_slots(
+        &api,
+        "steer",
+        Duration::from_secs(30),
+        "a fired slot",
+        |s| fired(&s.iter().collect::<Vec<_>>()) >= 1,
+    )
+    .await;
+    let paused = cli(&["schedules", "pause", "steer", "--note", "db maintenance"]);
+    assert!(paused.starts_with("steer/every-2s  paused"), "{paused}");
+    let (_, job) = api.get("/v1/jobs/steer").await;
+    assert_eq!(job["schedules"][0]["paused"], true, "{job}");
+    assert_eq!(job["schedules"][0]["pause_note"], "db maintenance", "{job}");
+    assert_eq!(
+        job["schedules"][0]["next"].as_array().unwrap().len(),
+        5,
+        "{job}"
+    );
+    let with_suspended = wait_slots(
+        &api,
+        "steer",
+        Duration::from_secs(30),
+        "3 suspended slots",
+        |s| s.iter().filter(|x| x["reason"] == "suspended").count() >= 3,
+    )
+    .await;
+    let resumed = cli(&["schedules", "resume", "steer/every-2s"]);
+    assert!(resumed.starts_with("steer/every-2s  active"), "{resumed}");
+    let suspended: Vec<&Value> = with_suspended
+        .iter()
+        .filter(|x| x["reason"] == "suspended")
+        .collect();
+    let from = suspended.first().unwrap()["slot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let to = suspended.last().unwrap()["slot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Backfill the suspended slots: each fires once; a second backfill starts nothing.
+    let report = cli(&[
+        "schedules",
+        "backfill",
+        "steer",
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ]);
+    let n = suspended.len();
+    assert!(
+        report.ends_with(&format!(
+            "steer/every-2s: {n} fired, 0 already fired, 0 not firing\n"
+        )),
+        "{report}"
+    );
+    let again = cli(&[
+        "schedules",
+        "backfill",
+        "steer/every-2s",
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ]);
+    assert!(
+        again.ends_with(&format!(
+            "steer/every-2s: 0 fired, {n} already fired, 0 not firing\n"
+        )),
+        "{again}"
+    );
+    let after = slots(&api, "steer").await;
+    for s in &suspended {
+        let now = after.iter().find(|x| x["slot"] == s["slot"]).unwrap();
+        assert_eq!(now["outcome"], "fired", "{now}");
+        assert_eq!(now["detail"], "backfill", "{now}");
+        let run = api
+            .wait_final(now["run_id"].as_str().unwrap(), Duration::from_secs(60))
+            .await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        // The backfilled run sees its own slot's time, not the time it ran.
+        let log =
+            String::from_utf8_lossy(&api.logs(run["id"].as_str().unwrap()).await).into_owned();
+        let expected = instant(&s["slot"]).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
+        assert_eq!(log.trim_end(), expected);
+    }
+    let out = tasuki_cli(&server.url, &["schedules", "pause", "steer/nope"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no schedule named `nope`"),
+        "{out:?}"
+    );
+
+    // Reload: a second schedule added to the file and a SIGHUP; it fires from its next
+    // slot. A broken file is refused and the running set stays.
+    std::fs::write(
+        jobs.join("steer.toml"),
+        format!(
+            "{IMAGE_LINES}command = [\"sh\", \"-c\", \"echo $TASUKI_SCHEDULED_TIME\"]\n\
+             [[schedules]]\nname = \"every-2s\"\ncron = \"*/2 * * * * *\"\noverlap = \"allow\"\nsuspended = true\n\
+             [[schedules]]\nname = \"every-3s\"\ncron = \"*/3 * * * * *\"\noverlap = \"allow\"\n"
+        ),
+    )
+    .unwrap();
+    let reloaded_at = Utc::now();
+    server.process.signal("HUP");
+    wait_slots(
+        &api,
+        "steer",
+        Duration::from_secs(30),
+        "the added schedule fires",
+        |s| {
+            s.iter()
+                .any(|x| x["schedule"] == "every-3s" && x["outcome"] == "fired")
+        },
+    )
+    .await;
+    let added: Vec<Value> = slots(&api, "steer")
+        .await
+        .into_iter()
+        .filter(|x| x["schedule"] == "every-3s")
+        .collect();
+    assert!(
+        added
+            .iter()
+            .all(|x| instant(&x["slot"]) > reloaded_at - chrono::Duration::seconds(1)),
+        "an added schedule starts from its next slot: {added:#?}"
+    );
+    std::fs::write(jobs.join("broken.toml"), "image = 3\n").unwrap();
+    let out = tasuki_cli(&server.url, &["jobs", "reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broken.toml"),
+        "{out:?}"
+    );
+    let (status, _) = api.get("/v1/jobs/steer").await;
+    assert_eq!(status, 200);
+    std::fs::remove_file(jobs.join("broken.toml")).unwrap();
+    cli(&["schedules", "pause", "steer"]);
+
+    for slot in slots(&api, "steer").await {
+        if let Some(id) = slot["run_id"].as_str() {
+            invariants.accepted(id);
+        }
+    }
+    invariants.check(&api).await;
+    server.process.signal("TERM");
+    server.process.wait_exit(Duration::from_secs(60)).await;
+}
