@@ -110,6 +110,9 @@ const SCRUBBED_ENV: &[&str] = &[
     "TASUKI_LEASE_TTL",
     "TASUKI_WORKER_ID",
     "TASUKI_DRAIN_TIMEOUT",
+    "TASUKI_SCHEDULER",
+    "TASUKI_SCHEDULE_GRACE",
+    "TASUKI_CALENDARS_DIR",
 ];
 
 impl Process {
