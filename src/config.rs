@@ -174,7 +174,8 @@ pub struct ServeArgs {
     pub republish_after: Duration,
 
     /// Finished runs, with their attempts and logs, are deleted this long after they
-    /// ended (looked for at start and every 5 minutes); `0` keeps them forever.
+    /// ended, and schedule slot records this long after they were recorded (looked for
+    /// at start and every 5 minutes); `0` keeps them forever.
     #[arg(long, env = "TASUKI_RETENTION", value_parser = duration, default_value = "30days")]
     pub retention: Duration,
 
@@ -381,8 +382,9 @@ pub enum SchedulesCommand {
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
     /// Delete finished runs that ended more than --older-than ago, with their attempts
-    /// and logs (and expired idempotency keys and spent outbox rows). Works on the data
-    /// dir directly; safe while `tasuki serve` runs on it.
+    /// and logs, and schedule slot records as old (and expired idempotency keys and
+    /// spent outbox rows). Works on the data dir directly; safe while `tasuki serve`
+    /// runs on it.
     Prune(PruneArgs),
 }
 

@@ -1,6 +1,7 @@
 //! What may be forgotten, and when: finished runs past the retention period (with their
-//! attempts, keys and logs), idempotency keys past their window, and sent outbox rows
-//! that nothing reads any more. The rules are here; the store applies them.
+//! attempts, keys and logs), schedule slot records as old, idempotency keys past their
+//! window, and sent outbox rows that nothing reads any more. The rules are here; the
+//! store applies them.
 
 use std::time::Duration;
 
@@ -77,6 +78,29 @@ pub fn sent_outbox_row_is_needed(row_attempt: u32, run: Option<(RunStatus, u32)>
     matches!(run, Some((RunStatus::Queued, attempt)) if attempt.checked_add(1) == Some(row_attempt))
 }
 
+/// What retention needs to know of a schedule slot record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRecordAge {
+    pub recorded_at: DateTime<Utc>,
+    pub fire_at: DateTime<Utc>,
+    /// The status of the run the slot fired, while that run exists; `None` for a
+    /// skipped slot or a run already deleted.
+    pub run: Option<RunStatus>,
+    /// Its schedule's cursor (how far slots have been looked at), if any.
+    pub cursor: Option<DateTime<Utc>>,
+}
+
+/// A slot record may be deleted once it was recorded before the runs' cutoff, unless
+/// its run is still waiting or running (a fired slot keeps its record while its run
+/// lives), or the slot lies ahead of its schedule's cursor (a scheduler that has not
+/// moved past it yet would plan it again and, its record gone, fire it twice). Behind
+/// the cursor nothing plans a slot again; only a person's backfill can.
+pub fn slot_record_is_prunable(slot: &SlotRecordAge, cutoff: DateTime<Utc>) -> bool {
+    slot.recorded_at < cutoff
+        && slot.run.is_none_or(RunStatus::is_final)
+        && slot.cursor.is_none_or(|c| slot.fire_at <= c)
+}
+
 /// One batch of sent outbox rows looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxPurge {
@@ -106,6 +130,13 @@ pub trait RetentionStore: Send + Sync + 'static {
         finished_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<RunId>, StoreError>;
+    /// Delete up to `limit` schedule slot records that [`slot_record_is_prunable`] at
+    /// `recorded_before`, oldest first. Returns how many went.
+    async fn delete_old_slots(
+        &self,
+        recorded_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 }
 
 #[cfg(test)]
@@ -150,6 +181,56 @@ mod tests {
         let listed: Vec<_> = prunable_statuses().collect();
         assert!(!listed.contains(&RunStatus::Queued) && !listed.contains(&RunStatus::Running));
         assert_eq!(listed.len(), RunStatus::ALL.len() - 2);
+    }
+
+    #[test]
+    fn a_slot_record_goes_when_old_unless_its_run_lives_or_the_cursor_is_behind_it() {
+        let cutoff = at(100);
+        let old = SlotRecordAge {
+            recorded_at: at(99),
+            fire_at: at(50),
+            run: None,
+            cursor: Some(at(60)),
+        };
+        assert!(
+            slot_record_is_prunable(&old, cutoff),
+            "skipped, or run gone"
+        );
+        assert!(!slot_record_is_prunable(
+            &SlotRecordAge {
+                recorded_at: cutoff,
+                ..old
+            },
+            cutoff
+        ));
+        for status in RunStatus::ALL {
+            let fired = SlotRecordAge {
+                run: Some(status),
+                ..old
+            };
+            assert_eq!(
+                slot_record_is_prunable(&fired, cutoff),
+                status.is_final(),
+                "{status:?}"
+            );
+        }
+        // Ahead of the cursor: a scheduler would plan it again.
+        let ahead = SlotRecordAge {
+            cursor: Some(at(49)),
+            ..old
+        };
+        assert!(!slot_record_is_prunable(&ahead, cutoff));
+        let at_cursor = SlotRecordAge {
+            cursor: Some(at(50)),
+            ..old
+        };
+        assert!(slot_record_is_prunable(&at_cursor, cutoff));
+        // No cursor: a scheduler seeing the schedule starts from its own now.
+        let no_cursor = SlotRecordAge {
+            cursor: None,
+            ..old
+        };
+        assert!(slot_record_is_prunable(&no_cursor, cutoff));
     }
 
     #[test]

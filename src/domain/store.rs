@@ -394,6 +394,18 @@ pub struct Pause {
     pub at: DateTime<Utc>,
 }
 
+/// How far a schedule's slots have been looked at, and under which definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Slots with fire times up to here are accounted for (or, after a change of
+    /// definition, were never the schedule's).
+    pub evaluated_until: DateTime<Utc>,
+    /// The fingerprint of the schedule's definition (its rule, zone, calendar...) the
+    /// cursor was set under, as the scheduler wrote it; `None` for a cursor kept from
+    /// before definitions were recorded.
+    pub definition: Option<String>,
+}
+
 /// Schedule slots, scheduler cursors and pauses.
 #[async_trait]
 pub trait Schedules: Send + Sync + 'static {
@@ -448,13 +460,27 @@ pub trait Schedules: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<SlotRecord>, StoreError>;
-    /// Up to when the schedule's slots have been looked at (`None`: never).
-    async fn cursor(&self, job: &str, schedule: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
-    /// Move the cursor forward to `to` (never back: several schedulers may share a store).
+    /// Up to when the schedule's slots have been looked at, and under which definition
+    /// (`None`: never).
+    async fn cursor(&self, job: &str, schedule: &str) -> Result<Option<Cursor>, StoreError>;
+    /// Move the cursor forward to `to` (never back: several schedulers may share a
+    /// store), keeping its definition. A cursor it creates has none.
     async fn advance_cursor(
         &self,
         job: &str,
         schedule: &str,
+        to: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Record `definition` as the one the schedule's cursor is under, and move the
+    /// cursor to `to` unless it is further already (creating it when there is none).
+    /// The scheduler calls it on a schedule's first sight and when its definition
+    /// changed (`to` = now: slots before the change are not planned), and to adopt a
+    /// cursor without a definition (`to` = the cursor: nothing skipped).
+    async fn rebase_cursor(
+        &self,
+        job: &str,
+        schedule: &str,
+        definition: &str,
         to: DateTime<Utc>,
     ) -> Result<(), StoreError>;
     async fn pause(&self, job: &str, schedule: &str) -> Result<Option<Pause>, StoreError>;

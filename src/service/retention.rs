@@ -1,5 +1,5 @@
-//! The pruning pass: expired idempotency keys, sent outbox rows nothing needs, and
-//! finished runs past the retention period with their logs. Work goes in small batches
+//! The pruning pass: expired idempotency keys, sent outbox rows nothing needs, finished
+//! runs past the retention period with their logs, and schedule slot records as old. Work goes in small batches
 //! with a pause between them, so the store's single writer stays free for the API.
 
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub struct PruneReport {
     pub log_dirs: u64,
     pub keys: u64,
     pub outbox_rows: u64,
+    /// Schedule slot records.
+    pub slots: u64,
 }
 
 /// A pass that stopped on a store failure, with what it had deleted until then.
@@ -69,7 +71,8 @@ impl Pruner {
                     runs = report.runs,
                     log_dirs = report.log_dirs,
                     idempotency_keys = report.keys,
-                    outbox_rows = report.outbox_rows
+                    outbox_rows = report.outbox_rows,
+                    schedule_slots = report.slots
                 ),
                 Err(error) => {
                     tracing::warn!(message = "pruning failed; trying again later", %error)
@@ -148,6 +151,18 @@ impl Pruner {
                 }
             }
             if runs.len() < self.batch as usize || !self.pause(stop).await {
+                break;
+            }
+        }
+        // The same cutoff as runs: a slot's record goes with the runs of its time (a
+        // fired slot's run that still waits or runs keeps it; see the domain's rule).
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let n = self.store.delete_old_slots(cutoff, self.batch).await?;
+            done.slots += n;
+            if n < u64::from(self.batch) || !self.pause(stop).await {
                 return Ok(());
             }
         }
@@ -182,6 +197,8 @@ mod tests {
         runs: Mutex<Vec<(DateTime<Utc>, RunId)>>,
         keys: Mutex<u64>,
         outbox: Mutex<u64>,
+        /// Slot records by recording time.
+        slots: Mutex<Vec<DateTime<Utc>>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -236,6 +253,25 @@ mod tests {
                 !go
             });
             Ok(gone)
+        }
+
+        async fn delete_old_slots(
+            &self,
+            recorded_before: DateTime<Utc>,
+            limit: u32,
+        ) -> Result<u64, StoreError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("slots<{}", recorded_before.timestamp()));
+            let mut slots = self.slots.lock().unwrap();
+            let mut n = 0;
+            slots.retain(|at| {
+                let go = *at < recorded_before && n < limit;
+                n += u32::from(go);
+                !go
+            });
+            Ok(u64::from(n))
         }
     }
 
@@ -297,11 +333,13 @@ mod tests {
         }
         *store.keys.lock().unwrap() = 3;
         *store.outbox.lock().unwrap() = 3;
+        // Three slots recorded an hour ago or more, one just now.
+        *store.slots.lock().unwrap() = vec![at(NOW - 7200), at(NOW), at(NOW - 3600), at(NOW - 61)];
         (store, logs, ids)
     }
 
     #[tokio::test]
-    async fn a_pass_deletes_in_batches_and_takes_the_pruned_runs_logs() {
+    async fn a_pass_deletes_in_batches_takes_the_pruned_runs_logs_and_old_slot_records() {
         let (store, logs, ids) = fixture();
         let retention = Retention::from_setting(Duration::from_secs(60));
         let report = pruner(&store, &logs, retention)
@@ -314,9 +352,11 @@ mod tests {
                 runs: 5,
                 log_dirs: 4,
                 keys: 3,
-                outbox_rows: 3
+                outbox_rows: 3,
+                slots: 3,
             }
         );
+        assert_eq!(store.slots.lock().unwrap().clone(), vec![at(NOW)]);
         assert_eq!(store.runs.lock().unwrap().clone(), vec![(at(NOW), ids[5])]);
         assert_eq!(
             logs.dirs
@@ -341,6 +381,8 @@ mod tests {
                 format!("runs<{runs_cutoff}"),
                 format!("runs<{runs_cutoff}"),
                 format!("runs<{runs_cutoff}"),
+                format!("slots<{runs_cutoff}"),
+                format!("slots<{runs_cutoff}"),
             ]
         );
     }
@@ -358,10 +400,16 @@ mod tests {
                 runs: 0,
                 log_dirs: 0,
                 keys: 3,
-                outbox_rows: 3
+                outbox_rows: 3,
+                slots: 0,
             }
         );
         assert_eq!(store.runs.lock().unwrap().len(), 6);
+        assert_eq!(
+            store.slots.lock().unwrap().len(),
+            4,
+            "slots are kept with the runs"
+        );
         assert_eq!(logs.dirs.lock().unwrap().len(), 5);
     }
 

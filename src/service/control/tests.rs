@@ -15,7 +15,7 @@ use crate::domain::ports::{
     CancelResult, Claim, IdempotencyKey, Inserted, Leases, LogError, NewRun, Outbox, OutboxBacklog,
     OutboxEntry, Reconciliation, RetryResult, RunFilter, RunRecords, Stream,
 };
-use crate::domain::ports::{FireResult, Firing, Pause, Schedules, SlotKey, SlotRecord};
+use crate::domain::ports::{Cursor, FireResult, Firing, Pause, Schedules, SlotKey, SlotRecord};
 use crate::domain::run::{Run, RunStatus};
 use crate::domain::schedule::{Overlap, SkipReason};
 use crate::domain::session::{
@@ -293,10 +293,19 @@ impl Schedules for FakeStore {
     ) -> Result<Vec<SlotRecord>, StoreError> {
         unimplemented!()
     }
-    async fn cursor(&self, _: &str, _: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn cursor(&self, _: &str, _: &str) -> Result<Option<Cursor>, StoreError> {
         unimplemented!()
     }
     async fn advance_cursor(&self, _: &str, _: &str, _: DateTime<Utc>) -> Result<(), StoreError> {
+        unimplemented!()
+    }
+    async fn rebase_cursor(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         unimplemented!()
     }
     async fn pause(&self, _: &str, _: &str) -> Result<Option<Pause>, StoreError> {

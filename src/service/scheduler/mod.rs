@@ -6,8 +6,14 @@
 //! a restart half-way through a tick, or a backfill over fired slots each account for a
 //! slot once. Time comes from a [`Clock`], so tests drive months of slots without
 //! sleeping.
+//!
+//! Each schedule's cursor carries the fingerprint of the definition it was set under
+//! (`definition`): a schedule whose rule, zone, calendar or closed-day/DST rules
+//! changed (a reload, or a restart with edited files) starts again from now, so it
+//! takes effect from its next slot instead of catching up slots it never had.
 
 mod admin;
+mod definition;
 #[cfg(test)]
 mod tests;
 
@@ -154,15 +160,50 @@ impl Scheduler {
         now: DateTime<Utc>,
     ) -> Result<Vec<SlotHandled>, StoreError> {
         let name = job.name.as_str();
-        let Some(cursor) = self.store.cursor(name, &schedule.name).await? else {
-            // First sight of this schedule: it starts from now; nothing before it existed.
-            self.store.advance_cursor(name, &schedule.name, now).await?;
-            tracing::info!(
-                message = "schedule registered",
-                job = name,
-                schedule = schedule.name
-            );
-            return Ok(Vec::new());
+        let definition = definition::fingerprint(schedule);
+        let cursor = match self.store.cursor(name, &schedule.name).await? {
+            None => {
+                // First sight of this schedule: it starts from now; nothing before it
+                // existed.
+                self.store
+                    .rebase_cursor(name, &schedule.name, &definition, now)
+                    .await?;
+                tracing::info!(
+                    message = "schedule registered",
+                    job = name,
+                    schedule = schedule.name
+                );
+                return Ok(Vec::new());
+            }
+            Some(cursor) if cursor.definition.as_deref() == Some(definition.as_str()) => {
+                cursor.evaluated_until
+            }
+            Some(cursor) if cursor.definition.is_none() => {
+                // Set before definitions were kept: taken as the current one's, so an
+                // upgrade loses no slot.
+                self.store
+                    .rebase_cursor(name, &schedule.name, &definition, cursor.evaluated_until)
+                    .await?;
+                cursor.evaluated_until
+            }
+            Some(cursor) => {
+                // Planning the slots since the old cursor under the new definition
+                // would fire slots the schedule never had: start from now instead.
+                // (Removed and added back unchanged, a schedule keeps its cursor and
+                // catches up as after downtime, within its catch_up_window.)
+                self.store
+                    .rebase_cursor(name, &schedule.name, &definition, now)
+                    .await?;
+                tracing::info!(
+                    message = "schedule changed; it takes effect from its next slot",
+                    job = name,
+                    schedule = schedule.name,
+                    was = cursor.definition.as_deref().unwrap_or_default(),
+                    is = definition,
+                    evaluated_until = %cursor.evaluated_until
+                );
+                return Ok(Vec::new());
+            }
         };
         if cursor >= now {
             return Ok(Vec::new());

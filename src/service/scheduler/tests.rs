@@ -19,6 +19,8 @@ use crate::logsink::FileLogSink;
 use crate::service::events::RunEvents;
 use crate::store::SqliteStore;
 
+mod changes;
+
 struct FakeClock(Mutex<DateTime<Utc>>);
 
 impl FakeClock {
@@ -33,14 +35,26 @@ impl Clock for FakeClock {
     }
 }
 
-struct Jobs(Vec<Arc<JobSpec>>);
+/// The catalog; `set` stands for a reload (SIGHUP) with changed job files.
+struct Jobs(Mutex<Vec<Arc<JobSpec>>>);
+
+impl Jobs {
+    fn new(jobs: Vec<Arc<JobSpec>>) -> Arc<Jobs> {
+        Arc::new(Jobs(Mutex::new(jobs)))
+    }
+
+    fn set(&self, jobs: Vec<Arc<JobSpec>>) {
+        *self.0.lock().unwrap() = jobs;
+    }
+}
 
 impl JobLookup for Jobs {
     fn job(&self, name: &str) -> Option<Arc<JobSpec>> {
-        self.0.iter().find(|j| j.name.as_str() == name).cloned()
+        let jobs = self.0.lock().unwrap();
+        jobs.iter().find(|j| j.name.as_str() == name).cloned()
     }
     fn jobs(&self) -> Vec<Arc<JobSpec>> {
-        self.0.clone()
+        self.0.lock().unwrap().clone()
     }
 }
 
@@ -76,6 +90,7 @@ fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) ->
 
 struct Fixture {
     scheduler: Scheduler,
+    jobs: Arc<Jobs>,
     clock: Arc<FakeClock>,
     store: Arc<SqliteStore>,
     _dir: tempfile::TempDir,
@@ -87,7 +102,8 @@ async fn fixture_on(
     start: DateTime<Utc>,
 ) -> Fixture {
     let store = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
-    let jobs: Arc<dyn JobLookup> = Arc::new(Jobs(jobs));
+    let catalog = Jobs::new(jobs);
+    let jobs: Arc<dyn JobLookup> = catalog.clone();
     let runs = Runs::new(
         jobs.clone(),
         store.clone(),
@@ -106,6 +122,7 @@ async fn fixture_on(
     );
     Fixture {
         scheduler,
+        jobs: catalog,
         clock,
         store,
         _dir: dir,
@@ -443,7 +460,7 @@ async fn two_schedulers_on_one_store_fire_each_slot_once() {
     let a = fixture_on(dir, jobs.clone(), start).await;
     // The second scheduler opens the same file.
     let b_store = Arc::new(SqliteStore::open(a._dir.path()).await.unwrap());
-    let b_jobs: Arc<dyn JobLookup> = Arc::new(Jobs(jobs));
+    let b_jobs: Arc<dyn JobLookup> = Jobs::new(jobs);
     let b = Scheduler::new(
         b_jobs.clone(),
         b_store.clone(),

@@ -11,7 +11,8 @@ use super::admission::not_final_json;
 use super::runs::{cancel_run, insert_new_run};
 use super::{SqliteStore, admission_col, col, corrupt, db, ms, run_id_col, time_col};
 use crate::domain::ports::{
-    FireResult, Firing, NewRun, Pause, Schedules, SlotKey, SlotOutcome, SlotRecord, StoreError,
+    Cursor, FireResult, Firing, NewRun, Pause, Schedules, SlotKey, SlotOutcome, SlotRecord,
+    StoreError,
 };
 use crate::domain::run::RunId;
 use crate::domain::schedule::{
@@ -319,16 +320,22 @@ impl Schedules for SqliteStore {
         rows.iter().map(slot_from_row).collect()
     }
 
-    async fn cursor(&self, job: &str, schedule: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn cursor(&self, job: &str, schedule: &str) -> Result<Option<Cursor>, StoreError> {
         let row = sqlx::query(
-            "SELECT evaluated_until FROM schedule_cursors WHERE job = ? AND schedule = ?",
+            "SELECT evaluated_until, definition FROM schedule_cursors WHERE job = ? AND schedule = ?",
         )
         .bind(job)
         .bind(schedule)
         .fetch_optional(&self.reader)
         .await
         .map_err(db)?;
-        row.map(|row| time_col(&row, "evaluated_until")).transpose()
+        row.map(|row| {
+            Ok(Cursor {
+                evaluated_until: time_col(&row, "evaluated_until")?,
+                definition: col(&row, "definition")?,
+            })
+        })
+        .transpose()
     }
 
     async fn advance_cursor(
@@ -362,6 +369,42 @@ impl Schedules for SqliteStore {
             .await
             .map_err(db)?;
         }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn rebase_cursor(
+        &self,
+        job: &str,
+        schedule: &str,
+        definition: &str,
+        to: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT evaluated_until FROM schedule_cursors WHERE job = ? AND schedule = ?",
+        )
+        .bind(job)
+        .bind(schedule)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let current = row
+            .map(|row| time_col(&row, "evaluated_until"))
+            .transpose()?;
+        // The definition changes; the cursor still never goes back.
+        let until = current.map_or(to, |c| c.max(to));
+        sqlx::query(
+            "INSERT INTO schedule_cursors (job, schedule, evaluated_until, definition) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (job, schedule) DO UPDATE \
+             SET evaluated_until = excluded.evaluated_until, definition = excluded.definition",
+        )
+        .bind(job)
+        .bind(schedule)
+        .bind(ms(until))
+        .bind(definition)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         tx.commit().await.map_err(db)
     }
 

@@ -46,6 +46,7 @@ macro_rules! store_suite {
             a_skipped_slot_is_recorded_once_and_never_fires,
             slots_are_listed_newest_first_and_ranges_oldest_first,
             a_cursor_never_goes_back,
+            a_cursor_keeps_its_definition_until_rebased_and_never_moves_back,
             a_schedule_is_paused_and_resumed,
             a_backfill_fires_skipped_or_unseen_slots_and_never_a_fired_one,
         );

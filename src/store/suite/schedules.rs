@@ -4,7 +4,7 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 
 use super::admission::{claim, run_of, take_published};
 use crate::domain::ports::{
-    FireResult, Firing, NewRun, Pause, RunMessage, RunStore, SlotKey, SlotOutcome,
+    Cursor, FireResult, Firing, NewRun, Pause, RunMessage, RunStore, SlotKey, SlotOutcome,
 };
 use crate::domain::run::{RunStatus, Trigger};
 use crate::domain::schedule::{Admission, Overlap, SkipReason};
@@ -251,13 +251,75 @@ pub(crate) async fn slots_are_listed_newest_first_and_ranges_oldest_first(store:
     assert!(store.slots("other", None, 10).await.unwrap().is_empty());
 }
 
+fn cursor_at(until: DateTime<Utc>, definition: Option<&str>) -> Option<Cursor> {
+    Some(Cursor {
+        evaluated_until: until,
+        definition: definition.map(str::to_owned),
+    })
+}
+
 pub(crate) async fn a_cursor_never_goes_back(store: &dyn RunStore) {
     assert_eq!(store.cursor(JOB, "default").await.unwrap(), None);
     store.advance_cursor(JOB, "default", hour(5)).await.unwrap();
     store.advance_cursor(JOB, "default", hour(3)).await.unwrap();
-    assert_eq!(store.cursor(JOB, "default").await.unwrap(), Some(hour(5)));
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(5), None)
+    );
     store.advance_cursor(JOB, "default", hour(6)).await.unwrap();
-    assert_eq!(store.cursor(JOB, "default").await.unwrap(), Some(hour(6)));
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(6), None)
+    );
+    assert_eq!(store.cursor(JOB, "other").await.unwrap(), None);
+}
+
+pub(crate) async fn a_cursor_keeps_its_definition_until_rebased_and_never_moves_back(
+    store: &dyn RunStore,
+) {
+    // First sight: the cursor is made with its definition.
+    store
+        .rebase_cursor(JOB, "default", "cron 0 * * * *", hour(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(5), Some("cron 0 * * * *"))
+    );
+    // Moving on keeps it.
+    store.advance_cursor(JOB, "default", hour(6)).await.unwrap();
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(6), Some("cron 0 * * * *"))
+    );
+    // A changed definition from a scheduler whose clock is behind: recorded, but the
+    // cursor stays where it is.
+    store
+        .rebase_cursor(JOB, "default", "cron 30 * * * *", hour(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(6), Some("cron 30 * * * *"))
+    );
+    store
+        .rebase_cursor(JOB, "default", "cron 15 * * * *", hour(9))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(JOB, "default").await.unwrap(),
+        cursor_at(hour(9), Some("cron 15 * * * *"))
+    );
+    // A cursor from before definitions were kept takes one where it stands.
+    store.advance_cursor(JOB, "old", hour(2)).await.unwrap();
+    store
+        .rebase_cursor(JOB, "old", "cron", hour(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cursor(JOB, "old").await.unwrap(),
+        cursor_at(hour(2), Some("cron"))
+    );
     assert_eq!(store.cursor(JOB, "other").await.unwrap(), None);
 }
 
