@@ -259,7 +259,7 @@ impl Scheduler {
                     Ok(Handled::AlreadyAccounted)
                 }
             }
-            SlotAction::Fire => self.fire(job, schedule, slot, schedule.overlap, now).await,
+            SlotAction::Fire => self.fire(job, schedule, key, slot).await,
         }
     }
 
@@ -268,15 +268,9 @@ impl Scheduler {
         &self,
         job: &JobSpec,
         schedule: &ScheduleSpec,
+        key: SlotKey,
         slot: &PlannedSlot,
-        overlap: crate::domain::schedule::Overlap,
-        _now: DateTime<Utc>,
     ) -> Result<Handled, StoreError> {
-        let key = SlotKey {
-            job: job.name.as_str().to_owned(),
-            schedule: schedule.name.clone(),
-            nominal: slot.nominal,
-        };
         let trigger = trigger_for(schedule, slot);
         let new = match self
             .runs
@@ -301,7 +295,13 @@ impl Scheduler {
         };
         let result = self
             .runs
-            .fire_slot(&key, slot.fire_at, slot.business_date, new, overlap)
+            .fire_slot(
+                &key,
+                slot.fire_at,
+                slot.business_date,
+                new,
+                schedule.overlap,
+            )
             .await
             .map_err(|e| match e {
                 crate::service::runs::AcceptError::Store(s) => s,
