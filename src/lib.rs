@@ -270,10 +270,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let relay = Relay {
         store: store.clone(),
         queue: queue.clone(),
-        wake,
+        wake: wake.clone(),
         republish_after: args.republish_after,
     };
     tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(service::relay::wake_on_run_changes(
+        runs.events().clone(),
+        wake,
+        shutdown.clone(),
+    ));
     tasks.spawn(
         control
             .as_ref()

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::{QueueError, RunQueue, RunStore};
+use crate::service::events::{RunEventKind, RunEvents};
 
 const BATCH: u32 = 256;
 /// Also look without being woken, for entries a failed publish left behind and retries
@@ -25,6 +26,30 @@ pub struct Relay {
     /// A run still queued this long after its message went out, while the queue is
     /// empty, lost its message (a purged or deleted queue): publish it again.
     pub republish_after: Duration,
+}
+
+/// Wake the relay whenever a run changes state in this process. A run that ends may
+/// admit one of its job's runs waiting under `max_concurrent`, whose outbox row is then
+/// new: it goes out at once instead of at the relay's next idle look.
+pub async fn wake_on_run_changes(
+    events: RunEvents,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut rx = events.subscribe();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = rx.recv() => event,
+        };
+        match event {
+            Ok(ev) if ev.kind == RunEventKind::Status => wake.notify_one(),
+            Ok(_) => {}
+            // Missed some: waking once covers them all.
+            Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 impl Relay {
@@ -139,5 +164,40 @@ impl Relay {
             return Err(());
         }
         Ok(entries.len() as u32 == BATCH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::run::RunId;
+
+    #[tokio::test]
+    async fn a_run_that_changes_state_wakes_the_relay() {
+        let events = RunEvents::new();
+        let wake = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(wake_on_run_changes(
+            events.clone(),
+            wake.clone(),
+            stop.clone(),
+        ));
+        // The waker subscribes when it first runs; publish until it has.
+        let woken = async {
+            loop {
+                events.publish(RunId::new(), RunEventKind::Status);
+                if tokio::time::timeout(Duration::from_millis(50), wake.notified())
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), woken)
+            .await
+            .expect("a status change wakes the relay");
+        stop.cancel();
+        task.await.unwrap();
     }
 }
