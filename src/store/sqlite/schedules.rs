@@ -80,6 +80,18 @@ async fn insert_slot(
     Ok(done.rows_affected() == 1)
 }
 
+/// A slot's run (with its outbox row when admitted) and the slot recorded as fired by it,
+/// inside the caller's transaction.
+async fn insert_fired(
+    conn: &mut sqlx::SqliteConnection,
+    run: &NewRun,
+    slot: NewSlot<'_>,
+) -> Result<(), StoreError> {
+    insert_new_run(&mut *conn, run).await?;
+    insert_slot(conn, slot).await?;
+    Ok(())
+}
+
 async fn slot_outcome(
     conn: &mut sqlx::SqliteConnection,
     key: &SlotKey,
@@ -198,8 +210,7 @@ impl Schedules for SqliteStore {
             admission,
             ..run.clone()
         };
-        insert_new_run(&mut tx, &new_run).await?;
-        let new = NewSlot {
+        let fired = NewSlot {
             key: slot,
             fire_at,
             business_date,
@@ -207,7 +218,7 @@ impl Schedules for SqliteStore {
             detail: None,
             now,
         };
-        insert_slot(&mut tx, new).await?;
+        insert_fired(&mut tx, &new_run, fired).await?;
         tx.commit().await.map_err(db)?;
         Ok(Firing {
             result: FireResult::Fired(run.id),
@@ -241,8 +252,7 @@ impl Schedules for SqliteStore {
             }
             None => {}
         }
-        insert_new_run(&mut tx, run).await?;
-        let new = NewSlot {
+        let fired = NewSlot {
             key: slot,
             fire_at,
             business_date,
@@ -250,7 +260,7 @@ impl Schedules for SqliteStore {
             detail: Some("backfill"),
             now,
         };
-        insert_slot(&mut tx, new).await?;
+        insert_fired(&mut tx, run, fired).await?;
         tx.commit().await.map_err(db)?;
         Ok(FireResult::Fired(run.id))
     }
