@@ -92,7 +92,9 @@ pub enum SignatureError {
     Malformed { header: &'static str, why: String },
     #[error("no signature matches any configured secret")]
     Mismatch,
-    #[error("timestamp {timestamp} is {skew_secs} s from now, beyond the tolerance of {tolerance_secs} s")]
+    #[error(
+        "timestamp {timestamp} is {skew_secs} s from now, beyond the tolerance of {tolerance_secs} s"
+    )]
     OutsideTolerance {
         timestamp: i64,
         skew_secs: i64,

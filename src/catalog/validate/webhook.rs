@@ -218,7 +218,7 @@ mod tests {
                 tolerance: Duration::from_secs(30)
             }
         );
-        assert!(check(&format!("{HEAD}")).unwrap().webhook.is_none());
+        assert!(check(HEAD).unwrap().webhook.is_none());
     }
 
     #[test]

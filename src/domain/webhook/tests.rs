@@ -39,7 +39,10 @@ fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a s
 #[test]
 fn github_good_signature_with_delivery_id() {
     let s = spec(SignatureScheme::GitHub, &[GH_SECRET]);
-    let h = [("x-hub-signature-256", GH_SIG), ("x-github-delivery", "d-1")];
+    let h = [
+        ("x-hub-signature-256", GH_SIG),
+        ("x-github-delivery", "d-1"),
+    ];
     let v = s.verify(headers(&h), BODY.as_bytes(), 0).unwrap();
     assert_eq!(v.delivery_id.as_deref(), Some("d-1"));
     let h = [("x-hub-signature-256", GH_SIG)];
@@ -176,7 +179,10 @@ fn standard_stale_and_future_timestamps_are_refused() {
     );
     assert!(matches!(
         verify_std(&s, &h, STD_BODY, STD_TS - 301),
-        Err(SignatureError::OutsideTolerance { skew_secs: -301, .. })
+        Err(SignatureError::OutsideTolerance {
+            skew_secs: -301,
+            ..
+        })
     ));
     let tight = WebhookSpec {
         scheme: SignatureScheme::Standard {
@@ -210,7 +216,11 @@ fn standard_missing_and_malformed_headers() {
             ..
         })
     ));
-    for bad in ["g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=", "v1,***", "v2,abc"] {
+    for bad in [
+        "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        "v1,***",
+        "v2,abc",
+    ] {
         let h = std_headers(&ts, bad);
         assert!(
             matches!(
