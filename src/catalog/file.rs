@@ -30,6 +30,7 @@ pub(super) struct JobFile {
     #[serde(default)]
     pub params: Params,
     pub retry: Option<RetryFile>,
+    pub webhook: Option<Spanned<WebhookFile>>,
 }
 
 /// The `[params.NAME]` tables, keyed by name.
@@ -45,6 +46,17 @@ pub(super) struct RetryFile {
     pub on_exit_codes: Vec<Spanned<i64>>,
     #[serde(default)]
     pub on: Vec<Spanned<String>>,
+}
+
+/// The `[webhook]` table: `POST /v1/hooks/{job}` starts the job.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WebhookFile {
+    pub signature: Option<Spanned<String>>,
+    pub secrets_from_env: Option<Spanned<Vec<Spanned<String>>>>,
+    pub tolerance: Option<Spanned<String>>,
+    #[serde(default)]
+    pub params_from: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -3,12 +3,13 @@
 //! the line and the field, and one file's problems are all reported together.
 //!
 //! Sections are checked in file order (image, command, container settings, pull,
-//! timeouts, schedule, env, resources, params, retry), which is the order errors print.
+//! timeouts, schedule, env, resources, params, retry, webhook), which is the order errors print.
 
 mod params;
 mod resources;
 mod retry;
 mod schedules;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -37,6 +38,12 @@ pub(super) struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
     pub(super) errors: Vec<CatalogError>,
+    /// Reads `serve`'s environment (webhook secrets); tests give their own.
+    pub(super) env: fn(&str) -> Option<String>,
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
 impl<'a> Ctx<'a> {
@@ -45,6 +52,7 @@ impl<'a> Ctx<'a> {
             file,
             text,
             errors: Vec::new(),
+            env: process_env,
         }
     }
 
@@ -198,6 +206,10 @@ pub(super) fn validate(
         .as_ref()
         .map(|r| retry::retry(ctx, r))
         .unwrap_or_default();
+    let webhook = raw
+        .webhook
+        .as_ref()
+        .and_then(|w| webhook::webhook(ctx, w, &raw.params));
 
     let spec = JobSpec {
         name: name?,
@@ -216,6 +228,7 @@ pub(super) fn validate(
         schedules,
         max_concurrent,
         retry,
+        webhook,
     };
     schedules::check_params(ctx, &spec, raw);
     Some(spec)

@@ -10,6 +10,7 @@ pub mod schedule;
 pub mod session;
 pub mod store;
 pub mod transition;
+pub mod webhook;
 
 #[cfg(test)]
 mod tidy {

@@ -277,6 +277,8 @@ pub enum Trigger {
         /// (RFC 3339 with the zone's offset).
         local_time: String,
     },
+    /// A signed delivery to `POST /v1/hooks/{job}`.
+    Webhook,
 }
 
 impl Trigger {
@@ -284,6 +286,7 @@ impl Trigger {
         match self {
             Trigger::Api => "api",
             Trigger::Schedule { .. } => "schedule",
+            Trigger::Webhook => "webhook",
         }
     }
 }
@@ -295,7 +298,7 @@ pub struct Run {
     pub job: String,
     pub params: BTreeMap<String, String>,
     pub status: RunStatus,
-    /// What started it: the API or a schedule's slot.
+    /// What started it: the API, a schedule's slot or a webhook delivery.
     pub trigger: Trigger,
     /// The current attempt; 0 while the first attempt has not been claimed.
     pub attempt: u32,

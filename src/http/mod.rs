@@ -3,6 +3,7 @@
 
 mod error;
 mod health;
+mod hooks;
 mod jobs;
 mod runs;
 mod schedules;
@@ -47,6 +48,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(runs::router())
+        .merge(hooks::router())
         .merge(jobs::router())
         .merge(schedules::router())
         .merge(health::router())

@@ -39,8 +39,8 @@ struct CreateRun {
 }
 
 #[derive(Deserialize)]
-struct WaitQuery {
-    wait: Option<u64>,
+pub(super) struct WaitQuery {
+    pub(super) wait: Option<u64>,
 }
 
 fn parse_id(id: &str) -> Result<RunId, ApiError> {
@@ -176,7 +176,7 @@ async fn retry_run(
 
 /// Hold the answer until the run is final or the wait passes: 200 with the finished run,
 /// or 202 with the run as it is.
-async fn finish_waiting(
+pub(super) async fn finish_waiting(
     state: &AppState,
     run: Run,
     wait: Option<u64>,

@@ -456,7 +456,11 @@ mod tests {
             serde_json::to_string(&TriggerV1::from(&Trigger::Api)).unwrap(),
             r#"{"type":"api"}"#
         );
-        let t: TriggerV1 = serde_json::from_str(r#"{"type":"webhook","from":"x"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&TriggerV1::from(&Trigger::Webhook)).unwrap(),
+            r#"{"type":"webhook"}"#
+        );
+        let t: TriggerV1 = serde_json::from_str(r#"{"type":"email","from":"x"}"#).unwrap();
         assert_eq!(t, TriggerV1::Unknown);
     }
 }

@@ -9,7 +9,7 @@ use crate::domain::ports::SlotOutcome;
 use crate::domain::run::{RunId, Trigger};
 use crate::domain::schedule::{Admission, SkipReason};
 
-/// A run's trigger as stored: `{"type":"api"}` or
+/// A run's trigger as stored: `{"type":"api"}`, `{"type":"webhook"}` or
 /// `{"type":"schedule","schedule":"nightly","slot":"2026-01-01T01:00:00Z",
 ///   "business_date":"2026-01-01","local_time":"2026-01-01T02:00:00+01:00"}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,6 +25,7 @@ pub enum StoredTriggerV1 {
         /// The nominal instant in the schedule's zone (`TASUKI_SCHEDULED_TIME`).
         local_time: String,
     },
+    Webhook,
 }
 
 /// The slot instant as text, to the millisecond (a slot's identity is kept in ms).
@@ -57,6 +58,7 @@ impl From<&Trigger> for StoredTriggerV1 {
                 business_date: date_text(*business_date),
                 local_time: local_time.clone(),
             },
+            Trigger::Webhook => StoredTriggerV1::Webhook,
         }
     }
 }
@@ -79,6 +81,7 @@ impl TryFrom<StoredTriggerV1> for Trigger {
                 business_date: parse_date(&business_date)?,
                 local_time,
             },
+            StoredTriggerV1::Webhook => Trigger::Webhook,
         })
     }
 }
@@ -203,6 +206,14 @@ mod tests {
         assert_eq!(
             parse_trigger(Some(r#"{"type":"api"}"#)).unwrap(),
             Trigger::Api
+        );
+        assert_eq!(
+            trigger_text(&Trigger::Webhook).unwrap().as_deref(),
+            Some(r#"{"type":"webhook"}"#)
+        );
+        assert_eq!(
+            parse_trigger(Some(r#"{"type":"webhook"}"#)).unwrap(),
+            Trigger::Webhook
         );
         assert!(parse_trigger(Some(r#"{"type":"cron"}"#)).is_err());
         assert!(

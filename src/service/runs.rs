@@ -35,6 +35,14 @@ pub enum AcceptError {
     Store(#[from] StoreError),
 }
 
+/// An idempotency key: unique within `scope`; `content`, when given, must match too.
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    pub scope: String,
+    pub key: String,
+    pub content: Option<String>,
+}
+
 /// The longest `Idempotency-Key` taken.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
@@ -192,7 +200,26 @@ impl Runs {
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
     ) -> Result<Accepted, AcceptError> {
-        let new = self.prepare(job, params, Trigger::Api)?;
+        let key = key.map(|(scope, key)| RequestKey {
+            scope,
+            key,
+            content: None,
+        });
+        self.accept_with(job, params, key, Trigger::Api).await
+    }
+
+    /// [`Runs::accept`] for any trigger. A key's `content` (e.g. a digest of a webhook
+    /// body) joins the params in what a repeat must match.
+    pub async fn accept_with(
+        &self,
+        job: &str,
+        params: BTreeMap<String, String>,
+        key: Option<RequestKey>,
+        trigger: Trigger,
+    ) -> Result<Accepted, AcceptError> {
+        let new = self.prepare(job, params, trigger)?;
+        let content = key.as_ref().and_then(|k| k.content.clone());
+        let key = key.map(|k| (k.scope, k.key));
         let _in_flight = match &key {
             Some(entry) => {
                 let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,11 +237,14 @@ impl Runs {
             .as_ref()
             .map(|(scope, key)| {
                 // BTreeMap serialises with sorted keys: canonical JSON.
-                serde_json::to_string(&new.params).map(|fingerprint| IdempotencyKey {
+                serde_json::to_string(&new.params).map(|params| IdempotencyKey {
                     scope: scope.clone(),
                     key: key.clone(),
                     job: job.to_owned(),
-                    fingerprint,
+                    fingerprint: match &content {
+                        Some(c) => format!("{params} {c}"),
+                        None => params,
+                    },
                 })
             })
             .transpose()

@@ -8,6 +8,7 @@ mod connections;
 mod docker_runtime;
 mod embedded;
 mod faults;
+mod hooks;
 mod retention;
 mod schedules;
 mod sessions;

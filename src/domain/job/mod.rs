@@ -156,6 +156,8 @@ pub struct JobSpec {
     /// started them; the others wait `queued` in arrival order.
     pub max_concurrent: Option<u32>,
     pub retry: super::retry::RetryPolicy,
+    /// `POST /v1/hooks/{job}` starts the job when set.
+    pub webhook: Option<super::webhook::WebhookSpec>,
 }
 
 /// A job with request parameters applied: what actually gets run.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::time;
 use crate::domain::run::Trigger;
 
-/// A run's `trigger`: `{"type":"api"}`, or
+/// A run's `trigger`: `{"type":"api"}`, `{"type":"webhook"}`, or
 /// `{"type":"schedule","schedule":"nightly","slot":"<RFC 3339 UTC>","business_date":"YYYY-MM-DD"}`.
 /// A type this build does not know (from a newer server) reads as `Unknown`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -19,6 +19,7 @@ pub enum TriggerV1 {
         slot: String,
         business_date: String,
     },
+    Webhook,
     #[serde(other)]
     Unknown,
 }
@@ -37,6 +38,7 @@ impl From<&Trigger> for TriggerV1 {
                 slot: time(*slot),
                 business_date: business_date.format("%Y-%m-%d").to_string(),
             },
+            Trigger::Webhook => TriggerV1::Webhook,
         }
     }
 }
