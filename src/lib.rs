@@ -8,6 +8,7 @@
 //! (the axum API). This file is the one place where concrete adapters meet.
 
 pub mod amqp;
+pub mod callback;
 pub mod catalog;
 pub mod cli;
 pub mod client;

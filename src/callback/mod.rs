@@ -1,0 +1,3 @@
+//! Completion callbacks on the wire: Standard Webhooks signatures (`sign.rs`).
+
+pub mod sign;
