@@ -30,6 +30,7 @@ pub(super) struct JobFile {
     #[serde(default)]
     pub params: Params,
     pub retry: Option<RetryFile>,
+    pub callback: Option<CallbackFile>,
 }
 
 /// The `[params.NAME]` tables, keyed by name.
@@ -45,6 +46,14 @@ pub(super) struct RetryFile {
     pub on_exit_codes: Vec<Spanned<i64>>,
     #[serde(default)]
     pub on: Vec<Spanned<String>>,
+}
+
+/// `[callback]`: where every run of the job announces its end (unless its request names
+/// another).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallbackFile {
+    pub url: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -5,6 +5,7 @@
 //! Sections are checked in file order (image, command, container settings, pull,
 //! timeouts, schedule, env, resources, params, retry), which is the order errors print.
 
+mod callback;
 mod params;
 mod resources;
 mod retry;
@@ -198,6 +199,10 @@ pub(super) fn validate(
         .as_ref()
         .map(|r| retry::retry(ctx, r))
         .unwrap_or_default();
+    let callback = raw
+        .callback
+        .as_ref()
+        .and_then(|c| callback::callback(ctx, c));
 
     let spec = JobSpec {
         name: name?,
@@ -216,6 +221,7 @@ pub(super) fn validate(
         schedules,
         max_concurrent,
         retry,
+        callback,
     };
     schedules::check_params(ctx, &spec, raw);
     Some(spec)

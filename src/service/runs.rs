@@ -179,6 +179,7 @@ impl Runs {
             admission: spec
                 .max_concurrent
                 .map_or(Admission::Unlimited, Admission::AtMost),
+            callback: spec.callback.clone(),
         })
     }
 
@@ -257,6 +258,7 @@ impl Runs {
             not_before: None,
             log_dropped_bytes: 0,
             attempts: Vec::new(),
+            callbacks: Vec::new(),
         }))
     }
 

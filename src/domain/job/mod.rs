@@ -156,6 +156,8 @@ pub struct JobSpec {
     /// started them; the others wait `queued` in arrival order.
     pub max_concurrent: Option<u32>,
     pub retry: super::retry::RetryPolicy,
+    /// Where each run announces its end, unless its request names another place.
+    pub callback: Option<crate::domain::callback::CallbackTarget>,
 }
 
 /// A job with request parameters applied: what actually gets run.

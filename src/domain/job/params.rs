@@ -329,6 +329,7 @@ mod tests {
             schedules: Vec::new(),
             max_concurrent: None,
             retry: Default::default(),
+            callback: None,
         }
     }
 

@@ -43,6 +43,7 @@ fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
         schedules: Vec::new(),
         max_concurrent,
         retry: Default::default(),
+        callback: None,
     })
 }
 

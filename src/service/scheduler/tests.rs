@@ -85,6 +85,7 @@ fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) ->
         schedules,
         max_concurrent,
         retry: Default::default(),
+        callback: None,
     })
 }
 
