@@ -429,6 +429,8 @@ mod tests {
             (WorkerApiDisabled, "worker_api_disabled"),
             (Unauthorized, "unauthorized"),
             (InvalidJobFiles, "invalid_job_files"),
+            (InvalidCallback, "invalid_callback"),
+            (NoCallback, "no_callback"),
         ];
         for (code, text) in codes {
             assert_eq!(code.as_str(), text);

@@ -1,5 +1,6 @@
 //! Accepting runs and answering questions about them.
 
+use crate::domain::callback::CallbackTarget;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,8 +193,13 @@ impl Runs {
         job: &str,
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
+        callback: Option<CallbackTarget>,
     ) -> Result<Accepted, AcceptError> {
-        let new = self.prepare(job, params, Trigger::Api)?;
+        let mut new = self.prepare(job, params, Trigger::Api)?;
+        // The request's callback replaces the job's.
+        if callback.is_some() {
+            new.callback = callback;
+        }
         let _in_flight = match &key {
             Some(entry) => {
                 let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 pub mod guard;
 mod port;
 
-pub use port::{CallbackState, Callbacks, DueCallback, Redelivery};
+pub use port::{CallbackSender, CallbackState, Callbacks, DueCallback, Redelivery};
 
 /// Where a run announces its end (`callback` in a run request, or `[callback]` in its
 /// job file). `run.finished` is the only event so far, so there is nothing to choose.

@@ -72,3 +72,17 @@ pub trait Callbacks: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Redelivery, StoreError>;
 }
+
+/// Sends deliveries over the network, behind the SSRF guard.
+#[async_trait]
+pub trait CallbackSender: Send + Sync + 'static {
+    /// Whether `url` may be called now (scheme, and every address its host resolves to).
+    async fn check(&self, url: &str) -> Result<(), super::guard::Refusal>;
+    /// One try: the guard again (the address may have changed), then the request.
+    async fn send(
+        &self,
+        delivery: &DueCallback,
+        run: &crate::domain::run::Run,
+        now: DateTime<Utc>,
+    ) -> TryResult;
+}
