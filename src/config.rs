@@ -34,7 +34,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the API server (and, without an AMQP URL, an embedded queue and worker).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a worker that takes runs from RabbitMQ and reports to a `tasuki serve`.
     Worker(WorkerArgs),
     /// Start a run of JOB; with --wait, stream its output and exit with its exit code.
@@ -190,7 +190,39 @@ pub struct ServeArgs {
     pub schedule_grace: Duration,
 
     #[command(flatten)]
+    pub callbacks: CallbackOptions,
+
+    #[command(flatten)]
     pub worker: WorkerOptions,
+}
+
+/// Completion callbacks (Standard Webhooks).
+#[derive(Debug, Args)]
+pub struct CallbackOptions {
+    /// A signing secret, `whsec_<base64>`; repeat it (or separate by commas) to sign
+    /// with several at once while receivers rotate. None: deliveries are unsigned.
+    #[arg(long = "callback-secret", env = "TASUKI_CALLBACK_SECRETS", value_delimiter = ',',
+          value_parser = secret, hide_env_values = true)]
+    pub secrets: Vec<crate::callback::sign::Secret>,
+
+    /// An address range callbacks may reach although it is loopback, private,
+    /// link-local or otherwise refused (e.g. 10.1.0.0/16); repeatable.
+    #[arg(long = "callback-allow", env = "TASUKI_CALLBACK_ALLOW", value_delimiter = ',',
+          value_parser = cidr)]
+    pub allow: Vec<crate::domain::callback::guard::Cidr>,
+
+    /// How long after a run's end its callback is still tried.
+    #[arg(long = "callback-max-age", env = "TASUKI_CALLBACK_MAX_AGE", value_parser = duration,
+          default_value = "24h")]
+    pub max_age: Duration,
+}
+
+fn secret(s: &str) -> Result<crate::callback::sign::Secret, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+fn cidr(s: &str) -> Result<crate::domain::callback::guard::Cidr, String> {
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +461,33 @@ mod tests {
             missing.is_empty(),
             "options without TASUKI_* env: {missing:?}"
         );
+    }
+
+    #[test]
+    fn an_invalid_callback_secret_or_range_stops_start_up() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["tasuki", "serve"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(serve(&["--callback-secret", "nope"]).is_err());
+        assert!(serve(&["--callback-secret", "whsec_!!"]).is_err());
+        assert!(serve(&["--callback-allow", "10.0.0.0/33"]).is_err());
+        let cli = serve(&[
+            "--callback-secret",
+            "whsec_c2Vjb25k,whsec_dGhpcmQ=",
+            "--callback-allow",
+            "127.0.0.1/32",
+            "--callback-allow",
+            "fd00::/8",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.callbacks.secrets.len(), 2);
+        assert_eq!(args.callbacks.allow.len(), 2);
+        assert_eq!(args.callbacks.max_age, Duration::from_secs(24 * 3600));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! (the axum API). This file is the one place where concrete adapters meet.
 
 pub mod amqp;
+pub mod callback;
 pub mod catalog;
 pub mod cli;
 pub mod client;
@@ -52,7 +53,7 @@ use crate::service::worker::{Worker, WorkerConfig};
 /// the job's).
 pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => exit_code_of(serve(args, shutdown).await),
+        Command::Serve(args) => exit_code_of(serve(*args, shutdown).await),
         Command::Worker(args) => exit_code_of(worker(args, shutdown).await),
         Command::Run(args) => Ok(cli::run(args).await),
         Command::Status(args) => Ok(cli::status(args).await),
@@ -266,6 +267,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
     };
 
+    let callback_sender: Arc<dyn crate::domain::callback::CallbackSender> =
+        Arc::new(callback::HttpSender {
+            secrets: args.callbacks.secrets.clone(),
+            allow: args.callbacks.allow.clone(),
+        });
+    let callback_wake = Arc::new(Notify::new());
     let tasks = tokio_util::task::TaskTracker::new();
     let relay = Relay {
         store: store.clone(),
@@ -274,6 +281,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         republish_after: args.republish_after,
     };
     tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(
+        service::callbacks::CallbackRelay {
+            store: store.clone(),
+            sender: callback_sender.clone(),
+            max_age: args.callbacks.max_age,
+            wake: callback_wake.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     tasks.spawn(service::relay::wake_on_run_changes(
         runs.events().clone(),
         wake,
@@ -329,6 +345,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         reload: catalog,
         worker_token: args.worker_token.filter(|t| !t.is_empty()).map(Arc::from),
         accepting: accepting.clone(),
+        callbacks: callback_sender,
+        callback_wake,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -31,6 +31,7 @@ pub(super) struct JobFile {
     pub params: Params,
     pub retry: Option<RetryFile>,
     pub webhook: Option<Spanned<WebhookFile>>,
+    pub callback: Option<CallbackFile>,
 }
 
 /// The `[params.NAME]` tables, keyed by name.
@@ -57,6 +58,14 @@ pub(super) struct WebhookFile {
     pub tolerance: Option<Spanned<String>>,
     #[serde(default)]
     pub params_from: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+/// `[callback]`: where every run of the job announces its end (unless its request names
+/// another).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallbackFile {
+    pub url: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]

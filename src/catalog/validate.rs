@@ -5,6 +5,7 @@
 //! Sections are checked in file order (image, command, container settings, pull,
 //! timeouts, schedule, env, resources, params, retry, webhook), which is the order errors print.
 
+mod callback;
 mod params;
 mod resources;
 mod retry;
@@ -210,6 +211,10 @@ pub(super) fn validate(
         .webhook
         .as_ref()
         .and_then(|w| webhook::webhook(ctx, w, &raw.params));
+    let callback = raw
+        .callback
+        .as_ref()
+        .and_then(|c| callback::callback(ctx, c));
 
     let spec = JobSpec {
         name: name?,
@@ -229,6 +234,7 @@ pub(super) fn validate(
         max_concurrent,
         retry,
         webhook,
+        callback,
     };
     schedules::check_params(ctx, &spec, raw);
     Some(spec)

@@ -402,6 +402,7 @@ mod tests {
             not_before: None,
             logs_truncated: false,
             log_dropped_bytes: 0,
+            callbacks: Vec::new(),
         }
     }
 

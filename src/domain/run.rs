@@ -316,6 +316,8 @@ pub struct Run {
     pub log_dropped_bytes: u64,
     /// Every attempt so far, oldest first, each with its own outcome and log.
     pub attempts: Vec<Attempt>,
+    /// Its completion callbacks, one per event so far, oldest first.
+    pub callbacks: Vec<super::callback::CallbackState>,
 }
 
 impl Run {

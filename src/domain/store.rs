@@ -8,6 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::callback::CallbackTarget;
+pub use super::callback::Callbacks;
 use super::job::ResolvedSpec;
 use super::retry::RetryPolicy;
 use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
@@ -29,6 +31,8 @@ pub struct NewRun {
     /// When the run may be handed to a worker: at once, or within the job's
     /// `max_concurrent` (runs wait `queued` in arrival order until admitted).
     pub admission: Admission,
+    /// Where its end is announced, if anywhere.
+    pub callback: Option<CallbackTarget>,
 }
 
 /// An `Idempotency-Key` with what it was first sent with.
@@ -336,9 +340,9 @@ pub trait Reconciliation: Send + Sync + 'static {
 }
 
 /// The whole store, as services hold it (`Arc<dyn RunStore>`).
-pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation + Schedules {}
+pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks {}
 
-impl<T: RunRecords + Outbox + Leases + Reconciliation + Schedules> RunStore for T {}
+impl<T: RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks> RunStore for T {}
 
 /// A slot as the scheduler hands it to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

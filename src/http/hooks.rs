@@ -85,7 +85,7 @@ async fn deliver(
     });
     let run = match state
         .runs
-        .accept_with(&job, params, key, Trigger::Webhook)
+        .accept_with(&job, params, key, Trigger::Webhook, None)
         .await
     {
         Ok(accepted) => accepted.into_run(),

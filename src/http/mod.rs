@@ -43,6 +43,10 @@ pub struct AppState {
     pub reload: Arc<dyn ReloadJobs>,
     /// False once shutdown began: /readyz answers 503 so load balancers move away.
     pub accepting: Arc<AtomicBool>,
+    /// The callback guard (422 for a refused URL at request time).
+    pub callbacks: Arc<dyn crate::domain::callback::CallbackSender>,
+    /// Wakes the callback relay after a redelivery.
+    pub callback_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{ApiError, AppState};
+use crate::domain::callback::{CallbackTarget, EVENTS, Redelivery};
 use crate::domain::ports::RunFilter;
 use crate::domain::run::{Run, RunId, RunStatus};
 use crate::protocol::api::{ErrorCodeV1, RunV1};
@@ -26,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/runs/{id}/logs", get(get_logs))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/retry", post(retry_run))
+        .route("/v1/runs/{id}/callbacks/redeliver", post(redeliver))
 }
 
 /// The longest `?wait=` honoured, in seconds.
@@ -36,6 +38,18 @@ const MAX_WAIT_SECS: u64 = 24 * 3600;
 struct CreateRun {
     #[serde(default)]
     params: BTreeMap<String, serde_json::Value>,
+    /// Where this run announces its end, instead of its job's `[callback]`.
+    #[serde(default)]
+    callback: Option<CallbackRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallbackRequest {
+    url: String,
+    /// Only `finished` so far.
+    #[serde(default)]
+    events: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +132,7 @@ async fn create_run(
     let request: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
         CreateRun {
             params: BTreeMap::new(),
+            callback: None,
         }
     } else {
         serde_json::from_slice(&body).map_err(|e| {
@@ -127,9 +142,30 @@ async fn create_run(
         })?
     };
     let params = params_from_json(request.params)?;
+    let callback = request.callback.map(callback_target).transpose()?;
+    let target = callback
+        .clone()
+        .or_else(|| state.runs.job(&job).and_then(|j| j.callback.clone()));
+    if let Some(target) = &target {
+        state
+            .callbacks
+            .check(&target.url)
+            .await
+            .map_err(|refused| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorCodeV1::InvalidCallback,
+                    format!("callback {}: {refused}", target.url),
+                )
+            })?;
+    }
     // One scope for every caller until API tokens exist; then a key is per client.
     let key = key.map(|k| (String::new(), k));
-    let run = state.runs.accept(&job, params, key).await?.into_run();
+    let run = state
+        .runs
+        .accept(&job, params, key, callback)
+        .await?
+        .into_run();
     finish_waiting(&state, run, query.wait).await
 }
 
@@ -171,6 +207,57 @@ async fn retry_run(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let run = state.runs.retry(id).await?;
+    Ok(run_response(StatusCode::ACCEPTED, run))
+}
+
+fn callback_target(raw: CallbackRequest) -> Result<CallbackTarget, ApiError> {
+    if let Some(unknown) = raw
+        .events
+        .iter()
+        .flatten()
+        .find(|e| !EVENTS.contains(&e.as_str()))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCodeV1::InvalidCallback,
+            format!(
+                "unknown callback event `{unknown}`; known: {}",
+                EVENTS.join(", ")
+            ),
+        ));
+    }
+    Ok(CallbackTarget { url: raw.url })
+}
+
+/// `POST /v1/runs/{id}/callbacks/redeliver`: the run's callbacks are due again now
+/// (given up or delivered ones too), with their original event ids.
+async fn redeliver(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match state
+        .store
+        .redeliver_callbacks(id, chrono::Utc::now())
+        .await?
+    {
+        Redelivery::Queued(_) => {}
+        Redelivery::UnknownRun => {
+            return Err(ApiError::not_found(
+                ErrorCodeV1::UnknownRun,
+                format!("no run {id}"),
+            ));
+        }
+        Redelivery::NothingToDeliver => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCodeV1::NoCallback,
+                format!("run {id} has no callback to deliver (none, or it is not final yet)"),
+            ));
+        }
+    }
+    state.callback_wake.notify_one();
+    let (_, run) = find_run(&state, &id.to_string()).await?;
     Ok(run_response(StatusCode::ACCEPTED, run))
 }
 

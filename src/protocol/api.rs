@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
 
+mod callback;
 mod error;
 mod trigger;
 
+pub use callback::CallbackV1;
 pub use error::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1, ErrorV1, ReloadSummaryV1};
 pub use trigger::TriggerV1;
 
@@ -44,6 +46,9 @@ pub struct RunV1 {
     pub logs_truncated: bool,
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// Its completion callback deliveries; older servers sent none.
+    #[serde(default)]
+    pub callbacks: Vec<CallbackV1>,
 }
 
 /// One attempt in a run's `attempts`.
@@ -237,6 +242,7 @@ impl From<Run> for RunV1 {
             logs_truncated,
             log_dropped_bytes: r.log_dropped_bytes,
             attempts: r.attempts.into_iter().map(AttemptV1::from).collect(),
+            callbacks: r.callbacks.into_iter().map(CallbackV1::from).collect(),
         }
     }
 }
@@ -324,6 +330,18 @@ mod tests {
                     log_dropped_bytes: 0,
                 },
             ],
+            // The first attempt's end was final before a person's retry: announced.
+            callbacks: vec![crate::domain::callback::CallbackState {
+                url: "https://hooks.example.com/tasuki".to_owned(),
+                event: "run.finished".to_owned(),
+                event_id: "msg_01jd0000000000000000000001".to_owned(),
+                tries: 2,
+                last_status: Some(500),
+                last_error: None,
+                delivered_at: None,
+                next_try_at: Some(at(4)),
+                gave_up: false,
+            }],
         }
     }
 
@@ -411,6 +429,8 @@ mod tests {
             (WorkerApiDisabled, "worker_api_disabled"),
             (Unauthorized, "unauthorized"),
             (InvalidJobFiles, "invalid_job_files"),
+            (InvalidCallback, "invalid_callback"),
+            (NoCallback, "no_callback"),
         ];
         for (code, text) in codes {
             assert_eq!(code.as_str(), text);

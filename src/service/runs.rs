@@ -1,5 +1,6 @@
 //! Accepting runs and answering questions about them.
 
+use crate::domain::callback::CallbackTarget;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,6 +188,7 @@ impl Runs {
             admission: spec
                 .max_concurrent
                 .map_or(Admission::Unlimited, Admission::AtMost),
+            callback: spec.callback.clone(),
         })
     }
 
@@ -199,13 +201,15 @@ impl Runs {
         job: &str,
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
+        callback: Option<CallbackTarget>,
     ) -> Result<Accepted, AcceptError> {
         let key = key.map(|(scope, key)| RequestKey {
             scope,
             key,
             content: None,
         });
-        self.accept_with(job, params, key, Trigger::Api).await
+        self.accept_with(job, params, key, Trigger::Api, callback)
+            .await
     }
 
     /// [`Runs::accept`] for any trigger. A key's `content` (e.g. a digest of a webhook
@@ -216,8 +220,13 @@ impl Runs {
         params: BTreeMap<String, String>,
         key: Option<RequestKey>,
         trigger: Trigger,
+        callback: Option<CallbackTarget>,
     ) -> Result<Accepted, AcceptError> {
-        let new = self.prepare(job, params, trigger)?;
+        let mut new = self.prepare(job, params, trigger)?;
+        // The request's callback replaces the job's.
+        if callback.is_some() {
+            new.callback = callback;
+        }
         let content = key.as_ref().and_then(|k| k.content.clone());
         let key = key.map(|k| (k.scope, k.key));
         let _in_flight = match &key {
@@ -287,6 +296,7 @@ impl Runs {
             not_before: None,
             log_dropped_bytes: 0,
             attempts: Vec::new(),
+            callbacks: Vec::new(),
         }))
     }
 

@@ -158,6 +158,8 @@ pub struct JobSpec {
     pub retry: super::retry::RetryPolicy,
     /// `POST /v1/hooks/{job}` starts the job when set.
     pub webhook: Option<super::webhook::WebhookSpec>,
+    /// Where each run announces its end, unless its request names another place.
+    pub callback: Option<crate::domain::callback::CallbackTarget>,
 }
 
 /// A job with request parameters applied: what actually gets run.

@@ -330,6 +330,7 @@ mod tests {
             max_concurrent: None,
             retry: Default::default(),
             webhook: None,
+            callback: None,
         }
     }
 

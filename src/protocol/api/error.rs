@@ -96,6 +96,10 @@ pub enum ErrorCodeV1 {
     WorkerApiDisabled,
     Unauthorized,
     InvalidJobFiles,
+    /// A callback URL that may not be called (scheme, or an address the guard refuses).
+    InvalidCallback,
+    /// A redelivery asked of a run with no callback to deliver (none, or not final yet).
+    NoCallback,
     Unknown(String),
 }
 
@@ -122,6 +126,8 @@ impl ErrorCodeV1 {
             ErrorCodeV1::WorkerApiDisabled => "worker_api_disabled",
             ErrorCodeV1::Unauthorized => "unauthorized",
             ErrorCodeV1::InvalidJobFiles => "invalid_job_files",
+            ErrorCodeV1::InvalidCallback => "invalid_callback",
+            ErrorCodeV1::NoCallback => "no_callback",
             ErrorCodeV1::Unknown(s) => s,
         }
     }
@@ -150,6 +156,8 @@ impl From<String> for ErrorCodeV1 {
             "worker_api_disabled" => ErrorCodeV1::WorkerApiDisabled,
             "unauthorized" => ErrorCodeV1::Unauthorized,
             "invalid_job_files" => ErrorCodeV1::InvalidJobFiles,
+            "invalid_callback" => ErrorCodeV1::InvalidCallback,
+            "no_callback" => ErrorCodeV1::NoCallback,
             _ => ErrorCodeV1::Unknown(s),
         }
     }

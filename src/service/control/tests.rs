@@ -317,6 +317,35 @@ impl Schedules for FakeStore {
 }
 
 #[async_trait]
+impl crate::domain::callback::Callbacks for FakeStore {
+    async fn due_callbacks(
+        &self,
+        _: DateTime<Utc>,
+        _: u32,
+    ) -> Result<Vec<crate::domain::callback::DueCallback>, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn record_callback_try(
+        &self,
+        _: i64,
+        _: &crate::domain::callback::TryResult,
+        _: crate::domain::callback::NextStep,
+        _: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+
+    async fn redeliver_callbacks(
+        &self,
+        _: RunId,
+        _: DateTime<Utc>,
+    ) -> Result<crate::domain::callback::Redelivery, StoreError> {
+        unimplemented!("not used by the control plane")
+    }
+}
+
+#[async_trait]
 impl Reconciliation for FakeStore {
     async fn held_attempts(&self, _worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError> {
         unimplemented!("not used by these tests")

@@ -44,6 +44,7 @@ fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
         max_concurrent,
         retry: Default::default(),
         webhook: None,
+        callback: None,
     })
 }
 
@@ -108,7 +109,7 @@ async fn prepare_sets_the_trigger_env_and_the_admission_rule() {
 async fn a_fired_slot_is_a_run_with_its_trigger_and_cancelled_others_are_announced() {
     let (runs, store, _dir) = runs().await;
     let earlier = runs
-        .accept("plain", BTreeMap::new(), None)
+        .accept("plain", BTreeMap::new(), None, None)
         .await
         .unwrap()
         .into_run();

@@ -86,6 +86,7 @@ fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) ->
         max_concurrent,
         retry: Default::default(),
         webhook: None,
+        callback: None,
     })
 }
 

@@ -4,6 +4,7 @@
 //! `sessions`, `schedules`.
 
 mod admission;
+mod callbacks;
 mod leases;
 mod outbox;
 mod retention;
@@ -195,6 +196,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         not_before: from_ms(col(row, "not_before")?),
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
         attempts: Vec::new(),
+        callbacks: Vec::new(),
     })
 }
 

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::admission::{admit_waiting, admits_arrival, set_admitted};
+use super::callbacks::oblige;
 use super::outbox::{drop_pending, enqueue};
 use super::{
     ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
@@ -33,7 +34,7 @@ impl SqliteStore {
              ORDER BY run_id, attempt"
         ));
         let rows = sqlx::query(sql)
-            .bind(ids)
+            .bind(&ids)
             .fetch_all(&self.reader)
             .await
             .map_err(db)?;
@@ -42,9 +43,13 @@ impl SqliteStore {
             let (run_id, attempt) = attempt_from_row(row)?;
             by_run.entry(run_id).or_default().push(attempt);
         }
+        let mut callbacks = self.callbacks_of(&ids).await?;
         for run in &mut runs {
             if let Some(attempts) = by_run.remove(&run.id) {
                 run.attempts = attempts;
+            }
+            if let Some(found) = callbacks.remove(&run.id) {
+                run.callbacks = found;
             }
         }
         Ok(runs)
@@ -65,16 +70,18 @@ pub(super) async fn end_run(
     Ok(())
 }
 
-/// Write the run's final state (nothing else); returns its job.
+/// Write the run's final state and, when it has a callback, the obligation to announce
+/// it (in the same transaction: a final run never misses its callback); returns its job.
+/// Every way a run becomes final comes through here.
 async fn finalize(
     conn: &mut sqlx::SqliteConnection,
     run_id: RunId,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
-    sqlx::query_scalar(
+    let row = sqlx::query(
         "UPDATE runs SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ?, \
-         not_before = NULL WHERE id = ? RETURNING job",
+         not_before = NULL WHERE id = ? RETURNING job, callback_url",
     )
     .bind(ending.status.as_str())
     .bind(ending.exit_code)
@@ -84,7 +91,12 @@ async fn finalize(
     .bind(run_id.to_string())
     .fetch_one(&mut *conn)
     .await
-    .map_err(db)
+    .map_err(db)?;
+    let callback: Option<String> = col(&row, "callback_url")?;
+    if let Some(url) = callback {
+        oblige(conn, run_id, &url, now).await?;
+    }
+    col(&row, "job")
 }
 
 /// Store a new run: admitted at once (with the outbox row of its first attempt) when
@@ -103,8 +115,8 @@ pub(super) async fn insert_new_run(
     let trigger = trigger_text(&run.trigger).map_err(|e| corrupt("trigger", e))?;
     let admitted = admits_arrival(conn, &run.job, run.admission).await?;
     sqlx::query(
-        "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted) \
-         VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted, \
+         callback_url) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(&run.job)
@@ -115,6 +127,7 @@ pub(super) async fn insert_new_run(
     .bind(trigger)
     .bind(admission_text(run.admission))
     .bind(i64::from(admitted))
+    .bind(run.callback.as_ref().map(|c| c.url.as_str()))
     .execute(&mut *conn)
     .await
     .map_err(db)?;

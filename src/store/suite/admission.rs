@@ -19,6 +19,7 @@ pub(crate) fn run_of(job: &str, admission: Admission) -> NewRun {
     NewRun {
         job: job.to_owned(),
         admission,
+        callback: None,
         ..new_run()
     }
 }

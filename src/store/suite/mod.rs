@@ -3,12 +3,14 @@
 //! one backend (`open` makes a fresh, empty store and whatever keeps it alive).
 
 mod admission;
+mod callbacks;
 mod lifecycle;
 mod output;
 mod schedules;
 mod sessions;
 
 pub(crate) use admission::*;
+pub(crate) use callbacks::*;
 pub(crate) use lifecycle::*;
 pub(crate) use output::*;
 pub(crate) use schedules::*;
@@ -49,6 +51,9 @@ macro_rules! store_suite {
             a_cursor_keeps_its_definition_until_rebased_and_never_moves_back,
             a_schedule_is_paused_and_resumed,
             a_backfill_fires_skipped_or_unseen_slots_and_never_a_fired_one,
+            a_final_state_comes_with_its_callback_obligation_one_per_event,
+            a_cancelled_queued_run_is_announced_too,
+            each_try_is_recorded_and_a_redelivery_makes_it_due_again,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {
