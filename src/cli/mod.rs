@@ -402,6 +402,8 @@ mod tests {
             not_before: None,
             logs_truncated: false,
             log_dropped_bytes: 0,
+            requested_by: None,
+            replies: Vec::new(),
         }
     }
 

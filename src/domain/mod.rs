@@ -3,6 +3,7 @@
 pub mod job;
 pub mod job_lookup;
 pub mod ports;
+pub mod reply;
 pub mod retention;
 pub mod retry;
 pub mod run;

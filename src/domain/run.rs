@@ -313,6 +313,10 @@ pub struct Run {
     pub log_dropped_bytes: u64,
     /// Every attempt so far, oldest first, each with its own outcome and log.
     pub attempts: Vec<Attempt>,
+    /// The broker-validated user of the queue request that asked for it, if any.
+    pub requested_by: Option<String>,
+    /// Replies owed to (or sent to) the producer that asked for it.
+    pub replies: Vec<super::reply::Reply>,
 }
 
 impl Run {

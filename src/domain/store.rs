@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::job::ResolvedSpec;
+use super::reply::{DueReply, Requester};
 use super::retry::RetryPolicy;
 use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
 use super::schedule::{Admission, Overlap, SkipReason};
@@ -29,6 +30,8 @@ pub struct NewRun {
     /// When the run may be handed to a worker: at once, or within the job's
     /// `max_concurrent` (runs wait `queued` in arrival order until admitted).
     pub admission: Admission,
+    /// Who asked over a queue and which replies they want (default: nobody, none).
+    pub requester: Requester,
 }
 
 /// An `Idempotency-Key` with what it was first sent with.
@@ -333,6 +336,34 @@ pub trait Reconciliation: Send + Sync + 'static {
         worker_id: &str,
         now: DateTime<Utc>,
     ) -> Result<OrphanVerdict, StoreError>;
+}
+
+/// Replies owed to producers, written with the run (`accepted`) and with its final
+/// state (`finished`), sent by the reply relay.
+#[async_trait]
+pub trait Replies: Send + Sync + 'static {
+    /// Replies due now, oldest first.
+    async fn due_replies(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DueReply>, StoreError>;
+    /// The broker confirmed the reply.
+    async fn reply_sent(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// The broker returned the reply as unroutable: recorded, never tried again.
+    async fn reply_unroutable(
+        &self,
+        id: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The publish failed (broker down, nacked): tried again from `retry_at`.
+    async fn reply_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The whole store, as services hold it (`Arc<dyn RunStore>`).

@@ -12,9 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
 
 mod error;
+mod reply;
 mod trigger;
 
 pub use error::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1, ErrorV1, ReloadSummaryV1};
+pub use reply::ReplyV1;
 pub use trigger::TriggerV1;
 
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
@@ -44,6 +46,12 @@ pub struct RunV1 {
     pub logs_truncated: bool,
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// The AMQP `user_id` (checked by the broker) of the request that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Replies owed to the producer that asked over the request queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<ReplyV1>,
 }
 
 /// One attempt in a run's `attempts`.
@@ -237,6 +245,8 @@ impl From<Run> for RunV1 {
             logs_truncated,
             log_dropped_bytes: r.log_dropped_bytes,
             attempts: r.attempts.into_iter().map(AttemptV1::from).collect(),
+            requested_by: r.requested_by,
+            replies: r.replies.into_iter().map(ReplyV1::from).collect(),
         }
     }
 }
@@ -262,6 +272,7 @@ impl From<Attempt> for AttemptV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::reply::{Reply, ReplyKind, ReplyState};
     use crate::domain::run::Trigger;
     use chrono::TimeZone;
 
@@ -324,6 +335,14 @@ mod tests {
                     log_dropped_bytes: 0,
                 },
             ],
+            requested_by: Some("billing".to_owned()),
+            replies: vec![Reply {
+                to: "amq.gen-reply".to_owned(),
+                kind: ReplyKind::Finished,
+                state: ReplyState::Waiting,
+                tries: 0,
+                last_error: None,
+            }],
         }
     }
 

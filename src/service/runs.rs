@@ -15,6 +15,7 @@ use crate::domain::ports::{
     CancelResult, FireResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult,
     RunFilter, RunStore, SlotKey, StoreError,
 };
+use crate::domain::reply::Requester;
 use crate::domain::run::{Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::{Admission, Overlap};
 use crate::service::events::{RunEventKind, RunEvents};
@@ -179,6 +180,7 @@ impl Runs {
             admission: spec
                 .max_concurrent
                 .map_or(Admission::Unlimited, Admission::AtMost),
+            requester: Requester::default(),
         })
     }
 
@@ -192,7 +194,23 @@ impl Runs {
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
     ) -> Result<Accepted, AcceptError> {
-        let new = self.prepare(job, params, Trigger::Api)?;
+        self.accept_from(job, params, key, Requester::default())
+            .await
+    }
+
+    /// [`Runs::accept`] for a producer on a queue: who asked is stored on the run, and
+    /// the replies it wants are stored as obligations in the same transaction (the
+    /// `finished` one becomes due in the transaction that makes the run final). A
+    /// repeat under an idempotency key adds no replies: the first request's stand.
+    pub async fn accept_from(
+        &self,
+        job: &str,
+        params: BTreeMap<String, String>,
+        key: Option<(String, String)>,
+        requester: Requester,
+    ) -> Result<Accepted, AcceptError> {
+        let mut new = self.prepare(job, params, Trigger::Api)?;
+        new.requester = requester;
         let _in_flight = match &key {
             Some(entry) => {
                 let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,6 +275,8 @@ impl Runs {
             not_before: None,
             log_dropped_bytes: 0,
             attempts: Vec::new(),
+            replies: new.requester.initial_replies(),
+            requested_by: new.requester.requested_by,
         }))
     }
 

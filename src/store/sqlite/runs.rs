@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::admission::{admit_waiting, admits_arrival, set_admitted};
 use super::outbox::{drop_pending, enqueue};
+use super::replies::{finished_replies_due, insert_replies};
 use super::{
     ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
     ms, run_from_row, run_id_col, run_state, ttl_ms,
@@ -33,7 +34,7 @@ impl SqliteStore {
              ORDER BY run_id, attempt"
         ));
         let rows = sqlx::query(sql)
-            .bind(ids)
+            .bind(&ids)
             .fetch_all(&self.reader)
             .await
             .map_err(db)?;
@@ -42,9 +43,13 @@ impl SqliteStore {
             let (run_id, attempt) = attempt_from_row(row)?;
             by_run.entry(run_id).or_default().push(attempt);
         }
+        let mut replies = super::replies::replies_of(self, &ids).await?;
         for run in &mut runs {
             if let Some(attempts) = by_run.remove(&run.id) {
                 run.attempts = attempts;
+            }
+            if let Some(r) = replies.remove(&run.id) {
+                run.replies = r;
             }
         }
         Ok(runs)
@@ -72,7 +77,7 @@ async fn finalize(
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
-    sqlx::query_scalar(
+    let job = sqlx::query_scalar(
         "UPDATE runs SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ?, \
          not_before = NULL WHERE id = ? RETURNING job",
     )
@@ -84,7 +89,9 @@ async fn finalize(
     .bind(run_id.to_string())
     .fetch_one(&mut *conn)
     .await
-    .map_err(db)
+    .map_err(db)?;
+    finished_replies_due(conn, run_id).await?;
+    Ok(job)
 }
 
 /// Store a new run: admitted at once (with the outbox row of its first attempt) when
@@ -103,8 +110,8 @@ pub(super) async fn insert_new_run(
     let trigger = trigger_text(&run.trigger).map_err(|e| corrupt("trigger", e))?;
     let admitted = admits_arrival(conn, &run.job, run.admission).await?;
     sqlx::query(
-        "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted) \
-         VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted, requested_by) \
+         VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(&run.job)
@@ -115,9 +122,11 @@ pub(super) async fn insert_new_run(
     .bind(trigger)
     .bind(admission_text(run.admission))
     .bind(i64::from(admitted))
+    .bind(run.requester.requested_by.as_deref())
     .execute(&mut *conn)
     .await
     .map_err(db)?;
+    insert_replies(conn, run).await?;
     if admitted {
         enqueue(conn, run.id, 1, run.created_at, None).await?;
     }

@@ -35,6 +35,7 @@ pub(crate) fn new_run() -> NewRun {
         created_at: Utc::now(),
         trigger: crate::domain::run::Trigger::Api,
         admission: crate::domain::schedule::Admission::Unlimited,
+        requester: crate::domain::reply::Requester::default(),
     }
 }
 

@@ -5,12 +5,14 @@
 mod admission;
 mod lifecycle;
 mod output;
+mod replies;
 mod schedules;
 mod sessions;
 
 pub(crate) use admission::*;
 pub(crate) use lifecycle::*;
 pub(crate) use output::*;
+pub(crate) use replies::*;
 pub(crate) use schedules::*;
 pub(crate) use sessions::*;
 
@@ -49,6 +51,9 @@ macro_rules! store_suite {
             a_cursor_keeps_its_definition_until_rebased_and_never_moves_back,
             a_schedule_is_paused_and_resumed,
             a_backfill_fires_skipped_or_unseen_slots_and_never_a_fired_one,
+            the_finished_reply_becomes_due_with_the_final_state,
+            a_run_cancelled_before_it_started_owes_its_finished_reply,
+            a_run_without_reply_to_owes_no_reply,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

@@ -33,6 +33,7 @@ fn new_run(created_at: DateTime<Utc>) -> NewRun {
         created_at,
         trigger: crate::domain::run::Trigger::Api,
         admission: crate::domain::schedule::Admission::Unlimited,
+        requester: crate::domain::reply::Requester::default(),
     }
 }
 
