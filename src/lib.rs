@@ -286,7 +286,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         let replies_wake = Arc::new(tokio::sync::Notify::new());
         let reply_relay = service::replies::ReplyRelay {
             store: store.clone(),
-            replies,
+            replies: replies.clone(),
             sink: replier.clone(),
             wake: replies_wake.clone(),
         };
@@ -301,6 +301,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             queue: args.request_queue.clone(),
             runs: runs.clone(),
             replier,
+            replies,
             replies_wake,
         };
         tasks.spawn(consumer.run(shutdown.clone()));

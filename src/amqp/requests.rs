@@ -20,9 +20,10 @@ use super::replier::{AmqpReplier, text};
 use super::{connect, dead_letter_queue, declare_topology, unavailable};
 use crate::domain::ports::QueueError;
 use crate::domain::reply::{ReplyAddress, Requester};
+use crate::domain::store::Replies;
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
 use crate::protocol::request::{RequestError, parse_request};
-use crate::service::runs::{AcceptError, MAX_IDEMPOTENCY_KEY_LEN, Runs};
+use crate::service::runs::{AcceptError, Accepted, MAX_IDEMPOTENCY_KEY_LEN, Runs};
 
 /// How long a request whose run could not be stored waits before it is put back.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
@@ -34,6 +35,8 @@ pub struct RequestConsumer {
     pub queue: String,
     pub runs: Runs,
     pub replier: Arc<AmqpReplier>,
+    /// Where a repeated request's replies are added.
+    pub replies: Arc<dyn Replies>,
     /// Wakes the reply relay after an accept (an `accepted` reply may be due).
     pub replies_wake: Arc<Notify>,
 }
@@ -193,6 +196,7 @@ impl RequestConsumer {
             }),
             replies: request.replies,
         };
+        let requester_again = requester.clone();
         let result = self
             .runs
             .accept_from(
@@ -203,8 +207,21 @@ impl RequestConsumer {
             )
             .await;
         match result {
-            Ok(accepted) => {
-                let run = accepted.into_run();
+            Ok(Accepted::Existing(run)) => {
+                // A redelivery or a producer's retry: the same run, and the replies this
+                // request asks for (a redelivery's are owed already and not doubled).
+                if let Err(error) = self
+                    .replies
+                    .add_replies(run.id, &requester_again, chrono::Utc::now())
+                    .await
+                {
+                    tracing::warn!(message = "replies of a repeated request not stored; put back", run_id = %run.id, %error);
+                    return Verdict::Requeue;
+                }
+                self.replies_wake.notify_one();
+                Verdict::Ack
+            }
+            Ok(Accepted::New(run)) => {
                 tracing::info!(message = "run requested over the request queue", run_id = %run.id, job = %run.job, requested_by = run.requested_by.as_deref().unwrap_or("anonymous"));
                 self.replies_wake.notify_one();
                 Verdict::Ack

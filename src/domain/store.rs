@@ -342,6 +342,15 @@ pub trait Reconciliation: Send + Sync + 'static {
 /// state (`finished`), sent by the reply relay.
 #[async_trait]
 pub trait Replies: Send + Sync + 'static {
+    /// A repeat of a request (same idempotency key) whose run exists: the replies it
+    /// asks for are added unless the same ones (kind, queue, correlation id) are owed
+    /// already (a redelivery). A `finished` reply of a run already final is due at once.
+    async fn add_replies(
+        &self,
+        run_id: RunId,
+        requester: &Requester,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
     /// Replies due now, oldest first.
     async fn due_replies(
         &self,

@@ -315,11 +315,16 @@ async fn the_same_message_id_twice_is_one_run() {
             )
             .await;
     }
-    let (reply, run) = producer.reply(Duration::from_secs(60)).await;
-    assert_eq!(correlation(&reply), "first");
-    assert_eq!(run["status"], "succeeded");
-    // The repeat adds no run and no reply of its own.
-    producer.no_reply(Duration::from_secs(3)).await;
+    // One run; the repeat (another correlation id: a producer's retry) gets its own
+    // reply about the same run.
+    let (a, first) = producer.reply(Duration::from_secs(60)).await;
+    let (b, second) = producer.reply(Duration::from_secs(30)).await;
+    let mut correlations = [correlation(&a), correlation(&b)];
+    correlations.sort();
+    assert_eq!(correlations, ["first", "second"]);
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["status"], "succeeded");
+    producer.no_reply(Duration::from_secs(2)).await;
     let (_, runs) = s.server.client().get("/v1/runs?job=exit").await;
     assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
     assert_eq!(queue_counts(&s.requests), (0, 0));

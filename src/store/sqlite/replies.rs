@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 
-use super::{SqliteStore, col, corrupt, db, ms, run_id_col};
+use super::{SqliteStore, col, corrupt, db, ms, run_id_col, run_state};
 use crate::domain::ports::{NewRun, StoreError};
-use crate::domain::reply::{DueReply, Reply, ReplyAddress, ReplyKind, ReplyState};
+use crate::domain::reply::{DueReply, Reply, ReplyAddress, ReplyKind, ReplyState, Requester};
 use crate::domain::run::RunId;
 use crate::domain::store::Replies;
 
@@ -99,6 +99,43 @@ pub(super) async fn replies_of(
 
 #[async_trait]
 impl Replies for SqliteStore {
+    async fn add_replies(
+        &self,
+        run_id: RunId,
+        requester: &Requester,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let Some(address) = &requester.reply_to else {
+            return Ok(());
+        };
+        let mut tx = self.begin_write().await?;
+        let Some(run) = run_state(&mut tx, run_id).await? else {
+            return Ok(());
+        };
+        for reply in requester.initial_replies() {
+            let state = match reply.state {
+                ReplyState::Waiting if run.status.is_final() => ReplyState::Pending,
+                s => s,
+            };
+            sqlx::query(
+                "INSERT INTO run_replies (run_id, kind, reply_to, correlation_id, state, created_at) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM run_replies \
+                 WHERE run_id = ?1 AND kind = ?2 AND reply_to = ?3 AND correlation_id IS ?4)",
+            )
+            .bind(run_id.to_string())
+            .bind(reply.kind.as_str())
+            .bind(&address.to)
+            .bind(address.correlation_id.as_deref())
+            .bind(state.as_str())
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
     async fn due_replies(
         &self,
         limit: u32,

@@ -54,6 +54,7 @@ macro_rules! store_suite {
             the_finished_reply_becomes_due_with_the_final_state,
             a_run_cancelled_before_it_started_owes_its_finished_reply,
             a_run_without_reply_to_owes_no_reply,
+            a_repeated_request_adds_its_replies_once,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

@@ -130,3 +130,29 @@ pub(crate) async fn a_run_without_reply_to_owes_no_reply<S: RunStore + Replies>(
     assert!(stored.replies.is_empty());
     assert_eq!(stored.requested_by.as_deref(), Some("billing"));
 }
+
+pub(crate) async fn a_repeated_request_adds_its_replies_once<S: RunStore + Replies>(store: &S) {
+    let run = requested(vec![ReplyKind::Finished]);
+    store.insert_run(&run, None).await.unwrap();
+    // A redelivery of the same request owes nothing new.
+    store
+        .add_replies(run.id, &run.requester, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().unwrap().replies.len(),
+        1
+    );
+    // A retry from another reply queue, after the run ended: due at once.
+    store.cancel(run.id, Utc::now()).await.unwrap();
+    let mut retry = run.requester.clone();
+    retry.reply_to = Some(ReplyAddress {
+        to: "other-q".into(),
+        correlation_id: None,
+    });
+    store.add_replies(run.id, &retry, Utc::now()).await.unwrap();
+    store.add_replies(run.id, &retry, Utc::now()).await.unwrap();
+    let due = store.due_replies(10, Utc::now()).await.unwrap();
+    let to: Vec<&str> = due.iter().map(|d| d.address.to.as_str()).collect();
+    assert_eq!(to, ["reply-q", "other-q"]);
+}
