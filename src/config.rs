@@ -156,6 +156,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub queue: QueueOptions,
 
+    /// With an AMQP URL, the queue producers publish run requests to
+    /// (`{"v":1,"job":...,"params":{...}}`); refused requests go to `{name}.dead`.
+    #[arg(long, env = "TASUKI_REQUEST_QUEUE", default_value = "tasuki.requests")]
+    pub request_queue: String,
+
     /// With an AMQP URL, also run a worker inside this process.
     #[arg(long, env = "TASUKI_EMBEDDED_WORKER")]
     pub embedded_worker: bool,

@@ -208,6 +208,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
     let store = Arc::new(store);
     let retained: Arc<dyn RetentionStore> = store.clone();
+    let replies: Arc<dyn crate::domain::store::Replies> = store.clone();
     let store: Arc<dyn RunStore> = store;
     let logs = Arc::new(logsink::FileLogSink::new(args.data_dir.join("logs")));
     let pruner = Pruner::new(
@@ -295,6 +296,32 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         wake,
         shutdown.clone(),
     ));
+    // Producers on the request queue, and the replies owed to them.
+    if let Some(url) = &args.amqp_url {
+        let replier = Arc::new(amqp::AmqpReplier::new(url));
+        let replies_wake = Arc::new(tokio::sync::Notify::new());
+        let reply_relay = service::replies::ReplyRelay {
+            store: store.clone(),
+            replies: replies.clone(),
+            sink: replier.clone(),
+            wake: replies_wake.clone(),
+        };
+        tasks.spawn(reply_relay.run(shutdown.clone()));
+        tasks.spawn(service::relay::wake_on_run_changes(
+            runs.events().clone(),
+            replies_wake.clone(),
+            shutdown.clone(),
+        ));
+        let consumer = amqp::RequestConsumer {
+            url: url.clone(),
+            queue: args.request_queue.clone(),
+            runs: runs.clone(),
+            replier,
+            replies,
+            replies_wake,
+        };
+        tasks.spawn(consumer.run(shutdown.clone()));
+    }
     tasks.spawn(
         control
             .as_ref()

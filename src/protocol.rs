@@ -5,6 +5,7 @@
 //! admission rule in `stored`.
 
 pub mod api;
+pub mod request;
 pub mod schedules;
 mod stored;
 pub mod worker;

@@ -1,5 +1,7 @@
 //! RabbitMQ through lapin: the run queue's topology, a confirming publisher (the outbox
-//! relay's `RunQueue`) and a slot-aware consumer (the worker's `DeliverySource`).
+//! relay's `RunQueue`), a slot-aware consumer (the worker's `DeliverySource`), the
+//! request queue's consumer (`RequestConsumer`) and the replies to its producers
+//! (`AmqpReplier`, the reply relay's `ReplySink`).
 //!
 //! Topology: a durable queue `{queue}` whose rejected messages dead-letter (default
 //! exchange) into the durable queue `{queue}.dead`. Both are declared with their final
@@ -7,6 +9,8 @@
 
 mod consumer;
 mod publisher;
+mod replier;
+mod requests;
 
 use std::time::Duration;
 
@@ -16,6 +20,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 
 pub use consumer::AmqpSource;
 pub use publisher::AmqpPublisher;
+pub use replier::AmqpReplier;
+pub use requests::RequestConsumer;
 
 use crate::domain::ports::QueueError;
 
@@ -40,8 +46,8 @@ async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
     }
 }
 
-/// Declare the run queue and its dead-letter queue; returns the messages ready in the
-/// run queue.
+/// Declare a queue (the run queue, the request queue) and its dead-letter queue;
+/// returns the messages ready in the queue.
 async fn declare_topology(channel: &Channel, queue: &str) -> Result<u64, QueueError> {
     let durable = QueueDeclareOptions {
         durable: true,

@@ -71,7 +71,9 @@ fn overdue(timeout: Duration) -> QueueError {
     ))
 }
 
-fn confirmation_result(confirmation: Result<Confirmation, lapin::Error>) -> Result<(), QueueError> {
+pub(super) fn confirmation_result(
+    confirmation: Result<Confirmation, lapin::Error>,
+) -> Result<(), QueueError> {
     match confirmation {
         Ok(Confirmation::Ack(None)) => Ok(()),
         Ok(Confirmation::Ack(Some(returned))) => Err(QueueError::Unroutable(format!(

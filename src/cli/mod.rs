@@ -403,6 +403,8 @@ mod tests {
             logs_truncated: false,
             log_dropped_bytes: 0,
             callbacks: Vec::new(),
+            requested_by: None,
+            replies: Vec::new(),
         }
     }
 

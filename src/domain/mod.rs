@@ -4,6 +4,7 @@ pub mod callback;
 pub mod job;
 pub mod job_lookup;
 pub mod ports;
+pub mod reply;
 pub mod retention;
 pub mod retry;
 pub mod run;

@@ -140,7 +140,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
 pub use super::store::*;
 
-use super::run::{Outcome, RunId};
+use super::run::{Outcome, Run, RunId};
 
 // ---------------------------------------------------------------------------------------
 // The queue: transport only. Publishing is confirmed; consuming hands out one delivery
@@ -167,6 +167,19 @@ pub trait RunQueue: Send + Sync + 'static {
     /// Messages waiting in the queue (not counting ones handed to a consumer), where
     /// the queue can tell; `None` for a queue that cannot lose what it confirmed.
     async fn ready_messages(&self) -> Result<Option<u64>, QueueError>;
+}
+
+/// Where replies to producers go (the AMQP default exchange, routing key `reply_to`).
+#[async_trait]
+pub trait ReplySink: Send + Sync + 'static {
+    /// Publish the run as a reply and wait for the broker's confirm. A reply the broker
+    /// returns (no queue by that name) is `QueueError::Unroutable`.
+    async fn send_reply(
+        &self,
+        address: &crate::domain::reply::ReplyAddress,
+        kind: crate::domain::reply::ReplyKind,
+        run: &Run,
+    ) -> Result<(), QueueError>;
 }
 
 /// What a worker does with a delivery once it has looked at it.

@@ -318,6 +318,10 @@ pub struct Run {
     pub attempts: Vec<Attempt>,
     /// Its completion callbacks, one per event so far, oldest first.
     pub callbacks: Vec<super::callback::CallbackState>,
+    /// The broker-validated user of the queue request that asked for it, if any.
+    pub requested_by: Option<String>,
+    /// Replies owed to (or sent to) the producer that asked for it.
+    pub replies: Vec<super::reply::Reply>,
 }
 
 impl Run {

@@ -11,6 +11,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use super::callback::CallbackTarget;
 pub use super::callback::Callbacks;
 use super::job::ResolvedSpec;
+use super::reply::{DueReply, Requester};
 use super::retry::RetryPolicy;
 use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
 use super::schedule::{Admission, Overlap, SkipReason};
@@ -33,6 +34,8 @@ pub struct NewRun {
     pub admission: Admission,
     /// Where its end is announced, if anywhere.
     pub callback: Option<CallbackTarget>,
+    /// Who asked over a queue and which replies they want (default: nobody, none).
+    pub requester: Requester,
 }
 
 /// An `Idempotency-Key` with what it was first sent with.
@@ -337,6 +340,43 @@ pub trait Reconciliation: Send + Sync + 'static {
         worker_id: &str,
         now: DateTime<Utc>,
     ) -> Result<OrphanVerdict, StoreError>;
+}
+
+/// Replies owed to producers, written with the run (`accepted`) and with its final
+/// state (`finished`), sent by the reply relay.
+#[async_trait]
+pub trait Replies: Send + Sync + 'static {
+    /// A repeat of a request (same idempotency key) whose run exists: the replies it
+    /// asks for are added unless the same ones (kind, queue, correlation id) are owed
+    /// already (a redelivery). A `finished` reply of a run already final is due at once.
+    async fn add_replies(
+        &self,
+        run_id: RunId,
+        requester: &Requester,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Replies due now, oldest first.
+    async fn due_replies(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DueReply>, StoreError>;
+    /// The broker confirmed the reply.
+    async fn reply_sent(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// The broker returned the reply as unroutable: recorded, never tried again.
+    async fn reply_unroutable(
+        &self,
+        id: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The publish failed (broker down, nacked): tried again from `retry_at`.
+    async fn reply_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The whole store, as services hold it (`Arc<dyn RunStore>`).

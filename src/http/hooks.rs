@@ -85,7 +85,14 @@ async fn deliver(
     });
     let run = match state
         .runs
-        .accept_with(&job, params, key, Trigger::Webhook, None)
+        .accept_with(
+            &job,
+            params,
+            key,
+            Trigger::Webhook,
+            None,
+            Default::default(),
+        )
         .await
     {
         Ok(accepted) => accepted.into_run(),

@@ -13,10 +13,12 @@ use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
 
 mod callback;
 mod error;
+mod reply;
 mod trigger;
 
 pub use callback::CallbackV1;
 pub use error::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1, ErrorV1, ReloadSummaryV1};
+pub use reply::ReplyV1;
 pub use trigger::TriggerV1;
 
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
@@ -49,6 +51,12 @@ pub struct RunV1 {
     /// Its completion callback deliveries; older servers sent none.
     #[serde(default)]
     pub callbacks: Vec<CallbackV1>,
+    /// The AMQP `user_id` (checked by the broker) of the request that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Replies owed to the producer that asked over the request queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<ReplyV1>,
 }
 
 /// One attempt in a run's `attempts`.
@@ -243,6 +251,8 @@ impl From<Run> for RunV1 {
             log_dropped_bytes: r.log_dropped_bytes,
             attempts: r.attempts.into_iter().map(AttemptV1::from).collect(),
             callbacks: r.callbacks.into_iter().map(CallbackV1::from).collect(),
+            requested_by: r.requested_by,
+            replies: r.replies.into_iter().map(ReplyV1::from).collect(),
         }
     }
 }
@@ -268,6 +278,7 @@ impl From<Attempt> for AttemptV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::reply::{Reply, ReplyKind, ReplyState};
     use crate::domain::run::Trigger;
     use chrono::TimeZone;
 
@@ -341,6 +352,14 @@ mod tests {
                 delivered_at: None,
                 next_try_at: Some(at(4)),
                 gave_up: false,
+            }],
+            requested_by: Some("billing".to_owned()),
+            replies: vec![Reply {
+                to: "amq.gen-reply".to_owned(),
+                kind: ReplyKind::Finished,
+                state: ReplyState::Waiting,
+                tries: 0,
+                last_error: None,
             }],
         }
     }

@@ -6,6 +6,7 @@ pub mod callbacks;
 pub mod control;
 pub mod events;
 pub mod relay;
+pub mod replies;
 pub mod retention;
 pub mod runs;
 pub mod scheduler;

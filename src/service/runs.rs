@@ -16,6 +16,7 @@ use crate::domain::ports::{
     CancelResult, FireResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult,
     RunFilter, RunStore, SlotKey, StoreError,
 };
+use crate::domain::reply::Requester;
 use crate::domain::run::{Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::{Admission, Overlap};
 use crate::service::events::{RunEventKind, RunEvents};
@@ -189,6 +190,7 @@ impl Runs {
                 .max_concurrent
                 .map_or(Admission::Unlimited, Admission::AtMost),
             callback: spec.callback.clone(),
+            requester: Requester::default(),
         })
     }
 
@@ -208,7 +210,34 @@ impl Runs {
             key,
             content: None,
         });
-        self.accept_with(job, params, key, Trigger::Api, callback)
+        self.accept_with(
+            job,
+            params,
+            key,
+            Trigger::Api,
+            callback,
+            Requester::default(),
+        )
+        .await
+    }
+
+    /// [`Runs::accept`] for a producer on a queue: who asked is stored on the run, and
+    /// the replies it wants are stored as obligations in the same transaction (the
+    /// `finished` one becomes due in the transaction that makes the run final). A
+    /// repeat under an idempotency key adds no replies: the first request's stand.
+    pub async fn accept_from(
+        &self,
+        job: &str,
+        params: BTreeMap<String, String>,
+        key: Option<(String, String)>,
+        requester: Requester,
+    ) -> Result<Accepted, AcceptError> {
+        let key = key.map(|(scope, key)| RequestKey {
+            scope,
+            key,
+            content: None,
+        });
+        self.accept_with(job, params, key, Trigger::Api, None, requester)
             .await
     }
 
@@ -221,8 +250,10 @@ impl Runs {
         key: Option<RequestKey>,
         trigger: Trigger,
         callback: Option<CallbackTarget>,
+        requester: Requester,
     ) -> Result<Accepted, AcceptError> {
         let mut new = self.prepare(job, params, trigger)?;
+        new.requester = requester;
         // The request's callback replaces the job's.
         if callback.is_some() {
             new.callback = callback;
@@ -297,6 +328,8 @@ impl Runs {
             log_dropped_bytes: 0,
             attempts: Vec::new(),
             callbacks: Vec::new(),
+            replies: new.requester.initial_replies(),
+            requested_by: new.requester.requested_by,
         }))
     }
 

@@ -2,6 +2,7 @@
 //! test binary, so the suite links once.
 
 mod amqp_mode;
+mod amqp_requests;
 mod callbacks;
 mod cli;
 mod common;

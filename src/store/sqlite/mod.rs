@@ -7,6 +7,7 @@ mod admission;
 mod callbacks;
 mod leases;
 mod outbox;
+mod replies;
 mod retention;
 mod runs;
 mod schedules;
@@ -172,7 +173,7 @@ fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
 }
 
 const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
-     finished_at, cancel_requested, not_before, log_dropped_bytes, \"trigger\"";
+     finished_at, cancel_requested, not_before, log_dropped_bytes, \"trigger\", requested_by";
 const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
      claimed_at, started_at, finished_at, log_dropped_bytes";
 
@@ -197,6 +198,8 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
         attempts: Vec::new(),
         callbacks: Vec::new(),
+        requested_by: col(row, "requested_by")?,
+        replies: Vec::new(),
     })
 }
 

@@ -32,8 +32,9 @@ fn json_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
 }
 
 /// Children before the run: the foreign keys refuse it the other way round.
-const DELETE_RUNS: [&str; 5] = [
+const DELETE_RUNS: [&str; 6] = [
     "DELETE FROM callback_deliveries WHERE run_id IN (SELECT value FROM json_each(?))",
+    "DELETE FROM run_replies WHERE run_id IN (SELECT value FROM json_each(?))",
     "DELETE FROM idempotency_keys WHERE run_id IN (SELECT value FROM json_each(?))",
     "DELETE FROM outbox WHERE run_id IN (SELECT value FROM json_each(?))",
     "DELETE FROM attempts WHERE run_id IN (SELECT value FROM json_each(?))",

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use super::admission::{admit_waiting, admits_arrival, set_admitted};
 use super::callbacks::oblige;
 use super::outbox::{drop_pending, enqueue};
+use super::replies::{finished_replies_due, insert_replies};
 use super::{
     ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
     ms, run_from_row, run_id_col, run_state, ttl_ms,
@@ -44,12 +45,16 @@ impl SqliteStore {
             by_run.entry(run_id).or_default().push(attempt);
         }
         let mut callbacks = self.callbacks_of(&ids).await?;
+        let mut replies = super::replies::replies_of(self, &ids).await?;
         for run in &mut runs {
             if let Some(attempts) = by_run.remove(&run.id) {
                 run.attempts = attempts;
             }
             if let Some(found) = callbacks.remove(&run.id) {
                 run.callbacks = found;
+            }
+            if let Some(r) = replies.remove(&run.id) {
+                run.replies = r;
             }
         }
         Ok(runs)
@@ -96,6 +101,7 @@ async fn finalize(
     if let Some(url) = callback {
         oblige(conn, run_id, &url, now).await?;
     }
+    finished_replies_due(conn, run_id).await?;
     col(&row, "job")
 }
 
@@ -116,7 +122,7 @@ pub(super) async fn insert_new_run(
     let admitted = admits_arrival(conn, &run.job, run.admission).await?;
     sqlx::query(
         "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted, \
-         callback_url) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+         callback_url, requested_by) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
     )
     .bind(run.id.to_string())
     .bind(&run.job)
@@ -128,9 +134,11 @@ pub(super) async fn insert_new_run(
     .bind(admission_text(run.admission))
     .bind(i64::from(admitted))
     .bind(run.callback.as_ref().map(|c| c.url.as_str()))
+    .bind(run.requester.requested_by.as_deref())
     .execute(&mut *conn)
     .await
     .map_err(db)?;
+    insert_replies(conn, run).await?;
     if admitted {
         enqueue(conn, run.id, 1, run.created_at, None).await?;
     }

@@ -36,6 +36,7 @@ pub(crate) fn new_run() -> NewRun {
         trigger: crate::domain::run::Trigger::Api,
         admission: crate::domain::schedule::Admission::Unlimited,
         callback: None,
+        requester: crate::domain::reply::Requester::default(),
     }
 }
 

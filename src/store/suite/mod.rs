@@ -6,6 +6,7 @@ mod admission;
 mod callbacks;
 mod lifecycle;
 mod output;
+mod replies;
 mod schedules;
 mod sessions;
 
@@ -13,6 +14,7 @@ pub(crate) use admission::*;
 pub(crate) use callbacks::*;
 pub(crate) use lifecycle::*;
 pub(crate) use output::*;
+pub(crate) use replies::*;
 pub(crate) use schedules::*;
 pub(crate) use sessions::*;
 
@@ -54,6 +56,10 @@ macro_rules! store_suite {
             a_final_state_comes_with_its_callback_obligation_one_per_event,
             a_cancelled_queued_run_is_announced_too,
             each_try_is_recorded_and_a_redelivery_makes_it_due_again,
+            the_finished_reply_becomes_due_with_the_final_state,
+            a_run_cancelled_before_it_started_owes_its_finished_reply,
+            a_run_without_reply_to_owes_no_reply,
+            a_repeated_request_adds_its_replies_once,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

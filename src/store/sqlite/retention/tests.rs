@@ -34,6 +34,7 @@ fn new_run(created_at: DateTime<Utc>) -> NewRun {
         trigger: crate::domain::run::Trigger::Api,
         admission: crate::domain::schedule::Admission::Unlimited,
         callback: None,
+        requester: crate::domain::reply::Requester::default(),
     }
 }
 

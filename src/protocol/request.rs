@@ -1,0 +1,159 @@
+//! The request queue's message: a producer asks for a run of a job,
+//! `{"v":1,"job":"greet","params":{"name":"world"},"reply":["accepted","finished"]}`.
+//! Params are strings, numbers or booleans (they reach the job as text), like the HTTP
+//! API's; `reply` says which moments the producer hears about when it sets `reply_to`
+//! (default: `["finished"]`). `fixtures/request_v1.json` freezes the shape.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::reply::ReplyKind;
+
+/// The largest request body taken.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestV1 {
+    pub v: u32,
+    pub job: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Vec<String>>,
+}
+
+/// A request read: the job, its params as text, and the replies wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub job: String,
+    pub params: BTreeMap<String, String>,
+    pub replies: Vec<ReplyKind>,
+}
+
+/// Why a request cannot become a run before its job is even looked up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request body is {0} bytes; at most {MAX_REQUEST_BYTES} are taken")]
+    TooLarge(usize),
+    #[error("request body is not valid JSON for a run request: {0}")]
+    NotJson(String),
+    #[error("request version {0} is not known; this server reads version 1")]
+    UnknownVersion(u64),
+    #[error("{0}")]
+    InvalidParams(String),
+    #[error("`reply` lists `{0}`; give `accepted` and/or `finished`")]
+    UnknownReply(String),
+}
+
+/// Read a request body, with a stated reason for anything unreadable.
+pub fn parse_request(body: &[u8]) -> Result<RunRequest, RequestError> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLarge(body.len()));
+    }
+    // The version first, so a newer message is named as such and not as bad JSON.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(1) => {}
+        Some(v) => return Err(RequestError::UnknownVersion(v)),
+        None => return Err(RequestError::NotJson("`v` (a number) is missing".into())),
+    }
+    let request: RequestV1 =
+        serde_json::from_value(value).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    let params = request
+        .params
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((k, b.to_string())),
+            other => {
+                let kind = match other {
+                    serde_json::Value::Null => "null",
+                    serde_json::Value::Array(_) => "an array",
+                    _ => "an object",
+                };
+                Err(RequestError::InvalidParams(format!(
+                    "parameter `{k}` is {kind}; give a string, number or boolean"
+                )))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let mut replies = Vec::new();
+    for r in request.reply.unwrap_or_else(|| vec!["finished".into()]) {
+        let kind = ReplyKind::parse(&r).ok_or(RequestError::UnknownReply(r))?;
+        if !replies.contains(&kind) {
+            replies.push(kind);
+        }
+    }
+    Ok(RunRequest {
+        job: request.job,
+        params,
+        replies,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("fixtures/request_v1.json");
+
+    #[test]
+    fn the_request_format_is_frozen() {
+        let sample = RequestV1 {
+            v: 1,
+            job: "greet".into(),
+            params: BTreeMap::from([
+                ("count".to_owned(), serde_json::json!(3)),
+                ("loud".to_owned(), serde_json::json!(true)),
+                ("name".to_owned(), serde_json::json!("world")),
+            ]),
+            reply: Some(vec!["accepted".into(), "finished".into()]),
+        };
+        assert_eq!(
+            serde_json::to_string_pretty(&sample).unwrap(),
+            FIXTURE.trim_end(),
+            "the request JSON changed; if on purpose, update src/protocol/fixtures/request_v1.json"
+        );
+        let read = parse_request(FIXTURE.as_bytes()).unwrap();
+        assert_eq!(read.job, "greet");
+        assert_eq!(read.params["count"], "3");
+        assert_eq!(read.params["loud"], "true");
+        assert_eq!(read.params["name"], "world");
+        assert_eq!(read.replies, [ReplyKind::Accepted, ReplyKind::Finished]);
+    }
+
+    #[test]
+    fn replies_default_to_finished_and_params_to_none() {
+        let read = parse_request(br#"{"v":1,"job":"greet"}"#).unwrap();
+        assert_eq!(read.replies, [ReplyKind::Finished]);
+        assert!(read.params.is_empty());
+    }
+
+    #[test]
+    fn unreadable_requests_are_refused_with_a_reason() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"not json", "not valid JSON"),
+            (br#"{"v":2,"job":"greet"}"#, "version 2 is not known"),
+            (br#"{"job":"greet"}"#, "`v`"),
+            (
+                br#"{"v":1,"job":"greet","params":{"a":[1]}}"#,
+                "is an array",
+            ),
+            (br#"{"v":1,"job":"greet","reply":["started"]}"#, "`started`"),
+            (br#"{"v":1,"job":"greet","extra":1}"#, "unknown field"),
+        ];
+        for (body, want) in cases {
+            let err = parse_request(body).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(matches!(
+            parse_request(&big),
+            Err(RequestError::TooLarge(_))
+        ));
+    }
+}
