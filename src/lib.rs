@@ -319,6 +319,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             replier,
             replies,
             replies_wake,
+            callbacks: callback_sender.clone(),
         };
         tasks.spawn(consumer.run(shutdown.clone()));
     }

@@ -39,6 +39,8 @@ pub struct RequestConsumer {
     pub replies: Arc<dyn Replies>,
     /// Wakes the reply relay after an accept (an `accepted` reply may be due).
     pub replies_wake: Arc<Notify>,
+    /// Checks a callback URL (the request's, or its job's) before the run is accepted.
+    pub callbacks: Arc<dyn crate::domain::callback::CallbackSender>,
 }
 
 /// What is done with a request.
@@ -75,6 +77,7 @@ fn request_error_code(e: &RequestError) -> ErrorCodeV1 {
         RequestError::NotJson(_)
         | RequestError::UnknownVersion(_)
         | RequestError::UnknownReply(_) => ErrorCodeV1::BadRequest,
+        RequestError::UnknownCallbackEvent(_) => ErrorCodeV1::InvalidCallback,
     }
 }
 
@@ -197,6 +200,19 @@ impl RequestConsumer {
             replies: request.replies,
         };
         let requester_again = requester.clone();
+        // As over HTTP: a callback the guard refuses is refused with the request.
+        let target = request
+            .callback
+            .clone()
+            .or_else(|| self.runs.job(&request.job).and_then(|j| j.callback.clone()));
+        if let Some(target) = &target
+            && let Err(refused) = self.callbacks.check(&target.url).await
+        {
+            return Verdict::Refuse(
+                ErrorCodeV1::InvalidCallback,
+                format!("callback {}: {refused}", target.url),
+            );
+        }
         let result = self
             .runs
             .accept_from(
@@ -204,6 +220,7 @@ impl RequestConsumer {
                 request.params,
                 key.map(|k| (scope, k)),
                 requester,
+                request.callback,
             )
             .await;
         match result {

@@ -22,6 +22,18 @@ pub struct RequestV1 {
     pub params: BTreeMap<String, serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<Vec<String>>,
+    /// Where the run announces its end, as in the HTTP body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackRequestV1>,
+}
+
+/// `"callback": {"url": "...", "events": ["finished"]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackRequestV1 {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
 }
 
 /// A request read: the job, its params as text, and the replies wanted.
@@ -30,6 +42,8 @@ pub struct RunRequest {
     pub job: String,
     pub params: BTreeMap<String, String>,
     pub replies: Vec<ReplyKind>,
+    /// The request's own callback (it replaces the job's `[callback]`).
+    pub callback: Option<crate::domain::callback::CallbackTarget>,
 }
 
 /// Why a request cannot become a run before its job is even looked up.
@@ -45,6 +59,8 @@ pub enum RequestError {
     InvalidParams(String),
     #[error("`reply` lists `{0}`; give `accepted` and/or `finished`")]
     UnknownReply(String),
+    #[error("unknown callback event `{0}`; known: finished")]
+    UnknownCallbackEvent(String),
 }
 
 /// Read a request body, with a stated reason for anything unreadable.
@@ -88,10 +104,24 @@ pub fn parse_request(body: &[u8]) -> Result<RunRequest, RequestError> {
             replies.push(kind);
         }
     }
+    let callback = match request.callback {
+        None => None,
+        Some(c) => {
+            let events = c.events.unwrap_or_default();
+            if let Some(unknown) = events
+                .iter()
+                .find(|e| !crate::domain::callback::EVENTS.contains(&e.as_str()))
+            {
+                return Err(RequestError::UnknownCallbackEvent(unknown.clone()));
+            }
+            Some(crate::domain::callback::CallbackTarget { url: c.url })
+        }
+    };
     Ok(RunRequest {
         job: request.job,
         params,
         replies,
+        callback,
     })
 }
 
@@ -112,6 +142,10 @@ mod tests {
                 ("name".to_owned(), serde_json::json!("world")),
             ]),
             reply: Some(vec!["accepted".into(), "finished".into()]),
+            callback: Some(CallbackRequestV1 {
+                url: "https://hooks.example.com/tasuki".into(),
+                events: Some(vec!["finished".into()]),
+            }),
         };
         assert_eq!(
             serde_json::to_string_pretty(&sample).unwrap(),
@@ -124,6 +158,21 @@ mod tests {
         assert_eq!(read.params["loud"], "true");
         assert_eq!(read.params["name"], "world");
         assert_eq!(read.replies, [ReplyKind::Accepted, ReplyKind::Finished]);
+        assert_eq!(
+            read.callback.map(|c| c.url).as_deref(),
+            Some("https://hooks.example.com/tasuki")
+        );
+    }
+
+    #[test]
+    fn a_callback_with_an_unknown_event_is_refused() {
+        let e = parse_request(
+            br#"{"v":1,"job":"greet","callback":{"url":"https://x.example/","events":["started"]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e, RequestError::UnknownCallbackEvent("started".into()));
+        let none = parse_request(br#"{"v":1,"job":"greet"}"#).unwrap();
+        assert_eq!(none.callback, None);
     }
 
     #[test]

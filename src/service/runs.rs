@@ -231,13 +231,14 @@ impl Runs {
         params: BTreeMap<String, String>,
         key: Option<(String, String)>,
         requester: Requester,
+        callback: Option<CallbackTarget>,
     ) -> Result<Accepted, AcceptError> {
         let key = key.map(|(scope, key)| RequestKey {
             scope,
             key,
             content: None,
         });
-        self.accept_with(job, params, key, Trigger::Api, None, requester)
+        self.accept_with(job, params, key, Trigger::Api, callback, requester)
             .await
     }
 

@@ -470,3 +470,93 @@ async fn a_finished_reply_owed_across_a_restart_of_serve_is_sent() {
         Some("succeeded")
     );
 }
+
+#[tokio::test]
+async fn a_queue_request_carries_a_callback_and_a_refused_one_is_dead_lettered() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let requests = unique("tasuki-req");
+    let _guards = (QueueGuard(queue.clone()), QueueGuard(requests.clone()));
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            amqp_queue: Some(queue),
+            embedded_worker: true,
+            worker_token: Some(TOKEN.to_owned()),
+            env: vec![
+                ("TASUKI_REQUEST_QUEUE".into(), requests.clone()),
+                ("TASUKI_CALLBACK_ALLOW".into(), "127.0.0.1/32".into()),
+            ],
+            ..ServeOptions::default()
+        },
+    );
+    wait_for_queue(&requests).await;
+    let (receiver, port) = crate::callbacks::receiver(&[]).await;
+    let mut producer = Producer::new().await;
+    // Allowed (127.0.0.1 is on the allow-list): the run announces its end there.
+    producer
+        .request(
+            &requests,
+            &json!({"v": 1, "job": "exit", "params": {"code": 0},
+                    "callback": {"url": format!("http://127.0.0.1:{port}/hook"), "events": ["finished"]}}),
+            "corr-cb",
+            None,
+            None,
+        )
+        .await;
+    let (_, run) = producer.reply(Duration::from_secs(60)).await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let api = server.client();
+    let stored = api
+        .wait_until(
+            &id,
+            Duration::from_secs(30),
+            "callback delivered",
+            |r: &Value| !r["callbacks"][0]["delivered_at"].is_null(),
+        )
+        .await;
+    assert_eq!(
+        stored["callbacks"][0]["url"],
+        format!("http://127.0.0.1:{port}/hook")
+    );
+    let got = receiver.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].body.contains(&id), "{got:?}");
+
+    // Refused (link-local metadata address): answered and dead-lettered, never called.
+    producer
+        .request(
+            &requests,
+            &json!({"v": 1, "job": "exit", "callback": {"url": "http://169.254.169.254/latest"}}),
+            "corr-refused",
+            None,
+            None,
+        )
+        .await;
+    let (reply, body) = producer.reply(Duration::from_secs(30)).await;
+    assert_eq!(correlation(&reply), "corr-refused");
+    assert_eq!(body["error"]["code"], "invalid_callback", "{body}");
+    let dead = format!("{requests}.dead");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let message = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        match producer
+            .channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(m) => break m,
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(
+        text_header(&message.delivery, "x-tasuki-error-code").as_deref(),
+        Some("invalid_callback")
+    );
+    let (_, listed) = api.get("/v1/runs?job=exit&limit=100").await;
+    assert_eq!(listed["runs"].as_array().unwrap().len(), 1, "{listed}");
+}

@@ -20,18 +20,18 @@ const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET_B: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
 
 #[derive(Clone, Debug)]
-struct Delivery {
+pub(crate) struct Delivery {
     id: String,
     timestamp: String,
     signature: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     /// Statuses to answer, in order; 200 once they run out.
     answers: Arc<Mutex<VecDeque<u16>>>,
-    got: Arc<Mutex<Vec<Delivery>>>,
+    pub(crate) got: Arc<Mutex<Vec<Delivery>>>,
 }
 
 async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -160,7 +160,7 @@ fn options(jobs_dir: PathBuf, allow: bool) -> ServeOptions {
     }
 }
 
-async fn receiver(answers: &[u16]) -> (Receiver, u16) {
+pub(crate) async fn receiver(answers: &[u16]) -> (Receiver, u16) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let r = Receiver::default();
