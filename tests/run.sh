@@ -64,9 +64,18 @@ ensure_busybox() {
   apt_install busybox-static
 }
 
+# The callback and inbound-webhook tests check signatures with an implementation that is
+# not ours: the Python `standardwebhooks` package.
+ensure_standardwebhooks() {
+  if python3 -c 'import standardwebhooks' 2>/dev/null; then return; fi
+  log "installing the Python package standardwebhooks"
+  python3 -m pip install --quiet standardwebhooks
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_busybox
+ensure_standardwebhooks
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 
