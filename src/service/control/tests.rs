@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use super::*;
@@ -15,9 +15,7 @@ use crate::domain::ports::{
     CancelResult, Claim, IdempotencyKey, Inserted, Leases, LogError, NewRun, Outbox, OutboxBacklog,
     OutboxEntry, Reconciliation, RetryResult, RunFilter, RunRecords, Stream,
 };
-use crate::domain::ports::{Cursor, FireResult, Firing, Pause, Schedules, SlotKey, SlotRecord};
 use crate::domain::run::{Run, RunStatus};
-use crate::domain::schedule::{Overlap, SkipReason};
 use crate::domain::session::{
     OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
 };
@@ -56,6 +54,9 @@ impl Shared {
 }
 
 struct FakeStore(Arc<Shared>);
+
+// The parts of the store port the control plane never calls.
+mod unused_ports;
 struct FakeSink(Arc<Shared>);
 
 fn spec() -> ResolvedSpec {
@@ -247,104 +248,6 @@ impl Leases for FakeStore {
 }
 
 /// The control plane never touches schedules.
-#[async_trait]
-impl Schedules for FakeStore {
-    async fn fire_slot(
-        &self,
-        _: &SlotKey,
-        _: DateTime<Utc>,
-        _: NaiveDate,
-        _: &NewRun,
-        _: Overlap,
-        _: DateTime<Utc>,
-    ) -> Result<Firing, StoreError> {
-        unimplemented!()
-    }
-    async fn backfill_slot(
-        &self,
-        _: &SlotKey,
-        _: DateTime<Utc>,
-        _: NaiveDate,
-        _: &NewRun,
-        _: DateTime<Utc>,
-    ) -> Result<FireResult, StoreError> {
-        unimplemented!()
-    }
-    async fn skip_slot(
-        &self,
-        _: &SlotKey,
-        _: DateTime<Utc>,
-        _: NaiveDate,
-        _: SkipReason,
-        _: Option<&str>,
-        _: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        unimplemented!()
-    }
-    async fn slots(&self, _: &str, _: Option<&str>, _: u32) -> Result<Vec<SlotRecord>, StoreError> {
-        unimplemented!()
-    }
-    async fn slots_between(
-        &self,
-        _: &str,
-        _: &str,
-        _: DateTime<Utc>,
-        _: DateTime<Utc>,
-    ) -> Result<Vec<SlotRecord>, StoreError> {
-        unimplemented!()
-    }
-    async fn cursor(&self, _: &str, _: &str) -> Result<Option<Cursor>, StoreError> {
-        unimplemented!()
-    }
-    async fn advance_cursor(&self, _: &str, _: &str, _: DateTime<Utc>) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-    async fn rebase_cursor(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-    async fn pause(&self, _: &str, _: &str) -> Result<Option<Pause>, StoreError> {
-        unimplemented!()
-    }
-    async fn set_pause(&self, _: &str, _: &str, _: Option<&Pause>) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-}
-
-#[async_trait]
-impl crate::domain::callback::Callbacks for FakeStore {
-    async fn due_callbacks(
-        &self,
-        _: DateTime<Utc>,
-        _: u32,
-    ) -> Result<Vec<crate::domain::callback::DueCallback>, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-
-    async fn record_callback_try(
-        &self,
-        _: i64,
-        _: &crate::domain::callback::TryResult,
-        _: crate::domain::callback::NextStep,
-        _: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-
-    async fn redeliver_callbacks(
-        &self,
-        _: RunId,
-        _: DateTime<Utc>,
-    ) -> Result<crate::domain::callback::Redelivery, StoreError> {
-        unimplemented!("not used by the control plane")
-    }
-}
-
 #[async_trait]
 impl Reconciliation for FakeStore {
     async fn held_attempts(&self, _worker_id: &str) -> Result<Vec<HeldAttempt>, StoreError> {
