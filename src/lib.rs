@@ -66,6 +66,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Jobs(JobsCommand::Reload { server }) => Ok(cli::reload_jobs(server).await),
         Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
         Command::Schedules(cmd) => Ok(cli::schedules::command(cmd).await),
+        Command::Token(cmd) => Ok(cli::token::command(cmd)),
     }
 }
 
@@ -187,6 +188,14 @@ fn docker(options: &WorkerOptions) -> anyhow::Result<Arc<dyn ContainerRuntime>> 
 
 /// `tasuki serve`: API, store, outbox relay, and (without AMQP, or when asked) a worker.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let server_config =
+        config::server::ServerConfig::load(args.config.as_deref(), std::env::vars())
+            .context("loading the server configuration")?;
+    tracing::debug!(
+        message = "server configuration",
+        tokens = server_config.tokens.len(),
+        worker_tokens = server_config.worker_tokens.len()
+    );
     let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
     let catalog = Reloadable::load(dirs.clone()).map_err(|errors| {
         anyhow::anyhow!(

@@ -2,6 +2,7 @@
 //! the job's exit code, or with a documented code saying which side failed.
 
 pub mod schedules;
+pub mod token;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,5 +1,6 @@
 //! Pure types and rules: no tokio, axum, lapin, bollard or sqlx here.
 
+pub mod auth;
 pub mod callback;
 pub mod job;
 pub mod job_lookup;

@@ -1,4 +1,7 @@
-//! Command line and environment: every option also reads a `TASUKI_*` variable.
+//! Command line and environment: every option also reads a `TASUKI_*` variable. The
+//! server's config file (tokens, limits, container policy, registries) is `server`.
+
+pub mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +60,27 @@ pub enum Command {
     /// pause, resume, backfill.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Make API and worker tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token: prints its value once, and the lines to paste into the
+    /// server's config file (which keeps only its SHA-256).
+    Create {
+        /// The token's name: logged with every request it makes and stored with every
+        /// run it starts.
+        #[arg(long, env = "TASUKI_TOKEN_NAME")]
+        name: String,
+        /// `run:GLOB`, `read:GLOB`, `cancel:GLOB` or `admin`; repeatable.
+        #[arg(long = "scope", env = "TASUKI_TOKEN_SCOPES", value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// A worker token (opens only the worker protocol) instead of an API token.
+        #[arg(long, env = "TASUKI_TOKEN_WORKER", conflicts_with = "scopes")]
+        worker: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -165,9 +189,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_EMBEDDED_WORKER")]
     pub embedded_worker: bool,
 
-    /// Secret that `tasuki worker` processes present; without it the worker API is off.
+    /// Secret that `tasuki worker` processes present (besides the config file's
+    /// `[[worker_tokens]]`); with neither, the worker API is off.
     #[arg(long, env = "TASUKI_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+
+    /// The server config file: API and worker tokens, limits, container policy,
+    /// registry credentials (every key is also a `TASUKI_*` variable; see README).
+    #[arg(long, env = "TASUKI_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Serve a non-loopback address with no API tokens configured: anyone who can
+    /// reach it may run, read and cancel every job.
+    #[arg(long, env = "TASUKI_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// TLS certificate chain (PEM); with --tls-key, `serve` speaks HTTPS only.
+    #[arg(long, env = "TASUKI_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "TASUKI_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// A worker's claim on a run lasts this long unless renewed.
     #[arg(long, env = "TASUKI_LEASE_TTL", value_parser = duration, default_value = "30s")]
@@ -236,9 +279,14 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASUKI_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
 
-    /// The secret given to `tasuki serve --worker-token`.
+    /// A worker token of the server (`--worker-token`, or one of `[[worker_tokens]]`).
     #[arg(long, env = "TASUKI_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: String,
+
+    /// CA certificate (PEM) that signed the server's TLS certificate, when it is not
+    /// one the system trusts.
+    #[arg(long, env = "TASUKI_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 
     /// RabbitMQ URL.
     #[arg(long, env = "TASUKI_AMQP_URL")]
@@ -256,6 +304,15 @@ pub struct ServerOption {
     /// The tasuki server URL.
     #[arg(long, env = "TASUKI_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+
+    /// API token (sent as a bearer token).
+    #[arg(long, env = "TASUKI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// CA certificate (PEM) that signed the server's TLS certificate, when it is not
+    /// one the system trusts.
+    #[arg(long, env = "TASUKI_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
