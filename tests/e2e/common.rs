@@ -237,6 +237,8 @@ pub struct ServeOptions {
     pub worker_id: Option<String>,
     /// Extra environment for the process.
     pub env: Vec<(String, String)>,
+    /// Extra command line arguments, after the ones above.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -250,6 +252,7 @@ impl Default for ServeOptions {
             lease_ttl: None,
             worker_id: None,
             env: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -308,6 +311,7 @@ impl Server {
         if let Some(ttl) = &options.lease_ttl {
             args.extend(["--lease-ttl".into(), ttl.clone()]);
         }
+        args.extend(options.extra_args.iter().cloned());
         let process = Process::spawn_with_env(&args, dir, &worker_id, "serve", &options.env);
         let mut server = Server {
             process,
