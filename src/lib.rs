@@ -4,8 +4,8 @@
 //! services need; `service` holds the use cases (accept a run, relay the outbox, run a
 //! worker, answer workers as the control plane); the adapters implement the ports:
 //! `store` (SQLite), `amqp` (RabbitMQ), `memqueue` (in-process queue), `docker`
-//! (bollard), `logsink` (files), `client` (HTTP to a remote control plane), `http`
-//! (the axum API). This file is the one place where concrete adapters meet.
+//! (bollard), `logsink` (files), `secrets` (`serve`'s environment and files), `client`
+//! (HTTP to a remote control plane), `http` (the axum API). This file is the one place where concrete adapters meet.
 
 pub mod amqp;
 pub mod callback;
@@ -20,6 +20,7 @@ pub mod http;
 pub mod logsink;
 pub mod memqueue;
 pub mod protocol;
+pub mod secrets;
 pub mod service;
 pub mod shutdown;
 pub mod store;
@@ -194,7 +195,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     tracing::debug!(
         message = "server configuration",
         tokens = server_config.tokens.len(),
-        worker_tokens = server_config.worker_tokens.len()
+        worker_tokens = server_config.worker_tokens.len(),
+        registries = ?server_config.registries.keys().collect::<Vec<_>>()
     );
     let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
     let catalog = Reloadable::load(dirs.clone()).map_err(|errors| {
@@ -227,11 +229,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     );
     let events = RunEvents::new();
     let wake = Arc::new(Notify::new());
+    // Job secrets and registry passwords are read from here at each claim, never
+    // before: a value exists only in the claim answer and the worker's memory.
+    let secrets = Arc::new(secrets::HostSecrets::new(
+        server_config
+            .registry_logins()
+            .context("loading the server configuration")?,
+    ));
     let control = Arc::new(LocalControlPlane::new(
         store.clone(),
         logs.clone(),
         events.clone(),
         args.lease_ttl,
+        secrets,
     ));
     let jobs: Arc<dyn crate::domain::job_lookup::JobLookup> = catalog.clone();
     let runs = Runs::new(

@@ -14,6 +14,7 @@ pub use stored::*;
 pub use worker::*;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{Lease, RunMessage};
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, ReasonCode, RunId};
+use crate::domain::secret::{Secret, SecretRef};
 
 /// The AMQP message body: `{"v":1,"run_id":"...","attempt":1}`. Small on purpose: the
 /// spec comes from the control plane at claim time.
@@ -83,6 +85,10 @@ pub struct SpecV1 {
     pub user: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secret environment variables by reference (`{"from_env":"DB_PASSWORD"}`): the
+    /// values are read at claim time and never stored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretRefV1>,
     pub pull: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<u32>,
@@ -104,6 +110,11 @@ impl From<&ResolvedSpec> for SpecV1 {
             workdir: s.workdir.clone(),
             user: s.user.clone(),
             env: s.env.clone(),
+            secret_env: s
+                .secret_env
+                .iter()
+                .map(|(k, r)| (k.clone(), SecretRefV1::from(r)))
+                .collect(),
             pull: s.pull.as_str().to_owned(),
             cpu: s.resources.cpu,
             cpu_limit: s.resources.cpu_limit,
@@ -125,6 +136,11 @@ impl TryFrom<SpecV1> for ResolvedSpec {
             workdir: s.workdir,
             user: s.user,
             env: s.env,
+            secret_env: s
+                .secret_env
+                .into_iter()
+                .map(|(k, r)| (k, SecretRef::from(r)))
+                .collect(),
             resources: Resources {
                 cpu: s.cpu,
                 cpu_limit: s.cpu_limit,
@@ -134,6 +150,51 @@ impl TryFrom<SpecV1> for ResolvedSpec {
             stop_grace: Duration::from_millis(s.stop_grace_ms),
             network: s.network,
         })
+    }
+}
+
+/// A secret's reference as job files, the server config and the stored spec write it:
+/// `{"from_env":"NAME"}` or `{"from_file":"/path"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum SecretRefV1 {
+    FromEnv { from_env: String },
+    FromFile { from_file: PathBuf },
+}
+
+impl From<&SecretRef> for SecretRefV1 {
+    fn from(r: &SecretRef) -> Self {
+        match r {
+            SecretRef::Env(name) => SecretRefV1::FromEnv {
+                from_env: name.clone(),
+            },
+            SecretRef::File(path) => SecretRefV1::FromFile {
+                from_file: path.clone(),
+            },
+        }
+    }
+}
+
+impl From<SecretRefV1> for SecretRef {
+    fn from(r: SecretRefV1) -> Self {
+        match r {
+            SecretRefV1::FromEnv { from_env } => SecretRef::Env(from_env),
+            SecretRefV1::FromFile { from_file } => SecretRef::File(from_file),
+        }
+    }
+}
+
+/// A secret's value on the wire (the claim answer only) is its plain text; `Debug` of
+/// every body that holds one still prints `[redacted]`.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.expose())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 
@@ -221,13 +282,37 @@ impl TryFrom<RetryV1> for RetryPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutcomeV1 {
-    Exited { code: i64 },
-    OomKilled { code: i64 },
-    TimedOut { after_ms: u64, code: Option<i64> },
-    Cancelled { code: Option<i64> },
-    ImageNotFound { image: String },
-    ImagePullFailed { image: String, message: String },
-    DockerError { message: String },
+    Exited {
+        code: i64,
+    },
+    OomKilled {
+        code: i64,
+    },
+    TimedOut {
+        after_ms: u64,
+        code: Option<i64>,
+    },
+    Cancelled {
+        code: Option<i64>,
+    },
+    ImageNotFound {
+        image: String,
+    },
+    ImagePullFailed {
+        image: String,
+        message: String,
+        /// Absent (false) from workers that do not tell it apart.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unauthorized: bool,
+    },
+    DockerError {
+        message: String,
+    },
+    /// Written by the control plane itself (a claim whose secret could not be read);
+    /// no worker sends it.
+    SecretUnavailable {
+        message: String,
+    },
 }
 
 impl From<&Outcome> for OutcomeV1 {
@@ -241,10 +326,17 @@ impl From<&Outcome> for OutcomeV1 {
             },
             Outcome::Cancelled { code } => OutcomeV1::Cancelled { code },
             Outcome::ImageNotFound { image } => OutcomeV1::ImageNotFound { image },
-            Outcome::ImagePullFailed { image, message } => {
-                OutcomeV1::ImagePullFailed { image, message }
-            }
+            Outcome::ImagePullFailed {
+                image,
+                message,
+                unauthorized,
+            } => OutcomeV1::ImagePullFailed {
+                image,
+                message,
+                unauthorized,
+            },
             Outcome::DockerError { message } => OutcomeV1::DockerError { message },
+            Outcome::SecretUnavailable { message } => OutcomeV1::SecretUnavailable { message },
         }
     }
 }
@@ -260,10 +352,17 @@ impl From<OutcomeV1> for Outcome {
             },
             OutcomeV1::Cancelled { code } => Outcome::Cancelled { code },
             OutcomeV1::ImageNotFound { image } => Outcome::ImageNotFound { image },
-            OutcomeV1::ImagePullFailed { image, message } => {
-                Outcome::ImagePullFailed { image, message }
-            }
+            OutcomeV1::ImagePullFailed {
+                image,
+                message,
+                unauthorized,
+            } => Outcome::ImagePullFailed {
+                image,
+                message,
+                unauthorized,
+            },
             OutcomeV1::DockerError { message } => Outcome::DockerError { message },
+            OutcomeV1::SecretUnavailable { message } => Outcome::SecretUnavailable { message },
         }
     }
 }
@@ -362,6 +461,7 @@ mod tests {
                 workdir: None,
                 user: None,
                 env: BTreeMap::new(),
+                secret_env: BTreeMap::new(),
                 pull: PullPolicy::Never,
                 resources: Resources::default(),
                 timeout: None,
@@ -369,6 +469,7 @@ mod tests {
                 network: "none".into(),
             },
             lease_ttl: Duration::from_secs(30),
+            secrets: Default::default(),
         };
         let output = OutputPosition {
             read: 9,
@@ -412,3 +513,6 @@ mod tests {
         assert!(decode_log_frames(Bytes::from_static(&[7, 0, 0, 0, 0, 0, 0, 0])).is_err());
     }
 }
+
+#[cfg(test)]
+mod secrets_tests;

@@ -23,8 +23,9 @@ pub(super) struct JobFile {
     #[serde(default)]
     pub schedules: Vec<Spanned<ScheduleFile>>,
     pub max_concurrent: Option<Spanned<i64>>,
+    /// A string, or a secret's reference (`{ from_env = .. }`, `{ from_file = .. }`).
     #[serde(default)]
-    pub env: BTreeMap<Spanned<String>, Spanned<String>>,
+    pub env: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
     #[serde(default)]
     pub resources: ResourcesFile,
     #[serde(default)]

@@ -6,13 +6,13 @@
 //! timeouts, schedule, env, resources, params, retry, webhook), which is the order errors print.
 
 mod callback;
+mod env;
 mod params;
 mod resources;
 mod retry;
 mod schedules;
 mod webhook;
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -22,10 +22,7 @@ use toml::Spanned;
 use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
-use crate::domain::job::{
-    JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name, is_valid_env_name,
-    parse_duration,
-};
+use crate::domain::job::{JobName, JobSpec, PullPolicy, parse_duration};
 
 pub(super) use params::check_refs;
 pub use schedules::WEEKDAYS_CALENDAR;
@@ -199,7 +196,7 @@ pub(super) fn validate(
         .max_concurrent
         .as_ref()
         .and_then(|m| ctx.int_in(m, "max_concurrent", MAX_CONCURRENT));
-    let env = env(ctx, &raw.env, &raw.params);
+    let env = env::env(ctx, &raw.env, &raw.params);
     let resources = resources::resources(ctx, &raw.resources);
     let params = params::params(ctx, &raw.params);
     let retry = raw
@@ -223,7 +220,8 @@ pub(super) fn validate(
         command,
         workdir: container.workdir,
         user: container.user,
-        env,
+        env: env.plain,
+        secret_env: env.secrets,
         pull,
         resources,
         timeout: timeouts.timeout,
@@ -352,38 +350,6 @@ fn timeouts(
             .and_then(|g| ctx.duration(g, "stop_grace"))
             .unwrap_or(DEFAULT_STOP_GRACE),
     }
-}
-
-/// `[env]`: names a shell would take, none of tasuki's own, values without NUL.
-fn env(
-    ctx: &mut Ctx<'_>,
-    raw: &BTreeMap<Spanned<String>, Spanned<String>>,
-    params: &Params,
-) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    for (key, value) in raw {
-        let k = key.get_ref();
-        let field = format!("env.{k}");
-        if !is_valid_env_name(k) {
-            ctx.at(
-                &key.span(),
-                &field,
-                format!("invalid environment variable name {k:?} (use A-Z, a-z, 0-9 and '_', not starting with a digit)"),
-            );
-        } else if is_reserved_env_name(k) {
-            ctx.at(
-                &key.span(),
-                &field,
-                format!("names starting with `{RESERVED_ENV_PREFIX}` are reserved for tasuki"),
-            );
-        }
-        if value.get_ref().contains('\0') {
-            ctx.at(&value.span(), &field, "contains a NUL character");
-        }
-        check_refs(ctx, value, &field, params);
-        env.insert(k.clone(), value.get_ref().clone());
-    }
-    env
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::secret::{RegistryLogin, SecretRef};
+
 /// The prefix of every environment variable that sets a config key.
 pub const ENV_PREFIX: &str = "TASUKI_";
 
@@ -217,6 +219,55 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The `[registries]` logins as the control plane reads them, by registry host. A
+    /// key is a host as image references write it (`reg.example:5000`, `docker.io` for
+    /// images that name none): a URL would never match an image, so it is refused.
+    pub fn registry_logins(&self) -> Result<BTreeMap<String, RegistryLogin>, ConfigError> {
+        let mut logins = BTreeMap::new();
+        for (host, entry) in &self.registries {
+            let malformed = host.is_empty()
+                || host.contains("://")
+                || host.contains('/')
+                || host
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_ascii_uppercase());
+            if malformed {
+                return Err(ConfigError::Invalid {
+                    origin: format!("[registries.{host:?}]"),
+                    message: "the key must be a registry host as image references name it, \
+                              e.g. \"reg.example:5000\" or \"docker.io\" (no scheme, no path, \
+                              lower case)"
+                        .to_owned(),
+                });
+            }
+            if entry.username.is_empty() {
+                return Err(ConfigError::Invalid {
+                    origin: format!("[registries.{host:?}]"),
+                    message: "username must not be empty".to_owned(),
+                });
+            }
+            logins.insert(
+                host.clone(),
+                RegistryLogin {
+                    username: entry.username.clone(),
+                    password: SecretRef::from(&entry.password),
+                },
+            );
+        }
+        Ok(logins)
+    }
+}
+
+impl From<&SecretSource> for SecretRef {
+    fn from(s: &SecretSource) -> Self {
+        match s {
+            SecretSource::FromEnv { from_env } => SecretRef::Env(from_env.clone()),
+            SecretSource::FromFile { from_file } => SecretRef::File(from_file.clone()),
+        }
+    }
+}
+
 /// Every key path of the config, by the environment variable that sets it.
 pub fn env_keys() -> BTreeMap<String, Vec<String>> {
     let mut keys = BTreeMap::new();
@@ -351,6 +402,52 @@ password = { from_env = "REG_PASSWORD" }
                 from_env: "REG_PASSWORD".into()
             }
         );
+    }
+
+    #[test]
+    fn registry_logins_keep_the_password_a_reference() {
+        let c = ServerConfig::load(
+            None,
+            env(&[(
+                "TASUKI_REGISTRIES",
+                r#"{ "127.0.0.1:5000" = { username = "ci", password = { from_file = "/run/secrets/reg" } } }"#,
+            )]),
+        )
+        .unwrap();
+        let logins = c.registry_logins().unwrap();
+        assert_eq!(
+            logins["127.0.0.1:5000"],
+            RegistryLogin {
+                username: "ci".into(),
+                password: SecretRef::File("/run/secrets/reg".into()),
+            }
+        );
+        for bad in ["https://reg.example", "reg.example/v2", "Reg.Example", ""] {
+            let c = ServerConfig {
+                registries: BTreeMap::from([(
+                    bad.to_owned(),
+                    RegistryEntry {
+                        username: "ci".into(),
+                        password: SecretSource::FromEnv {
+                            from_env: "P".into(),
+                        },
+                    },
+                )]),
+                ..ServerConfig::default()
+            };
+            let e = c.registry_logins().unwrap_err().to_string();
+            assert!(e.contains("registry host"), "{bad}: {e}");
+        }
+        // A password written in the file itself is not a reference: refused at load.
+        let e = ServerConfig::load(
+            None,
+            env(&[(
+                "TASUKI_REGISTRIES",
+                r#"{ "r.example" = { username = "ci", password = "plain" } }"#,
+            )]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("TASUKI_REGISTRIES"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The engine's failures as `RuntimeError`s: unreachable vs. an answer, a container that
-//! is gone, and pull failures told apart (image not found vs. anything else).
+//! is gone, and pull failures told apart (image not found, credentials refused, anything
+//! else).
 
 use std::error::Error as StdError;
 
@@ -42,9 +43,24 @@ pub(super) fn classify_pull_error(image: &str, e: BollardError) -> RuntimeError 
         "no such image",
         "name unknown",
     ];
+    // The registry refused the login, or wanted one and got none (the engine passes
+    // the registry's 401 on in its message). Docker Hub's "pull access denied" is left
+    // out: it says the same for a repository that does not exist.
+    const UNAUTHORIZED: &[&str] = &[
+        "unauthorized",
+        "authentication required",
+        "no basic auth credentials",
+        "incorrect username or password",
+    ];
     let transport = TRANSPORT.iter().any(|t| lower.contains(t));
+    let unauthorized = status == Some(401) || UNAUTHORIZED.iter().any(|t| lower.contains(t));
     let not_found = status == Some(404) || NOT_FOUND.iter().any(|t| lower.contains(t));
-    if not_found && !transport {
+    if unauthorized && !transport {
+        RuntimeError::PullUnauthorized {
+            image: image.to_owned(),
+            message,
+        }
+    } else if not_found && !transport {
         RuntimeError::ImageNotFound {
             image: image.to_owned(),
         }
@@ -189,9 +205,36 @@ mod tests {
             classify_pull_error("x", manifest),
             RuntimeError::ImageNotFound { .. }
         ));
-        let auth = server(500, "unauthorized: authentication required");
+        // What Docker 20.10 says for a registry with basic auth: a wrong password, and
+        // no login at all.
+        for refused in [
+            "unauthorized: authentication required",
+            "Head \"http://127.0.0.1:5931/v2/probe/example/manifests/1\": no basic auth credentials",
+            "unauthorized: incorrect username or password",
+        ] {
+            let classified = classify_pull_error("x", server(500, refused));
+            assert!(
+                matches!(classified, RuntimeError::PullUnauthorized { .. }),
+                "{refused}: {classified:?}"
+            );
+        }
         assert!(matches!(
-            classify_pull_error("x", auth),
+            classify_pull_error("x", server(401, "")),
+            RuntimeError::PullUnauthorized { .. }
+        ));
+        // Docker Hub says "denied" for a repository that does not exist, too: not found.
+        let hub = server(
+            404,
+            "pull access denied for nothing, repository does not exist or may require 'docker login': denied: requested access to the resource is denied",
+        );
+        assert!(matches!(
+            classify_pull_error("x", hub),
+            RuntimeError::ImageNotFound { .. }
+        ));
+        // A broken connection to the registry is never about credentials.
+        let tls = server(500, "Get \"https://r.example/v2/\": x509: unauthorized CA");
+        assert!(matches!(
+            classify_pull_error("x", tls),
             RuntimeError::PullFailed { .. }
         ));
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::Docker;
+use bollard::auth::DockerCredentials;
 use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
@@ -34,6 +35,7 @@ use crate::domain::ports::{
     ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, OutputChunk,
     OutputStream, RuntimeError, Stream,
 };
+use crate::domain::secret::RegistryCredentials;
 
 /// [`ContainerRuntime`] talking to a Docker engine through bollard.
 pub struct DockerRuntime {
@@ -102,15 +104,34 @@ impl DockerRuntime {
         }
     }
 
-    async fn pull(&self, docker: &Docker, image: &str) -> Result<(), RuntimeError> {
+    async fn pull(
+        &self,
+        docker: &Docker,
+        image: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(), RuntimeError> {
         let (from_image, tag) = split_image_ref(image);
-        tracing::info!(image, from_image, tag, "pulling image");
+        tracing::info!(
+            image,
+            from_image,
+            tag,
+            login = credentials.map(|c| c.username.as_str()),
+            "pulling image"
+        );
         let options = CreateImageOptions {
             from_image: Some(from_image),
             tag: Some(tag),
             ..Default::default()
         };
-        let progress = docker.create_image(Some(options), None, None);
+        // The engine gets the login in the request's X-Registry-Auth header, for this
+        // pull only: nothing is written to a Docker config file.
+        let auth = credentials.map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.expose().to_owned()),
+            serveraddress: Some(c.registry.clone()),
+            ..Default::default()
+        });
+        let progress = docker.create_image(Some(options), None, auth);
         let mut progress = std::pin::pin!(progress);
         while let Some(item) = progress.next().await {
             match item {
@@ -178,7 +199,12 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
-    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(), RuntimeError> {
         let docker = self.docker().await?;
         match policy {
             PullPolicy::Never => {
@@ -194,10 +220,10 @@ impl ContainerRuntime for DockerRuntime {
                 if self.image_present(&docker, image).await? {
                     Ok(())
                 } else {
-                    self.pull(&docker, image).await
+                    self.pull(&docker, image, credentials).await
                 }
             }
-            PullPolicy::Always => self.pull(&docker, image).await,
+            PullPolicy::Always => self.pull(&docker, image, credentials).await,
         }
     }
 

@@ -9,7 +9,16 @@ use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use crate::domain::ports::ContainerSpec;
 
 pub(super) fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
-    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let env: Vec<String> = spec
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(
+            spec.secret_env
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.expose())),
+        )
+        .collect();
     let labels: HashMap<String, String> = spec
         .labels
         .iter()

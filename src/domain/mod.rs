@@ -10,6 +10,7 @@ pub mod retention;
 pub mod retry;
 pub mod run;
 pub mod schedule;
+pub mod secret;
 pub mod session;
 pub mod store;
 pub mod transition;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::job::PullPolicy;
+use super::secret::{RegistryCredentials, Secret};
 use super::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
 /// Which of a container's output streams a chunk came from.
@@ -36,6 +37,9 @@ pub struct ContainerSpec {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets: put into the create request by
+    /// the runtime itself, so printing a spec never shows them.
+    pub secret_env: BTreeMap<String, Secret>,
     pub labels: BTreeMap<String, String>,
     /// Relative CPU weight, Docker `CpuShares` (1024 = one core, as ECS units).
     pub cpu_shares: Option<u32>,
@@ -80,7 +84,10 @@ pub enum RuntimeError {
     /// Absent locally with `pull = never`, or unknown to its registry.
     #[error("image not found: {image}")]
     ImageNotFound { image: String },
-    /// Any other pull failure (registry unreachable, auth, ...).
+    /// The registry refused the pull's credentials, or wanted some and got none.
+    #[error("pulling image {image} failed: unauthorized: {message}")]
+    PullUnauthorized { image: String, message: String },
+    /// Any other pull failure (registry unreachable, refused, ...).
     #[error("pulling image {image} failed: {message}")]
     PullFailed { image: String, message: String },
     /// The container (by name or id) does not exist.
@@ -104,8 +111,14 @@ pub type OutputStream = BoxStream<'static, Result<OutputChunk, RuntimeError>>;
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Engine reachable and answering.
     async fn ping(&self) -> Result<(), RuntimeError>;
-    /// Make the image present according to the pull policy.
-    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError>;
+    /// Make the image present according to the pull policy; a pull logs in with
+    /// `credentials` when given.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(), RuntimeError>;
     /// Create (not start) the container; returns its id.
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Attach to stdout+stderr (stream only, no past logs). Call before `start` so no

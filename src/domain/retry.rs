@@ -41,13 +41,15 @@ impl RetryPolicy {
     pub const MAX_ATTEMPTS: u32 = 100;
 
     /// Reasons a job may name in `on`: `exit_code` is named through `on_exit_codes`,
-    /// and a cancel or a missing image is never worth another attempt.
-    pub const RETRYABLE: [ReasonCode; 5] = [
+    /// and a cancel or a missing image is never worth another attempt. A secret that
+    /// could not be read may be (a file an agent writes a little later).
+    pub const RETRYABLE: [ReasonCode; 6] = [
         ReasonCode::OomKilled,
         ReasonCode::TimedOut,
         ReasonCode::Lost,
         ReasonCode::DockerError,
         ReasonCode::ImagePullFailed,
+        ReasonCode::SecretUnavailable,
     ];
 
     /// Whether attempt `attempt`, which ended for `reason` with `exit_code`, gets

@@ -133,10 +133,12 @@ pub enum ReasonCode {
     DockerError,
     Cancelled,
     Lost,
+    /// A secret of the job (or its registry's password) could not be read at claim.
+    SecretUnavailable,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 8] = [
+    pub const ALL: [ReasonCode; 9] = [
         ReasonCode::ExitCode,
         ReasonCode::OomKilled,
         ReasonCode::TimedOut,
@@ -145,6 +147,7 @@ impl ReasonCode {
         ReasonCode::DockerError,
         ReasonCode::Cancelled,
         ReasonCode::Lost,
+        ReasonCode::SecretUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +160,7 @@ impl ReasonCode {
             ReasonCode::DockerError => "docker_error",
             ReasonCode::Cancelled => "cancelled",
             ReasonCode::Lost => "lost",
+            ReasonCode::SecretUnavailable => "secret_unavailable",
         }
     }
 }
@@ -197,9 +201,16 @@ pub enum Outcome {
     ImagePullFailed {
         image: String,
         message: String,
+        /// The registry refused the credentials, or wanted some and got none.
+        unauthorized: bool,
     },
     /// The engine refused or failed; the container may never have run.
     DockerError {
+        message: String,
+    },
+    /// A secret the attempt needs could not be read when it was claimed (says which
+    /// variable or file, never a value); no container was made.
+    SecretUnavailable {
         message: String,
     },
 }
@@ -212,7 +223,8 @@ impl Outcome {
             | Outcome::OomKilled { .. }
             | Outcome::ImageNotFound { .. }
             | Outcome::ImagePullFailed { .. }
-            | Outcome::DockerError { .. } => RunStatus::Failed,
+            | Outcome::DockerError { .. }
+            | Outcome::SecretUnavailable { .. } => RunStatus::Failed,
             Outcome::TimedOut { .. } => RunStatus::TimedOut,
             Outcome::Cancelled { .. } => RunStatus::Cancelled,
         }
@@ -238,6 +250,7 @@ impl Outcome {
             Outcome::ImageNotFound { .. } => ReasonCode::ImageNotFound,
             Outcome::ImagePullFailed { .. } => ReasonCode::ImagePullFailed,
             Outcome::DockerError { .. } => ReasonCode::DockerError,
+            Outcome::SecretUnavailable { .. } => ReasonCode::SecretUnavailable,
         })
     }
 
@@ -252,10 +265,18 @@ impl Outcome {
             }
             Outcome::Cancelled { .. } => "cancelled".to_owned(),
             Outcome::ImageNotFound { image } => format!("image_not_found: {image}"),
-            Outcome::ImagePullFailed { image, message } => {
-                format!("image_pull_failed: {image}: {message}")
-            }
+            Outcome::ImagePullFailed {
+                image,
+                message,
+                unauthorized: false,
+            } => format!("image_pull_failed: {image}: {message}"),
+            Outcome::ImagePullFailed {
+                image,
+                message,
+                unauthorized: true,
+            } => format!("image_pull_failed: unauthorized: {image}: {message}"),
             Outcome::DockerError { message } => format!("docker_error: {message}"),
+            Outcome::SecretUnavailable { message } => format!("secret_unavailable: {message}"),
         })
     }
 }
@@ -401,5 +422,29 @@ mod tests {
         };
         assert_eq!(slow.status(), RunStatus::TimedOut);
         assert_eq!(slow.reason().as_deref(), Some("timeout after 30m"));
+        let refused = Outcome::ImagePullFailed {
+            image: "reg.example/x:1".into(),
+            message: "unauthorized: authentication required".into(),
+            unauthorized: true,
+        };
+        assert_eq!(refused.reason_code(), Some(ReasonCode::ImagePullFailed));
+        assert!(
+            refused
+                .reason()
+                .unwrap()
+                .starts_with("image_pull_failed: unauthorized: reg.example/x:1: ")
+        );
+        let secret = Outcome::SecretUnavailable {
+            message: "env.DB_PASSWORD: environment variable DB_PASSWORD is not set".into(),
+        };
+        assert_eq!(secret.status(), RunStatus::Failed);
+        assert_eq!(secret.exit_code(), None);
+        assert_eq!(secret.reason_code(), Some(ReasonCode::SecretUnavailable));
+        assert_eq!(
+            secret.reason().as_deref(),
+            Some(
+                "secret_unavailable: env.DB_PASSWORD: environment variable DB_PASSWORD is not set"
+            )
+        );
     }
 }

@@ -15,6 +15,7 @@ use super::reply::{DueReply, Requester};
 use super::retry::RetryPolicy;
 use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
 use super::schedule::{Admission, Overlap, SkipReason};
+use super::secret::ClaimSecrets;
 use super::session::{
     OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest, WorkerSession,
 };
@@ -161,6 +162,9 @@ pub struct Claim {
     pub job: String,
     pub spec: ResolvedSpec,
     pub lease_ttl: Duration,
+    /// The values of the spec's secret references (and the pull's credentials), read by
+    /// the control plane for this claim only; empty as the store hands a claim out.
+    pub secrets: ClaimSecrets,
 }
 
 #[derive(Debug, Clone)]

@@ -166,6 +166,7 @@ pub enum ReasonCodeV1 {
     DockerError,
     Cancelled,
     Lost,
+    SecretUnavailable,
     Unknown(String),
 }
 
@@ -180,6 +181,7 @@ impl ReasonCodeV1 {
             ReasonCodeV1::DockerError => "docker_error",
             ReasonCodeV1::Cancelled => "cancelled",
             ReasonCodeV1::Lost => "lost",
+            ReasonCodeV1::SecretUnavailable => "secret_unavailable",
             ReasonCodeV1::Unknown(s) => s,
         }
     }
@@ -196,6 +198,7 @@ impl From<ReasonCode> for ReasonCodeV1 {
             ReasonCode::DockerError => ReasonCodeV1::DockerError,
             ReasonCode::Cancelled => ReasonCodeV1::Cancelled,
             ReasonCode::Lost => ReasonCodeV1::Lost,
+            ReasonCode::SecretUnavailable => ReasonCodeV1::SecretUnavailable,
         }
     }
 }
@@ -211,6 +214,7 @@ impl From<String> for ReasonCodeV1 {
             "docker_error" => ReasonCodeV1::DockerError,
             "cancelled" => ReasonCodeV1::Cancelled,
             "lost" => ReasonCodeV1::Lost,
+            "secret_unavailable" => ReasonCodeV1::SecretUnavailable,
             _ => ReasonCodeV1::Unknown(s),
         }
     }

@@ -2,6 +2,7 @@
 //! answers, final states, reconciliation, sessions and orphans, and the framing of log
 //! uploads. Every body is versioned by its type name (`...V1`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use crate::domain::ports::{
     SessionGrant, Stream,
 };
 use crate::domain::run::{RunId, RunStatus};
+use crate::domain::secret::{ClaimSecrets, RegistryCredentials, Secret};
 use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
 /// `POST /v1/worker/claims`
@@ -30,12 +32,59 @@ pub enum ClaimResponseV1 {
         job: String,
         spec: Box<SpecV1>,
         lease_ttl_ms: u64,
+        /// The values of the spec's secret references, for this claim only. Absent when
+        /// there are none; a worker from before it ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secrets: Option<ClaimSecretsV1>,
     },
     NotClaimable {
         status: String,
         attempt: u32,
     },
     UnknownRun,
+}
+
+/// The secrets of a claim on the wire. Their values are plain text here (the worker
+/// protocol should run over TLS); `Debug` prints `[redacted]` for each.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClaimSecretsV1 {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryCredentialsV1>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryCredentialsV1 {
+    pub registry: String,
+    pub username: String,
+    pub password: Secret,
+}
+
+impl From<&ClaimSecrets> for ClaimSecretsV1 {
+    fn from(s: &ClaimSecrets) -> Self {
+        Self {
+            env: s.env.clone(),
+            registry: s.registry.as_ref().map(|r| RegistryCredentialsV1 {
+                registry: r.registry.clone(),
+                username: r.username.clone(),
+                password: r.password.clone(),
+            }),
+        }
+    }
+}
+
+impl From<ClaimSecretsV1> for ClaimSecrets {
+    fn from(s: ClaimSecretsV1) -> Self {
+        Self {
+            env: s.env,
+            registry: s.registry.map(|r| RegistryCredentials {
+                registry: r.registry,
+                username: r.username,
+                password: r.password,
+            }),
+        }
+    }
 }
 
 impl From<&ClaimResult> for ClaimResponseV1 {
@@ -46,6 +95,7 @@ impl From<&ClaimResult> for ClaimResponseV1 {
                 job: c.job.clone(),
                 spec: Box::new(SpecV1::from(&c.spec)),
                 lease_ttl_ms: c.lease_ttl.as_millis() as u64,
+                secrets: (!c.secrets.is_empty()).then(|| ClaimSecretsV1::from(&c.secrets)),
             },
             ClaimResult::NotClaimable { status, attempt } => ClaimResponseV1::NotClaimable {
                 status: status.as_str().to_owned(),
@@ -65,11 +115,13 @@ impl TryFrom<ClaimResponseV1> for ClaimResult {
                 job,
                 spec,
                 lease_ttl_ms,
+                secrets,
             } => ClaimResult::Claimed(Box::new(Claim {
                 lease: lease.into(),
                 job,
                 spec: (*spec).try_into()?,
                 lease_ttl: Duration::from_millis(lease_ttl_ms),
+                secrets: secrets.map(ClaimSecrets::from).unwrap_or_default(),
             })),
             ClaimResponseV1::NotClaimable { status, attempt } => ClaimResult::NotClaimable {
                 status: status.parse::<RunStatus>().map_err(|e| e.to_string())?,

@@ -1,6 +1,6 @@
-//! The control plane's side of the worker protocol: claims, leases, output and final
-//! states, checked against the store. The embedded worker calls it in-process; remote
-//! workers reach the same code through `http::worker`.
+//! The control plane's side of the worker protocol: claims (with the values of their
+//! secrets), leases, output and final states, checked against the store. The embedded
+//! worker calls it in-process; remote workers reach the same code through `http::worker`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,12 +9,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 
+use crate::domain::job::{PullPolicy, ResolvedSpec};
 use crate::domain::ports::{
     AdoptResult, Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease,
     LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
     StoreError,
 };
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::secret::{
+    ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
+};
 use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
 use crate::service::events::{RunEventKind, RunEvents};
 
@@ -52,6 +56,7 @@ pub struct LocalControlPlane {
     events: RunEvents,
     lease_ttl: Duration,
     attempts: AttemptLocks,
+    secrets: Arc<dyn SecretResolver>,
 }
 
 impl LocalControlPlane {
@@ -60,6 +65,7 @@ impl LocalControlPlane {
         logs: Arc<dyn LogSink>,
         events: RunEvents,
         lease_ttl: Duration,
+        secrets: Arc<dyn SecretResolver>,
     ) -> Self {
         Self {
             store,
@@ -67,7 +73,36 @@ impl LocalControlPlane {
             events,
             lease_ttl,
             attempts: AttemptLocks::default(),
+            secrets,
         }
+    }
+
+    /// A claimed attempt whose secret cannot be read ends at once, through the store's
+    /// one `finish` (so `settle`: final, or retried when the job's rules name
+    /// `secret_unavailable`). The worker hears the run is not claimable and drops the
+    /// delivery: no container, no empty value, no redelivery loop.
+    async fn fail_claim(
+        &self,
+        lease: Lease,
+        unresolved: Unresolved,
+    ) -> Result<ClaimResult, ControlError> {
+        tracing::warn!(message = "a secret of the run cannot be read; the attempt fails", run_id = %lease.run_id, attempt = lease.attempt, reason = %unresolved);
+        let outcome = Outcome::SecretUnavailable {
+            message: unresolved.to_string(),
+        };
+        self.store
+            .finish(lease, &outcome, 0, Utc::now())
+            .await
+            .map_err(store_err)?;
+        self.events.publish(lease.run_id, RunEventKind::Status);
+        let status = match self.store.get_run(lease.run_id).await {
+            Ok(Some(run)) => run.status,
+            _ => outcome.status(),
+        };
+        Ok(ClaimResult::NotClaimable {
+            status,
+            attempt: lease.attempt,
+        })
     }
 
     /// Turns expired leases into `lost` (or a retry) about every second until
@@ -97,6 +132,43 @@ impl LocalControlPlane {
     }
 }
 
+/// The values a claim's spec refers to: its secret variables, and the login for its
+/// image's registry when one is configured (unless the job never pulls).
+async fn read_secrets(
+    resolver: &dyn SecretResolver,
+    spec: &ResolvedSpec,
+) -> Result<ClaimSecrets, Unresolved> {
+    let mut secrets = ClaimSecrets::default();
+    for (name, reference) in &spec.secret_env {
+        let value = resolver
+            .resolve(reference)
+            .await
+            .map_err(|error| Unresolved {
+                what: format!("env.{name}"),
+                error,
+            })?;
+        secrets.env.insert(name.clone(), value);
+    }
+    if spec.pull != PullPolicy::Never {
+        let registry = registry_host(&spec.image);
+        if let Some(login) = resolver.registry_login(registry) {
+            let password = resolver
+                .resolve(&login.password)
+                .await
+                .map_err(|error| Unresolved {
+                    what: format!("the password of registry {registry}"),
+                    error,
+                })?;
+            secrets.registry = Some(RegistryCredentials {
+                registry: registry.to_owned(),
+                username: login.username,
+                password,
+            });
+        }
+    }
+    Ok(secrets)
+}
+
 fn store_err(e: StoreError) -> ControlError {
     match e {
         StoreError::Unavailable(m) => ControlError::Unavailable(m),
@@ -117,10 +189,17 @@ impl ControlPlane for LocalControlPlane {
             .claim(message, worker_id, self.lease_ttl, Utc::now())
             .await
             .map_err(store_err)?;
-        if let ClaimResult::Claimed(_) = result {
-            self.events.publish(message.run_id, RunEventKind::Status);
+        let ClaimResult::Claimed(mut claim) = result else {
+            return Ok(result);
+        };
+        self.events.publish(message.run_id, RunEventKind::Status);
+        match read_secrets(self.secrets.as_ref(), &claim.spec).await {
+            Ok(secrets) => {
+                claim.secrets = secrets;
+                Ok(ClaimResult::Claimed(claim))
+            }
+            Err(unresolved) => self.fail_claim(claim.lease, unresolved).await,
         }
-        Ok(result)
     }
 
     async fn started(&self, lease: Lease, container_id: &str) -> Result<LeaseStatus, ControlError> {
@@ -317,5 +396,7 @@ impl ControlPlane for LocalControlPlane {
     }
 }
 
+#[cfg(test)]
+mod secrets_tests;
 #[cfg(test)]
 mod tests;

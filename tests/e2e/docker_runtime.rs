@@ -31,6 +31,7 @@ fn spec(name: &str, command: &[&str]) -> ContainerSpec {
         workdir: None,
         user: None,
         env: BTreeMap::new(),
+        secret_env: BTreeMap::new(),
         labels: BTreeMap::from([("tasuki.test".to_owned(), "true".to_owned())]),
         cpu_shares: None,
         cpu_limit: None,
@@ -89,8 +90,9 @@ async fn ping_and_ensure_local_image() {
     let rt = runtime();
     with_cleanup(&rt, &[], || async {
         rt.ping().await?;
-        rt.ensure_image(IMAGE, PullPolicy::Never).await?;
-        rt.ensure_image(IMAGE, PullPolicy::IfNotPresent).await?;
+        rt.ensure_image(IMAGE, PullPolicy::Never, None).await?;
+        rt.ensure_image(IMAGE, PullPolicy::IfNotPresent, None)
+            .await?;
         Ok(())
     })
     .await;
@@ -167,14 +169,14 @@ async fn missing_images() {
     let rt = runtime();
     with_cleanup(&rt, &[], || async {
         let never = rt
-            .ensure_image("tasuki-definitely-missing:never", PullPolicy::Never)
+            .ensure_image("tasuki-definitely-missing:never", PullPolicy::Never, None)
             .await;
         assert!(
             matches!(never, Err(RuntimeError::ImageNotFound { .. })),
             "{never:?}"
         );
         let unreachable = rt
-            .ensure_image("127.0.0.1:5999/nothing:1", PullPolicy::IfNotPresent)
+            .ensure_image("127.0.0.1:5999/nothing:1", PullPolicy::IfNotPresent, None)
             .await;
         assert!(
             matches!(unreachable, Err(RuntimeError::PullFailed { .. })),

@@ -24,6 +24,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::secret::SecretRef;
+
 /// A job's name: the job file's stem, `^[a-z0-9][a-z0-9_-]{0,62}$`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobName(String);
@@ -144,6 +146,9 @@ pub struct JobSpec {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets, by where to read them. Read when
+    /// a worker claims a run, never before, and never substituted with parameters.
+    pub secret_env: BTreeMap<String, SecretRef>,
     pub pull: PullPolicy,
     pub resources: Resources,
     pub timeout: Option<Duration>,
@@ -170,6 +175,8 @@ pub struct ResolvedSpec {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// The job's secret references, as they are: the values never reach a spec.
+    pub secret_env: BTreeMap<String, SecretRef>,
     pub pull: PullPolicy,
     pub resources: Resources,
     pub timeout: Option<Duration>,

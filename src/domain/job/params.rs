@@ -271,6 +271,7 @@ impl JobSpec {
                 .iter()
                 .map(|(k, v)| (k.clone(), substitute(v, &values)))
                 .collect(),
+            secret_env: self.secret_env.clone(),
             pull: self.pull,
             resources: self.resources.clone(),
             timeout: self.timeout,
@@ -313,6 +314,7 @@ mod tests {
                 ("WHO".to_owned(), "{{params.who}}".to_owned()),
                 ("PLAIN".to_owned(), "x".to_owned()),
             ]),
+            secret_env: BTreeMap::new(),
             pull: PullPolicy::Always,
             resources: Resources::default(),
             timeout: Some(Duration::from_secs(60)),

@@ -66,6 +66,7 @@ fn spec() -> ResolvedSpec {
         workdir: None,
         user: None,
         env: BTreeMap::new(),
+        secret_env: BTreeMap::new(),
         pull: PullPolicy::IfNotPresent,
         resources: Resources::default(),
         timeout: None,
@@ -169,6 +170,7 @@ impl Leases for FakeStore {
             job: "job".into(),
             spec: spec(),
             lease_ttl,
+            secrets: Default::default(),
         })))
     }
 
@@ -361,6 +363,7 @@ fn control() -> (LocalControlPlane, Arc<Shared>) {
         Arc::new(FakeSink(shared.clone())),
         RunEvents::new(),
         Duration::from_secs(30),
+        Arc::new(crate::secrets::HostSecrets::new(BTreeMap::new())),
     );
     (control, shared)
 }

@@ -34,6 +34,7 @@ fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
         workdir: None,
         user: None,
         env: BTreeMap::from([("PLAIN".to_owned(), "x".to_owned())]),
+        secret_env: BTreeMap::new(),
         pull: PullPolicy::Never,
         resources: Resources::default(),
         timeout: None,

@@ -76,6 +76,7 @@ fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) ->
         workdir: None,
         user: None,
         env: BTreeMap::new(),
+        secret_env: BTreeMap::new(),
         pull: PullPolicy::Never,
         resources: Resources::default(),
         timeout: None,

@@ -154,7 +154,12 @@ impl Worker {
         let existing = match existing {
             Some(e) => e,
             None => {
-                if let Err(error) = self.runtime.ensure_image(&spec.image, spec.pull).await {
+                let credentials = claim.secrets.registry.as_ref();
+                if let Err(error) = self
+                    .runtime
+                    .ensure_image(&spec.image, spec.pull, credentials)
+                    .await
+                {
                     return Ran::failed(error, None);
                 }
                 if keeper.current() == LeaseState::CancelRequested {
@@ -452,7 +457,16 @@ impl Worker {
 fn outcome_of(error: RuntimeError) -> Outcome {
     match error {
         RuntimeError::ImageNotFound { image } => Outcome::ImageNotFound { image },
-        RuntimeError::PullFailed { image, message } => Outcome::ImagePullFailed { image, message },
+        RuntimeError::PullFailed { image, message } => Outcome::ImagePullFailed {
+            image,
+            message,
+            unauthorized: false,
+        },
+        RuntimeError::PullUnauthorized { image, message } => Outcome::ImagePullFailed {
+            image,
+            message,
+            unauthorized: true,
+        },
         other => Outcome::DockerError {
             message: other.to_string(),
         },
@@ -487,6 +501,8 @@ pub(super) fn container_spec(claim: &Claim, worker_id: &str) -> ContainerSpec {
         workdir: spec.workdir.clone(),
         user: spec.user.clone(),
         env,
+        // The job's own names cannot start with `TASUKI_`, so these never shadow ours.
+        secret_env: claim.secrets.env.clone(),
         labels,
         cpu_shares: spec.resources.cpu,
         cpu_limit: spec.resources.cpu_limit,

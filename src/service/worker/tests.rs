@@ -11,6 +11,7 @@ use super::fakes::{
 };
 use crate::domain::ports::LeaseStatus;
 use crate::domain::run::Outcome;
+use crate::domain::secret::{RegistryCredentials, Secret};
 
 fn fakes() -> (Arc<FakeControl>, Arc<FakeRuntime>) {
     (
@@ -391,4 +392,77 @@ async fn a_restarted_worker_resumes_after_a_hole_the_log_sink_left() {
     assert_eq!(finished.len(), 1, "{finished:?}");
     assert_eq!(finished[0].dropped, 0, "the sink counted its own");
     assert_eq!(control.sink_dropped(), 3);
+}
+
+/// A claim's secrets reach the container's environment (beside, not inside, the plain
+/// variables) and the pull's login, and nothing the worker prints shows them.
+#[tokio::test(start_paused = true)]
+async fn a_claims_secrets_go_to_the_container_and_the_pull_only() {
+    let (control, runtime) = fakes();
+    let w = worker(&control, &runtime);
+    let mut c = claim(None);
+    c.spec.pull = crate::domain::job::PullPolicy::Always;
+    c.spec.env.insert("PLAIN".into(), "x".into());
+    c.secrets
+        .env
+        .insert("DB_PASSWORD".into(), Secret::new("hunter2"));
+    c.secrets.registry = Some(RegistryCredentials {
+        registry: "reg.example:5000".into(),
+        username: "ci".into(),
+        password: Secret::new("s3cr3t-pw"),
+    });
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { w.execute(c, None).await }
+    });
+    until(|| started(&runtime)).await;
+    let id = created(&runtime).expect("a container was created");
+    runtime.exit(&id, 0);
+    task.await.unwrap();
+
+    let pulls = runtime.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    let login = pulls[0].1.as_ref().expect("the pull got the login");
+    assert_eq!(
+        (login.username.as_str(), login.password.expose()),
+        ("ci", "s3cr3t-pw")
+    );
+    let spec = &runtime.created_specs()[0];
+    assert_eq!(spec.secret_env["DB_PASSWORD"].expose(), "hunter2");
+    assert!(!spec.env.contains_key("DB_PASSWORD"), "{:?}", spec.env);
+    assert_eq!(spec.env["PLAIN"], "x");
+    let printed = format!("{spec:?} {pulls:?}");
+    assert!(
+        !printed.contains("hunter2") && !printed.contains("s3cr3t-pw"),
+        "{printed}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_login_fails_the_attempt_as_unauthorized() {
+    let (control, runtime) = fakes();
+    runtime.refuse_logins();
+    let w = worker(&control, &runtime);
+    w.execute(claim(None), None).await;
+    assert_eq!(created(&runtime), None);
+    let finished = control.finished();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    let outcome = &finished[0].outcome;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::ImagePullFailed {
+                unauthorized: true,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        outcome
+            .reason()
+            .unwrap()
+            .starts_with("image_pull_failed: unauthorized: tasuki-example:latest: "),
+        "{outcome:?}"
+    );
 }

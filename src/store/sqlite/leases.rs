@@ -18,6 +18,7 @@ use crate::domain::ports::{
 };
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, RunId};
+use crate::domain::secret::ClaimSecrets;
 use crate::domain::transition::{self, Ending, Released, RunState, Settlement};
 use crate::protocol::{RetryV1, SpecV1};
 
@@ -48,6 +49,7 @@ pub(super) async fn claim_for(
         job: col(&row, "job")?,
         spec,
         lease_ttl,
+        secrets: ClaimSecrets::default(),
     })
 }
 

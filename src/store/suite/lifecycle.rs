@@ -25,6 +25,7 @@ pub(crate) fn new_run() -> NewRun {
             workdir: None,
             user: None,
             env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
             pull: PullPolicy::Never,
             resources: Resources::default(),
             timeout: Some(Duration::from_secs(5)),

@@ -53,6 +53,7 @@ pub(crate) fn claim(timeout: Option<Duration>) -> Claim {
             workdir: None,
             user: None,
             env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
             pull: PullPolicy::Never,
             resources: Resources::default(),
             timeout,
@@ -60,6 +61,7 @@ pub(crate) fn claim(timeout: Option<Duration>) -> Claim {
             network: "none".to_owned(),
         },
         lease_ttl: Duration::from_secs(3),
+        secrets: Default::default(),
     }
 }
 

@@ -16,6 +16,7 @@ use crate::domain::ports::{
     Claim, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
     OutputChunk, OutputStream, RuntimeError,
 };
+use crate::domain::secret::RegistryCredentials;
 
 struct FakeContainer {
     info: ContainerInfo,
@@ -40,9 +41,27 @@ pub(crate) struct FakeRuntime {
     containers: Mutex<HashMap<String, FakeContainer>>,
     calls: Mutex<Vec<Call>>,
     next_id: Mutex<u32>,
+    /// Every `ensure_image`: the image, and the login it came with.
+    pulls: Mutex<Vec<(String, Option<RegistryCredentials>)>>,
+    /// Every create request, as asked.
+    created: Mutex<Vec<ContainerSpec>>,
+    /// The registry refuses every pull's login.
+    refuse_logins: Mutex<bool>,
 }
 
 impl FakeRuntime {
+    pub fn pulls(&self) -> Vec<(String, Option<RegistryCredentials>)> {
+        locked(&self.pulls).clone()
+    }
+
+    pub fn created_specs(&self) -> Vec<ContainerSpec> {
+        locked(&self.created).clone()
+    }
+
+    pub fn refuse_logins(&self) {
+        *locked(&self.refuse_logins) = true;
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         locked(&self.calls).clone()
     }
@@ -169,11 +188,24 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    async fn ensure_image(&self, _image: &str, _policy: PullPolicy) -> Result<(), RuntimeError> {
+    async fn ensure_image(
+        &self,
+        image: &str,
+        _policy: PullPolicy,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(), RuntimeError> {
+        locked(&self.pulls).push((image.to_owned(), credentials.cloned()));
+        if *locked(&self.refuse_logins) {
+            return Err(RuntimeError::PullUnauthorized {
+                image: image.to_owned(),
+                message: "authentication required".to_owned(),
+            });
+        }
         Ok(())
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        locked(&self.created).push(spec.clone());
         if self.find(&spec.name).is_some() {
             return Err(RuntimeError::NameConflict(spec.name.clone()));
         }

@@ -23,6 +23,7 @@ fn new_run(created_at: DateTime<Utc>) -> NewRun {
             workdir: None,
             user: None,
             env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
             pull: PullPolicy::Never,
             resources: Resources::default(),
             timeout: None,
