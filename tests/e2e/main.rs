@@ -11,6 +11,8 @@ mod docker_runtime;
 mod embedded;
 mod faults;
 mod hooks;
+mod registry;
 mod retention;
 mod schedules;
+mod secrets;
 mod sessions;
