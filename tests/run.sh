@@ -3,6 +3,7 @@
 #   - a Docker engine (installs Debian's docker.io and starts dockerd if `docker info` fails)
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
 #   - the tasuki-example:latest image (static busybox, built locally)
+#   - docker-registry and htpasswd (apache2-utils) for the private registry tests
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -72,10 +73,31 @@ ensure_standardwebhooks() {
   python3 -m pip install --quiet standardwebhooks
 }
 
+# The private registry tests run their own `docker-registry serve` (htpasswd auth, made
+# with apache2-utils' htpasswd) on a free port; the package's service is never started:
+# while it installs, a policy-rc.d (if there is none) keeps invoke-rc.d from starting it,
+# and systemd is told to leave it disabled.
+ensure_registry() {
+  if command -v docker-registry >/dev/null 2>&1 && command -v htpasswd >/dev/null 2>&1; then return; fi
+  log "installing docker-registry and apache2-utils (the registry service stays stopped)"
+  local policy=/usr/sbin/policy-rc.d made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod +x "$policy"
+    made_policy=1
+  fi
+  local installed=0
+  apt_install docker-registry apache2-utils || installed=$?
+  if [ -n "$made_policy" ]; then as_root rm -f "$policy"; fi
+  if [ -d /run/systemd/system ]; then as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
+  return "$installed"
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_busybox
 ensure_standardwebhooks
+ensure_registry
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 
