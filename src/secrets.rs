@@ -176,13 +176,11 @@ mod tests {
         let e = error_of(SecretRef::File(dir.path().join("missing"))).await;
         assert!(e.contains("/missing: No such file"), "{e}");
         let e = error_of(SecretRef::File(dir.path().to_owned())).await;
-        assert!(e.starts_with("cannot read file "), "{e}");
+        assert!(e.ends_with(": not a regular file"), "{e}");
         // The error never carries the content.
-        let e = error_of(file("nul", b"top\0secret")).await;
-        assert!(
-            e.ends_with("/nul contains a NUL byte") && !e.contains("secret\""),
-            "{e}"
-        );
+        let e = error_of(file("nul", b"zq-content\0zq-more")).await;
+        assert!(e.ends_with("/nul contains a NUL byte"), "{e}");
+        assert!(!e.contains("zq-"), "{e}");
     }
 
     #[test]
