@@ -3,9 +3,11 @@
 //! the line and the field, and one file's problems are all reported together.
 //!
 //! Sections are checked in file order (image, command, container settings, pull,
-//! timeouts, schedule, env, resources, params, retry, webhook), which is the order errors print.
+//! timeouts, schedule, env, resources, hardening, params, retry, webhook), which is the
+//! order errors print.
 
 mod callback;
+mod hardening;
 mod params;
 mod resources;
 mod retry;
@@ -23,8 +25,8 @@ use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
 use crate::domain::job::{
-    JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name, is_valid_env_name,
-    parse_duration,
+    ContainerPolicy, JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, check_network,
+    is_reserved_env_name, is_valid_env_name, parse_duration,
 };
 
 pub(super) use params::check_refs;
@@ -175,13 +177,15 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// The whole file: every section's validator, in file order. `None` when the spec
-/// cannot be built (`ctx` then holds at least one error).
+/// The whole file: every section's validator, in file order, within the server's
+/// container policy. `None` when the spec cannot be built (`ctx` then holds at least
+/// one error).
 pub(super) fn validate(
     ctx: &mut Ctx<'_>,
     name: Option<JobName>,
     raw: &JobFile,
     calendars: &CalendarSet,
+    policy: &ContainerPolicy,
 ) -> Option<JobSpec> {
     let image = image(ctx, raw.image.as_ref());
     let command = command(ctx, raw.command.as_ref(), &raw.params);
@@ -200,7 +204,12 @@ pub(super) fn validate(
         .as_ref()
         .and_then(|m| ctx.int_in(m, "max_concurrent", MAX_CONCURRENT));
     let env = env(ctx, &raw.env, &raw.params);
-    let resources = resources::resources(ctx, &raw.resources);
+    let mut resources = resources::resources(ctx, &raw.resources);
+    // Filled in here, so the frozen spec of every run shows the limit it ran with.
+    resources
+        .memory_bytes
+        .get_or_insert(policy.default_memory());
+    let hardening = hardening::hardening(ctx, raw, policy);
     let params = params::params(ctx, &raw.params);
     let retry = raw
         .retry
@@ -229,6 +238,7 @@ pub(super) fn validate(
         timeout: timeouts.timeout,
         stop_grace: timeouts.stop_grace,
         network: container.network,
+        hardening,
         params,
         schedules,
         max_concurrent,
@@ -312,7 +322,11 @@ fn container(ctx: &mut Ctx<'_>, raw: &JobFile) -> Container {
         None => DEFAULT_NETWORK.to_owned(),
         Some(n) => {
             ctx.no_refs(n, "network");
-            ctx.non_blank_token(n, "network");
+            if ctx.non_blank_token(n, "network")
+                && let Err(refusal) = check_network(n.get_ref())
+            {
+                ctx.at(&n.span(), "network", refusal.0);
+            }
             n.get_ref().clone()
         }
     };
