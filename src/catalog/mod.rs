@@ -469,14 +469,9 @@ required = true
         assert_eq!(s.stop_grace, Duration::from_secs(10));
         assert_eq!(s.network, "bridge");
         assert_eq!(s.timeout, None);
-        // The server's default memory limit, filled in at load.
-        assert_eq!(
-            s.resources,
-            Resources {
-                memory_bytes: Some(crate::domain::job::DEFAULT_MEMORY),
-                ..Resources::default()
-            }
-        );
+        let memory = Some(crate::domain::job::DEFAULT_MEMORY); // the server's default
+        assert_eq!(s.resources.memory_bytes, memory);
+        assert_eq!((s.resources.cpu, s.resources.cpu_limit), (None, None));
         assert!(s.params.is_empty() && s.env.is_empty() && s.schedules.is_empty());
     }
 

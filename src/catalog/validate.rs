@@ -7,6 +7,7 @@
 //! order errors print.
 
 mod callback;
+mod container;
 mod hardening;
 mod params;
 mod resources;
@@ -25,15 +26,14 @@ use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
 use crate::domain::job::{
-    ContainerPolicy, JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, check_network,
-    is_reserved_env_name, is_valid_env_name, parse_duration,
+    ContainerPolicy, JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name,
+    is_valid_env_name, parse_duration,
 };
 
 pub(super) use params::check_refs;
 pub use schedules::WEEKDAYS_CALENDAR;
 
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
-const DEFAULT_NETWORK: &str = "bridge";
 const MAX_CONCURRENT: std::ops::RangeInclusive<i64> = 1..=10_000;
 
 /// Collects errors for one file.
@@ -189,7 +189,7 @@ pub(super) fn validate(
 ) -> Option<JobSpec> {
     let image = image(ctx, raw.image.as_ref());
     let command = command(ctx, raw.command.as_ref(), &raw.params);
-    let container = container(ctx, raw);
+    let container = container::container(ctx, raw);
     let pull = pull(ctx, raw.pull.as_ref());
     let timeouts = timeouts(ctx, raw.timeout.as_ref(), raw.stop_grace.as_ref());
     let schedules = schedules::schedules(
@@ -291,50 +291,6 @@ fn command(
         command.push(arg.get_ref().clone());
     }
     command
-}
-
-/// `workdir`, `user` and `network`: how the container is set up around the command.
-#[derive(Debug, PartialEq)]
-struct Container {
-    workdir: Option<String>,
-    user: Option<String>,
-    network: String,
-}
-
-fn container(ctx: &mut Ctx<'_>, raw: &JobFile) -> Container {
-    let workdir = raw.workdir.as_ref().map(|w| {
-        ctx.no_refs(w, "workdir");
-        if !w.get_ref().starts_with('/') {
-            ctx.at(
-                &w.span(),
-                "workdir",
-                format!("{:?} must be an absolute path", w.get_ref()),
-            );
-        }
-        w.get_ref().clone()
-    });
-    let user = raw.user.as_ref().map(|u| {
-        ctx.no_refs(u, "user");
-        ctx.non_blank_token(u, "user");
-        u.get_ref().clone()
-    });
-    let network = match &raw.network {
-        None => DEFAULT_NETWORK.to_owned(),
-        Some(n) => {
-            ctx.no_refs(n, "network");
-            if ctx.non_blank_token(n, "network")
-                && let Err(refusal) = check_network(n.get_ref())
-            {
-                ctx.at(&n.span(), "network", refusal.0);
-            }
-            n.get_ref().clone()
-        }
-    };
-    Container {
-        workdir,
-        user,
-        network,
-    }
 }
 
 /// `pull`
@@ -516,28 +472,6 @@ mod tests {
         assert!(e.message.contains("omit `command`"), "{e}");
         let s = parse("image = \"a\"\ncommand = [\"a b\", \"\"]\n").unwrap();
         assert_eq!(s.command, ["a b", ""]);
-    }
-
-    #[test]
-    fn container_settings() {
-        let s =
-            parse("image = \"a\"\nworkdir = \"/w\"\nuser = \"app\"\nnetwork = \"none\"\n").unwrap();
-        assert_eq!(s.workdir.as_deref(), Some("/w"));
-        assert_eq!(s.user.as_deref(), Some("app"));
-        assert_eq!(s.network, "none");
-
-        let e = one_error("image = \"a\"\nworkdir = \"tmp\"\n");
-        assert_eq!(
-            e.to_string(),
-            "jobs/hello.toml:2: workdir: \"tmp\" must be an absolute path"
-        );
-        let e = one_error("image = \"a\"\nuser = \"a b\"\n");
-        assert_eq!(e.field.as_deref(), Some("user"));
-        assert!(e.message.contains("whitespace"), "{e}");
-        let e = one_error("image = \"a\"\n\nnetwork = \"{{params.n}}\"\n[params.n]\n");
-        assert_eq!(e.line, Some(3));
-        assert_eq!(e.field.as_deref(), Some("network"));
-        assert!(e.message.contains("only substituted"), "{e}");
     }
 
     #[test]
