@@ -165,6 +165,38 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_to_the_servers_container_policy() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("jobs")).unwrap();
+        write(root.path(), "jobs/a.toml", "image = \"a\"\n");
+        let policy = ContainerPolicy::new("64MiB", 32, &["NET_RAW".into()], &[]).unwrap();
+        let r = Reloadable::load(CatalogDirs::new(root.path().join("jobs"), None), policy).unwrap();
+        assert_eq!(r.job("a").unwrap().hardening.pids_limit, Some(32));
+
+        write(
+            root.path(),
+            "jobs/a.toml",
+            "image = \"a\"\ncapabilities = [\"NET_RAW\"]\n",
+        );
+        r.reload().unwrap();
+        assert_eq!(r.job("a").unwrap().hardening.capabilities.len(), 1);
+        write(
+            root.path(),
+            "jobs/a.toml",
+            "image = \"a\"\ncapabilities = [\"SYS_ADMIN\"]\n",
+        );
+        let text = r.reload().unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "a.toml:2: capabilities: SYS_ADMIN is not in [containers] allowed_capabilities"
+            ),
+            "{text}"
+        );
+        assert_eq!(r.job("a").unwrap().hardening.capabilities.len(), 1);
+        assert_eq!(r.job("a").unwrap().resources.memory_bytes, Some(64 << 20));
+    }
+
+    #[test]
     fn an_invalid_set_is_refused_and_the_running_one_stays() {
         let (root, r) = setup();
         write(root.path(), "jobs/edit.toml", "image = \"b\"\n");
