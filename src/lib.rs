@@ -61,9 +61,14 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Logs(args) => Ok(cli::logs(args).await),
         Command::Cancel(args) => Ok(cli::run_action(args, "cancel").await),
         Command::Retry(args) => Ok(cli::run_action(args, "retry").await),
-        Command::Jobs(JobsCommand::Check { dir, calendars_dir }) => {
-            Ok(cli::check_jobs(&CatalogDirs::new(dir, calendars_dir)))
-        }
+        Command::Jobs(JobsCommand::Check {
+            dir,
+            calendars_dir,
+            config,
+        }) => Ok(cli::check_jobs(
+            &CatalogDirs::new(dir, calendars_dir),
+            config.as_deref(),
+        )),
         Command::Jobs(JobsCommand::Reload { server }) => Ok(cli::reload_jobs(server).await),
         Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
         Command::Schedules(cmd) => Ok(cli::schedules::command(cmd).await),
@@ -192,14 +197,22 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let server_config =
         config::server::ServerConfig::load(args.config.as_deref(), std::env::vars())
             .context("loading the server configuration")?;
+    let policy = server_config
+        .containers
+        .policy()
+        .context("loading the server configuration")?;
     tracing::debug!(
         message = "server configuration",
         tokens = server_config.tokens.len(),
         worker_tokens = server_config.worker_tokens.len(),
-        registries = ?server_config.registries.keys().collect::<Vec<_>>()
+        registries = ?server_config.registries.keys().collect::<Vec<_>>(),
+        default_memory = policy.default_memory(),
+        pids_limit = policy.pids_limit(),
+        allowed_capabilities = ?server_config.containers.allowed_capabilities,
+        allowed_mounts = ?policy.allowed_mounts()
     );
     let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
-    let catalog = Reloadable::load(dirs.clone()).map_err(|errors| {
+    let catalog = Reloadable::load(dirs.clone(), policy).map_err(|errors| {
         anyhow::anyhow!(
             "invalid job definitions in {}:\n{errors}",
             args.jobs_dir.display()

@@ -1,25 +1,25 @@
 //! Wire formats shared by both sides: the AMQP run message, the worker protocol between
 //! `tasuki worker` and `tasuki serve` (in [`worker`]), and the frozen run spec (also how
-//! the store keeps it). Serde lives here so a change to a domain type never silently
-//! changes a format. The public API's run JSON is in [`api`]; a run's stored trigger and
+//! the store keeps it, in `spec`). Serde lives here so a change to a domain type never
+//! silently changes a format. The public API's run JSON is in [`api`]; a run's stored trigger and
 //! admission rule in `stored`.
 
 pub mod api;
 pub mod request;
 pub mod schedules;
+mod spec;
 mod stored;
 pub mod worker;
 
+pub use spec::*;
 pub use stored::*;
 pub use worker::*;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{Lease, RunMessage};
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, ReasonCode, RunId};
@@ -71,86 +71,6 @@ pub fn parse_run_message(body: &[u8]) -> Result<RunMessage, String> {
         run_id,
         attempt: m.attempt,
     })
-}
-
-/// The resolved spec as stored with the run and sent to the worker at claim time.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SpecV1 {
-    pub image: String,
-    #[serde(default)]
-    pub command: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workdir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Secret environment variables by reference (`{"from_env":"DB_PASSWORD"}`): the
-    /// values are read at claim time and never stored.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub secret_env: BTreeMap<String, SecretRefV1>,
-    pub pull: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_limit: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    pub stop_grace_ms: u64,
-    pub network: String,
-}
-
-impl From<&ResolvedSpec> for SpecV1 {
-    fn from(s: &ResolvedSpec) -> Self {
-        Self {
-            image: s.image.clone(),
-            command: s.command.clone(),
-            workdir: s.workdir.clone(),
-            user: s.user.clone(),
-            env: s.env.clone(),
-            secret_env: s
-                .secret_env
-                .iter()
-                .map(|(k, r)| (k.clone(), SecretRefV1::from(r)))
-                .collect(),
-            pull: s.pull.as_str().to_owned(),
-            cpu: s.resources.cpu,
-            cpu_limit: s.resources.cpu_limit,
-            memory_bytes: s.resources.memory_bytes,
-            timeout_ms: s.timeout.map(|d| d.as_millis() as u64),
-            stop_grace_ms: s.stop_grace.as_millis() as u64,
-            network: s.network.clone(),
-        }
-    }
-}
-
-impl TryFrom<SpecV1> for ResolvedSpec {
-    type Error = String;
-    fn try_from(s: SpecV1) -> Result<Self, String> {
-        Ok(Self {
-            pull: PullPolicy::parse(&s.pull).map_err(|e| e.to_string())?,
-            image: s.image,
-            command: s.command,
-            workdir: s.workdir,
-            user: s.user,
-            env: s.env,
-            secret_env: s
-                .secret_env
-                .into_iter()
-                .map(|(k, r)| (k, SecretRef::from(r)))
-                .collect(),
-            resources: Resources {
-                cpu: s.cpu,
-                cpu_limit: s.cpu_limit,
-                memory_bytes: s.memory_bytes,
-            },
-            timeout: s.timeout_ms.map(Duration::from_millis),
-            stop_grace: Duration::from_millis(s.stop_grace_ms),
-            network: s.network,
-        })
-    }
 }
 
 /// A secret's reference as job files, the server config and the stored spec write it:
@@ -369,7 +289,10 @@ impl From<OutcomeV1> for Outcome {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
     use crate::domain::ports::{Adoption, Claim, OutputChunk, OutputPosition, Stream};
     use bytes::Bytes;
 
@@ -467,6 +390,7 @@ mod tests {
                 timeout: None,
                 stop_grace: Duration::from_secs(1),
                 network: "none".into(),
+                hardening: Default::default(),
             },
             lease_ttl: Duration::from_secs(30),
             secrets: Default::default(),

@@ -18,6 +18,11 @@ pub(super) struct JobFile {
     pub timeout: Option<Spanned<String>>,
     pub stop_grace: Option<Spanned<String>>,
     pub network: Option<Spanned<String>>,
+    pub capabilities: Option<Spanned<Vec<Spanned<String>>>>,
+    pub pids_limit: Option<Spanned<i64>>,
+    pub read_only: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub mounts: Vec<Spanned<MountFile>>,
     pub schedule: Option<Spanned<String>>,
     pub time_zone: Option<Spanned<String>>,
     #[serde(default)]
@@ -67,6 +72,15 @@ pub(super) struct WebhookFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct CallbackFile {
     pub url: Spanned<String>,
+}
+
+/// One `[[mounts]]` entry: a host path bind-mounted into the container.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MountFile {
+    pub source: Option<Spanned<String>>,
+    pub target: Option<Spanned<String>>,
+    pub read_only: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]

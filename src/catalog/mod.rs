@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::domain::job::{JobName, JobSpec};
+use crate::domain::job::{ContainerPolicy, Hardening, JobName, JobSpec};
 use crate::domain::job_lookup::JobLookup;
 pub use crate::domain::job_lookup::{CatalogError, CatalogErrors};
 use crate::domain::schedule::Calendar;
@@ -43,12 +43,14 @@ impl CatalogDirs {
     }
 }
 
-/// What a job was built from, to tell on reload whether it changed: its file, and the
-/// calendars its schedules use.
+/// What a job was built from, to tell on reload whether it changed: its file, the
+/// calendars its schedules use, and its hardening (a mount's source is resolved on the
+/// host, which may change under the same text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct JobSource {
     text: String,
     calendars: Vec<Calendar>,
+    hardening: Hardening,
 }
 
 /// The loaded jobs, keyed and iterated by name, and the calendars they may use.
@@ -60,21 +62,26 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Load the calendars, then every job. All errors from all files are collected; any
-    /// error fails the whole load.
-    pub fn load(dirs: &CatalogDirs) -> Result<Catalog, CatalogErrors> {
+    /// Load the calendars, then every job, each within the server's container policy.
+    /// All errors from all files are collected; any error fails the whole load.
+    pub fn load(dirs: &CatalogDirs, policy: &ContainerPolicy) -> Result<Catalog, CatalogErrors> {
         let set = calendars::load(&dirs.calendars);
-        Self::load_jobs(&dirs.jobs, set)
+        Self::load_jobs(&dirs.jobs, set, policy)
     }
 
-    /// Load the jobs of `dir` without calendars (a job naming one is an error).
+    /// Load the jobs of `dir` without calendars (a job naming one is an error), under
+    /// the default container policy.
     pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogErrors> {
-        Self::load_jobs(dir, CalendarSet::default())
+        Self::load_jobs(dir, CalendarSet::default(), &ContainerPolicy::default())
     }
 
     /// Every `*.toml` file directly inside `dir` (not recursive). Other files,
     /// sub-directories and dot-files (editor lock/backup files) are ignored.
-    fn load_jobs(dir: &Path, set: CalendarSet) -> Result<Catalog, CatalogErrors> {
+    fn load_jobs(
+        dir: &Path,
+        set: CalendarSet,
+        policy: &ContainerPolicy,
+    ) -> Result<Catalog, CatalogErrors> {
         let mut errors = set.errors.clone();
         let files = match toml_files(dir, "job directory") {
             Ok(files) => files,
@@ -98,7 +105,7 @@ impl Catalog {
                     continue;
                 }
             };
-            match parse_job_in(&stem, &path, &text, &set) {
+            match parse_job_in(&stem, &path, &text, &set, policy) {
                 Ok(spec) => {
                     let source = JobSource {
                         calendars: spec
@@ -106,6 +113,7 @@ impl Catalog {
                             .iter()
                             .filter_map(|s| s.calendar.as_deref().cloned())
                             .collect(),
+                        hardening: spec.hardening.clone(),
                         text,
                     };
                     sources.insert(spec.name.clone(), source);
@@ -222,10 +230,16 @@ fn read_text(path: &Path) -> Result<String, CatalogError> {
     String::from_utf8(bytes).map_err(|_| file_error("file is not valid UTF-8".to_owned()))
 }
 
-/// Parse and validate one job file without calendars. `name` is the file stem, `file`
-/// is used in errors.
+/// Parse and validate one job file without calendars, under the default container
+/// policy. `name` is the file stem, `file` is used in errors.
 pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<CatalogError>> {
-    parse_job_in(name, file, text, &CalendarSet::default())
+    parse_job_in(
+        name,
+        file,
+        text,
+        &CalendarSet::default(),
+        &ContainerPolicy::default(),
+    )
 }
 
 fn parse_job_in(
@@ -233,6 +247,7 @@ fn parse_job_in(
     file: &Path,
     text: &str,
     calendars: &CalendarSet,
+    policy: &ContainerPolicy,
 ) -> Result<JobSpec, Vec<CatalogError>> {
     let mut ctx = Ctx::new(file, text);
     let job_name = match JobName::parse(name) {
@@ -254,7 +269,7 @@ fn parse_job_in(
         }
     };
 
-    let spec = validate::validate(&mut ctx, job_name, &raw, calendars);
+    let spec = validate::validate(&mut ctx, job_name, &raw, calendars, policy);
     match spec {
         Some(spec) if ctx.errors.is_empty() => Ok(spec),
         _ => Err(ctx.errors),
@@ -321,7 +336,24 @@ pub(crate) mod testing {
                 .collect(),
             ..CalendarSet::default()
         };
-        parse_job_in("hello", Path::new("jobs/hello.toml"), text, &set)
+        parse_job_in(
+            "hello",
+            Path::new("jobs/hello.toml"),
+            text,
+            &set,
+            &ContainerPolicy::default(),
+        )
+    }
+
+    /// As [`parse`], under this container policy.
+    pub fn parse_under(text: &str, policy: &ContainerPolicy) -> Result<JobSpec, Vec<CatalogError>> {
+        parse_job_in(
+            "hello",
+            Path::new("jobs/hello.toml"),
+            text,
+            &CalendarSet::default(),
+            policy,
+        )
     }
 
     pub fn errors(text: &str) -> Vec<String> {
@@ -437,7 +469,9 @@ required = true
         assert_eq!(s.stop_grace, Duration::from_secs(10));
         assert_eq!(s.network, "bridge");
         assert_eq!(s.timeout, None);
-        assert_eq!(s.resources, Resources::default());
+        let memory = Some(crate::domain::job::DEFAULT_MEMORY); // the server's default
+        assert_eq!(s.resources.memory_bytes, memory);
+        assert_eq!((s.resources.cpu, s.resources.cpu_limit), (None, None));
         assert!(s.params.is_empty() && s.env.is_empty() && s.schedules.is_empty());
     }
 

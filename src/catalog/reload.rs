@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::{Catalog, CatalogDirs, CatalogErrors};
-use crate::domain::job::JobSpec;
+use crate::domain::job::{ContainerPolicy, JobSpec};
 use crate::domain::job_lookup::{JobLookup, ReloadJobs, ReloadSummary};
 
 pub struct Reloadable {
     dirs: CatalogDirs,
+    /// The server's, fixed for the life of the process: a reload reads job files only.
+    policy: ContainerPolicy,
     current: RwLock<Arc<Catalog>>,
     generation: AtomicU64,
     reloading: Mutex<()>,
@@ -22,15 +24,16 @@ pub struct Reloadable {
 
 impl Reloadable {
     /// Load the first set; an invalid one is an error (the process should not start).
-    pub fn load(dirs: CatalogDirs) -> Result<Reloadable, CatalogErrors> {
-        let catalog = Catalog::load(&dirs)?;
-        Ok(Self::with(dirs, catalog))
+    pub fn load(dirs: CatalogDirs, policy: ContainerPolicy) -> Result<Reloadable, CatalogErrors> {
+        let catalog = Catalog::load(&dirs, &policy)?;
+        Ok(Self::with(dirs, policy, catalog))
     }
 
     /// Start from an already loaded set (which `reload` replaces from `dirs`).
-    pub fn with(dirs: CatalogDirs, catalog: Catalog) -> Reloadable {
+    pub fn with(dirs: CatalogDirs, policy: ContainerPolicy, catalog: Catalog) -> Reloadable {
         Reloadable {
             dirs,
+            policy,
             current: RwLock::new(Arc::new(catalog)),
             generation: AtomicU64::new(0),
             reloading: Mutex::new(()),
@@ -55,7 +58,7 @@ impl Reloadable {
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let newer = Catalog::load(&self.dirs)?;
+        let newer = Catalog::load(&self.dirs, &self.policy)?;
         let older = self.current();
         let mut summary = ReloadSummary {
             jobs: newer.len(),
@@ -128,7 +131,11 @@ mod tests {
             "jobs/cal.toml",
             "image = \"a\"\n[[schedules]]\nname = \"s\"\ncron = \"@daily\"\ncalendar = \"jp\"\n",
         );
-        let r = Reloadable::load(CatalogDirs::new(root.path().join("jobs"), None)).unwrap();
+        let r = Reloadable::load(
+            CatalogDirs::new(root.path().join("jobs"), None),
+            ContainerPolicy::default(),
+        )
+        .unwrap();
         (root, r)
     }
 
@@ -155,6 +162,38 @@ mod tests {
         assert_eq!(r.generation(), 1);
         assert_eq!(r.job("edit").unwrap().image, "b");
         assert!(r.job("gone").is_none());
+    }
+
+    #[test]
+    fn a_reload_keeps_to_the_servers_container_policy() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("jobs")).unwrap();
+        write(root.path(), "jobs/a.toml", "image = \"a\"\n");
+        let policy = ContainerPolicy::new("64MiB", 32, &["NET_RAW".into()], &[]).unwrap();
+        let r = Reloadable::load(CatalogDirs::new(root.path().join("jobs"), None), policy).unwrap();
+        assert_eq!(r.job("a").unwrap().hardening.pids_limit, Some(32));
+
+        write(
+            root.path(),
+            "jobs/a.toml",
+            "image = \"a\"\ncapabilities = [\"NET_RAW\"]\n",
+        );
+        r.reload().unwrap();
+        assert_eq!(r.job("a").unwrap().hardening.capabilities.len(), 1);
+        write(
+            root.path(),
+            "jobs/a.toml",
+            "image = \"a\"\ncapabilities = [\"SYS_ADMIN\"]\n",
+        );
+        let text = r.reload().unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "a.toml:2: capabilities: SYS_ADMIN is not in [containers] allowed_capabilities"
+            ),
+            "{text}"
+        );
+        assert_eq!(r.job("a").unwrap().hardening.capabilities.len(), 1);
+        assert_eq!(r.job("a").unwrap().resources.memory_bytes, Some(64 << 20));
     }
 
     #[test]

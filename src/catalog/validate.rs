@@ -3,10 +3,13 @@
 //! the line and the field, and one file's problems are all reported together.
 //!
 //! Sections are checked in file order (image, command, container settings, pull,
-//! timeouts, schedule, env, resources, params, retry, webhook), which is the order errors print.
+//! timeouts, schedule, env, resources, hardening, params, retry, webhook), which is the
+//! order errors print.
 
 mod callback;
+mod container;
 mod env;
+mod hardening;
 mod params;
 mod resources;
 mod retry;
@@ -22,13 +25,12 @@ use toml::Spanned;
 use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
-use crate::domain::job::{JobName, JobSpec, PullPolicy, parse_duration};
+use crate::domain::job::{ContainerPolicy, JobName, JobSpec, PullPolicy, parse_duration};
 
 pub(super) use params::check_refs;
 pub use schedules::WEEKDAYS_CALENDAR;
 
 const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
-const DEFAULT_NETWORK: &str = "bridge";
 const MAX_CONCURRENT: std::ops::RangeInclusive<i64> = 1..=10_000;
 
 /// Collects errors for one file.
@@ -172,17 +174,19 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// The whole file: every section's validator, in file order. `None` when the spec
-/// cannot be built (`ctx` then holds at least one error).
+/// The whole file: every section's validator, in file order, within the server's
+/// container policy. `None` when the spec cannot be built (`ctx` then holds at least
+/// one error).
 pub(super) fn validate(
     ctx: &mut Ctx<'_>,
     name: Option<JobName>,
     raw: &JobFile,
     calendars: &CalendarSet,
+    policy: &ContainerPolicy,
 ) -> Option<JobSpec> {
     let image = image(ctx, raw.image.as_ref());
     let command = command(ctx, raw.command.as_ref(), &raw.params);
-    let container = container(ctx, raw);
+    let container = container::container(ctx, raw);
     let pull = pull(ctx, raw.pull.as_ref());
     let timeouts = timeouts(ctx, raw.timeout.as_ref(), raw.stop_grace.as_ref());
     let schedules = schedules::schedules(
@@ -197,7 +201,12 @@ pub(super) fn validate(
         .as_ref()
         .and_then(|m| ctx.int_in(m, "max_concurrent", MAX_CONCURRENT));
     let env = env::env(ctx, &raw.env, &raw.params);
-    let resources = resources::resources(ctx, &raw.resources);
+    let mut resources = resources::resources(ctx, &raw.resources);
+    // Filled in here, so the frozen spec of every run shows the limit it ran with.
+    resources
+        .memory_bytes
+        .get_or_insert(policy.default_memory());
+    let hardening = hardening::hardening(ctx, raw, policy);
     let params = params::params(ctx, &raw.params);
     let retry = raw
         .retry
@@ -227,6 +236,7 @@ pub(super) fn validate(
         timeout: timeouts.timeout,
         stop_grace: timeouts.stop_grace,
         network: container.network,
+        hardening,
         params,
         schedules,
         max_concurrent,
@@ -279,46 +289,6 @@ fn command(
         command.push(arg.get_ref().clone());
     }
     command
-}
-
-/// `workdir`, `user` and `network`: how the container is set up around the command.
-#[derive(Debug, PartialEq)]
-struct Container {
-    workdir: Option<String>,
-    user: Option<String>,
-    network: String,
-}
-
-fn container(ctx: &mut Ctx<'_>, raw: &JobFile) -> Container {
-    let workdir = raw.workdir.as_ref().map(|w| {
-        ctx.no_refs(w, "workdir");
-        if !w.get_ref().starts_with('/') {
-            ctx.at(
-                &w.span(),
-                "workdir",
-                format!("{:?} must be an absolute path", w.get_ref()),
-            );
-        }
-        w.get_ref().clone()
-    });
-    let user = raw.user.as_ref().map(|u| {
-        ctx.no_refs(u, "user");
-        ctx.non_blank_token(u, "user");
-        u.get_ref().clone()
-    });
-    let network = match &raw.network {
-        None => DEFAULT_NETWORK.to_owned(),
-        Some(n) => {
-            ctx.no_refs(n, "network");
-            ctx.non_blank_token(n, "network");
-            n.get_ref().clone()
-        }
-    };
-    Container {
-        workdir,
-        user,
-        network,
-    }
 }
 
 /// `pull`
@@ -468,28 +438,6 @@ mod tests {
         assert!(e.message.contains("omit `command`"), "{e}");
         let s = parse("image = \"a\"\ncommand = [\"a b\", \"\"]\n").unwrap();
         assert_eq!(s.command, ["a b", ""]);
-    }
-
-    #[test]
-    fn container_settings() {
-        let s =
-            parse("image = \"a\"\nworkdir = \"/w\"\nuser = \"app\"\nnetwork = \"none\"\n").unwrap();
-        assert_eq!(s.workdir.as_deref(), Some("/w"));
-        assert_eq!(s.user.as_deref(), Some("app"));
-        assert_eq!(s.network, "none");
-
-        let e = one_error("image = \"a\"\nworkdir = \"tmp\"\n");
-        assert_eq!(
-            e.to_string(),
-            "jobs/hello.toml:2: workdir: \"tmp\" must be an absolute path"
-        );
-        let e = one_error("image = \"a\"\nuser = \"a b\"\n");
-        assert_eq!(e.field.as_deref(), Some("user"));
-        assert!(e.message.contains("whitespace"), "{e}");
-        let e = one_error("image = \"a\"\n\nnetwork = \"{{params.n}}\"\n[params.n]\n");
-        assert_eq!(e.line, Some(3));
-        assert_eq!(e.field.as_deref(), Some("network"));
-        assert!(e.message.contains("only substituted"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod token;
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use futures::StreamExt;
 use crate::catalog::{Catalog, CatalogDirs};
 use crate::client::{ApiClient, ClientError, ReloadOutcome};
 use crate::config::{LogsArgs, RunArgs, ServerOption, StatusArgs};
+use crate::domain::job::JobSpec;
 use crate::domain::schedule::{Rule, ScheduleSpec};
 use crate::protocol::api::{ErrorCodeV1, ReasonCodeV1, RunStatusV1, RunV1};
 
@@ -261,11 +263,21 @@ pub async fn logs(args: LogsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `tasuki jobs check [DIR] [--calendars-dir DIR]`: every calendar (used or not) and
-/// every job; exit 1 with every error when any file is invalid.
-pub fn check_jobs(dirs: &CatalogDirs) -> ExitCode {
+/// `tasuki jobs check [DIR] [--calendars-dir DIR] [--config FILE]`: every calendar
+/// (used or not) and every job, within the container policy of the server config (the
+/// built-in one without); exit 1 with every error when any file is invalid.
+pub fn check_jobs(dirs: &CatalogDirs, config: Option<&Path>) -> ExitCode {
     let dir = dirs.jobs.display();
-    match Catalog::load(dirs) {
+    let policy = match crate::config::server::ServerConfig::load(config, std::env::vars())
+        .and_then(|c| c.containers.policy())
+    {
+        Ok(policy) => policy,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match Catalog::load(dirs, &policy) {
         Ok(catalog) => {
             for c in catalog.calendars().values() {
                 println!(
@@ -285,6 +297,7 @@ pub fn check_jobs(dirs: &CatalogDirs) -> ExitCode {
                 if let Some(n) = job.max_concurrent {
                     line.push_str(&format!(", max_concurrent {n}"));
                 }
+                line.push_str(&hardening_summary(job));
                 println!("{line}");
             }
             println!(
@@ -303,6 +316,48 @@ pub fn check_jobs(dirs: &CatalogDirs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `, memory 512MiB, pids 512, capabilities NET_RAW, read-only root, mounts
+/// /srv/data:/data:ro`, for `jobs check`: the limits its containers will run with.
+fn hardening_summary(job: &JobSpec) -> String {
+    let h = &job.hardening;
+    let mut text = String::new();
+    if let Some(m) = job.resources.memory_bytes {
+        text.push_str(&format!(", memory {}", size_text(m)));
+    }
+    if let Some(p) = h.pids_limit {
+        text.push_str(&format!(", pids {p}"));
+    }
+    if !h.capabilities.is_empty() {
+        let caps: Vec<&str> = h.capabilities.iter().map(|c| c.as_str()).collect();
+        text.push_str(&format!(", capabilities {}", caps.join(" ")));
+    }
+    if h.read_only {
+        text.push_str(", read-only root");
+    }
+    if !h.mounts.is_empty() {
+        let mounts: Vec<String> = h
+            .mounts
+            .iter()
+            .map(|m| {
+                let mode = if m.read_only { "ro" } else { "rw" };
+                format!("{}:{}:{mode}", m.source, m.target)
+            })
+            .collect();
+        text.push_str(&format!(", mounts {}", mounts.join(" ")));
+    }
+    text
+}
+
+/// Bytes in the largest binary unit that divides them (`512MiB`), else bytes.
+fn size_text(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes.trailing_zeros() >= shift {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}B")
 }
 
 /// `nightly "30 2 * * 1-5" Asia/Tokyo calendar jp-business`, for `jobs check`.

@@ -377,6 +377,12 @@ pub enum JobsCommand {
         /// is one].
         #[arg(long, env = "TASUKI_CALENDARS_DIR")]
         calendars_dir: Option<PathBuf>,
+
+        /// The server config file whose `[containers]` policy the jobs must keep to
+        /// (with `TASUKI_CONTAINERS_*` variables over it, as `serve` reads it)
+        /// [default: the built-in policy].
+        #[arg(long, env = "TASUKI_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Make a running server read its job and calendar files again (as SIGHUP does);
     /// exit 1 if it refused them (the errors are printed, its jobs stay as they were).

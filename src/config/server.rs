@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::job::{ContainerPolicy, PolicyError, Refusal};
 use crate::domain::secret::{RegistryLogin, SecretRef};
 
 /// The prefix of every environment variable that sets a config key.
@@ -144,6 +145,30 @@ impl Default for ContainersSection {
     }
 }
 
+impl ContainersSection {
+    /// The domain's policy from these settings; a bad value names its key.
+    pub fn policy(&self) -> Result<ContainerPolicy, ConfigError> {
+        let mounts = self
+            .allowed_mounts
+            .iter()
+            .map(|p| {
+                p.to_str().map(str::to_owned).ok_or_else(|| {
+                    ConfigError::Containers(PolicyError::Mount(Refusal(format!(
+                        "{p:?} is not UTF-8"
+                    ))))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ContainerPolicy::new(
+            &self.default_memory,
+            self.pids_limit,
+            &self.allowed_capabilities,
+            &mounts,
+        )
+        .map_err(ConfigError::Containers)
+    }
+}
+
 /// A value read from the server's environment or a file instead of being written here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged, deny_unknown_fields)]
@@ -174,6 +199,8 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
+    #[error("[containers] {0}")]
+    Containers(PolicyError),
 }
 
 impl ServerConfig {
@@ -465,6 +492,54 @@ password = { from_env = "REG_PASSWORD" }
             "TASUKI_CONTAINERS_ALLOWED_MOUNTS",
         ] {
             assert!(keys.contains_key(var), "{var} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn the_containers_section_becomes_the_policy() {
+        let c = ServerConfig::load(
+            None,
+            env(&[
+                ("TASUKI_CONTAINERS_DEFAULT_MEMORY", "1GiB"),
+                ("TASUKI_CONTAINERS_PIDS_LIMIT", "64"),
+                ("TASUKI_CONTAINERS_ALLOWED_CAPABILITIES", r#"["net_raw"]"#),
+                ("TASUKI_CONTAINERS_ALLOWED_MOUNTS", r#"["/srv/data/"]"#),
+            ]),
+        )
+        .unwrap();
+        let p = c.containers.policy().unwrap();
+        assert_eq!(p.default_memory(), 1 << 30);
+        assert_eq!(p.pids_limit(), 64);
+        assert_eq!(p.allowed_mounts(), ["/srv/data"]);
+        assert_eq!(
+            ServerConfig::default().containers.policy().unwrap(),
+            ContainerPolicy::default()
+        );
+        for (var, value, want) in [
+            (
+                "TASUKI_CONTAINERS_DEFAULT_MEMORY",
+                "lots",
+                "[containers] default_memory: invalid size \"lots\"",
+            ),
+            (
+                "TASUKI_CONTAINERS_ALLOWED_CAPABILITIES",
+                r#"["SYS_ADMINN"]"#,
+                "[containers] allowed_capabilities: \"SYS_ADMINN\" is not",
+            ),
+            (
+                "TASUKI_CONTAINERS_ALLOWED_MOUNTS",
+                r#"["/"]"#,
+                "[containers] allowed_mounts: \"/\" would allow every host path",
+            ),
+            (
+                "TASUKI_CONTAINERS_PIDS_LIMIT",
+                "0",
+                "[containers] pids_limit: 0 is below 2",
+            ),
+        ] {
+            let c = ServerConfig::load(None, env(&[(var, value)])).unwrap();
+            let e = c.containers.policy().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{var}: {e}");
         }
     }
 

@@ -233,7 +233,7 @@ impl ContainerRuntime for DockerRuntime {
             name: (!spec.name.is_empty()).then(|| spec.name.clone()),
             ..Default::default()
         };
-        let body = container_body(spec);
+        let body = container_body(spec)?;
         match docker.create_container(Some(options), body).await {
             Ok(created) => {
                 for warning in &created.warnings {

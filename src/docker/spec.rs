@@ -1,14 +1,26 @@
-//! What tasuki asks the engine for: a container's create body from a `ContainerSpec`,
-//! stop grace in Docker's units, and image references split the way the CLI splits them.
+//! What tasuki asks the engine for: a container's create body from a `ContainerSpec`
+//! (with the hardening every container gets), stop grace in Docker's units, and image
+//! references split the way the CLI splits them.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 
-use crate::domain::ports::ContainerSpec;
+use crate::domain::job::{READ_ONLY_TMP, check_network};
+use crate::domain::ports::{ContainerSpec, RuntimeError};
 
-pub(super) fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
+/// Mount options of the tmpfs a read-only root gets; Docker adds `noexec`. Its pages
+/// count against the container's memory limit.
+const TMPFS_OPTIONS: &str = "rw,nosuid,nodev,mode=1777";
+
+/// The create body: the spec's settings inside the hardening every container gets (no
+/// capabilities but those listed, `no-new-privileges`, pids and memory limits, never
+/// privileged, private PID and IPC namespaces). A spec asking for the host's network
+/// is refused here too, whatever the catalog let through.
+pub(super) fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError> {
+    check_network(&spec.network)
+        .map_err(|refusal| RuntimeError::Docker(format!("network: {refusal}")))?;
     let env: Vec<String> = spec
         .env
         .iter()
@@ -24,15 +36,37 @@ pub(super) fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let memory = spec
-        .memory_bytes
-        .map(|m| i64::try_from(m).unwrap_or(i64::MAX));
+    let memory = i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX);
+    let mounts: Vec<Mount> = spec
+        .mounts
+        .iter()
+        .map(|m| Mount {
+            typ: Some(MountType::BIND),
+            source: Some(m.source.clone()),
+            target: Some(m.target.clone()),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect();
     let host_config = HostConfig {
         cpu_shares: spec.cpu_shares.map(i64::from),
         nano_cpus: spec.cpu_limit.map(|cores| (cores * 1e9) as i64),
-        memory,
-        memory_swap: memory,
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        pids_limit: Some(i64::from(spec.pids_limit)),
         network_mode: (!spec.network.is_empty()).then(|| spec.network.clone()),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(spec.capabilities.iter().map(|c| c.kernel_name()).collect()),
+        security_opt: Some(vec!["no-new-privileges".to_owned()]),
+        privileged: Some(false),
+        // Docker's documented private modes: "" for PID, "private" for IPC.
+        pid_mode: Some(String::new()),
+        ipc_mode: Some("private".to_owned()),
+        readonly_rootfs: Some(spec.read_only_root),
+        tmpfs: spec
+            .read_only_root
+            .then(|| HashMap::from([(READ_ONLY_TMP.to_owned(), TMPFS_OPTIONS.to_owned())])),
+        mounts: (!mounts.is_empty()).then_some(mounts),
         init: Some(true),
         auto_remove: Some(false),
         log_config: Some(HostConfigLogConfig {
@@ -41,7 +75,7 @@ pub(super) fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         }),
         ..Default::default()
     };
-    ContainerCreateBody {
+    Ok(ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
         working_dir: spec.workdir.clone(),
@@ -56,7 +90,7 @@ pub(super) fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         stdin_once: Some(false),
         host_config: Some(host_config),
         ..Default::default()
-    }
+    })
 }
 
 /// Docker's `t` for stop: whole seconds, rounded up, at least 1.
@@ -94,7 +128,95 @@ fn split_tag(name: &str) -> (&str, Option<&str>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::domain::job::{BindMount, Capability};
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: "tasuki-x-1".into(),
+            image: "img:1".into(),
+            command: vec![],
+            workdir: None,
+            user: None,
+            env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            cpu_shares: None,
+            cpu_limit: None,
+            memory_bytes: 64 << 20,
+            network: "none".into(),
+            pids_limit: 100,
+            capabilities: vec![],
+            read_only_root: false,
+            mounts: vec![],
+        }
+    }
+
+    #[test]
+    fn every_container_is_hardened() {
+        let host = container_body(&spec()).unwrap().host_config.unwrap();
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.cap_add, Some(vec![]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges".to_owned()])
+        );
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(host.pids_limit, Some(100));
+        assert_eq!(host.memory, Some(64 << 20));
+        assert_eq!(host.memory_swap, Some(64 << 20));
+        assert_eq!(host.ipc_mode.as_deref(), Some("private"));
+        assert_eq!(host.pid_mode.as_deref(), Some(""));
+        assert_eq!(host.readonly_rootfs, Some(false));
+        assert_eq!(host.tmpfs, None);
+        assert_eq!(host.mounts, None);
+        // The JSON Docker gets says so explicitly.
+        let json = serde_json::to_value(container_body(&spec()).unwrap()).unwrap();
+        assert_eq!(json["HostConfig"]["PidMode"], "");
+        assert_eq!(json["HostConfig"]["Privileged"], false);
+    }
+
+    #[test]
+    fn what_a_job_loosens_reaches_the_body() {
+        let mut s = spec();
+        s.capabilities = vec![Capability::parse("NET_RAW").unwrap()];
+        s.read_only_root = true;
+        s.mounts = vec![BindMount {
+            source: "/srv/data".into(),
+            target: "/data".into(),
+            read_only: true,
+        }];
+        let host = container_body(&s).unwrap().host_config.unwrap();
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.cap_add, Some(vec!["CAP_NET_RAW".to_owned()]));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(
+            host.tmpfs,
+            Some(HashMap::from([(
+                "/tmp".to_owned(),
+                "rw,nosuid,nodev,mode=1777".to_owned()
+            )]))
+        );
+        let mounts = host.mounts.unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(mounts[0].source.as_deref(), Some("/srv/data"));
+        assert_eq!(mounts[0].target.as_deref(), Some("/data"));
+        assert_eq!(mounts[0].read_only, Some(true));
+    }
+
+    #[test]
+    fn the_hosts_network_is_refused_even_from_a_stored_spec() {
+        for mode in ["host", "container:other"] {
+            let mut s = spec();
+            s.network = mode.into();
+            let e = container_body(&s).unwrap_err().to_string();
+            assert!(e.starts_with("network: "), "{e}");
+            assert!(e.contains("is never allowed"), "{e}");
+        }
+    }
 
     #[test]
     fn image_refs() {

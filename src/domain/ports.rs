@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use super::job::PullPolicy;
+use super::job::{BindMount, Capability, PullPolicy};
 use super::secret::{RegistryCredentials, Secret};
 use super::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
@@ -45,10 +45,18 @@ pub struct ContainerSpec {
     pub cpu_shares: Option<u32>,
     /// Hard CPU cap in cores, Docker `NanoCpus`.
     pub cpu_limit: Option<f64>,
-    /// Hard memory limit; swap is set to the same value so the limit bites.
-    pub memory_bytes: Option<u64>,
-    /// Docker network mode (`bridge`, `none`, `host`, a network name).
+    /// Hard memory limit; swap is set to the same value so the limit bites. Every
+    /// container has one.
+    pub memory_bytes: u64,
+    /// Docker network mode (`bridge`, `none`, a network name; never `host`).
     pub network: String,
+    /// Processes and threads the container may have.
+    pub pids_limit: u32,
+    /// Added back after all capabilities are dropped.
+    pub capabilities: Vec<Capability>,
+    /// Read-only root file system, with a writable tmpfs on `/tmp`.
+    pub read_only_root: bool,
+    pub mounts: Vec<BindMount>,
 }
 
 /// How a container ended, read from `inspect` after it exited.

@@ -39,6 +39,22 @@ struct ResourcesView {
     memory_bytes: Option<u64>,
 }
 
+/// The hardening a job's containers run with (what is not listed is dropped or off).
+#[derive(Serialize)]
+struct ContainerView {
+    capabilities: Vec<&'static str>,
+    pids_limit: Option<u32>,
+    read_only: bool,
+    mounts: Vec<MountView>,
+}
+
+#[derive(Serialize)]
+struct MountView {
+    source: String,
+    target: String,
+    read_only: bool,
+}
+
 #[derive(Serialize)]
 struct JobView {
     name: String,
@@ -49,6 +65,7 @@ struct JobView {
     network: String,
     timeout: Option<String>,
     resources: ResourcesView,
+    container: ContainerView,
     params: BTreeMap<String, ParamView>,
     schedules: Vec<ScheduleView>,
     max_concurrent: Option<u32>,
@@ -133,6 +150,26 @@ impl From<&JobSpec> for JobView {
                 cpu: j.resources.cpu,
                 cpu_limit: j.resources.cpu_limit,
                 memory_bytes: j.resources.memory_bytes,
+            },
+            container: ContainerView {
+                capabilities: j
+                    .hardening
+                    .capabilities
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect(),
+                pids_limit: j.hardening.pids_limit,
+                read_only: j.hardening.read_only,
+                mounts: j
+                    .hardening
+                    .mounts
+                    .iter()
+                    .map(|m| MountView {
+                        source: m.source.clone(),
+                        target: m.target.clone(),
+                        read_only: m.read_only,
+                    })
+                    .collect(),
             },
             params: j
                 .params

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
+use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{Claim, ClaimResult, Lease};
 use crate::domain::secret::{ClaimSecrets, RegistryCredentials};
 
@@ -25,6 +26,7 @@ fn spec_with_secrets() -> ResolvedSpec {
         timeout: None,
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
+        hardening: Default::default(),
     }
 }
 

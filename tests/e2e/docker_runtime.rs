@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tasuki::docker::DockerRuntime;
-use tasuki::domain::job::PullPolicy;
+use tasuki::domain::job::{DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT, PullPolicy};
 use tasuki::domain::ports::{
     ContainerExit, ContainerRuntime, ContainerSpec, OutputChunk, RuntimeError, Stream,
 };
@@ -35,8 +35,12 @@ fn spec(name: &str, command: &[&str]) -> ContainerSpec {
         labels: BTreeMap::from([("tasuki.test".to_owned(), "true".to_owned())]),
         cpu_shares: None,
         cpu_limit: None,
-        memory_bytes: None,
+        memory_bytes: DEFAULT_MEMORY,
         network: "none".to_owned(),
+        pids_limit: DEFAULT_PIDS_LIMIT,
+        capabilities: Vec::new(),
+        read_only_root: false,
+        mounts: Vec::new(),
     }
 }
 
@@ -155,7 +159,7 @@ async fn oom_kill_is_reported() {
     let name = unique_name("oom");
     with_cleanup(&rt, &[&name], || async {
         let mut spec = spec(&name, &["sh", "-c", "head -c 200m /dev/zero | tail"]);
-        spec.memory_bytes = Some(16 * 1024 * 1024);
+        spec.memory_bytes = 16 * 1024 * 1024;
         let (_, exit) = run_to_end(&rt, &spec).await?;
         assert!(exit.oom_killed, "expected OOM kill, got {exit:?}");
         assert_ne!(exit.exit_code, 0);
@@ -298,7 +302,7 @@ async fn create_passes_env_workdir_user_and_limits() {
         spec.user = Some("1234".into());
         spec.cpu_shares = Some(512);
         spec.cpu_limit = Some(0.5);
-        spec.memory_bytes = Some(64 * 1024 * 1024);
+        spec.memory_bytes = 64 * 1024 * 1024;
         let (chunks, exit) = run_to_end(&rt, &spec).await?;
         assert_eq!(exit.exit_code, 0, "{chunks:?}");
         let stdout: Vec<u8> = chunks

@@ -10,6 +10,7 @@ mod connections;
 mod docker_runtime;
 mod embedded;
 mod faults;
+mod hardening;
 mod hooks;
 mod registry;
 mod retention;

@@ -251,7 +251,11 @@ fn a_job_naming_a_broken_calendar_gets_no_second_error() {
         "image = \"a\"\n[[schedules]]\nname = \"s\"\ncron = \"@daily\"\ncalendar = \"jp\"\n",
     )
     .unwrap();
-    let errs = Catalog::load(&CatalogDirs::new(root.path().join("jobs"), None)).unwrap_err();
+    let errs = Catalog::load(
+        &CatalogDirs::new(root.path().join("jobs"), None),
+        &crate::domain::job::ContainerPolicy::default(),
+    )
+    .unwrap_err();
     assert_eq!(errs.0.len(), 1, "{errs}");
     assert!(errs.0[0].file.ends_with("calendars/jp.toml"), "{errs}");
 }

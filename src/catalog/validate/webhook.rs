@@ -173,7 +173,13 @@ mod tests {
         ctx.env = fake_env;
         let raw: JobFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
         let name = crate::domain::job::JobName::parse("hook").ok();
-        let spec = validate(&mut ctx, name, &raw, &Default::default());
+        let spec = validate(
+            &mut ctx,
+            name,
+            &raw,
+            &Default::default(),
+            &Default::default(),
+        );
         match spec {
             Some(s) if ctx.errors.is_empty() => Ok(s),
             _ => Err(ctx.errors.iter().map(ToString::to_string).collect()),

@@ -2,15 +2,22 @@
 //!
 //! This module holds the job's name and spec; the pure helpers around it live in
 //! submodules, re-exported here: request parameters (`params`), sizes and
-//! durations (`units`) and cron schedules (`schedule`).
+//! durations (`units`), cron schedules (`schedule`) and container hardening
+//! (`hardening`).
 //!
 //! Nothing in here performs I/O; the TOML file format lives in
 //! `crate::catalog`.
 
+mod hardening;
 mod params;
 mod schedule;
 mod units;
 
+pub use hardening::{
+    BindMount, Capability, ContainerPolicy, DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT, Hardening,
+    InvalidCapability, MIN_PIDS_LIMIT, PolicyError, READ_ONLY_TMP, Refusal, check_mount_target,
+    check_network, normalize_path,
+};
 pub use params::{
     ParamError, ParamErrors, ParamSpec, RESERVED_ENV_PREFIX, has_malformed_param_reference,
     is_reserved_env_name, is_valid_env_name, is_valid_param_name, param_references,
@@ -132,7 +139,9 @@ pub struct Resources {
     pub cpu: Option<u32>,
     /// Hard CPU cap in cores (e.g. 0.5); Docker `NanoCpus` = cores * 1e9.
     pub cpu_limit: Option<f64>,
-    /// Hard memory limit in bytes; Docker `Memory`.
+    /// Hard memory limit in bytes; Docker `Memory`. Set for every job loaded from a
+    /// file (the server's default when the file gives none); `None` only in a spec
+    /// stored before that, which then runs with [`DEFAULT_MEMORY`].
     pub memory_bytes: Option<u64>,
 }
 
@@ -154,6 +163,9 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     pub stop_grace: Duration,
     pub network: String,
+    /// Capabilities, pids limit, read-only root and mounts, checked against the
+    /// server's `ContainerPolicy` at load.
+    pub hardening: Hardening,
     pub params: BTreeMap<String, ParamSpec>,
     /// When the job starts by itself; empty for a job only started on request.
     pub schedules: Vec<crate::domain::schedule::ScheduleSpec>,
@@ -182,6 +194,7 @@ pub struct ResolvedSpec {
     pub timeout: Option<Duration>,
     pub stop_grace: Duration,
     pub network: String,
+    pub hardening: Hardening,
 }
 
 #[cfg(test)]

@@ -277,6 +277,7 @@ impl JobSpec {
             timeout: self.timeout,
             stop_grace: self.stop_grace,
             network: self.network.clone(),
+            hardening: self.hardening.clone(),
         })
     }
 }
@@ -320,6 +321,7 @@ mod tests {
             timeout: Some(Duration::from_secs(60)),
             stop_grace: Duration::from_secs(10),
             network: "none".into(),
+            hardening: Default::default(),
             params: BTreeMap::from([
                 ("who".to_owned(), spec(None, true, None)),
                 (

@@ -81,6 +81,7 @@ fn spec(image: &str, pull: PullPolicy, secret_env: &[(&str, SecretRef)]) -> Reso
         timeout: None,
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
+        hardening: Default::default(),
     }
 }
 

@@ -72,6 +72,7 @@ fn spec() -> ResolvedSpec {
         timeout: None,
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
+        hardening: Default::default(),
     }
 }
 

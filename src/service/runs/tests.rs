@@ -40,6 +40,7 @@ fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
         timeout: None,
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
+        hardening: Default::default(),
         params: BTreeMap::new(),
         schedules: Vec::new(),
         max_concurrent,

@@ -82,6 +82,7 @@ fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) ->
         timeout: None,
         stop_grace: Duration::from_secs(1),
         network: "none".into(),
+        hardening: Default::default(),
         params: BTreeMap::new(),
         schedules,
         max_concurrent,

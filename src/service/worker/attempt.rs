@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::lease::{LeaseKeeper, LeaseState};
 use super::pump::{Pumped, pump_output};
 use super::{Backoff, Worker};
+use crate::domain::job::{DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT};
 use crate::domain::ports::{
     Adoption, Claim, ContainerExit, ContainerSpec, ContainerState, ControlError, Lease,
     LeaseStatus, OutputPosition, RuntimeError,
@@ -506,7 +507,12 @@ pub(super) fn container_spec(claim: &Claim, worker_id: &str) -> ContainerSpec {
         labels,
         cpu_shares: spec.resources.cpu,
         cpu_limit: spec.resources.cpu_limit,
-        memory_bytes: spec.resources.memory_bytes,
+        // A spec stored before tasuki set these runs with the built-in defaults.
+        memory_bytes: spec.resources.memory_bytes.unwrap_or(DEFAULT_MEMORY),
         network: spec.network.clone(),
+        pids_limit: spec.hardening.pids_limit.unwrap_or(DEFAULT_PIDS_LIMIT),
+        capabilities: spec.hardening.capabilities.clone(),
+        read_only_root: spec.hardening.read_only,
+        mounts: spec.hardening.mounts.clone(),
     }
 }

@@ -466,3 +466,36 @@ async fn a_refused_login_fails_the_attempt_as_unauthorized() {
         "{outcome:?}"
     );
 }
+
+/// The container gets the spec's hardening; a spec stored before tasuki recorded limits
+/// still runs with a memory and a pids limit.
+#[test]
+fn a_container_carries_the_specs_hardening_and_never_goes_without_limits() {
+    use crate::domain::job::{
+        BindMount, Capability, DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT, Hardening,
+    };
+    let old = super::attempt::container_spec(&claim(None), WORKER_ID);
+    assert_eq!(old.memory_bytes, DEFAULT_MEMORY);
+    assert_eq!(old.pids_limit, DEFAULT_PIDS_LIMIT);
+    assert!(old.capabilities.is_empty() && old.mounts.is_empty() && !old.read_only_root);
+
+    let mut c = claim(None);
+    c.spec.resources.memory_bytes = Some(64 << 20);
+    let mount = BindMount {
+        source: "/srv/data".into(),
+        target: "/data".into(),
+        read_only: true,
+    };
+    c.spec.hardening = Hardening {
+        capabilities: vec![Capability::parse("NET_RAW").unwrap()],
+        pids_limit: Some(32),
+        read_only: true,
+        mounts: vec![mount.clone()],
+    };
+    let spec = super::attempt::container_spec(&c, WORKER_ID);
+    assert_eq!(spec.memory_bytes, 64 << 20);
+    assert_eq!(spec.pids_limit, 32);
+    assert_eq!(spec.capabilities, c.spec.hardening.capabilities);
+    assert!(spec.read_only_root);
+    assert_eq!(spec.mounts, [mount]);
+}

@@ -31,6 +31,7 @@ pub(crate) fn new_run() -> NewRun {
             timeout: Some(Duration::from_secs(5)),
             stop_grace: Duration::from_secs(1),
             network: "none".into(),
+            hardening: Default::default(),
         },
         retry: RetryPolicy::default(),
         created_at: Utc::now(),

@@ -59,6 +59,7 @@ pub(crate) fn claim(timeout: Option<Duration>) -> Claim {
             timeout,
             stop_grace: Duration::from_secs(2),
             network: "none".to_owned(),
+            hardening: Default::default(),
         },
         lease_ttl: Duration::from_secs(3),
         secrets: Default::default(),

@@ -29,6 +29,7 @@ fn new_run(created_at: DateTime<Utc>) -> NewRun {
             timeout: None,
             stop_grace: Duration::from_secs(1),
             network: "none".into(),
+            hardening: Default::default(),
         },
         retry: RetryPolicy::default(),
         created_at,
