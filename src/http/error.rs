@@ -168,7 +168,13 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(e: axum::extract::rejection::BytesRejection) -> Self {
         let status = e.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if super::limits::is_body_timeout(&e) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCodeV1::RequestTimeout,
+                "the request body did not arrive in time (limits.body_timeout)",
+            )
+        } else if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
                 ErrorCodeV1::BodyTooLarge,
