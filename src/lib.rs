@@ -507,8 +507,9 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
     if args.worker_token.is_empty() {
         anyhow::bail!("--worker-token / TASUKI_WORKER_TOKEN must not be empty");
     }
-    let control = client::HttpControlPlane::new(&args.server, &args.worker_token)
-        .context("configuring the control plane client")?;
+    let control =
+        client::HttpControlPlane::new(&args.server, &args.worker_token, args.ca_cert.as_deref())
+            .context("configuring the control plane client")?;
     let control: Arc<dyn ControlPlane> = Arc::new(control);
     let runtime = docker(&args.worker)?;
     let config = worker_config(&args.worker);
