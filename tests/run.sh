@@ -72,8 +72,16 @@ ensure_standardwebhooks() {
   python3 -m pip install --quiet standardwebhooks
 }
 
+# The TLS tests make a private CA and a server certificate with the openssl command.
+ensure_openssl() {
+  if command -v openssl >/dev/null 2>&1; then return; fi
+  log "installing openssl"
+  apt_install openssl
+}
+
 ensure_docker
 ensure_rabbitmq
+ensure_openssl
 ensure_busybox
 ensure_standardwebhooks
 export DOCKER="$(docker_cli)"

@@ -11,6 +11,8 @@ mod docker_runtime;
 mod embedded;
 mod faults;
 mod hooks;
+mod limits;
 mod retention;
 mod schedules;
 mod sessions;
+mod tls;
