@@ -211,6 +211,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         allowed_capabilities = ?server_config.containers.allowed_capabilities,
         allowed_mounts = ?policy.allowed_mounts()
     );
+    let limits = server_config.limits.clone();
+    limits.check().context("loading the server configuration")?;
+    // Read before anything else starts, so a bad file stops start-up at once.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(http::load_tls(cert, key)?),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            message = "serving plain HTTP on a non-loopback address: tokens, run parameters and logs cross the network readable by anyone on the path; give --tls-cert and --tls-key, or put a TLS proxy in front",
+            listen = %args.listen
+        );
+    }
     let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
     let catalog = Reloadable::load(dirs.clone(), policy).map_err(|errors| {
         anyhow::anyhow!(
@@ -264,7 +277,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         events,
         wake.clone(),
         shutdown.clone(),
-    );
+    )
+    .with_param_limits(service::runs::ParamLimits {
+        max_params: limits.max_params as usize,
+        max_param_bytes: limits.max_param_bytes as usize,
+    });
 
     // The queue: RabbitMQ, or in-process. The in-process one forgets everything when
     // the process ends, so every run still waiting is published to it again.
@@ -407,6 +424,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         accepting: accepting.clone(),
         callbacks: callback_sender,
         callback_wake,
+        limits: Arc::new(http::limits::Limits::new(
+            limits.rate_per_second,
+            limits.burst,
+            limits.max_holds_per_token,
+            limits.body_timeout,
+        )),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -414,13 +437,24 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let addr = listener
         .local_addr()
         .context("reading the listening address")?;
-    tracing::info!(message = "listening", %addr);
+    tracing::info!(message = "listening", %addr, tls = tls.is_some());
     let stop = shutdown.clone();
     let flag = accepting.clone();
-    http::serve(listener, http::router(state), async move {
-        stop.cancelled().await;
-        flag.store(false, Ordering::SeqCst);
-    })
+    let connection_limits = http::ConnectionLimits {
+        max_header_bytes: limits.max_header_bytes as usize,
+        max_headers: limits.max_headers as usize,
+        header_timeout: limits.header_timeout,
+    };
+    http::serve(
+        listener,
+        http::router(state),
+        tls,
+        connection_limits,
+        async move {
+            stop.cancelled().await;
+            flag.store(false, Ordering::SeqCst);
+        },
+    )
     .await
     .context("serving HTTP")?;
     tasks.close();
@@ -496,8 +530,9 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
     if args.worker_token.is_empty() {
         anyhow::bail!("--worker-token / TASUKI_WORKER_TOKEN must not be empty");
     }
-    let control = client::HttpControlPlane::new(&args.server, &args.worker_token)
-        .context("configuring the control plane client")?;
+    let control =
+        client::HttpControlPlane::new(&args.server, &args.worker_token, args.ca_cert.as_deref())
+            .context("configuring the control plane client")?;
     let control: Arc<dyn ControlPlane> = Arc::new(control);
     let runtime = docker(&args.worker)?;
     let config = worker_config(&args.worker);

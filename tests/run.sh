@@ -93,8 +93,16 @@ ensure_registry() {
   return "$installed"
 }
 
+# The TLS tests make a private CA and a server certificate with the openssl command.
+ensure_openssl() {
+  if command -v openssl >/dev/null 2>&1; then return; fi
+  log "installing openssl"
+  apt_install openssl
+}
+
 ensure_docker
 ensure_rabbitmq
+ensure_openssl
 ensure_busybox
 ensure_standardwebhooks
 ensure_registry

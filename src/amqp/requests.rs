@@ -23,7 +23,7 @@ use crate::domain::reply::{ReplyAddress, Requester};
 use crate::domain::store::Replies;
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
 use crate::protocol::request::{RequestError, parse_request};
-use crate::service::runs::{AcceptError, Accepted, MAX_IDEMPOTENCY_KEY_LEN, Runs};
+use crate::service::runs::{AcceptError, Accepted, MAX_IDEMPOTENCY_KEY_LEN, ParamLimitError, Runs};
 
 /// How long a request whose run could not be stored waits before it is put back.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
@@ -248,6 +248,12 @@ impl RequestConsumer {
             }
             Err(AcceptError::Params(p)) => {
                 Verdict::Refuse(ErrorCodeV1::InvalidParams, p.to_string())
+            }
+            Err(AcceptError::Limit(l @ ParamLimitError::TooMany { .. })) => {
+                Verdict::Refuse(ErrorCodeV1::InvalidParams, l.to_string())
+            }
+            Err(AcceptError::Limit(l)) => {
+                Verdict::Refuse(ErrorCodeV1::ParamTooLarge, l.to_string())
             }
             Err(e @ AcceptError::KeyReused { .. }) => {
                 Verdict::Refuse(ErrorCodeV1::IdempotencyKeyReused, e.to_string())

@@ -72,7 +72,7 @@ pub(crate) fn client_failure(error: &ClientError) -> ExitCode {
 
 /// `tasuki run JOB [--param k=v]... [--wait [--cancel-on-interrupt]]`
 pub async fn run(args: RunArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server) {
+    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -160,7 +160,7 @@ fn worth_another_create(e: &ClientError) -> bool {
 /// `tasuki cancel RUN`, `tasuki retry RUN`: print the run; exit 1 when the server
 /// refuses because of the run's state.
 pub async fn run_action(args: StatusArgs, action: &str) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server) {
+    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -218,7 +218,7 @@ async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunV1, ClientErr
 
 /// `tasuki status RUN`
 pub async fn status(args: StatusArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server) {
+    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -236,7 +236,7 @@ pub async fn status(args: StatusArgs) -> ExitCode {
 
 /// `tasuki logs RUN [--follow]`
 pub async fn logs(args: LogsArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server) {
+    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -382,7 +382,7 @@ fn schedule_summary(s: &ScheduleSpec) -> String {
 /// `tasuki jobs reload [--server URL]`: exit 0 with the summary, 1 when the server
 /// refused the files (every problem printed), 125 when it could not be asked.
 pub async fn reload_jobs(server: ServerOption) -> ExitCode {
-    let client = match ApiClient::new(&server.server) {
+    let client = match ApiClient::new(&server.server, server.ca_cert.as_deref()) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };

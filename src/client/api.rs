@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use futures::Stream;
@@ -13,6 +14,9 @@ pub enum ClientError {
     /// The server could not be reached or broke off.
     #[error("cannot reach tasuki at {url}: {message}")]
     Unreachable { url: String, message: String },
+    /// The client could not be set up (e.g. an unusable `--ca-cert`).
+    #[error("{0}")]
+    Setup(String),
     /// The server answered with an error.
     #[error("server refused ({status}): {message}")]
     Refused {
@@ -30,6 +34,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => true,
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Setup(_) => false,
         }
     }
 
@@ -37,7 +42,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&ErrorCodeV1> {
         match self {
             ClientError::Refused { code, .. } => code.as_ref(),
-            ClientError::Unreachable { .. } => None,
+            ClientError::Unreachable { .. } | ClientError::Setup(_) => None,
         }
     }
 }
@@ -53,6 +58,24 @@ pub enum ReloadOutcome {
     },
 }
 
+/// An error's text for [`ClientError::Unreachable`]: a transport error with its causes
+/// (a certificate the client does not trust shows only there).
+trait Describe {
+    fn describe(&self) -> String;
+}
+
+impl Describe for reqwest::Error {
+    fn describe(&self) -> String {
+        super::connect::chain(self)
+    }
+}
+
+impl Describe for String {
+    fn describe(&self) -> String {
+        self.clone()
+    }
+}
+
 /// The API as the CLI uses it.
 pub struct ApiClient {
     http: reqwest::Client,
@@ -60,9 +83,12 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(base: &str) -> Result<Self, ClientError> {
+    /// A client of the server at `base`; with `ca_cert`, that CA (PEM) is trusted for
+    /// the server's certificate besides the system's roots.
+    pub fn new(base: &str, ca_cert: Option<&Path>) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
-        let http = reqwest::Client::builder()
+        let http = super::connect::builder(ca_cert)
+            .map_err(|e| ClientError::Setup(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Unreachable {
@@ -72,10 +98,10 @@ impl ApiClient {
         Ok(Self { http, base })
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> ClientError {
+    fn unreachable(&self, e: impl Describe) -> ClientError {
         ClientError::Unreachable {
             url: self.base.clone(),
-            message: e.to_string(),
+            message: e.describe(),
         }
     }
 
@@ -307,7 +333,7 @@ mod tests {
     use super::*;
 
     async fn refusal(status: u16, body: &'static str) -> ClientError {
-        let client = ApiClient::new("http://127.0.0.1:1").unwrap();
+        let client = ApiClient::new("http://127.0.0.1:1", None).unwrap();
         let response = axum::http::Response::builder()
             .status(status)
             .body(body)

@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,8 +27,11 @@ pub struct HttpControlPlane {
 }
 
 impl HttpControlPlane {
-    pub fn new(base: &str, token: &str) -> Result<Self, ControlError> {
-        let http = reqwest::Client::builder()
+    /// With `ca_cert`, that CA (PEM) is trusted for the server's certificate besides the
+    /// system's roots; an unusable file is an error naming it.
+    pub fn new(base: &str, token: &str, ca_cert: Option<&Path>) -> Result<Self, ControlError> {
+        let http = super::connect::builder(ca_cert)
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
@@ -42,7 +46,8 @@ impl HttpControlPlane {
     async fn answer<T: DeserializeOwned>(
         response: Result<reqwest::Response, reqwest::Error>,
     ) -> Result<T, ControlError> {
-        let response = response.map_err(|e| ControlError::Unavailable(format!("{e}")))?;
+        let response =
+            response.map_err(|e| ControlError::Unavailable(super::connect::chain(&e)))?;
         let status = response.status();
         if status.is_success() {
             return response
@@ -224,7 +229,7 @@ impl ControlPlane for HttpControlPlane {
             .json(&req)
             .send()
             .await
-            .map_err(|e| ControlError::Unavailable(format!("{e}")))?;
+            .map_err(|e| ControlError::Unavailable(super::connect::chain(&e)))?;
         if response.status().is_success() {
             return Ok(());
         }

@@ -2,6 +2,7 @@
 //! (`ControlPlane` over HTTP) and the API client the CLI uses.
 
 mod api;
+pub mod connect;
 mod control;
 
 pub use api::{ApiClient, ClientError, ReloadOutcome};

@@ -119,6 +119,59 @@ impl Default for LimitsSection {
     }
 }
 
+impl LimitsSection {
+    /// Refuses limits that would make the server refuse everything (or panic deep in
+    /// the HTTP stack): zero sizes and timeouts, a burst of zero. `rate_per_second = 0`
+    /// turns the rate limit off.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: format!(
+                "[limits] {key} (TASUKI_LIMITS_{})",
+                key.to_ascii_uppercase()
+            ),
+            message,
+        };
+        if self.rate_per_second > 0 && self.burst == 0 {
+            return Err(invalid(
+                "burst",
+                "must be at least 1 while rate_per_second is set".to_owned(),
+            ));
+        }
+        let counts = [
+            ("max_holds_per_token", self.max_holds_per_token),
+            ("max_params", self.max_params),
+            ("max_param_bytes", self.max_param_bytes),
+            ("max_headers", self.max_headers),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(invalid(
+                "max_header_bytes",
+                format!(
+                    "{} is too small to hold a request line and a token; at least {MIN_HEADER_BYTES}",
+                    self.max_header_bytes
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0s".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The smallest `max_header_bytes` taken.
+pub const MIN_HEADER_BYTES: u32 = 1024;
+
 /// `[containers]`: the hardening every container gets, and how far a job may loosen it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -540,6 +593,27 @@ password = { from_env = "REG_PASSWORD" }
             let c = ServerConfig::load(None, env(&[(var, value)])).unwrap();
             let e = c.containers.policy().unwrap_err().to_string();
             assert!(e.starts_with(want), "{var}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits_that_would_refuse_everything_are_refused() {
+        assert!(LimitsSection::default().check().is_ok());
+        let off = LimitsSection {
+            rate_per_second: 0,
+            burst: 0,
+            ..LimitsSection::default()
+        };
+        assert!(off.check().is_ok(), "rate 0 turns the limiter off");
+        for (var, value, words) in [
+            ("TASUKI_LIMITS_BURST", "0", "burst"),
+            ("TASUKI_LIMITS_MAX_PARAMS", "0", "max_params"),
+            ("TASUKI_LIMITS_MAX_HEADER_BYTES", "100", "at least 1024"),
+            ("TASUKI_LIMITS_HEADER_TIMEOUT", "0s", "header_timeout"),
+        ] {
+            let c = ServerConfig::load(None, env(&[(var, value)])).unwrap();
+            let e = c.limits.check().unwrap_err().to_string();
+            assert!(e.contains(words) && e.contains(var), "{var}: {e}");
         }
     }
 

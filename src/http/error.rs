@@ -4,7 +4,7 @@
 use crate::domain::job_lookup::CatalogErrors;
 use crate::domain::ports::{ControlError, LogError, StoreError};
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, ErrorDetailV1};
-use crate::service::runs::{AcceptError, ActionError};
+use crate::service::runs::{AcceptError, ActionError, ParamLimitError};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -57,10 +57,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let unread_body = matches!(
+            self.code,
+            ErrorCodeV1::BodyTooLarge | ErrorCodeV1::RequestTimeout
+        );
         let mut body = ErrorBodyV1::new(self.code, self.message);
         body.error.details = self.details;
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if unread_body {
             // The rest of the body was never read: the connection cannot carry another
             // request, so tell the client not to reuse it.
             response.headers_mut().insert(
@@ -109,6 +113,16 @@ impl From<AcceptError> for ApiError {
                 ErrorCodeV1::InvalidParams,
                 p.to_string(),
             ),
+            AcceptError::Limit(l @ ParamLimitError::TooMany { .. }) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCodeV1::InvalidParams,
+                l.to_string(),
+            ),
+            AcceptError::Limit(l) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCodeV1::ParamTooLarge,
+                l.to_string(),
+            ),
             AcceptError::KeyReused { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCodeV1::IdempotencyKeyReused,
@@ -154,7 +168,13 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(e: axum::extract::rejection::BytesRejection) -> Self {
         let status = e.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if super::limits::is_body_timeout(&e) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCodeV1::RequestTimeout,
+                "the request body did not arrive in time (limits.body_timeout)",
+            )
+        } else if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
                 ErrorCodeV1::BodyTooLarge,

@@ -14,7 +14,8 @@ use chrono::Utc;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::runs::{WaitQuery, finish_waiting};
+use super::limits::Caller;
+use super::runs::{WaitQuery, finish_waiting, hold};
 use super::{ApiError, AppState};
 use crate::domain::run::Trigger;
 use crate::protocol::api::ErrorCodeV1;
@@ -29,6 +30,7 @@ const UNAUTHORIZED: &str = "webhook signature missing or invalid";
 
 async fn deliver(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(job): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -78,6 +80,7 @@ async fn deliver(
     })?;
     // The delivery id makes a redelivery return the first run; the body's digest makes
     // the same id with another body an error rather than a silent match.
+    let _hold = hold(&state, &caller, query.wait)?;
     let key = verified.delivery_id.clone().map(|key| RequestKey {
         scope: format!("hook:{job}"),
         key,

@@ -5,9 +5,11 @@ mod error;
 mod health;
 mod hooks;
 mod jobs;
+pub mod limits;
 mod runs;
 mod schedules;
 mod serve;
+mod tls;
 mod worker;
 
 use std::sync::Arc;
@@ -15,10 +17,12 @@ use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use serve::serve;
+pub use serve::{ConnectionLimits, serve};
+pub use tls::{TlsError, load_tls};
 
 use crate::domain::job_lookup::ReloadJobs;
 use crate::domain::ports::{ContainerRuntime, ControlPlane, RunQueue, RunStore};
@@ -47,9 +51,14 @@ pub struct AppState {
     pub callbacks: Arc<dyn crate::domain::callback::CallbackSender>,
     /// Wakes the callback relay after a redelivery.
     pub callback_wake: Arc<tokio::sync::Notify>,
+    /// Per-caller request rate and holds, and the body deadline.
+    pub limits: Arc<limits::Limits>,
 }
 
+/// The whole API. The rate limit reads the caller's `Principal`, so whatever puts it in
+/// the request's extensions (authentication) must be a layer outside it (added later).
 pub fn router(state: AppState) -> Router {
+    let limits = state.limits.clone();
     Router::new()
         .merge(runs::router())
         .merge(hooks::router())
@@ -60,6 +69,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.clone(),
+            limits::rate_limit,
+        ))
+        .layer(RequestBodyDeadlineLayer::new(limits.body_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

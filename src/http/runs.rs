@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::limits::{Caller, HoldGuard};
 use super::{ApiError, AppState};
 use crate::domain::callback::{CallbackTarget, EVENTS, Redelivery};
 use crate::domain::ports::RunFilter;
@@ -115,6 +116,7 @@ fn params_from_json(
 /// content type says, since `curl -d` sends a form type.
 async fn create_run(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(job): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -123,6 +125,9 @@ async fn create_run(
     let Query(query) = query?;
     let body = body?;
     let key = idempotency_key(&headers)?;
+    // Before the run is accepted: a refused hold must not leave a run behind that a
+    // retry of the request would start again.
+    let _hold = hold(&state, &caller, query.wait)?;
     if state.runs.job(&job).is_none() {
         return Err(ApiError::not_found(
             ErrorCodeV1::UnknownJob,
@@ -261,8 +266,20 @@ async fn redeliver(
     Ok(run_response(StatusCode::ACCEPTED, run))
 }
 
+/// One of the caller's holds when the request asks to wait (`?wait=N`, N > 0).
+pub(super) fn hold(
+    state: &AppState,
+    caller: &std::sync::Arc<str>,
+    wait: Option<u64>,
+) -> Result<Option<HoldGuard>, ApiError> {
+    match wait {
+        Some(secs) if secs > 0 => state.limits.holds().take(caller).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// Hold the answer until the run is final or the wait passes: 200 with the finished run,
-/// or 202 with the run as it is.
+/// or 202 with the run as it is. The caller holds a [`HoldGuard`] meanwhile.
 pub(super) async fn finish_waiting(
     state: &AppState,
     run: Run,
@@ -293,12 +310,14 @@ pub(super) async fn finish_waiting(
 /// `GET /v1/runs/{id}`, with an optional `?wait=SECONDS` long poll.
 async fn get_run(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let (_, run) = find_run(&state, &id).await?;
     if query.wait.is_some() && !run.status.is_final() {
+        let _hold = hold(&state, &caller, query.wait)?;
         return finish_waiting(&state, run, query.wait).await;
     }
     Ok((StatusCode::OK, Json(RunV1::from(run))).into_response())
@@ -361,6 +380,7 @@ const LOG_READ: usize = 256 * 1024;
 /// the container wrote them. Following streams until the run is final.
 async fn get_logs(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -376,7 +396,9 @@ async fn get_logs(
         ));
     }
     let body = if query.follow {
-        Body::from_stream(follow(state, id, fixed_attempt, query.offset))
+        // Given back when the stream ends or the client goes away (the body is dropped).
+        let hold = state.limits.holds().take(&caller)?;
+        Body::from_stream(follow(state, hold, id, fixed_attempt, query.offset))
     } else {
         // Streamed in pieces, so a large log never sits whole in memory.
         let attempt = fixed_attempt.unwrap_or(run.attempt);
@@ -413,6 +435,7 @@ async fn get_logs(
 
 struct Follow {
     state: AppState,
+    _hold: HoldGuard,
     id: RunId,
     fixed_attempt: Option<u32>,
     attempt: u32,
@@ -423,6 +446,7 @@ struct Follow {
 
 fn follow(
     state: AppState,
+    hold: HoldGuard,
     id: RunId,
     fixed_attempt: Option<u32>,
     offset: u64,
@@ -430,6 +454,7 @@ fn follow(
     let events = state.runs.events().subscribe();
     let start = Follow {
         state,
+        _hold: hold,
         id,
         fixed_attempt,
         attempt: fixed_attempt.unwrap_or(0),

@@ -1,12 +1,23 @@
-//! Accepting connections and serving the router on them (HTTP/1 and HTTP/2), with two
-//! things `axum::serve` cannot be told:
+//! Accepting connections, over TLS when configured, and serving the router on them
+//! (HTTP/1.1), with what `axum::serve` cannot be told:
 //!
 //! - A client that shuts down its sending side after its request (raw sockets, some
 //!   proxies, scripted clients) still gets its answer: hyper's http1 `half_close`.
 //! - A connection closed while request bytes are still arriving (a body refused with 413
 //!   before it was read) is drained for a bounded time and size before it is closed,
 //!   like nginx's lingering close. Closing a socket with unread data makes the kernel
-//!   send a reset, which destroys the answer in the client's receive buffer.
+//!   send a reset, which destroys the answer in the client's receive buffer. Under TLS
+//!   the drain reads the raw socket, below the TLS session.
+//! - Limits on what a client may send before the router sees a request: the header
+//!   block's size and line count (431, written by hyper, then the connection closes),
+//!   and the time it has to send the whole head (`header_timeout`; then the connection
+//!   is closed without an answer). The same timeout bounds the TLS handshake and a
+//!   keep-alive connection waiting idle for its next request.
+//!
+//! HTTP/1.1 only: hyper's header limits and header timeout are HTTP/1 settings, and
+//! hyper-util's HTTP/1-or-2 detection reads the first bytes with no timer at all, so a
+//! client that connected and sent nothing would hold its connection forever. No tasuki
+//! client speaks HTTP/2 to the server; TLS offers only `http/1.1` by ALPN.
 
 use std::future::Future;
 use std::io;
@@ -15,13 +26,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 
 /// The longest a closing connection is drained of request bytes nobody will read.
 const LINGER_TIME: Duration = Duration::from_secs(5);
@@ -30,15 +42,33 @@ const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 /// Reads per poll while draining, so one fast sender cannot hog a runtime thread.
 const LINGER_READS_PER_POLL: usize = 16;
 
-/// Serve `router` on `listener` until `shutdown` completes; then stop accepting, let
-/// every open connection finish its request in flight, and return.
+/// What a client may send before its request reaches the router.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Bytes of the request line and headers together.
+    pub max_header_bytes: usize,
+    /// Header lines.
+    pub max_headers: usize,
+    /// Time for the whole request head (also: the TLS handshake, an idle keep-alive).
+    pub header_timeout: Duration,
+}
+
+/// Serve `router` on `listener` (HTTPS with `tls`) until `shutdown` completes; then
+/// stop accepting, let every open connection finish its request in flight, and return.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().half_close(true);
+    let mut builder = http1::Builder::new();
+    builder
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes);
     let graceful = GracefulShutdown::new();
     let mut shutdown = pin!(shutdown);
     loop {
@@ -55,21 +85,58 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let io = TokioIo::new(LingeringClose::new(stream));
-        let service = TowerToHyperService::new(router.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let connection = Connection {
+            builder: builder.clone(),
+            service: TowerToHyperService::new(router.clone()),
+            watcher: graceful.watcher(),
+        };
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(message = "connection ended with an error", %error);
+            match tls {
+                None => connection.serve(LingeringClose::new(stream)).await,
+                Some(acceptor) => connection.serve_tls(stream, acceptor, limits).await,
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// One accepted connection, before its (TLS and) HTTP session starts.
+struct Connection {
+    builder: http1::Builder,
+    service: TowerToHyperService<Router>,
+    /// Held from accept on, so a shutdown also waits for a handshake in progress.
+    watcher: Watcher,
+}
+
+impl Connection {
+    async fn serve<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), self.service);
+        if let Err(error) = self.watcher.watch(conn).await {
+            tracing::debug!(message = "connection ended with an error", %error);
+        }
+    }
+
+    async fn serve_tls(self, stream: TcpStream, acceptor: TlsAcceptor, limits: ConnectionLimits) {
+        let peer = stream.peer_addr().ok();
+        let handshake = acceptor.accept(LingeringClose::new(stream));
+        match tokio::time::timeout(limits.header_timeout, handshake).await {
+            Ok(Ok(tls)) => self.serve(tls).await,
+            // Plain HTTP to the TLS port, an unknown CA on the client's side, a scanner:
+            // the client's problem, said at debug level only.
+            Ok(Err(error)) => {
+                tracing::debug!(message = "TLS handshake failed", peer = ?peer, %error)
+            }
+            Err(_) => tracing::debug!(message = "TLS handshake timed out", peer = ?peer),
+        }
+    }
 }
 
 /// A connection whose shutdown first sends FIN (so the client sees the whole answer

@@ -454,6 +454,10 @@ mod tests {
             (InvalidJobFiles, "invalid_job_files"),
             (InvalidCallback, "invalid_callback"),
             (NoCallback, "no_callback"),
+            (RateLimited, "rate_limited"),
+            (TooManyHolds, "too_many_holds"),
+            (ParamTooLarge, "param_too_large"),
+            (RequestTimeout, "request_timeout"),
         ];
         for (code, text) in codes {
             assert_eq!(code.as_str(), text);

@@ -21,12 +21,18 @@ use crate::domain::run::{Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::{Admission, Overlap};
 use crate::service::events::{RunEventKind, RunEvents};
 
+mod limits;
+pub use limits::{ParamLimitError, ParamLimits};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
     #[error("no job named `{0}`")]
     UnknownJob(String),
     #[error(transparent)]
     Params(#[from] ParamErrors),
+    /// Over `max_params` or `max_param_bytes`, checked before the job's own rules.
+    #[error(transparent)]
+    Limit(#[from] ParamLimitError),
     #[error(
         "Idempotency-Key `{key}` was already used within 24 h for {used_for}; send a new key for a different request"
     )]
@@ -128,6 +134,8 @@ pub struct Runs {
     stopping: CancellationToken,
     /// Idempotency keys whose first request is being accepted right now.
     in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
+    /// What one request's parameters may come to.
+    param_limits: ParamLimits,
 }
 
 impl Runs {
@@ -147,7 +155,14 @@ impl Runs {
             outbox,
             stopping,
             in_flight: Arc::default(),
+            param_limits: ParamLimits::default(),
         }
+    }
+
+    /// The parameter limits every `accept` checks (the defaults otherwise).
+    pub fn with_param_limits(mut self, limits: ParamLimits) -> Self {
+        self.param_limits = limits;
+        self
     }
 
     pub fn stopping(&self) -> &CancellationToken {
@@ -243,7 +258,8 @@ impl Runs {
     }
 
     /// [`Runs::accept`] for any trigger. A key's `content` (e.g. a digest of a webhook
-    /// body) joins the params in what a repeat must match.
+    /// body) joins the params in what a repeat must match. The parameter limits come
+    /// first, before the job's rules, which may echo names and values back.
     pub async fn accept_with(
         &self,
         job: &str,
@@ -253,6 +269,7 @@ impl Runs {
         callback: Option<CallbackTarget>,
         requester: Requester,
     ) -> Result<Accepted, AcceptError> {
+        self.param_limits.check(&params)?;
         let mut new = self.prepare(job, params, trigger)?;
         new.requester = requester;
         // The request's callback replaces the job's.

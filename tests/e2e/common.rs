@@ -313,9 +313,15 @@ impl Server {
         }
         args.extend(options.extra_args.iter().cloned());
         let process = Process::spawn_with_env(&args, dir, &worker_id, "serve", &options.env);
+        // `--tls-cert` among the extra arguments: the server speaks HTTPS only.
+        let scheme = if options.extra_args.iter().any(|a| a == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         let mut server = Server {
             process,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             port,
             args,
             env: options.env,
@@ -354,6 +360,11 @@ impl Server {
         // containers.
         std::mem::forget(old);
         self.wait_healthy();
+    }
+
+    /// `127.0.0.1:PORT`, for raw sockets and for a URL of the other scheme.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     pub fn client(&self) -> Api {

@@ -100,6 +100,14 @@ pub enum ErrorCodeV1 {
     InvalidCallback,
     /// A redelivery asked of a run with no callback to deliver (none, or not final yet).
     NoCallback,
+    /// Over the caller's request rate (429, with `Retry-After`).
+    RateLimited,
+    /// Over the caller's number of `?wait` holds and log follows open at once (429).
+    TooManyHolds,
+    /// A run parameter's name or value over `max_param_bytes` (413).
+    ParamTooLarge,
+    /// The request's body did not arrive within the body timeout (408).
+    RequestTimeout,
     Unknown(String),
 }
 
@@ -128,6 +136,10 @@ impl ErrorCodeV1 {
             ErrorCodeV1::InvalidJobFiles => "invalid_job_files",
             ErrorCodeV1::InvalidCallback => "invalid_callback",
             ErrorCodeV1::NoCallback => "no_callback",
+            ErrorCodeV1::RateLimited => "rate_limited",
+            ErrorCodeV1::TooManyHolds => "too_many_holds",
+            ErrorCodeV1::ParamTooLarge => "param_too_large",
+            ErrorCodeV1::RequestTimeout => "request_timeout",
             ErrorCodeV1::Unknown(s) => s,
         }
     }
@@ -158,6 +170,10 @@ impl From<String> for ErrorCodeV1 {
             "invalid_job_files" => ErrorCodeV1::InvalidJobFiles,
             "invalid_callback" => ErrorCodeV1::InvalidCallback,
             "no_callback" => ErrorCodeV1::NoCallback,
+            "rate_limited" => ErrorCodeV1::RateLimited,
+            "too_many_holds" => ErrorCodeV1::TooManyHolds,
+            "param_too_large" => ErrorCodeV1::ParamTooLarge,
+            "request_timeout" => ErrorCodeV1::RequestTimeout,
             _ => ErrorCodeV1::Unknown(s),
         }
     }

@@ -155,3 +155,51 @@ async fn a_fired_slot_is_a_run_with_its_trigger_and_cancelled_others_are_announc
     assert_eq!(slots.len(), 1);
     assert_eq!(slots[0].business_date, day);
 }
+
+#[tokio::test]
+async fn params_over_the_limits_are_refused_before_the_jobs_rules_and_store_nothing() {
+    let (runs, _store, _dir) = runs().await;
+    let runs = runs.with_param_limits(ParamLimits {
+        max_params: 1,
+        max_param_bytes: 8,
+    });
+    // "plain" declares no params: within the limits, the job's own rule refuses them.
+    let one = BTreeMap::from([("a".to_owned(), "x".to_owned())]);
+    assert!(matches!(
+        runs.accept("plain", one, None, None).await,
+        Err(AcceptError::Params(_))
+    ));
+    let two = BTreeMap::from([
+        ("a".to_owned(), "x".to_owned()),
+        ("b".to_owned(), "y".to_owned()),
+    ]);
+    assert!(matches!(
+        runs.accept("plain", two, None, None).await,
+        Err(AcceptError::Limit(ParamLimitError::TooMany {
+            count: 2,
+            max: 1
+        }))
+    ));
+    let large = BTreeMap::from([("a".to_owned(), "123456789".to_owned())]);
+    let e = runs
+        .accept_with(
+            "plain",
+            large,
+            None,
+            Trigger::Webhook,
+            None,
+            Requester::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, AcceptError::Limit(ParamLimitError::ValueTooLarge { .. })),
+        "{e:?}"
+    );
+    let filter = RunFilter {
+        job: None,
+        status: None,
+        limit: 10,
+    };
+    assert!(runs.list(&filter).await.unwrap().is_empty());
+}
