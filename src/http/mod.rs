@@ -1,10 +1,13 @@
 //! The HTTP API (axum): runs, jobs, health, and the worker protocol. One `router()` per
-//! resource; `error::ApiError` is the only place errors become statuses.
+//! resource; `error::ApiError` is the only place errors become statuses; `auth` says who
+//! is calling (every request but `/healthz` and webhooks) and what they may do.
 
+pub mod auth;
 mod error;
 mod health;
 mod hooks;
 mod jobs;
+mod logs;
 mod runs;
 mod schedules;
 mod serve;
@@ -37,8 +40,8 @@ pub struct AppState {
     pub queue: Arc<dyn RunQueue>,
     /// Checked by /readyz when this process runs containers itself.
     pub runtime: Option<Arc<dyn ContainerRuntime>>,
-    /// Bearer token for the worker endpoints; `None` disables them.
-    pub worker_token: Option<Arc<str>>,
+    /// API and worker tokens, and which read-only endpoints are open without one.
+    pub auth: auth::Auth,
     /// Re-reads the job and calendar files (`POST /v1/jobs/reload`).
     pub reload: Arc<dyn ReloadJobs>,
     /// False once shutdown began: /readyz answers 503 so load balancers move away.
@@ -50,8 +53,10 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let authenticate = axum::middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
     Router::new()
         .merge(runs::router())
+        .merge(logs::router())
         .merge(hooks::router())
         .merge(jobs::router())
         .merge(schedules::router())
@@ -60,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(authenticate)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
