@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use super::client_failure;
+use super::{client, client_failure};
 use crate::client::{ApiClient, ClientError};
-use crate::config::{ScheduleTarget, SchedulesCommand};
+use crate::config::{ScheduleTarget, SchedulesCommand, ServerOption};
 use crate::protocol::schedules::PlannedSlotV1;
 
 pub async fn command(cmd: SchedulesCommand) -> ExitCode {
@@ -13,29 +13,30 @@ pub async fn command(cmd: SchedulesCommand) -> ExitCode {
             target,
             count,
             server,
-        } => with_client(&server.server, |c| next(c, target, count)).await,
+        } => with_client(&server, |c| next(c, target, count)).await,
         SchedulesCommand::Slots {
             target,
             limit,
             server,
-        } => with_client(&server.server, |c| slots(c, target, limit)).await,
+        } => with_client(&server, |c| slots(c, target, limit)).await,
         SchedulesCommand::Pause {
             target,
             note,
             server,
-        } => with_client(&server.server, |c| pause_resume(c, target, "pause", note)).await,
+        } => with_client(&server, |c| pause_resume(c, target, "pause", note)).await,
         SchedulesCommand::Resume { target, server } => {
-            with_client(&server.server, |c| pause_resume(c, target, "resume", None)).await
+            with_client(&server, |c| pause_resume(c, target, "resume", None)).await
         }
         SchedulesCommand::Backfill {
             target,
             from,
             to,
             server,
-        } => with_client(&server.server, |c| backfill(c, target, from, to)).await,
+        } => with_client(&server, |c| backfill(c, target, from, to)).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_auth() => client_failure(&e),
         // The server said no (unknown job or schedule, bad range): the request was wrong.
         Err(
             e @ ClientError::Refused {
@@ -49,12 +50,12 @@ pub async fn command(cmd: SchedulesCommand) -> ExitCode {
     }
 }
 
-async fn with_client<F, Fut>(server: &str, f: F) -> Result<(), ClientError>
+async fn with_client<F, Fut>(server: &ServerOption, f: F) -> Result<(), ClientError>
 where
     F: FnOnce(ApiClient) -> Fut,
     Fut: std::future::Future<Output = Result<(), ClientError>>,
 {
-    f(ApiClient::new(server)?).await
+    f(client(server)?).await
 }
 
 fn mark(slot: &PlannedSlotV1) -> String {
