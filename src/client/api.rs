@@ -21,6 +21,9 @@ pub enum ClientError {
         code: Option<ErrorCodeV1>,
         message: String,
     },
+    /// The API token cannot be sent (a control character, say).
+    #[error("the API token (--token / TASUKI_TOKEN) has characters an HTTP header cannot carry")]
+    InvalidToken,
 }
 
 impl ClientError {
@@ -30,6 +33,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => true,
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ClientError::InvalidToken => false,
         }
     }
 
@@ -48,7 +52,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&ErrorCodeV1> {
         match self {
             ClientError::Refused { code, .. } => code.as_ref(),
-            ClientError::Unreachable { .. } => None,
+            ClientError::Unreachable { .. } | ClientError::InvalidToken => None,
         }
     }
 }
@@ -78,10 +82,7 @@ impl ApiClient {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = token.filter(|t| !t.is_empty()) {
             let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| ClientError::Unreachable {
-                    url: base.clone(),
-                    message: "the API token (--token / TASUKI_TOKEN) has characters an HTTP header cannot carry".to_owned(),
-                })?;
+                .map_err(|_| ClientError::InvalidToken)?;
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
@@ -373,7 +374,10 @@ mod tests {
             empty.get_run_json("r").await.unwrap()["authorization"],
             json!(null)
         );
-        assert!(ApiClient::new(&base, Some("bad\nvalue")).is_err());
+        assert!(matches!(
+            ApiClient::new(&base, Some("bad\nvalue")),
+            Err(ClientError::InvalidToken)
+        ));
     }
 
     #[tokio::test]

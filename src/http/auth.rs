@@ -158,7 +158,8 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
             let error = ApiError::new(
                 StatusCode::FORBIDDEN,
                 ErrorCodeV1::WorkerApiDisabled,
-                "the worker API is disabled: start `tasuki serve` with --worker-token or [[worker_tokens]]",
+                "the worker API is disabled: start `tasuki serve` with --worker-token \
+                 or [[worker_tokens]]",
             );
             return refuse(&request, "-", error, "no worker tokens configured", None);
         }

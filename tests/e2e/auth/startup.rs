@@ -87,7 +87,13 @@ async fn auth_without_tokens_serve_stays_on_loopback_unless_told_otherwise() {
     let (code, stderr) = serve_exits(
         d.path(),
         &["--listen", "127.0.0.1:0"],
-        &[("TASUKI_TOKENS", r#"[{name = "ci", sha256 = "0000000000000000000000000000000000000000000000000000000000000000", scopes = ["write:*"]}]"#)],
+        &[(
+            "TASUKI_TOKENS",
+            &format!(
+                r#"[{{name = "ci", sha256 = "{}", scopes = ["write:*"]}}]"#,
+                "0".repeat(64)
+            ),
+        )],
     )
     .await;
     assert_ne!(code, Some(0), "{stderr}");
