@@ -191,6 +191,11 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let server_config =
         config::server::ServerConfig::load(args.config.as_deref(), std::env::vars())
             .context("loading the server configuration")?;
+    tracing::debug!(
+        message = "server configuration",
+        tokens = server_config.tokens.len(),
+        worker_tokens = server_config.worker_tokens.len()
+    );
     let auth = auth_at_start(&args, &server_config)?;
     let dirs = CatalogDirs::new(args.jobs_dir.clone(), args.calendars_dir.clone());
     let catalog = Reloadable::load(dirs.clone()).map_err(|errors| {
