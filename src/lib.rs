@@ -211,6 +211,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         allowed_capabilities = ?server_config.containers.allowed_capabilities,
         allowed_mounts = ?policy.allowed_mounts()
     );
+    let auth = auth_at_start(&args, &server_config)?;
     let limits = server_config.limits.clone();
     limits.check().context("loading the server configuration")?;
     // Read before anything else starts, so a bad file stops start-up at once.
@@ -420,7 +421,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         queue,
         runtime,
         reload: catalog,
-        worker_token: args.worker_token.filter(|t| !t.is_empty()).map(Arc::from),
+        auth,
         accepting: accepting.clone(),
         callbacks: callback_sender,
         callback_wake,
@@ -461,6 +462,52 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     tasks.wait().await;
     tracing::info!(message = "stopped");
     Ok(())
+}
+
+/// The tokens of the config file (and `--worker-token`), or why `serve` must not start:
+/// a bad token entry, or no API tokens on an address beyond loopback (everyone there
+/// could run, read and cancel every job) without `--insecure-no-auth`.
+fn auth_at_start(
+    args: &ServeArgs,
+    config: &config::server::ServerConfig,
+) -> anyhow::Result<http::auth::Auth> {
+    let tokens = config::tokens::token_set(config, args.worker_token.as_deref())
+        .context("invalid token in the server configuration")?;
+    let loopback = args.listen.ip().is_loopback();
+    let api_tokens = config.tokens.len();
+    let flag_token = args.worker_token.as_deref().is_some_and(|t| !t.is_empty());
+    let worker_tokens = config.worker_tokens.len() + usize::from(flag_token);
+    if tokens.has_api_tokens() {
+        tracing::info!(
+            message = "authentication on: every API request needs a bearer token",
+            api_tokens,
+            worker_tokens
+        );
+    } else if loopback {
+        tracing::warn!(
+            message = "no API tokens configured: the API is open to every caller, so it listens on loopback only",
+            listen = %args.listen,
+            worker_tokens
+        );
+    } else if args.insecure_no_auth {
+        tracing::warn!(
+            message = "no API tokens configured and --insecure-no-auth: anyone who can reach this address may run, read and cancel every job",
+            listen = %args.listen,
+            worker_tokens
+        );
+    } else {
+        anyhow::bail!(
+            "refusing to listen on {} without API tokens: anyone who can reach it could run, read and \
+             cancel every job. Add [[tokens]] to the config file (see `tasuki token create`), listen on \
+             a loopback address (127.0.0.1), or pass --insecure-no-auth",
+            args.listen
+        );
+    }
+    Ok(http::auth::Auth::new(
+        tokens,
+        config.auth.open_readyz,
+        config.auth.open_metrics,
+    ))
 }
 
 /// SIGHUP: read the job and calendar files again; an invalid set is logged with every

@@ -32,6 +32,9 @@ pub mod exit {
     pub const CANCELLED: u8 = 130;
     /// Killed for going over its memory limit (128 + SIGKILL).
     pub const OOM_KILLED: u8 = 137;
+    /// The server wants an API token (401) or the token may not do this (403); as
+    /// sysexits' EX_NOPERM.
+    pub const AUTH: u8 = 77;
 }
 
 /// The exit code that stands for a finished run.
@@ -65,14 +68,45 @@ fn summary(run: &RunV1) -> String {
     line
 }
 
+/// The client for `--server`, with `--token` / `TASUKI_TOKEN` when given.
+pub(crate) fn client(server: &ServerOption) -> Result<ApiClient, ClientError> {
+    ApiClient::new(
+        &server.server,
+        server.token.as_deref(),
+        server.ca_cert.as_deref(),
+    )
+}
+
+/// Print why a request failed; exit 77 when the server refused the caller (401, 403),
+/// else 125.
 pub(crate) fn client_failure(error: &ClientError) -> ExitCode {
+    if let ClientError::Refused {
+        status: status @ (401 | 403),
+        message,
+        ..
+    } = error
+    {
+        let (what, hint) = if *status == 401 {
+            (
+                "not authenticated",
+                "set TASUKI_TOKEN (or --token) to an API token of this server",
+            )
+        } else {
+            (
+                "not allowed",
+                "the token's scopes do not cover this; use a token that has the scope",
+            )
+        };
+        eprintln!("tasuki: {what} ({status}): {message}; {hint}");
+        return ExitCode::from(exit::AUTH);
+    }
     eprintln!("tasuki: {error}");
     ExitCode::from(exit::PLATFORM)
 }
 
 /// `tasuki run JOB [--param k=v]... [--wait [--cancel-on-interrupt]]`
 pub async fn run(args: RunArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
+    let client = match client(&args.server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -121,6 +155,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
             eprintln!("{}", summary(&run));
             ExitCode::from(exit_code_for(&run))
         }
+        Err(e) if e.is_auth() => client_failure(&e),
         Err(e) => {
             eprintln!("tasuki: lost contact while waiting for run {}: {e}", run.id);
             ExitCode::from(exit::PLATFORM)
@@ -160,7 +195,7 @@ fn worth_another_create(e: &ClientError) -> bool {
 /// `tasuki cancel RUN`, `tasuki retry RUN`: print the run; exit 1 when the server
 /// refuses because of the run's state.
 pub async fn run_action(args: StatusArgs, action: &str) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
+    let client = match client(&args.server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -218,7 +253,7 @@ async fn wait_streaming(client: &ApiClient, id: &str) -> Result<RunV1, ClientErr
 
 /// `tasuki status RUN`
 pub async fn status(args: StatusArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
+    let client = match client(&args.server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -236,7 +271,7 @@ pub async fn status(args: StatusArgs) -> ExitCode {
 
 /// `tasuki logs RUN [--follow]`
 pub async fn logs(args: LogsArgs) -> ExitCode {
-    let client = match ApiClient::new(&args.server.server, args.server.ca_cert.as_deref()) {
+    let client = match client(&args.server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -382,7 +417,7 @@ fn schedule_summary(s: &ScheduleSpec) -> String {
 /// `tasuki jobs reload [--server URL]`: exit 0 with the summary, 1 when the server
 /// refused the files (every problem printed), 125 when it could not be asked.
 pub async fn reload_jobs(server: ServerOption) -> ExitCode {
-    let client = match ApiClient::new(&server.server, server.ca_cert.as_deref()) {
+    let client = match client(&server) {
         Ok(c) => c,
         Err(e) => return client_failure(&e),
     };
@@ -437,6 +472,26 @@ mod tests {
         )));
         assert!(!worth_another_create(&refused(409, Some("rejected"))));
         assert!(!worth_another_create(&refused(409, None)));
+    }
+
+    #[test]
+    fn a_refused_caller_exits_77_and_other_failures_125() {
+        let refused = |status| ClientError::Refused {
+            status,
+            code: None,
+            message: "m".into(),
+        };
+        assert_eq!(client_failure(&refused(401)), ExitCode::from(exit::AUTH));
+        assert_eq!(client_failure(&refused(403)), ExitCode::from(exit::AUTH));
+        assert_eq!(
+            client_failure(&refused(404)),
+            ExitCode::from(exit::PLATFORM)
+        );
+        let down = ClientError::Unreachable {
+            url: "u".into(),
+            message: "m".into(),
+        };
+        assert_eq!(client_failure(&down), ExitCode::from(exit::PLATFORM));
     }
 
     fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunV1 {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::client_failure;
+use super::{client, client_failure};
 use crate::client::{ApiClient, ClientError};
 use crate::config::{ScheduleTarget, SchedulesCommand, ServerOption};
 use crate::protocol::schedules::PlannedSlotV1;
@@ -36,6 +36,7 @@ pub async fn command(cmd: SchedulesCommand) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_auth() => client_failure(&e),
         // The server said no (unknown job or schedule, bad range): the request was wrong.
         Err(
             e @ ClientError::Refused {
@@ -54,7 +55,7 @@ where
     F: FnOnce(ApiClient) -> Fut,
     Fut: std::future::Future<Output = Result<(), ClientError>>,
 {
-    f(ApiClient::new(&server.server, server.ca_cert.as_deref())?).await
+    f(client(server)?).await
 }
 
 fn mark(slot: &PlannedSlotV1) -> String {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use crate::config::TokenCommand;
-use crate::domain::auth::{Scope, TokenDigest};
+use crate::domain::auth::{Scope, TokenDigest, check_token_name};
 
 /// Bytes of randomness in a token (256 bits).
 const TOKEN_BYTES: usize = 32;
@@ -30,16 +30,7 @@ pub fn command(cmd: TokenCommand) -> ExitCode {
 
 /// The text to print: the token, then the TOML to paste.
 fn create(name: &str, scopes: &[String], worker: bool) -> Result<String, String> {
-    let name_ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-    if !name_ok {
-        return Err(format!(
-            "invalid token name {name:?}: use 1-64 characters from A-Z, a-z, 0-9, '_', '-', '.'"
-        ));
-    }
+    check_token_name(name).map_err(|e| e.to_string())?;
     if !worker && scopes.is_empty() {
         return Err(
             "an API token needs at least one --scope (run:GLOB, read:GLOB, cancel:GLOB or admin)"
@@ -102,6 +93,11 @@ mod tests {
     fn bad_names_and_scopes_are_refused() {
         assert!(create("", &["admin".into()], false).is_err());
         assert!(create("a b", &["admin".into()], false).is_err());
+        assert!(
+            create("anonymous", &["admin".into()], false)
+                .unwrap_err()
+                .contains("reserved")
+        );
         assert!(create("ci", &[], false).unwrap_err().contains("--scope"));
         assert!(
             create("ci", &["write:*".into()], false)

@@ -25,6 +25,9 @@ pub enum ClientError {
         code: Option<ErrorCodeV1>,
         message: String,
     },
+    /// The API token cannot be sent (a control character, say).
+    #[error("the API token (--token / TASUKI_TOKEN) has characters an HTTP header cannot carry")]
+    InvalidToken,
 }
 
 impl ClientError {
@@ -34,15 +37,28 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => true,
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
-            ClientError::Setup(_) => false,
+            ClientError::Setup(_) | ClientError::InvalidToken => false,
         }
+    }
+
+    /// The server wants a token (401) or does not let this one do it (403).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused {
+                status: 401 | 403,
+                ..
+            }
+        )
     }
 
     /// The API's error code, when the server answered with one.
     pub fn code(&self) -> Option<&ErrorCodeV1> {
         match self {
             ClientError::Refused { code, .. } => code.as_ref(),
-            ClientError::Unreachable { .. } | ClientError::Setup(_) => None,
+            ClientError::Unreachable { .. } | ClientError::Setup(_) | ClientError::InvalidToken => {
+                None
+            }
         }
     }
 }
@@ -83,13 +99,27 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client of the server at `base`; with `ca_cert`, that CA (PEM) is trusted for
-    /// the server's certificate besides the system's roots.
-    pub fn new(base: &str, ca_cert: Option<&Path>) -> Result<Self, ClientError> {
+    /// A client of the server at `base`; with `token`, every request carries it as
+    /// `Authorization: Bearer` (marked sensitive, so it never shows in debug output);
+    /// with `ca_cert`, that CA (PEM) is trusted for the server's certificate besides the
+    /// system's roots.
+    pub fn new(
+        base: &str,
+        token: Option<&str>,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ClientError::InvalidToken)?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = super::connect::builder(ca_cert)
             .map_err(|e| ClientError::Setup(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers)
             .build()
             .map_err(|e| ClientError::Unreachable {
                 url: base.clone(),
@@ -333,12 +363,71 @@ mod tests {
     use super::*;
 
     async fn refusal(status: u16, body: &'static str) -> ClientError {
-        let client = ApiClient::new("http://127.0.0.1:1", None).unwrap();
+        let client = ApiClient::new("http://127.0.0.1:1", None, None).unwrap();
         let response = axum::http::Response::builder()
             .status(status)
             .body(body)
             .unwrap();
         client.check(response.into()).await.unwrap_err()
+    }
+
+    /// A server that answers every request with the `Authorization` it was sent.
+    async fn echo_authorization() -> String {
+        async fn echo(headers: axum::http::HeaderMap) -> axum::Json<serde_json::Value> {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            axum::Json(json!({ "authorization": auth }))
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(echo);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_token_goes_with_every_request_and_none_without_one() {
+        let base = echo_authorization().await;
+        let with = ApiClient::new(&base, Some("tsk_abc"), None).unwrap();
+        let seen: serde_json::Value = with.get_run_json("r").await.unwrap();
+        assert_eq!(seen["authorization"], "Bearer tsk_abc");
+        let seen = with.run_action("r", "cancel").await.unwrap();
+        assert_eq!(seen["authorization"], "Bearer tsk_abc");
+        let without = ApiClient::new(&base, None, None).unwrap();
+        assert_eq!(
+            without.get_run_json("r").await.unwrap()["authorization"],
+            json!(null)
+        );
+        let empty = ApiClient::new(&base, Some(""), None).unwrap();
+        assert_eq!(
+            empty.get_run_json("r").await.unwrap()["authorization"],
+            json!(null)
+        );
+        assert!(matches!(
+            ApiClient::new(&base, Some("bad\nvalue"), None),
+            Err(ClientError::InvalidToken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn refusals_of_the_caller_are_told_apart() {
+        assert!(
+            refusal(401, r#"{"error":{"code":"unauthorized","message":"m"}}"#)
+                .await
+                .is_auth()
+        );
+        assert!(
+            refusal(403, r#"{"error":{"code":"forbidden","message":"m"}}"#)
+                .await
+                .is_auth()
+        );
+        assert!(
+            !refusal(404, r#"{"error":{"code":"unknown_run","message":"m"}}"#)
+                .await
+                .is_auth()
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! server's config file (tokens, limits, container policy, registries) is `server`.
 
 pub mod server;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

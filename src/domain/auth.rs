@@ -142,6 +142,14 @@ pub enum JobFilter {
     Globs(Vec<JobGlob>),
 }
 
+/// No restriction: what internal callers (the scheduler, the CLI's own reads) mean. The
+/// HTTP API always sets a caller's filter from its scopes.
+impl Default for JobFilter {
+    fn default() -> Self {
+        JobFilter::All
+    }
+}
+
 impl JobFilter {
     pub fn matches(&self, job: &str) -> bool {
         match self {
@@ -170,7 +178,7 @@ impl Principal {
     /// The caller of a server with no tokens configured: may do everything.
     pub fn open() -> Principal {
         Principal::new(
-            "anonymous",
+            OPEN_PRINCIPAL,
             vec![Scope {
                 action: Action::Admin,
                 jobs: JobGlob::any(),
@@ -212,6 +220,35 @@ impl Principal {
                 .collect(),
         )
     }
+}
+
+/// A token name that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTokenName {
+    #[error("invalid token name {0:?}: use 1-64 characters from A-Z, a-z, 0-9, '_', '-', '.'")]
+    Characters(String),
+    #[error("the token name {0:?} is reserved for callers of a server without API tokens")]
+    Reserved(String),
+}
+
+/// The name of every caller when no API tokens are configured.
+pub const OPEN_PRINCIPAL: &str = "anonymous";
+
+/// A token's name is logged with every request and stored as `requested_by`, so it is
+/// short, plain text, and never the open server's caller.
+pub fn check_token_name(name: &str) -> Result<(), InvalidTokenName> {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if !plain {
+        return Err(InvalidTokenName::Characters(name.to_owned()));
+    }
+    if name == OPEN_PRINCIPAL {
+        return Err(InvalidTokenName::Reserved(name.to_owned()));
+    }
+    Ok(())
 }
 
 /// The SHA-256 of a token's value.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::auth::JobFilter;
 use super::callback::CallbackTarget;
 pub use super::callback::Callbacks;
 use super::job::ResolvedSpec;
@@ -121,6 +122,8 @@ pub struct DroppedOutput {
 pub struct RunFilter {
     pub job: Option<String>,
     pub status: Option<RunStatus>,
+    /// Only runs of the jobs these globs match (the caller's `read` scopes).
+    pub jobs: JobFilter,
     pub limit: u32,
 }
 

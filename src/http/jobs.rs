@@ -1,15 +1,18 @@
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+use super::auth::{Target, authorize, require_admin};
 use super::{ApiError, AppState};
+use crate::domain::auth::{Action, Principal};
 use crate::domain::job::JobSpec;
 use crate::domain::schedule::{Rule, ScheduleSpec};
 use crate::protocol::api::{ErrorCodeV1, ReloadSummaryV1};
 use crate::protocol::schedules::PlannedSlotV1;
+use crate::service::audit::{self, AuditAction, AuditEvent, AuditOutcome};
 use crate::service::scheduler::ScheduleError;
 
 pub fn router() -> Router<AppState> {
@@ -18,7 +21,9 @@ pub fn router() -> Router<AppState> {
         // A job may be named `reload`: GET still shows it.
         .route(
             "/v1/jobs/reload",
-            post(reload).get(|state| get_job(state, Path("reload".to_owned()))),
+            post(reload).get(|state: State<AppState>, caller: Extension<Principal>| {
+                get_job(state, caller, Path("reload".to_owned()))
+            }),
         )
         .route("/v1/jobs/{job}", get(get_job))
 }
@@ -198,12 +203,17 @@ struct JobList {
     jobs: Vec<JobView>,
 }
 
-async fn list_jobs(State(state): State<AppState>) -> Json<JobList> {
+/// `GET /v1/jobs`: the jobs the caller may read.
+async fn list_jobs(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
+) -> Json<JobList> {
     Json(JobList {
         jobs: state
             .runs
             .jobs()
             .iter()
+            .filter(|j| caller.may(Action::Read, j.name.as_str()))
             .map(|j| JobView::from(j.as_ref()))
             .collect(),
     })
@@ -211,11 +221,18 @@ async fn list_jobs(State(state): State<AppState>) -> Json<JobList> {
 
 async fn get_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(job): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let spec = state.runs.job(&job).ok_or_else(|| {
-        ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"))
-    })?;
+    let unknown = || ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"));
+    let spec = state.runs.job(&job).ok_or_else(unknown)?;
+    authorize(
+        &caller,
+        Action::Read,
+        AuditAction::JobRead,
+        Target::job(&job),
+        unknown,
+    )?;
     let mut view = JobView::from(spec.as_ref());
     let states = state
         .scheduler
@@ -244,7 +261,11 @@ const NEXT_FIRE_TIMES: usize = 5;
 
 /// `POST /v1/jobs/reload`: read the job and calendar files again. 200 with what changed,
 /// or 422 `invalid_job_files` with every problem (the running jobs stay).
-async fn reload(State(state): State<AppState>) -> Result<Json<ReloadSummaryV1>, ApiError> {
+async fn reload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
+) -> Result<Json<ReloadSummaryV1>, ApiError> {
+    require_admin(&caller, AuditAction::JobsReload)?;
     let reloader = state.reload.clone();
     let result = tokio::task::spawn_blocking(move || reloader.reload())
         .await
@@ -258,6 +279,17 @@ async fn reload(State(state): State<AppState>) -> Result<Json<ReloadSummaryV1>, 
                 changed = ?s.changed,
                 removed = ?s.removed
             );
+            let detail = format!(
+                "generation {}: {} added, {} changed, {} removed",
+                s.generation,
+                s.added.len(),
+                s.changed.len(),
+                s.removed.len()
+            );
+            audit::record(&AuditEvent {
+                detail: Some(&detail),
+                ..AuditEvent::new(caller.name(), AuditAction::JobsReload, AuditOutcome::Done)
+            });
             Ok(Json(ReloadSummaryV1 {
                 generation: s.generation,
                 jobs: s.jobs,
@@ -269,6 +301,15 @@ async fn reload(State(state): State<AppState>) -> Result<Json<ReloadSummaryV1>, 
         }
         Err(errors) => {
             tracing::warn!(message = "reload refused: invalid job files", errors = %errors);
+            let outcome = AuditOutcome::Refused {
+                status: 422,
+                reason: "invalid job files",
+            };
+            audit::record(&AuditEvent::new(
+                caller.name(),
+                AuditAction::JobsReload,
+                outcome,
+            ));
             Err(errors.into())
         }
     }

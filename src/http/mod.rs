@@ -1,11 +1,14 @@
 //! The HTTP API (axum): runs, jobs, health, and the worker protocol. One `router()` per
-//! resource; `error::ApiError` is the only place errors become statuses.
+//! resource; `error::ApiError` is the only place errors become statuses; `auth` says who
+//! is calling (every request but `/healthz` and webhooks) and what they may do.
 
+pub mod auth;
 mod error;
 mod health;
 mod hooks;
 mod jobs;
 pub mod limits;
+mod logs;
 mod runs;
 mod schedules;
 mod serve;
@@ -41,8 +44,8 @@ pub struct AppState {
     pub queue: Arc<dyn RunQueue>,
     /// Checked by /readyz when this process runs containers itself.
     pub runtime: Option<Arc<dyn ContainerRuntime>>,
-    /// Bearer token for the worker endpoints; `None` disables them.
-    pub worker_token: Option<Arc<str>>,
+    /// API and worker tokens, and which read-only endpoints are open without one.
+    pub auth: auth::Auth,
     /// Re-reads the job and calendar files (`POST /v1/jobs/reload`).
     pub reload: Arc<dyn ReloadJobs>,
     /// False once shutdown began: /readyz answers 503 so load balancers move away.
@@ -59,8 +62,10 @@ pub struct AppState {
 /// the request's extensions (authentication) must be a layer outside it (added later).
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
+    let authenticate = axum::middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
     Router::new()
         .merge(runs::router())
+        .merge(logs::router())
         .merge(hooks::router())
         .merge(jobs::router())
         .merge(schedules::router())
@@ -74,6 +79,7 @@ pub fn router(state: AppState) -> Router {
             limits::rate_limit,
         ))
         .layer(RequestBodyDeadlineLayer::new(limits.body_timeout))
+        .layer(authenticate)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -1,31 +1,32 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
+use super::auth::{Target, audit_done, authorize};
 use super::limits::{Caller, HoldGuard};
 use super::{ApiError, AppState};
+use crate::domain::auth::{Action, Principal};
 use crate::domain::callback::{CallbackTarget, EVENTS, Redelivery};
 use crate::domain::ports::RunFilter;
+use crate::domain::reply::Requester;
 use crate::domain::run::{Run, RunId, RunStatus};
 use crate::protocol::api::{ErrorCodeV1, RunV1};
-use crate::service::events::RunEventKind;
-use crate::service::runs::MAX_IDEMPOTENCY_KEY_LEN;
+use crate::service::audit::AuditAction;
+use crate::service::runs::{Accepted, MAX_IDEMPOTENCY_KEY_LEN};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs/{job}/runs", post(create_run))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
-        .route("/v1/runs/{id}/logs", get(get_logs))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/retry", post(retry_run))
         .route("/v1/runs/{id}/callbacks/redeliver", post(redeliver))
@@ -64,14 +65,25 @@ fn parse_id(id: &str) -> Result<RunId, ApiError> {
     })
 }
 
-/// The run named in the path, or 404.
-async fn find_run(state: &AppState, id: &str) -> Result<(RunId, Run), ApiError> {
+fn unknown_run(id: RunId) -> ApiError {
+    ApiError::not_found(ErrorCodeV1::UnknownRun, format!("no run {id}"))
+}
+
+/// The run named in the path, if `caller` may do `action` on its job; 404 for an
+/// unknown run and for one the caller may not read (the same answer), 403 for one it
+/// may read but not `action`.
+pub(super) async fn find_run(
+    state: &AppState,
+    caller: &Principal,
+    id: &str,
+    action: Action,
+    what: AuditAction,
+) -> Result<(RunId, Run), ApiError> {
     let id = parse_id(id)?;
-    let run = state
-        .runs
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(ErrorCodeV1::UnknownRun, format!("no run {id}")))?;
+    let run = state.runs.get(id).await?.ok_or_else(|| unknown_run(id))?;
+    authorize(caller, action, what, Target::run(&run.job, id), || {
+        unknown_run(id)
+    })?;
     Ok((id, run))
 }
 
@@ -116,7 +128,8 @@ fn params_from_json(
 /// content type says, since `curl -d` sends a form type.
 async fn create_run(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Caller(who): Caller,
+    Extension(caller): Extension<Principal>,
     Path(job): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -125,15 +138,20 @@ async fn create_run(
     let Query(query) = query?;
     let body = body?;
     let key = idempotency_key(&headers)?;
+    let unknown = || ApiError::not_found(ErrorCodeV1::UnknownJob, format!("no job named `{job}`"));
+    if state.runs.job(&job).is_none() {
+        return Err(unknown());
+    }
+    authorize(
+        &caller,
+        Action::Run,
+        AuditAction::RunStart,
+        Target::job(&job),
+        unknown,
+    )?;
     // Before the run is accepted: a refused hold must not leave a run behind that a
     // retry of the request would start again.
-    let _hold = hold(&state, &caller, query.wait)?;
-    if state.runs.job(&job).is_none() {
-        return Err(ApiError::not_found(
-            ErrorCodeV1::UnknownJob,
-            format!("no job named `{job}`"),
-        ));
-    }
+    let _hold = hold(&state, &who, query.wait)?;
     let request: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
         CreateRun {
             params: BTreeMap::new(),
@@ -164,13 +182,24 @@ async fn create_run(
                 )
             })?;
     }
-    // One scope for every caller until API tokens exist; then a key is per client.
-    let key = key.map(|k| (String::new(), k));
-    let run = state
+    // A key is the token's own: two callers never get each other's runs.
+    let key = key.map(|k| (state.auth.key_scope(&caller), k));
+    let requester = Requester {
+        requested_by: state.auth.requested_by(&caller),
+        ..Requester::default()
+    };
+    let accepted = state
         .runs
-        .accept(&job, params, key, callback)
-        .await?
-        .into_run();
+        .accept_from(&job, params, key, requester, callback)
+        .await?;
+    let repeat = matches!(accepted, Accepted::Existing(_));
+    let run = accepted.into_run();
+    audit_done(
+        &caller,
+        AuditAction::RunStart,
+        Target::run(&job, run.id),
+        repeat.then_some("idempotent repeat: the key's earlier run"),
+    );
     finish_waiting(&state, run, query.wait).await
 }
 
@@ -198,20 +227,26 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// `POST /v1/runs/{id}/cancel`
 async fn cancel_run(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let run = state.runs.cancel(id).await?;
-    Ok(run_response(StatusCode::ACCEPTED, run))
+    let what = AuditAction::RunCancel;
+    let (id, run) = find_run(&state, &caller, &id, Action::Cancel, what).await?;
+    let run_after = state.runs.cancel(id).await?;
+    audit_done(&caller, what, Target::run(&run.job, id), None);
+    Ok(run_response(StatusCode::ACCEPTED, run_after))
 }
 
 /// `POST /v1/runs/{id}/retry`
 async fn retry_run(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let what = AuditAction::RunRetry;
+    let (id, _) = find_run(&state, &caller, &id, Action::Run, what).await?;
     let run = state.runs.retry(id).await?;
+    audit_done(&caller, what, Target::run(&run.job, id), None);
     Ok(run_response(StatusCode::ACCEPTED, run))
 }
 
@@ -238,21 +273,18 @@ fn callback_target(raw: CallbackRequest) -> Result<CallbackTarget, ApiError> {
 /// (given up or delivered ones too), with their original event ids.
 async fn redeliver(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let what = AuditAction::CallbackRedeliver;
+    let (id, _) = find_run(&state, &caller, &id, Action::Run, what).await?;
     match state
         .store
         .redeliver_callbacks(id, chrono::Utc::now())
         .await?
     {
         Redelivery::Queued(_) => {}
-        Redelivery::UnknownRun => {
-            return Err(ApiError::not_found(
-                ErrorCodeV1::UnknownRun,
-                format!("no run {id}"),
-            ));
-        }
+        Redelivery::UnknownRun => return Err(unknown_run(id)),
         Redelivery::NothingToDeliver => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -262,7 +294,8 @@ async fn redeliver(
         }
     }
     state.callback_wake.notify_one();
-    let (_, run) = find_run(&state, &id.to_string()).await?;
+    let run = state.runs.get(id).await?.ok_or_else(|| unknown_run(id))?;
+    audit_done(&caller, what, Target::run(&run.job, id), None);
     Ok(run_response(StatusCode::ACCEPTED, run))
 }
 
@@ -310,14 +343,15 @@ pub(super) async fn finish_waiting(
 /// `GET /v1/runs/{id}`, with an optional `?wait=SECONDS` long poll.
 async fn get_run(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Caller(who): Caller,
+    Extension(caller): Extension<Principal>,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let (_, run) = find_run(&state, &id).await?;
+    let (_, run) = find_run(&state, &caller, &id, Action::Read, AuditAction::RunRead).await?;
     if query.wait.is_some() && !run.status.is_final() {
-        let _hold = hold(&state, &caller, query.wait)?;
+        let _hold = hold(&state, &who, query.wait)?;
         return finish_waiting(&state, run, query.wait).await;
     }
     Ok((StatusCode::OK, Json(RunV1::from(run))).into_response())
@@ -335,9 +369,11 @@ struct RunList {
     runs: Vec<RunV1>,
 }
 
-/// `GET /v1/runs?job=&status=&limit=`, newest first.
+/// `GET /v1/runs?job=&status=&limit=`, newest first: only runs of jobs the caller
+/// may read.
 async fn list_runs(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<RunList>, ApiError> {
     let Query(query) = query?;
@@ -356,181 +392,11 @@ async fn list_runs(
     let filter = RunFilter {
         job: query.job.filter(|j| !j.is_empty()),
         status,
+        jobs: caller.jobs_for(Action::Read),
         limit,
     };
     let runs = state.runs.list(&filter).await?;
     Ok(Json(RunList {
         runs: runs.into_iter().map(RunV1::from).collect(),
     }))
-}
-
-#[derive(Deserialize)]
-struct LogQuery {
-    #[serde(default)]
-    follow: bool,
-    attempt: Option<u32>,
-    /// Skip this many bytes of the attempt's log (to resume a broken stream).
-    #[serde(default)]
-    offset: u64,
-}
-
-const LOG_READ: usize = 256 * 1024;
-
-/// `GET /v1/runs/{id}/logs[?follow=true][&attempt=N]`: output as text/plain, bytes as
-/// the container wrote them. Following streams until the run is final.
-async fn get_logs(
-    State(state): State<AppState>,
-    Caller(caller): Caller,
-    Path(id): Path<String>,
-    query: Result<Query<LogQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(query) = query?;
-    let (id, run) = find_run(&state, &id).await?;
-    let fixed_attempt = query.attempt;
-    if let Some(a) = fixed_attempt
-        && (a == 0 || a > run.attempt.max(1))
-    {
-        return Err(ApiError::not_found(
-            ErrorCodeV1::UnknownAttempt,
-            format!("run {id} has no attempt {a}"),
-        ));
-    }
-    let body = if query.follow {
-        // Given back when the stream ends or the client goes away (the body is dropped).
-        let hold = state.limits.holds().take(&caller)?;
-        Body::from_stream(follow(state, hold, id, fixed_attempt, query.offset))
-    } else {
-        // Streamed in pieces, so a large log never sits whole in memory.
-        let attempt = fixed_attempt.unwrap_or(run.attempt);
-        let runs = state.runs.clone();
-        let pieces = futures::stream::unfold(Some(query.offset), move |at| {
-            let runs = runs.clone();
-            async move {
-                let at = at?;
-                if attempt == 0 {
-                    return None;
-                }
-                match runs.read_log(id, attempt, at, LOG_READ).await {
-                    Ok(chunk) if chunk.is_empty() => None,
-                    Ok(chunk) => {
-                        let next = at + chunk.len() as u64;
-                        Some((Ok(chunk), Some(next)))
-                    }
-                    Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
-                }
-            }
-        });
-        Body::from_stream(pieces)
-    };
-    let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
-}
-
-struct Follow {
-    state: AppState,
-    _hold: HoldGuard,
-    id: RunId,
-    fixed_attempt: Option<u32>,
-    attempt: u32,
-    offset: u64,
-    events: broadcast::Receiver<crate::service::events::RunEvent>,
-    done: bool,
-}
-
-fn follow(
-    state: AppState,
-    hold: HoldGuard,
-    id: RunId,
-    fixed_attempt: Option<u32>,
-    offset: u64,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let events = state.runs.events().subscribe();
-    let start = Follow {
-        state,
-        _hold: hold,
-        id,
-        fixed_attempt,
-        attempt: fixed_attempt.unwrap_or(0),
-        offset,
-        events,
-        done: false,
-    };
-    futures::stream::unfold(start, |mut f| async move {
-        if f.done {
-            return None;
-        }
-        loop {
-            // Read the run before the log: if it is final now, everything it wrote is
-            // already stored, so one more read after an empty one finishes the stream.
-            let run = match f.state.runs.get(f.id).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return None,
-                Err(e) => {
-                    return Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        Follow { done: true, ..f },
-                    ));
-                }
-            };
-            if f.fixed_attempt.is_none() && run.attempt > f.attempt {
-                // A resume offset applies to the attempt current at the first look; a
-                // later attempt's log starts at its beginning.
-                if f.attempt > 0 {
-                    f.offset = 0;
-                }
-                f.attempt = run.attempt;
-            }
-            if f.attempt > 0 {
-                match f
-                    .state
-                    .runs
-                    .read_log(f.id, f.attempt, f.offset, LOG_READ)
-                    .await
-                {
-                    Ok(chunk) if !chunk.is_empty() => {
-                        f.offset += chunk.len() as u64;
-                        return Some((Ok(chunk), f));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Some((
-                            Err(std::io::Error::other(e.to_string())),
-                            Follow { done: true, ..f },
-                        ));
-                    }
-                }
-            }
-            if run.status.is_final() {
-                return None;
-            }
-            // Sleep until this run's output or status changes; a periodic look covers
-            // a remote worker's writes and missed (lagged) events.
-            let wait = async {
-                loop {
-                    match f.events.recv().await {
-                        Ok(ev)
-                            if ev.run_id == f.id
-                                && matches!(ev.kind, RunEventKind::Log | RunEventKind::Status) =>
-                        {
-                            return;
-                        }
-                        Ok(_) => continue,
-                        Err(_) => return,
-                    }
-                }
-            };
-            tokio::select! {
-                // A stopping server ends follow streams; clients resume with `offset`.
-                _ = f.state.runs.stopping().cancelled() => return None,
-                _ = tokio::time::timeout(Duration::from_secs(1), wait) => {}
-            }
-        }
-    })
 }

@@ -4,18 +4,21 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use super::auth::{Target, audit_done, authorize};
 use super::{ApiError, AppState};
+use crate::domain::auth::{Action, Principal};
 use crate::protocol::api::ErrorCodeV1;
 use crate::protocol::schedules::{
     BackfillRequestV1, BackfillV1, BackfilledSlotV1, PauseRequestV1, PlannedSlotV1,
     ScheduleStateV1, SchedulesV1, SlotV1, SlotsV1, catch_up_text, overlap_text, rule_text,
 };
+use crate::service::audit::AuditAction;
 use crate::service::scheduler::{ScheduleError, ScheduleState};
 
 /// Next fire times shown per schedule unless `?next=` says otherwise.
@@ -50,6 +53,27 @@ impl From<ScheduleError> for ApiError {
             ScheduleError::Store(s) => s.into(),
         }
     }
+}
+
+/// Go on if the caller may `action` the job: reading its schedules needs `read`,
+/// steering them `admin`. A job it may not read answers as an unknown one.
+fn allowed(
+    state: &AppState,
+    caller: &Principal,
+    job: &str,
+    schedule: Option<&str>,
+    action: Action,
+    what: AuditAction,
+) -> Result<(), ApiError> {
+    let unknown = || ApiError::from(ScheduleError::UnknownJob(job.to_owned()));
+    if state.runs.job(job).is_none() {
+        return Err(unknown());
+    }
+    let target = match schedule {
+        Some(name) => Target::schedule(job, name),
+        None => Target::job(job),
+    };
+    authorize(caller, action, what, target, unknown)
 }
 
 pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
@@ -87,10 +111,19 @@ struct SlotsQuery {
 
 async fn list_slots(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(job): Path<String>,
     query: Result<Query<SlotsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SlotsV1>, ApiError> {
     let Query(q) = query?;
+    allowed(
+        &state,
+        &caller,
+        &job,
+        None,
+        Action::Read,
+        AuditAction::JobRead,
+    )?;
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_SLOTS);
     let slots = state
         .scheduler
@@ -124,10 +157,19 @@ struct NextQuery {
 
 async fn list_schedules(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path(job): Path<String>,
     query: Result<Query<NextQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SchedulesV1>, ApiError> {
     let Query(q) = query?;
+    allowed(
+        &state,
+        &caller,
+        &job,
+        None,
+        Action::Read,
+        AuditAction::JobRead,
+    )?;
     let n = q.next.unwrap_or(DEFAULT_NEXT).min(MAX_NEXT);
     let states = state.scheduler.states(&job, n).await?;
     Ok(Json(SchedulesV1 {
@@ -163,22 +205,39 @@ async fn schedule_state(
 
 async fn pause(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path((job, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ScheduleStateV1>, ApiError> {
+    let what = AuditAction::SchedulePause;
+    allowed(&state, &caller, &job, Some(&name), Action::Admin, what)?;
     let req: PauseRequestV1 = optional_body(body)?;
     if req.note.as_ref().is_some_and(|n| n.len() > 1000) {
         return Err(ApiError::bad_request("`note` is over 1000 bytes"));
     }
-    state.scheduler.pause(&job, Some(&name), req.note).await?;
+    state
+        .scheduler
+        .pause(&job, Some(&name), req.note.clone())
+        .await?;
+    let note = req.note.map(|n| format!("note: {n}"));
+    audit_done(
+        &caller,
+        what,
+        Target::schedule(&job, &name),
+        note.as_deref(),
+    );
     schedule_state(&state, &job, &name).await
 }
 
 async fn resume(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path((job, name)): Path<(String, String)>,
 ) -> Result<Json<ScheduleStateV1>, ApiError> {
+    let what = AuditAction::ScheduleResume;
+    allowed(&state, &caller, &job, Some(&name), Action::Admin, what)?;
     state.scheduler.resume(&job, Some(&name)).await?;
+    audit_done(&caller, what, Target::schedule(&job, &name), None);
     schedule_state(&state, &job, &name).await
 }
 
@@ -194,9 +253,12 @@ fn instant(field: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
 
 async fn backfill(
     State(state): State<AppState>,
+    Extension(caller): Extension<Principal>,
     Path((job, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BackfillV1>, ApiError> {
+    let what = AuditAction::ScheduleBackfill;
+    allowed(&state, &caller, &job, Some(&name), Action::Admin, what)?;
     let body = body?;
     let req: BackfillRequestV1 = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -206,6 +268,15 @@ async fn backfill(
     let from = instant("from", &req.from)?;
     let to = instant("to", &req.to)?;
     let report = state.scheduler.backfill(&job, &name, from, to).await?;
+    let detail = format!(
+        "{} to {}: {} fired, {} already fired, {} not firing",
+        req.from,
+        req.to,
+        report.fired.len(),
+        report.already_fired.len(),
+        report.not_firing.len()
+    );
+    audit_done(&caller, what, Target::schedule(&job, &name), Some(&detail));
     let spec = state
         .runs
         .job(&job)

@@ -1,15 +1,17 @@
 //! The worker protocol, as served to `tasuki worker` processes: claims, start, heartbeat,
-//! output upload and final state. Every call needs the worker token as a bearer token.
+//! output upload and final state. Every call needs a worker token as a bearer token (any
+//! of `--worker-token` and `[[worker_tokens]]`; `auth` checks it).
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Query, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::auth::WorkerCaller;
 use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
 use crate::domain::run::RunId;
@@ -36,40 +38,23 @@ pub fn router() -> Router<AppState> {
         .route("/v1/worker/orphan", post(orphan))
 }
 
-/// Proof that the caller presented the worker token.
+/// Proof that the caller presented a worker token: set by `auth::authenticate` on
+/// `/v1/worker/*` only, so a router without that middleware refuses every call.
 struct WorkerAuth;
 
 impl FromRequestParts<AppState> for WorkerAuth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(expected) = state.worker_token.as_deref() else {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                ErrorCodeV1::WorkerApiDisabled,
-                "the worker API is disabled: start `tasuki serve` with --worker-token",
-            ));
-        };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            Ok(WorkerAuth)
-        } else {
-            Err(ApiError::new(
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        match parts.extensions.get::<WorkerCaller>() {
+            Some(_) => Ok(WorkerAuth),
+            None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCodeV1::Unauthorized,
                 "missing or wrong worker token",
-            ))
+            )),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {

@@ -51,7 +51,8 @@ pub struct RunV1 {
     /// Its completion callback deliveries; older servers sent none.
     #[serde(default)]
     pub callbacks: Vec<CallbackV1>,
-    /// The AMQP `user_id` (checked by the broker) of the request that asked for it.
+    /// Who asked for it: the API token's name, or the AMQP `user_id` (checked by the
+    /// broker) of a request over the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
     /// Replies owed to the producer that asked over the request queue.
@@ -451,6 +452,7 @@ mod tests {
             (NotRetryable, "not_retryable"),
             (WorkerApiDisabled, "worker_api_disabled"),
             (Unauthorized, "unauthorized"),
+            (Forbidden, "forbidden"),
             (InvalidJobFiles, "invalid_job_files"),
             (InvalidCallback, "invalid_callback"),
             (NoCallback, "no_callback"),

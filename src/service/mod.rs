@@ -2,6 +2,7 @@
 //! the control plane a worker talks to, the outbox relay, the worker itself, and pruning what
 //! nobody will read again.
 
+pub mod audit;
 pub mod callbacks;
 pub mod control;
 pub mod events;

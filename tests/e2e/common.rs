@@ -113,6 +113,12 @@ const SCRUBBED_ENV: &[&str] = &[
     "TASUKI_SCHEDULER",
     "TASUKI_SCHEDULE_GRACE",
     "TASUKI_CALENDARS_DIR",
+    "TASUKI_TOKEN",
+    "TASUKI_CONFIG",
+    "TASUKI_TOKENS",
+    "TASUKI_WORKER_TOKEN",
+    "TASUKI_WORKER_TOKENS",
+    "TASUKI_INSECURE_NO_AUTH",
 ];
 
 impl Process {
@@ -239,6 +245,8 @@ pub struct ServeOptions {
     pub env: Vec<(String, String)>,
     /// Extra command line arguments, after the ones above.
     pub extra_args: Vec<String>,
+    /// The address `--listen` binds (its port is a free one); `127.0.0.1` when `None`.
+    pub listen_host: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -253,6 +261,7 @@ impl Default for ServeOptions {
             worker_id: None,
             env: Vec::new(),
             extra_args: Vec::new(),
+            listen_host: None,
         }
     }
 }
@@ -282,7 +291,10 @@ impl Server {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!(
+                "{}:{port}",
+                options.listen_host.as_deref().unwrap_or("127.0.0.1")
+            ),
             "--jobs-dir".into(),
             options.jobs_dir.display().to_string(),
             "--data-dir".into(),

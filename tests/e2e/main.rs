@@ -3,6 +3,7 @@
 
 mod amqp_mode;
 mod amqp_requests;
+mod auth;
 mod callbacks;
 mod cli;
 mod common;

@@ -94,7 +94,11 @@ pub enum ErrorCodeV1 {
     RunFinished,
     NotRetryable,
     WorkerApiDisabled,
+    /// No API token, or one the server does not know (401).
     Unauthorized,
+    /// A valid token that may not do this (403): out of its scopes, or a token of the
+    /// other kind (worker vs API).
+    Forbidden,
     InvalidJobFiles,
     /// A callback URL that may not be called (scheme, or an address the guard refuses).
     InvalidCallback,
@@ -133,6 +137,7 @@ impl ErrorCodeV1 {
             ErrorCodeV1::NotRetryable => "not_retryable",
             ErrorCodeV1::WorkerApiDisabled => "worker_api_disabled",
             ErrorCodeV1::Unauthorized => "unauthorized",
+            ErrorCodeV1::Forbidden => "forbidden",
             ErrorCodeV1::InvalidJobFiles => "invalid_job_files",
             ErrorCodeV1::InvalidCallback => "invalid_callback",
             ErrorCodeV1::NoCallback => "no_callback",
@@ -167,6 +172,7 @@ impl From<String> for ErrorCodeV1 {
             "not_retryable" => ErrorCodeV1::NotRetryable,
             "worker_api_disabled" => ErrorCodeV1::WorkerApiDisabled,
             "unauthorized" => ErrorCodeV1::Unauthorized,
+            "forbidden" => ErrorCodeV1::Forbidden,
             "invalid_job_files" => ErrorCodeV1::InvalidJobFiles,
             "invalid_callback" => ErrorCodeV1::InvalidCallback,
             "no_callback" => ErrorCodeV1::NoCallback,

@@ -199,6 +199,7 @@ async fn params_over_the_limits_are_refused_before_the_jobs_rules_and_store_noth
     let filter = RunFilter {
         job: None,
         status: None,
+        jobs: crate::domain::auth::JobFilter::All,
         limit: 10,
     };
     assert!(runs.list(&filter).await.unwrap().is_empty());

@@ -168,6 +168,7 @@ impl Fixture {
             job: Some(job.to_owned()),
             status: Some(RunStatus::Queued),
             limit: 1000,
+            ..Default::default()
         };
         for run in self.store.list_runs(&filter).await.unwrap() {
             self.store.cancel(run.id, self.clock.now()).await.unwrap();
@@ -219,6 +220,7 @@ async fn a_new_schedule_starts_from_now_and_each_slot_fires_once() {
         job: Some("tick".into()),
         status: None,
         limit: 100,
+        ..Default::default()
     };
     let mut slots_of_runs: Vec<_> = f
         .store

@@ -13,6 +13,7 @@ use super::{
     ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
     ms, run_from_row, run_id_col, run_state, ttl_ms,
 };
+use crate::domain::auth::JobFilter;
 use crate::domain::ports::{
     CancelResult, IDEMPOTENCY_WINDOW, IdempotencyKey, Inserted, NewRun, RetryResult, RunFilter,
     RunRecords, StoreError,
@@ -260,17 +261,31 @@ impl RunRecords for SqliteStore {
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        // The caller's job globs become SQLite GLOBs: a scope glob has only `*`, `?`
+        // and characters that stand for themselves, which GLOB reads the same way.
+        let globs = match &filter.jobs {
+            JobFilter::All => None,
+            JobFilter::Globs(globs) if globs.is_empty() => return Ok(Vec::new()),
+            JobFilter::Globs(globs) => Some(globs),
+        };
+        let glob_clause = globs.map_or_else(String::new, |globs| {
+            let any: Vec<String> = (0..globs.len())
+                .map(|i| format!("job GLOB ?{}", i + 4))
+                .collect();
+            format!(" AND ({})", any.join(" OR "))
+        });
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) \
-             ORDER BY id DESC LIMIT ?3"
+             {glob_clause} ORDER BY id DESC LIMIT ?3"
         ));
-        let rows = sqlx::query(sql)
+        let mut query = sqlx::query(sql)
             .bind(filter.job.as_deref())
             .bind(filter.status.map(|s| s.as_str()))
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(db)?;
+            .bind(i64::from(filter.limit));
+        for glob in globs.into_iter().flatten() {
+            query = query.bind(glob.as_str());
+        }
+        let rows = query.fetch_all(&self.reader).await.map_err(db)?;
         let runs = rows
             .iter()
             .map(run_from_row)

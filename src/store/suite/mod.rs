@@ -5,6 +5,7 @@
 mod admission;
 mod callbacks;
 mod lifecycle;
+mod listing;
 mod output;
 mod replies;
 mod schedules;
@@ -13,6 +14,7 @@ mod sessions;
 pub(crate) use admission::*;
 pub(crate) use callbacks::*;
 pub(crate) use lifecycle::*;
+pub(crate) use listing::*;
 pub(crate) use output::*;
 pub(crate) use replies::*;
 pub(crate) use schedules::*;
@@ -29,6 +31,7 @@ macro_rules! store_suite {
             expired_leases_become_lost_and_a_person_can_retry,
             cancel_ends_a_queued_run_and_flags_a_running_one,
             idempotency_keys_return_the_first_run,
+            runs_are_listed_only_for_the_jobs_the_globs_match,
             an_unstarted_attempt_can_be_released_and_an_adopted_one_renewed,
             only_unclaimed_due_runs_sent_long_ago_are_published_again,
             a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished,

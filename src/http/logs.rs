@@ -1,0 +1,198 @@
+//! `GET /v1/runs/{id}/logs`: a run's output, read or followed until the run is final.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use super::limits::{Caller, HoldGuard};
+use super::runs::find_run;
+use super::{ApiError, AppState};
+use crate::domain::auth::{Action, Principal};
+use crate::domain::run::RunId;
+use crate::protocol::api::ErrorCodeV1;
+use crate::service::audit::AuditAction;
+use crate::service::events::RunEventKind;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/runs/{id}/logs", get(get_logs))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    attempt: Option<u32>,
+    /// Skip this many bytes of the attempt's log (to resume a broken stream).
+    #[serde(default)]
+    offset: u64,
+}
+
+const LOG_READ: usize = 256 * 1024;
+
+/// `GET /v1/runs/{id}/logs[?follow=true][&attempt=N]`: output as text/plain, bytes as
+/// the container wrote them. Following streams until the run is final.
+async fn get_logs(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Extension(caller): Extension<Principal>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let (id, run) = find_run(&state, &caller, &id, Action::Read, AuditAction::RunRead).await?;
+    let fixed_attempt = query.attempt;
+    if let Some(a) = fixed_attempt
+        && (a == 0 || a > run.attempt.max(1))
+    {
+        return Err(ApiError::not_found(
+            ErrorCodeV1::UnknownAttempt,
+            format!("run {id} has no attempt {a}"),
+        ));
+    }
+    let body = if query.follow {
+        // Given back when the stream ends or the client goes away (the body is dropped).
+        let hold = state.limits.holds().take(&who)?;
+        Body::from_stream(follow(state, hold, id, fixed_attempt, query.offset))
+    } else {
+        // Streamed in pieces, so a large log never sits whole in memory.
+        let attempt = fixed_attempt.unwrap_or(run.attempt);
+        let runs = state.runs.clone();
+        let pieces = futures::stream::unfold(Some(query.offset), move |at| {
+            let runs = runs.clone();
+            async move {
+                let at = at?;
+                if attempt == 0 {
+                    return None;
+                }
+                match runs.read_log(id, attempt, at, LOG_READ).await {
+                    Ok(chunk) if chunk.is_empty() => None,
+                    Ok(chunk) => {
+                        let next = at + chunk.len() as u64;
+                        Some((Ok(chunk), Some(next)))
+                    }
+                    Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                }
+            }
+        });
+        Body::from_stream(pieces)
+    };
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+struct Follow {
+    state: AppState,
+    _hold: HoldGuard,
+    id: RunId,
+    fixed_attempt: Option<u32>,
+    attempt: u32,
+    offset: u64,
+    events: broadcast::Receiver<crate::service::events::RunEvent>,
+    done: bool,
+}
+
+fn follow(
+    state: AppState,
+    hold: HoldGuard,
+    id: RunId,
+    fixed_attempt: Option<u32>,
+    offset: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let events = state.runs.events().subscribe();
+    let start = Follow {
+        state,
+        _hold: hold,
+        id,
+        fixed_attempt,
+        attempt: fixed_attempt.unwrap_or(0),
+        offset,
+        events,
+        done: false,
+    };
+    futures::stream::unfold(start, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        loop {
+            // Read the run before the log: if it is final now, everything it wrote is
+            // already stored, so one more read after an empty one finishes the stream.
+            let run = match f.state.runs.get(f.id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        Follow { done: true, ..f },
+                    ));
+                }
+            };
+            if f.fixed_attempt.is_none() && run.attempt > f.attempt {
+                // A resume offset applies to the attempt current at the first look; a
+                // later attempt's log starts at its beginning.
+                if f.attempt > 0 {
+                    f.offset = 0;
+                }
+                f.attempt = run.attempt;
+            }
+            if f.attempt > 0 {
+                match f
+                    .state
+                    .runs
+                    .read_log(f.id, f.attempt, f.offset, LOG_READ)
+                    .await
+                {
+                    Ok(chunk) if !chunk.is_empty() => {
+                        f.offset += chunk.len() as u64;
+                        return Some((Ok(chunk), f));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            Follow { done: true, ..f },
+                        ));
+                    }
+                }
+            }
+            if run.status.is_final() {
+                return None;
+            }
+            // Sleep until this run's output or status changes; a periodic look covers
+            // a remote worker's writes and missed (lagged) events.
+            let wait = async {
+                loop {
+                    match f.events.recv().await {
+                        Ok(ev)
+                            if ev.run_id == f.id
+                                && matches!(ev.kind, RunEventKind::Log | RunEventKind::Status) =>
+                        {
+                            return;
+                        }
+                        Ok(_) => continue,
+                        Err(_) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                // A stopping server ends follow streams; clients resume with `offset`.
+                _ = f.state.runs.stopping().cancelled() => return None,
+                _ = tokio::time::timeout(Duration::from_secs(1), wait) => {}
+            }
+        }
+    })
+}
