@@ -98,7 +98,26 @@ async fn deliver(
         )
         .await
     {
-        Ok(accepted) => accepted.into_run(),
+        Ok(accepted) => {
+            let repeat = matches!(accepted, crate::service::runs::Accepted::Existing(_));
+            let run = accepted.into_run();
+            // The sender proved itself by the job's webhook secret, not by a token.
+            crate::service::audit::record(&crate::service::audit::AuditEvent {
+                job: Some(&job),
+                run_id: Some(run.id),
+                detail: Some(if repeat {
+                    "signed webhook delivery, a repeat: the delivery's earlier run"
+                } else {
+                    "signed webhook delivery"
+                }),
+                ..crate::service::audit::AuditEvent::new(
+                    "webhook",
+                    crate::service::audit::AuditAction::RunStart,
+                    crate::service::audit::AuditOutcome::Done,
+                )
+            });
+            run
+        }
         Err(AcceptError::KeyReused { key, .. }) => {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

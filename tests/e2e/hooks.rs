@@ -186,6 +186,14 @@ async fn github_push_runs_the_job_with_its_ref_and_replays_return_the_same_run()
             .contains("no signature matches any configured secret"),
         "the reason is logged"
     );
+    // The run it started is in the audit log, by the webhook, not by a token.
+    let audit = server.process.log_text();
+    let started = audit
+        .lines()
+        .find(|l| l.contains("tasuki::audit") && l.contains(&id) && l.contains("run.start"))
+        .unwrap_or_else(|| panic!("no audit line for run {id}:\n{audit}"));
+    assert!(started.contains("actor=webhook"), "{started}");
+    assert!(started.contains("signed webhook delivery"), "{started}");
 
     // A value the job's pattern refuses is 422, like any run param.
     let bad = r#"{"ref":"tags/v1"}"#;
