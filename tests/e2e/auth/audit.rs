@@ -16,7 +16,9 @@ async fn auth_keys_runs_and_audit_lines_belong_to_the_token() {
         async move {
             let key = [("Idempotency-Key", "nightly-2026-11-26")];
             let path = "/v1/jobs/authz-main/runs";
-            let (status, run, _) = call(server, Some(&token), "POST", path, Some("{}"), &key).await;
+            // Long enough to be cancelled below while it runs.
+            let body = Some(r#"{"params":{"seconds":"30"}}"#);
+            let (status, run, _) = call(server, Some(&token), "POST", path, body, &key).await;
             assert_eq!(status, 202, "{run}");
             run
         }
@@ -52,6 +54,13 @@ async fn auth_keys_runs_and_audit_lines_belong_to_the_token() {
     );
     assert_eq!(
         call(&server, Some(&tokens.runner), "POST", &cancel, None, &[])
+            .await
+            .0,
+        202
+    );
+    let other = format!("/v1/runs/{}/cancel", by_admin["id"].as_str().unwrap());
+    assert_eq!(
+        call(&server, Some(&tokens.admin), "POST", &other, None, &[])
             .await
             .0,
         202
