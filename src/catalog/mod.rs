@@ -228,6 +228,25 @@ pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<Cat
     parse_job_in(name, file, text, &CalendarSet::default())
 }
 
+/// Parse and validate one job's text as `tasuki jobs check` would with `calendars` in
+/// the calendars directory: `name` is the file stem, and errors name `jobs/{name}.toml`.
+/// The fuzz targets' way in (`fuzz/fuzz_targets/job_file.rs`).
+pub fn parse_job_str(
+    name: &str,
+    text: &str,
+    calendars: &[Calendar],
+) -> Result<JobSpec, Vec<CatalogError>> {
+    let set = CalendarSet {
+        calendars: calendars
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(c.clone())))
+            .collect(),
+        ..CalendarSet::default()
+    };
+    let file = PathBuf::from(format!("jobs/{name}.toml"));
+    parse_job_in(name, &file, text, &set)
+}
+
 fn parse_job_in(
     name: &str,
     file: &Path,
@@ -310,18 +329,8 @@ pub(crate) mod testing {
     }
 
     /// As [`parse`], with these calendars known.
-    pub fn parse_with(
-        text: &str,
-        calendars: &[crate::domain::schedule::Calendar],
-    ) -> Result<JobSpec, Vec<CatalogError>> {
-        let set = CalendarSet {
-            calendars: calendars
-                .iter()
-                .map(|c| (c.name.clone(), Arc::new(c.clone())))
-                .collect(),
-            ..CalendarSet::default()
-        };
-        parse_job_in("hello", Path::new("jobs/hello.toml"), text, &set)
+    pub fn parse_with(text: &str, calendars: &[Calendar]) -> Result<JobSpec, Vec<CatalogError>> {
+        parse_job_str("hello", text, calendars)
     }
 
     pub fn errors(text: &str) -> Vec<String> {
