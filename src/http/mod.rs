@@ -18,6 +18,7 @@ use axum::extract::DefaultBodyLimit;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use runs::{RunRequestBody, parse_create_run};
 pub use serve::serve;
 
 use crate::domain::job_lookup::ReloadJobs;
