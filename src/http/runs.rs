@@ -39,7 +39,7 @@ struct CreateRun {
     #[serde(default)]
     params: BTreeMap<String, serde_json::Value>,
     /// Where this run announces its end, instead of its job's `[callback]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::protocol::request::object")]
     callback: Option<CallbackRequest>,
 }
 
@@ -136,6 +136,13 @@ pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
             "request body is not valid JSON for a run request: {e}"
         ))
     })?;
+    // serde's derive also reads a struct from an array, by position: `[{"name":"x"}]`.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::bad_request(
+            "request body is not valid JSON for a run request: give an object, \
+             {\"params\":{...}}",
+        ));
+    }
     Ok(RunRequestBody {
         params: params_from_json(request.params)?,
         callback: request.callback.map(callback_target).transpose()?,
@@ -531,6 +538,20 @@ fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `fuzz/fuzz_targets/create_run_body.rs`: `[ ]` (and `[{"name":"x"}]`,
+    /// read by position as the params) was taken as a run request.
+    #[test]
+    fn fuzz_a_json_array_body_is_refused() {
+        for body in [&b"[ ]"[..], br#"[{"name":"x"}]"#, b" \n[]"] {
+            let e = parse_create_run(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains("give an object"), "{}", e.message);
+        }
+        let e = parse_create_run(br#"{"callback":["https://x.example/"]}"#).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("expected a map"), "{}", e.message);
+    }
 
     #[test]
     fn a_run_request_body_reads_params_as_text_and_its_callback() {
