@@ -23,8 +23,8 @@ use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
 use crate::domain::job::{
-    JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name, is_valid_env_name,
-    parse_duration,
+    InvalidDuration, JobName, JobSpec, PullPolicy, RESERVED_ENV_PREFIX, is_reserved_env_name,
+    is_valid_env_name, parse_duration, parse_kept_duration,
 };
 
 pub(super) use params::check_refs;
@@ -165,7 +165,21 @@ impl<'a> Ctx<'a> {
     }
 
     fn duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
-        match parse_duration(value.get_ref()) {
+        self.parsed(value, field, parse_duration)
+    }
+
+    /// A duration a run keeps in its frozen spec (whole milliseconds).
+    fn kept_duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
+        self.parsed(value, field, parse_kept_duration)
+    }
+
+    fn parsed(
+        &mut self,
+        value: &Spanned<String>,
+        field: &str,
+        parse: fn(&str) -> Result<Duration, InvalidDuration>,
+    ) -> Option<Duration> {
+        match parse(value.get_ref()) {
             Ok(d) => Some(d),
             Err(e) => {
                 self.at(&value.span(), field, e.to_string());
@@ -347,9 +361,9 @@ fn timeouts(
     stop_grace: Option<&Spanned<String>>,
 ) -> Timeouts {
     Timeouts {
-        timeout: timeout.and_then(|t| ctx.duration(t, "timeout")),
+        timeout: timeout.and_then(|t| ctx.kept_duration(t, "timeout")),
         stop_grace: stop_grace
-            .and_then(|g| ctx.duration(g, "stop_grace"))
+            .and_then(|g| ctx.kept_duration(g, "stop_grace"))
             .unwrap_or(DEFAULT_STOP_GRACE),
     }
 }
@@ -589,5 +603,25 @@ mod tests {
                 Some("schedule"),
             ]
         );
+    }
+
+    /// Found by `fuzz/fuzz_targets/job_file.rs`: `stop_grace = "18446744073709551615s"`
+    /// was accepted and then stored, in milliseconds, as another duration; and a
+    /// sub-millisecond `timeout` was stored as 0 (every run timed out at once).
+    #[test]
+    fn fuzz_stop_grace_of_u64_max_seconds_is_refused() {
+        let e = one_error("image = \"a\"\nstop_grace = \"18446744073709551615s\"\n");
+        assert_eq!(e.line, Some(2));
+        assert_eq!(e.field.as_deref(), Some("stop_grace"));
+        assert!(e.message.contains("longer than a run can keep"), "{e}");
+        let e = one_error("image = \"a\"\ntimeout = \"999us\"\n");
+        assert_eq!(e.field.as_deref(), Some("timeout"));
+        assert!(e.message.contains("whole milliseconds"), "{e}");
+        let e = one_error(
+            "image = \"a\"\n[retry]\nmax_attempts = 2\non = [\"lost\"]\nbackoff = \"1ns\"\n",
+        );
+        assert_eq!(e.field.as_deref(), Some("retry.backoff"));
+        let s = parse("image = \"a\"\ntimeout = \"1500ms\"\n").unwrap();
+        assert_eq!(s.timeout, Some(Duration::from_millis(1500)));
     }
 }

@@ -45,7 +45,7 @@ impl From<&ClaimResult> for ClaimResponseV1 {
                 lease: c.lease.into(),
                 job: c.job.clone(),
                 spec: Box::new(SpecV1::from(&c.spec)),
-                lease_ttl_ms: c.lease_ttl.as_millis() as u64,
+                lease_ttl_ms: super::millis(c.lease_ttl),
             },
             ClaimResult::NotClaimable { status, attempt } => ClaimResponseV1::NotClaimable {
                 status: status.as_str().to_owned(),
@@ -292,7 +292,7 @@ impl From<&SessionGrant> for SessionGrantV1 {
     fn from(g: &SessionGrant) -> Self {
         match g {
             SessionGrant::Granted { ttl } => SessionGrantV1::Granted {
-                ttl_ms: ttl.as_millis() as u64,
+                ttl_ms: super::millis(*ttl),
             },
             SessionGrant::Refused { live } => SessionGrantV1::Refused {
                 live: SessionV1 {
@@ -453,3 +453,4 @@ pub fn decode_log_frames(mut body: bytes::Bytes) -> Result<Vec<OutputChunk>, Str
     }
     Ok(chunks)
 }
+
