@@ -76,8 +76,8 @@ fn check_run_message(body: &[u8]) {
     match parse_run_message(body) {
         Ok(message) => {
             assert!(message.attempt >= 1);
-            let again = serde_json::to_vec(&RunMessageV1::from(message.clone()))
-                .expect("a run message serialises");
+            let again =
+                serde_json::to_vec(&RunMessageV1::from(message)).expect("a run message serialises");
             let read = parse_run_message(&again).expect("a written run message reads");
             assert_eq!(read.run_id, message.run_id);
             assert_eq!(read.attempt, message.attempt);
