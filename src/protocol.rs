@@ -73,6 +73,12 @@ pub fn parse_run_message(body: &[u8]) -> Result<RunMessage, String> {
     })
 }
 
+/// A duration as the wire and the store carry it: whole milliseconds, saturating (a
+/// job file cannot give more, see `domain::job::MAX_KEPT_DURATION`), never wrapping.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A secret's reference as job files, the server config and the stored spec write it:
 /// `{"from_env":"NAME"}` or `{"from_file":"/path"}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -174,8 +180,8 @@ impl From<&RetryPolicy> for RetryV1 {
     fn from(p: &RetryPolicy) -> Self {
         Self {
             max_attempts: p.max_attempts,
-            backoff_ms: p.backoff.as_millis() as u64,
-            backoff_max_ms: p.backoff_max.as_millis() as u64,
+            backoff_ms: millis(p.backoff),
+            backoff_max_ms: millis(p.backoff_max),
             on_exit_codes: p.on_exit_codes.iter().copied().collect(),
             on: p.on.iter().map(|c| c.as_str().to_owned()).collect(),
         }
@@ -241,7 +247,7 @@ impl From<&Outcome> for OutcomeV1 {
             Outcome::Exited { code } => OutcomeV1::Exited { code },
             Outcome::OomKilled { code } => OutcomeV1::OomKilled { code },
             Outcome::TimedOut { after, code } => OutcomeV1::TimedOut {
-                after_ms: after.as_millis() as u64,
+                after_ms: millis(after),
                 code,
             },
             Outcome::Cancelled { code } => OutcomeV1::Cancelled { code },
@@ -435,6 +441,39 @@ mod tests {
         assert_eq!(decode_log_frames(Bytes::from(body)).unwrap(), chunks);
         assert!(decode_log_frames(Bytes::from_static(&[1, 0, 0, 0, 0, 0, 0, 9, 1])).is_err());
         assert!(decode_log_frames(Bytes::from_static(&[7, 0, 0, 0, 0, 0, 0, 0])).is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/job_file.rs` (a job's spec must read back from its
+    /// stored form): a duration past `u64::MAX` milliseconds was stored as
+    /// `as_millis() as u64`, wrapped to some other duration.
+    #[test]
+    fn fuzz_stored_durations_saturate_instead_of_wrapping() {
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(millis(huge), u64::MAX);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        let spec = ResolvedSpec {
+            image: "img".into(),
+            command: vec![],
+            workdir: None,
+            user: None,
+            env: BTreeMap::new(),
+            pull: PullPolicy::Never,
+            resources: Resources::default(),
+            timeout: Some(huge),
+            stop_grace: huge,
+            network: "none".into(),
+            secret_env: BTreeMap::new(),
+            hardening: Default::default(),
+        };
+        let stored = SpecV1::from(&spec);
+        assert_eq!(stored.timeout_ms, Some(u64::MAX));
+        assert_eq!(stored.stop_grace_ms, u64::MAX);
+        let retry = RetryPolicy {
+            backoff: huge,
+            backoff_max: huge,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(RetryV1::from(&retry).backoff_max_ms, u64::MAX);
     }
 }
 

@@ -242,6 +242,26 @@ pub fn parse_job(name: &str, file: &Path, text: &str) -> Result<JobSpec, Vec<Cat
     )
 }
 
+/// Parse and validate one job's text as `tasuki jobs check` would with `calendars` in
+/// the calendars directory: `name` is the file stem, and errors name `jobs/{name}.toml`.
+/// The fuzz targets' way in (`fuzz/fuzz_targets/job_file.rs`).
+pub fn parse_job_str(
+    name: &str,
+    text: &str,
+    calendars: &[Calendar],
+    policy: &ContainerPolicy,
+) -> Result<JobSpec, Vec<CatalogError>> {
+    let set = CalendarSet {
+        calendars: calendars
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(c.clone())))
+            .collect(),
+        ..CalendarSet::default()
+    };
+    let file = PathBuf::from(format!("jobs/{name}.toml"));
+    parse_job_in(name, &file, text, &set, policy)
+}
+
 fn parse_job_in(
     name: &str,
     file: &Path,
@@ -325,35 +345,13 @@ pub(crate) mod testing {
     }
 
     /// As [`parse`], with these calendars known.
-    pub fn parse_with(
-        text: &str,
-        calendars: &[crate::domain::schedule::Calendar],
-    ) -> Result<JobSpec, Vec<CatalogError>> {
-        let set = CalendarSet {
-            calendars: calendars
-                .iter()
-                .map(|c| (c.name.clone(), Arc::new(c.clone())))
-                .collect(),
-            ..CalendarSet::default()
-        };
-        parse_job_in(
-            "hello",
-            Path::new("jobs/hello.toml"),
-            text,
-            &set,
-            &ContainerPolicy::default(),
-        )
+    pub fn parse_with(text: &str, calendars: &[Calendar]) -> Result<JobSpec, Vec<CatalogError>> {
+        parse_job_str("hello", text, calendars, &ContainerPolicy::default())
     }
 
     /// As [`parse`], under this container policy.
     pub fn parse_under(text: &str, policy: &ContainerPolicy) -> Result<JobSpec, Vec<CatalogError>> {
-        parse_job_in(
-            "hello",
-            Path::new("jobs/hello.toml"),
-            text,
-            &CalendarSet::default(),
-            policy,
-        )
+        parse_job_str("hello", text, &[], policy)
     }
 
     pub fn errors(text: &str) -> Vec<String> {

@@ -25,7 +25,10 @@ use toml::Spanned;
 use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
-use crate::domain::job::{ContainerPolicy, JobName, JobSpec, PullPolicy, parse_duration};
+use crate::domain::job::{
+    ContainerPolicy, InvalidDuration, JobName, JobSpec, PullPolicy, parse_duration,
+    parse_kept_duration,
+};
 
 pub(super) use params::check_refs;
 pub use schedules::WEEKDAYS_CALENDAR;
@@ -164,7 +167,21 @@ impl<'a> Ctx<'a> {
     }
 
     fn duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
-        match parse_duration(value.get_ref()) {
+        self.parsed(value, field, parse_duration)
+    }
+
+    /// A duration a run keeps in its frozen spec (whole milliseconds).
+    fn kept_duration(&mut self, value: &Spanned<String>, field: &str) -> Option<Duration> {
+        self.parsed(value, field, parse_kept_duration)
+    }
+
+    fn parsed(
+        &mut self,
+        value: &Spanned<String>,
+        field: &str,
+        parse: fn(&str) -> Result<Duration, InvalidDuration>,
+    ) -> Option<Duration> {
+        match parse(value.get_ref()) {
             Ok(d) => Some(d),
             Err(e) => {
                 self.at(&value.span(), field, e.to_string());
@@ -315,193 +332,12 @@ fn timeouts(
     stop_grace: Option<&Spanned<String>>,
 ) -> Timeouts {
     Timeouts {
-        timeout: timeout.and_then(|t| ctx.duration(t, "timeout")),
+        timeout: timeout.and_then(|t| ctx.kept_duration(t, "timeout")),
         stop_grace: stop_grace
-            .and_then(|g| ctx.duration(g, "stop_grace"))
+            .and_then(|g| ctx.kept_duration(g, "stop_grace"))
             .unwrap_or(DEFAULT_STOP_GRACE),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::catalog::testing::*;
-
-    #[test]
-    fn bad_duration() {
-        let e = one_error("image = \"a\"\ntimeout = \"soon\"\n");
-        assert_eq!(e.line, Some(2));
-        assert_eq!(e.field.as_deref(), Some("timeout"));
-        assert!(e.message.contains("invalid duration \"soon\""), "{e}");
-        let e = one_error("image = \"a\"\nstop_grace = \"0s\"\n");
-        assert_eq!(e.field.as_deref(), Some("stop_grace"));
-    }
-
-    #[test]
-    fn missing_and_bad_image() {
-        let e = one_error("command = [\"x\"]\n");
-        assert_eq!(e.field.as_deref(), Some("image"));
-        assert!(e.message.contains("missing"));
-        assert_eq!(e.line, None);
-        assert_eq!(one_error("image = \"\"").field.as_deref(), Some("image"));
-        assert!(one_error("image = \"a b\"").message.contains("whitespace"));
-    }
-
-    #[test]
-    fn references_outside_command_env_rejected() {
-        let e = one_error("image = \"img:{{params.tag}}\"\n[params.tag]\n");
-        assert_eq!(e.field.as_deref(), Some("image"));
-        assert!(e.message.contains("only substituted"));
-    }
-
-    #[test]
-    fn env_names() {
-        let errs =
-            errors("image = \"a\"\n[env]\n\"1BAD\" = \"x\"\nTASUKI_RUN = \"y\"\nOK_1 = \"z\"\n");
-        assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(errs[0].starts_with("jobs/hello.toml:3: env.1BAD: invalid environment"));
-        assert!(
-            errs[1].starts_with("jobs/hello.toml:4: env.TASUKI_RUN: names starting with `TASUKI_`")
-        );
-    }
-
-    #[test]
-    fn schedule_and_time_zone() {
-        let e = one_error("image = \"a\"\ntime_zone = \"UTC\"\n");
-        assert_eq!(e.field.as_deref(), Some("time_zone"));
-        assert_eq!(e.line, Some(2));
-        let e = one_error("image = \"a\"\nschedule = \"0 9 * * 8\"\n");
-        assert_eq!(e.field.as_deref(), Some("schedule"));
-        let e = one_error("image = \"a\"\nschedule = \"0 9 * * *\"\ntime_zone = \"Tokyo\"\n");
-        assert_eq!(e.field.as_deref(), Some("time_zone"));
-        assert_eq!(e.line, Some(3));
-        let s = parse("image = \"a\"\nschedule = \"@daily\"\n").unwrap();
-        assert_eq!(s.schedules[0].time_zone, chrono_tz::UTC);
-    }
-
-    #[test]
-    fn misc_field_validation() {
-        assert_eq!(
-            one_error("image = \"a\"\nworkdir = \"tmp\"")
-                .field
-                .as_deref(),
-            Some("workdir")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\npull = \"sometimes\"")
-                .field
-                .as_deref(),
-            Some("pull")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\ncommand = []").field.as_deref(),
-            Some("command")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\nnetwork = \"\"").field.as_deref(),
-            Some("network")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\n[resources]\ncpu = 1")
-                .field
-                .as_deref(),
-            Some("resources.cpu")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\n[resources]\ncpu = 262145")
-                .field
-                .as_deref(),
-            Some("resources.cpu")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\n[resources]\ncpu_limit = 0.0")
-                .field
-                .as_deref(),
-            Some("resources.cpu_limit")
-        );
-        assert_eq!(
-            one_error("image = \"a\"\n[resources]\ncpu_limit = nan")
-                .field
-                .as_deref(),
-            Some("resources.cpu_limit")
-        );
-    }
-
-    #[test]
-    fn command_arguments() {
-        let e = one_error("image = \"a\"\ncommand = [\"echo\", \"a\\u0000b\"]\n");
-        assert_eq!(e.line, Some(2));
-        assert_eq!(e.field.as_deref(), Some("command[1]"));
-        assert_eq!(e.message, "contains a NUL character");
-        let e = one_error("image = \"a\"\n\ncommand = []\n");
-        assert_eq!(e.line, Some(3));
-        assert!(e.message.contains("omit `command`"), "{e}");
-        let s = parse("image = \"a\"\ncommand = [\"a b\", \"\"]\n").unwrap();
-        assert_eq!(s.command, ["a b", ""]);
-    }
-
-    #[test]
-    fn timeouts_default_and_parse() {
-        let s = parse("image = \"a\"\ntimeout = \"1h 30m\"\n").unwrap();
-        assert_eq!(s.timeout, Some(Duration::from_secs(5400)));
-        assert_eq!(s.stop_grace, DEFAULT_STOP_GRACE);
-        let errs = errors("image = \"a\"\ntimeout = \"x\"\nstop_grace = \"y\"\n");
-        assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(
-            errs[0].starts_with("jobs/hello.toml:2: timeout: "),
-            "{errs:?}"
-        );
-        assert!(
-            errs[1].starts_with("jobs/hello.toml:3: stop_grace: "),
-            "{errs:?}"
-        );
-    }
-
-    #[test]
-    fn env_values() {
-        let e = one_error("image = \"a\"\n[env]\nX = \"a\\u0000\"\n");
-        assert_eq!(
-            e.to_string(),
-            "jobs/hello.toml:3: env.X: contains a NUL character"
-        );
-        let e = one_error("image = \"a\"\n[env]\nX = \"{{params.p}}\"\n");
-        assert!(e.message.contains("no parameters are declared"), "{e}");
-    }
-
-    /// Errors print in the order of the file's sections, whatever order the file
-    /// gives them in.
-    #[test]
-    fn errors_come_in_section_order() {
-        let errs = parse(
-            "[retry]\nmax_attempts = 0\n[params.X]\n[resources]\ncpu = 1\n[env]\n\"1\" = \"v\"\n",
-        )
-        .unwrap_err();
-        let fields: Vec<_> = errs.iter().map(|e| e.field.as_deref()).collect();
-        assert_eq!(
-            fields,
-            [
-                Some("image"),
-                Some("env.1"),
-                Some("resources.cpu"),
-                Some("params.X"),
-                Some("retry.max_attempts"),
-            ]
-        );
-        let errs = parse(
-            "image = \"\"\ncommand = []\nworkdir = \"w\"\npull = \"p\"\ntimeout = \"t\"\nschedule = \"s\"\n",
-        )
-        .unwrap_err();
-        let fields: Vec<_> = errs.iter().map(|e| e.field.as_deref()).collect();
-        assert_eq!(
-            fields,
-            [
-                Some("image"),
-                Some("command"),
-                Some("workdir"),
-                Some("pull"),
-                Some("timeout"),
-                Some("schedule"),
-            ]
-        );
-    }
-}
+mod tests;

@@ -59,18 +59,32 @@ pub struct CatalogError {
     pub message: String,
 }
 
+/// One error a line, whatever the file held: `file:line: field: message`, control
+/// characters (a `\r` in a key, a newline in a quoted name) written as escapes.
 impl fmt::Display for CatalogError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        one_line(f, &self.file.display().to_string())?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         f.write_str(": ")?;
         if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
+            one_line(f, field)?;
+            f.write_str(": ")?;
         }
-        f.write_str(&self.message)
+        one_line(f, &self.message)
     }
+}
+
+fn one_line(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for c in text.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            fmt::Write::write_char(f, c)?;
+        }
+    }
+    Ok(())
 }
 
 impl std::error::Error for CatalogError {}
@@ -92,3 +106,34 @@ impl fmt::Display for CatalogErrors {
 }
 
 impl std::error::Error for CatalogErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `fuzz/fuzz_targets/job_file.rs`: the line `netwo\rk` gave the field
+    /// `netwo\rk`, and `jobs check` printed the error over two lines.
+    #[test]
+    fn fuzz_a_carriage_return_in_a_key_split_the_error_line() {
+        let e = CatalogError {
+            file: PathBuf::from("jobs/job.toml"),
+            line: Some(4),
+            field: Some("netwo\rk".to_owned()),
+            message: "key with no value, expected `=`".to_owned(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "jobs/job.toml:4: netwo\\rk: key with no value, expected `=`"
+        );
+        let e = CatalogError {
+            file: PathBuf::from("jobs/a\nb.toml"),
+            line: None,
+            field: Some("env.A\nB".to_owned()),
+            message: "declared: a\tb, c".to_owned(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "jobs/a\\nb.toml: env.A\\nB: declared: a\\tb, c"
+        );
+    }
+}

@@ -24,6 +24,7 @@ use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use runs::{RunRequestBody, parse_create_run};
 pub use serve::{ConnectionLimits, serve};
 pub use tls::{TlsError, load_tls};
 

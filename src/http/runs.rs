@@ -41,7 +41,7 @@ struct CreateRun {
     #[serde(default)]
     params: BTreeMap<String, serde_json::Value>,
     /// Where this run announces its end, instead of its job's `[callback]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::protocol::request::object")]
     callback: Option<CallbackRequest>,
 }
 
@@ -124,6 +124,44 @@ fn params_from_json(
         .collect()
 }
 
+/// What the body of `POST /v1/jobs/{job}/runs` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequestBody {
+    /// Every parameter as the text the job gets.
+    pub params: BTreeMap<String, String>,
+    /// The run's own callback, replacing its job's `[callback]`.
+    pub callback: Option<CallbackTarget>,
+}
+
+/// Read the body of `POST /v1/jobs/{job}/runs`: empty (or only whitespace) asks for
+/// nothing, else a JSON object `{"params":{..},"callback":{..}}`; 400 for what is not
+/// that, 422 for a parameter or callback event it cannot take. Pure, so the fuzz target
+/// `create_run_body` reaches it.
+pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RunRequestBody {
+            params: BTreeMap::new(),
+            callback: None,
+        });
+    }
+    let request: CreateRun = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "request body is not valid JSON for a run request: {e}"
+        ))
+    })?;
+    // serde's derive also reads a struct from an array, by position: `[{"name":"x"}]`.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::bad_request(
+            "request body is not valid JSON for a run request: give an object, \
+             {\"params\":{...}}",
+        ));
+    }
+    Ok(RunRequestBody {
+        params: params_from_json(request.params)?,
+        callback: request.callback.map(callback_target).transpose()?,
+    })
+}
+
 /// `POST /v1/jobs/{job}/runs`. The body is optional and read as JSON whatever its
 /// content type says, since `curl -d` sends a form type.
 async fn create_run(
@@ -152,20 +190,7 @@ async fn create_run(
     // Before the run is accepted: a refused hold must not leave a run behind that a
     // retry of the request would start again.
     let _hold = hold(&state, &who, query.wait)?;
-    let request: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateRun {
-            params: BTreeMap::new(),
-            callback: None,
-        }
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "request body is not valid JSON for a run request: {e}"
-            ))
-        })?
-    };
-    let params = params_from_json(request.params)?;
-    let callback = request.callback.map(callback_target).transpose()?;
+    let RunRequestBody { params, callback } = parse_create_run(&body)?;
     let target = callback
         .clone()
         .or_else(|| state.runs.job(&job).and_then(|j| j.callback.clone()));

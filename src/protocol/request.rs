@@ -23,7 +23,11 @@ pub struct RequestV1 {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<Vec<String>>,
     /// Where the run announces its end, as in the HTTP body.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object"
+    )]
     pub callback: Option<CallbackRequestV1>,
 }
 
@@ -34,6 +38,22 @@ pub struct CallbackRequestV1 {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
+}
+
+/// A struct-shaped field, from a JSON object only (or `null`): serde's derive would
+/// also take an array and fill the fields by position, `["https://..."]`.
+pub fn object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    let Some(map) = Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    T::deserialize(serde_json::Value::Object(map))
+        .map(Some)
+        .map_err(D::Error::custom)
 }
 
 /// A request read: the job, its params as text, and the replies wanted.
@@ -204,5 +224,17 @@ mod tests {
             parse_request(&big),
             Err(RequestError::TooLarge(_))
         ));
+    }
+
+    /// Found by `fuzz/fuzz_targets/create_run_body.rs`: a callback given as an array was
+    /// read by position, `["https://x.example/"]` as its `url`.
+    #[test]
+    fn fuzz_a_callback_given_as_an_array_is_refused() {
+        let e = parse_request(br#"{"v":1,"job":"greet","callback":["https://x.example/"]}"#)
+            .unwrap_err();
+        assert!(matches!(e, RequestError::NotJson(_)), "{e}");
+        assert!(e.to_string().contains("expected a map"), "{e}");
+        let none = parse_request(br#"{"v":1,"job":"greet","callback":null}"#).unwrap();
+        assert_eq!(none.callback, None);
     }
 }

@@ -77,8 +77,8 @@ impl From<&ResolvedSpec> for SpecV1 {
             cpu: s.resources.cpu,
             cpu_limit: s.resources.cpu_limit,
             memory_bytes: s.resources.memory_bytes,
-            timeout_ms: s.timeout.map(|d| d.as_millis() as u64),
-            stop_grace_ms: s.stop_grace.as_millis() as u64,
+            timeout_ms: s.timeout.map(super::millis),
+            stop_grace_ms: super::millis(s.stop_grace),
             network: s.network.clone(),
             capabilities: s
                 .hardening

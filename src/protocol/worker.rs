@@ -94,7 +94,7 @@ impl From<&ClaimResult> for ClaimResponseV1 {
                 lease: c.lease.into(),
                 job: c.job.clone(),
                 spec: Box::new(SpecV1::from(&c.spec)),
-                lease_ttl_ms: c.lease_ttl.as_millis() as u64,
+                lease_ttl_ms: super::millis(c.lease_ttl),
                 secrets: (!c.secrets.is_empty()).then(|| ClaimSecretsV1::from(&c.secrets)),
             },
             ClaimResult::NotClaimable { status, attempt } => ClaimResponseV1::NotClaimable {
@@ -344,7 +344,7 @@ impl From<&SessionGrant> for SessionGrantV1 {
     fn from(g: &SessionGrant) -> Self {
         match g {
             SessionGrant::Granted { ttl } => SessionGrantV1::Granted {
-                ttl_ms: ttl.as_millis() as u64,
+                ttl_ms: super::millis(*ttl),
             },
             SessionGrant::Refused { live } => SessionGrantV1::Refused {
                 live: SessionV1 {
@@ -490,6 +490,13 @@ pub fn decode_log_frames(mut body: bytes::Bytes) -> Result<Vec<OutputChunk>, Str
             2 => Stream::Stderr,
             other => return Err(format!("unknown log stream tag {other}")),
         };
+        // Bytes 1-3 are always zero: anything else is not a frame this protocol wrote.
+        if body[1..4] != [0, 0, 0] {
+            return Err(format!(
+                "log frame header bytes 1-3 are {:?}, not zero",
+                &body[1..4]
+            ));
+        }
         let len = u32::from_be_bytes([body[4], body[5], body[6], body[7]]) as usize;
         if body.len() < 8 + len {
             return Err(format!(
@@ -504,4 +511,24 @@ pub fn decode_log_frames(mut body: bytes::Bytes) -> Result<Vec<OutputChunk>, Str
         });
     }
     Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `fuzz/fuzz_targets/log_frames.rs`: a header whose bytes 1-3 were not
+    /// zero decoded all the same, so one upload had several encodings (and a corrupt
+    /// one was stored as output).
+    #[test]
+    fn fuzz_a_frame_header_with_nonzero_padding_is_refused() {
+        let e =
+            decode_log_frames(bytes::Bytes::from_static(&[1, 1, 0, 0, 0, 0, 0, 0])).unwrap_err();
+        assert!(e.contains("bytes 1-3"), "{e}");
+        assert!(decode_log_frames(bytes::Bytes::from_static(&[2, 0, 0, 7, 0, 0, 0, 0])).is_err());
+        let chunk =
+            decode_log_frames(bytes::Bytes::from_static(&[2, 0, 0, 0, 0, 0, 0, 1, b'x'])).unwrap();
+        assert_eq!(chunk[0].stream, Stream::Stderr);
+        assert_eq!(&chunk[0].bytes[..], b"x");
+    }
 }

@@ -6,7 +6,7 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::catalog::file::RetryFile;
-use crate::domain::job::parse_duration;
+use crate::domain::job::parse_kept_duration;
 use crate::domain::retry::RetryPolicy;
 
 /// A `[retry]` table must say how many attempts, and what to retry once there is more
@@ -111,7 +111,8 @@ fn max_attempts(ctx: &mut Ctx<'_>, raw: Option<&Spanned<i64>>) -> u32 {
     }
 }
 
-/// A positive duration, or `default` (with an error) when it is not one.
+/// A positive duration a run can keep (whole milliseconds), or `default` (with an
+/// error) when it is not one.
 fn backoff(
     ctx: &mut Ctx<'_>,
     raw: Option<&Spanned<String>>,
@@ -121,7 +122,7 @@ fn backoff(
     let Some(v) = raw else {
         return default;
     };
-    match parse_duration(v.get_ref()) {
+    match parse_kept_duration(v.get_ref()) {
         Ok(d) if !d.is_zero() => d,
         Ok(_) => {
             ctx.at(&v.span(), field, "must be more than 0s");

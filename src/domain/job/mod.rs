@@ -23,7 +23,10 @@ pub use params::{
     is_reserved_env_name, is_valid_env_name, is_valid_param_name, param_references,
 };
 pub use schedule::{InvalidSchedule, Schedule};
-pub use units::{InvalidDuration, InvalidSize, MAX_SIZE, parse_duration, parse_size};
+pub use units::{
+    InvalidDuration, InvalidSize, MAX_KEPT_DURATION, MAX_SIZE, parse_duration, parse_kept_duration,
+    parse_size,
+};
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;

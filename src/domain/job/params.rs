@@ -28,8 +28,11 @@ impl ParamSpec {
 
     /// Compile `pattern` so that it must match the whole value, whether or not the
     /// author wrote `^...$` (`^(?:pattern)$`; without the `m` flag `$` only matches at
-    /// the very end of the value).
+    /// the very end of the value). The pattern must be a regex on its own first: one
+    /// that closes more groups than it opens (`[a-z]+)|(.*`) would close the anchoring
+    /// group and leave alternatives unanchored.
     pub fn anchored_pattern(pattern: &str) -> Result<Regex, regex::Error> {
+        regex::Regex::new(pattern)?;
         Regex::new(&format!("^(?:{pattern})$"))
     }
 
@@ -500,5 +503,18 @@ mod tests {
         assert!(!is_valid_param_name("A"));
         assert!(!is_valid_param_name("1a"));
         assert!(!is_valid_param_name("a-b"));
+    }
+
+    /// Found by `fuzz/fuzz_targets/job_file.rs` (a job written back must read the same):
+    /// a pattern closing the anchoring group itself, `[a-z]+)|(.*`, compiled as
+    /// `^(?:[a-z]+)|(.*)$`, which takes any value starting with a letter.
+    #[test]
+    fn fuzz_a_pattern_closing_its_own_group_escaped_the_anchors() {
+        for bad in ["[a-z]+)|(.*", "a)|(?:b", "x)"] {
+            assert!(ParamSpec::anchored_pattern(bad).is_err(), "{bad}");
+        }
+        let re = ParamSpec::anchored_pattern("(a|b)(c)").unwrap();
+        assert!(re.is_match("ac"));
+        assert!(!re.is_match("ac; rm -rf /"));
     }
 }

@@ -82,6 +82,28 @@ pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
     Ok(d)
 }
 
+/// The longest duration a run can keep: its frozen spec and retry rules hold
+/// durations as whole milliseconds in a `u64` (about 584 million years).
+pub const MAX_KEPT_DURATION: Duration = Duration::from_millis(u64::MAX);
+
+/// [`parse_duration`] for what a run keeps in milliseconds (`timeout`, `stop_grace`,
+/// retry backoffs): whole milliseconds, at most [`MAX_KEPT_DURATION`]. Anything else
+/// would be stored as another duration (`"999us"` as 0, a timeout that fires at once).
+pub fn parse_kept_duration(input: &str) -> Result<Duration, InvalidDuration> {
+    let d = parse_duration(input)?;
+    let reason = if d.subsec_nanos() % 1_000_000 != 0 {
+        "give whole milliseconds"
+    } else if d > MAX_KEPT_DURATION {
+        "longer than a run can keep (at most 18446744073709551615ms)"
+    } else {
+        return Ok(d);
+    };
+    Err(InvalidDuration {
+        input: input.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +161,37 @@ mod tests {
         for bad in ["", "0s", "0", "soon", "10", "-5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by `fuzz/fuzz_targets/job_file.rs`: `stop_grace = "18446744073709551615s"`
+    /// was accepted, then stored as `as_millis() as u64`, a wrapped, other duration.
+    #[test]
+    fn fuzz_stop_grace_beyond_u64_millis_wrapped_when_stored() {
+        let e = parse_kept_duration("18446744073709551615s").unwrap_err();
+        assert!(e.to_string().contains("longer than a run can keep"), "{e}");
+        assert!(parse_kept_duration("18446744073709552s").is_err());
+        // The longest whole number of seconds that fits.
+        assert_eq!(
+            parse_kept_duration("18446744073709551s").unwrap(),
+            Duration::from_secs(18_446_744_073_709_551)
+        );
+    }
+
+    /// A duration below a millisecond was stored as 0 ms: `timeout = "999us"` would
+    /// time every run out at once.
+    #[test]
+    fn fuzz_sub_millisecond_durations_are_refused() {
+        for bad in ["999us", "1ns", "1500us", "1s 1ns"] {
+            let e = parse_kept_duration(bad).unwrap_err();
+            assert!(e.to_string().contains("whole milliseconds"), "{e}");
+        }
+        assert_eq!(
+            parse_kept_duration("1s 500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_kept_duration("1000us").unwrap(),
+            Duration::from_millis(1)
+        );
     }
 }
