@@ -54,7 +54,10 @@ default = "é"
 
 static FIXED: LazyLock<Vec<JobSpec>> = LazyLock::new(|| {
     JOBS.iter()
-        .map(|text| parse_job_str("fuzz", text, &[], &ContainerPolicy::default()).expect("a seed job is valid"))
+        .map(|text| {
+            parse_job_str("fuzz", text, &[], &ContainerPolicy::default())
+                .expect("a seed job is valid")
+        })
         .collect()
 });
 
@@ -173,6 +176,8 @@ fn build(job: &Job) -> JobSpec {
         timeout: Some(Duration::from_secs(1)),
         stop_grace: Duration::from_secs(1),
         network: "none".to_owned(),
+        secret_env: Default::default(),
+        hardening: Default::default(),
         params: params
             .iter()
             .map(|d| {
