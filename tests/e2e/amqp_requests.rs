@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     QueueGuard, ServeOptions, Server, TOKEN, amqp_url, queue_counts, start_worker, unique,
+    wait_for_queue,
 };
 
 /// A server with an embedded worker, its run queue and a request queue of its own.
@@ -44,36 +45,6 @@ fn setup(dir: &std::path::Path, embedded_worker: bool) -> Setup {
         requests,
         _guards: guards,
     }
-}
-
-/// Wait until `serve` declared the request queue: a publish to a queue that does not
-/// exist yet is dropped by the broker.
-async fn wait_for_queue(name: &str) {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        // A passive declare of a missing queue closes its channel: a new one each try.
-        let channel = conn.create_channel().await.unwrap();
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if channel
-            .queue_declare(name.into(), passive, FieldTable::default())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "serve never declared {name}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
 }
 
 /// A producer: a confirm channel and an exclusive reply queue it consumes.

@@ -1162,3 +1162,33 @@ pub fn worker(id: &str, concurrency: u32) -> WorkerSpec {
         ..WorkerSpec::default()
     }
 }
+
+/// Wait until `serve` declared queue `name`: a publish to a queue that does not
+/// exist yet is dropped by the broker.
+pub async fn wait_for_queue(name: &str) {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // A passive declare of a missing queue closes its channel: a new one each try.
+        let channel = conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        if channel
+            .queue_declare(name.into(), passive, lapin::types::FieldTable::default())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve never declared {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}

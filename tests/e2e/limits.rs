@@ -8,11 +8,13 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 
-use crate::common::{QueueGuard, ServeOptions, Server, TOKEN, amqp_url, publish_raw, unique};
+use crate::common::{
+    QueueGuard, ServeOptions, Server, TOKEN, amqp_url, publish_raw, unique, wait_for_queue,
+};
 
 fn server_with(dir: &std::path::Path, limits: &[(&str, &str)]) -> Server {
     Server::start(
@@ -347,31 +349,6 @@ async fn dead_letters(requests: &str, want: usize) -> Vec<(String, String)> {
     }
     let _ = conn.close(200, "bye".into()).await;
     got
-}
-
-/// Wait until `serve` declared `queue` (a publish to a missing queue is dropped).
-async fn wait_for_queue(queue: &str) {
-    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let channel = conn.create_channel().await.unwrap();
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "serve never declared {queue}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
 }
 
 #[tokio::test]
