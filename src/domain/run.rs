@@ -366,6 +366,25 @@ pub struct Attempt {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub log_dropped_bytes: u64,
+    /// What its container used, sampled by the worker while it ran; `None` when no
+    /// sample was taken (no container, or a worker that does not sample).
+    pub usage: Option<ResourceUsage>,
+}
+
+/// What one attempt's container used: enough to size a job's `memory` and `cpu` from
+/// history, and to show an OOM-killed attempt's peak next to its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ResourceUsage {
+    /// The highest memory use seen, in bytes.
+    pub peak_memory_bytes: u64,
+    /// CPU time used (user + system), in seconds.
+    pub cpu_seconds: f64,
+    /// The memory limit the container ran with, in bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// The CPU limit the container ran with, in cores.
+    pub cpu_limit: Option<f64>,
+    /// How many stats samples the figures come from.
+    pub samples: u32,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::fmt;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::run::{Attempt, ReasonCode, Run, RunStatus};
+use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunStatus};
 
 mod callback;
 mod error;
@@ -74,6 +74,46 @@ pub struct AttemptV1 {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub log_dropped_bytes: u64,
+    /// What the attempt's container used; absent when no sample was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageV1>,
+}
+
+/// An attempt's resource usage on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct UsageV1 {
+    pub peak_memory_bytes: u64,
+    pub cpu_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    #[serde(default)]
+    pub samples: u32,
+}
+
+impl From<ResourceUsage> for UsageV1 {
+    fn from(u: ResourceUsage) -> Self {
+        Self {
+            peak_memory_bytes: u.peak_memory_bytes,
+            cpu_seconds: u.cpu_seconds,
+            memory_limit_bytes: u.memory_limit_bytes,
+            cpu_limit: u.cpu_limit,
+            samples: u.samples,
+        }
+    }
+}
+
+impl From<UsageV1> for ResourceUsage {
+    fn from(u: UsageV1) -> Self {
+        Self {
+            peak_memory_bytes: u.peak_memory_bytes,
+            cpu_seconds: u.cpu_seconds,
+            memory_limit_bytes: u.memory_limit_bytes,
+            cpu_limit: u.cpu_limit,
+            samples: u.samples,
+        }
+    }
 }
 
 /// A run's status on the wire. Text this build does not know (from a newer server) is
@@ -276,6 +316,7 @@ impl From<Attempt> for AttemptV1 {
             started_at: a.started_at.map(time),
             finished_at: a.finished_at.map(time),
             log_dropped_bytes: a.log_dropped_bytes,
+            usage: a.usage.map(UsageV1::from),
         }
     }
 }
@@ -331,6 +372,13 @@ mod tests {
                     started_at: Some(at(1)),
                     finished_at: Some(at(2)),
                     log_dropped_bytes: 12,
+                    usage: Some(ResourceUsage {
+                        peak_memory_bytes: 1_048_576,
+                        cpu_seconds: 0.25,
+                        memory_limit_bytes: Some(536_870_912),
+                        cpu_limit: Some(0.5),
+                        samples: 3,
+                    }),
                 },
                 Attempt {
                     number: 2,
@@ -344,6 +392,7 @@ mod tests {
                     started_at: Some(at(5)),
                     finished_at: None,
                     log_dropped_bytes: 0,
+                    usage: None,
                 },
             ],
             // The first attempt's end was final before a person's retry: announced.

@@ -216,6 +216,7 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
         started_at: from_ms(col(row, "started_at")?),
         finished_at: from_ms(col(row, "finished_at")?),
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
+        usage: None,
     };
     Ok((run_id_col(row, "run_id")?, attempt))
 }
