@@ -4,6 +4,7 @@
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
 #   - the tasuki-example:latest image (static busybox, built locally)
 #   - docker-registry and htpasswd (apache2-utils) for the private registry tests
+#   - systemd-analyze, docker-compose and kubernetes-validate for the deploy/ checks
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -100,12 +101,36 @@ ensure_openssl() {
   apt_install openssl
 }
 
+# The deploy tests (tests/e2e/deploy.rs) check deploy/ with real validators:
+# systemd-analyze (systemd), docker-compose (Debian's 1.29, as Docker's own CLI here has no
+# compose plugin) and kubernetes-validate, which bundles the Kubernetes schemas, in a venv
+# of its own with PyYAML. Other installers may hold the dpkg lock: wait for it.
+deploy_venv=/opt/tasuki-venv-deploy
+ensure_deploy_tools() {
+  local missing=()
+  [ -x /usr/bin/systemd-analyze ] || missing+=(systemd)
+  [ -x /usr/bin/docker-compose ] || missing+=(docker-compose)
+  [ -x /usr/bin/curl ] || missing+=(curl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install -o DPkg::Lock::Timeout=600 "${missing[@]}"
+  fi
+  if [ -x "$deploy_venv/bin/kubernetes-validate" ] && "$deploy_venv/bin/python" -c 'import yaml' 2>/dev/null; then return; fi
+  log "installing kubernetes-validate in $deploy_venv"
+  if ! python3 -m venv "$deploy_venv" >/dev/null 2>&1; then
+    apt_install -o DPkg::Lock::Timeout=600 python3-venv
+    python3 -m venv "$deploy_venv"
+  fi
+  "$deploy_venv/bin/pip" install --quiet kubernetes-validate pyyaml
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_openssl
 ensure_busybox
 ensure_standardwebhooks
 ensure_registry
+ensure_deploy_tools
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 

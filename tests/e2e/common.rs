@@ -122,7 +122,7 @@ const SCRUBBED_ENV: &[&str] = &[
 ];
 
 impl Process {
-    fn spawn_with_env(
+    pub fn spawn_with_env(
         args: &[String],
         dir: &Path,
         worker_id: &str,

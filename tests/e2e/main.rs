@@ -8,6 +8,7 @@ mod callbacks;
 mod cli;
 mod common;
 mod connections;
+mod deploy;
 mod docker_runtime;
 mod embedded;
 mod faults;
