@@ -16,7 +16,7 @@ use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
     ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
-    StopContainerOptions, WaitContainerOptions,
+    StatsOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 mod connect;
 mod errors;
 mod spec;
+mod stats;
 
 use connect::{DEFAULT_UNIX_HOST, Endpoint, HANDSHAKE_TIMEOUT, negotiate};
 use errors::{classify_pull_error, container_error, map_error, message_of, status_of};
@@ -33,7 +34,7 @@ use spec::{container_body, grace_seconds};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, OutputChunk,
-    OutputStream, RuntimeError, Stream,
+    OutputStream, RuntimeError, StatsSample, Stream,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -338,6 +339,24 @@ impl ContainerRuntime for DockerRuntime {
             ..Default::default()
         };
         Ok(output_chunks(docker.logs(id, Some(options))))
+    }
+
+    async fn stats(&self, id: &str) -> Result<Option<StatsSample>, RuntimeError> {
+        let docker = self.docker().await?;
+        // One reading now (API 1.41 `one-shot`), not the engine's stream: the stream's
+        // first reading comes at its own once-a-second tick, up to a second after the
+        // start, so a short container would have none; the caller picks the times.
+        let options = StatsOptions {
+            stream: false,
+            one_shot: true,
+        };
+        let answer = docker.stats(id, Some(options));
+        let mut answer = std::pin::pin!(answer);
+        match answer.next().await {
+            Some(Ok(stats)) => Ok(stats::sample_of(&stats)),
+            Some(Err(e)) => Err(container_error(id, e)),
+            None => Ok(None),
+        }
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {

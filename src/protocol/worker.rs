@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::api::UsageV1;
 use super::{LeaseV1, OutcomeV1, SpecV1};
 use crate::domain::ports::{
     Adoption, Claim, ClaimResult, HeldAttempt, LeaseStatus, OutputChunk, OutputPosition,
@@ -179,6 +180,10 @@ pub struct FinishV1 {
     /// Output the worker could not deliver at all, all told (an earlier life's too).
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// What the container used, as far as the worker read it; absent from workers that
+    /// do not sample (or read nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageV1>,
 }
 
 /// `POST /v1/worker/held`: which attempts does the control plane think I hold?

@@ -14,7 +14,7 @@ use super::{STOPPED_CODE, chunk, locked};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     Claim, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
-    OutputChunk, OutputStream, RuntimeError,
+    OutputChunk, OutputStream, RuntimeError, StatsSample,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -47,6 +47,12 @@ pub(crate) struct FakeRuntime {
     created: Mutex<Vec<ContainerSpec>>,
     /// The registry refuses every pull's login.
     refuse_logins: Mutex<bool>,
+    /// What `stats` reads from a running container, in order; the last one again once
+    /// they run out (its counters stay put). None at all: the engine has no counters.
+    readings: Mutex<Vec<StatsSample>>,
+    /// Readings handed out so far; `stats` fails once it reaches this many.
+    readings_taken: Mutex<u32>,
+    stats_fail_after: Mutex<Option<u32>>,
 }
 
 impl FakeRuntime {
@@ -60,6 +66,21 @@ impl FakeRuntime {
 
     pub fn refuse_logins(&self) {
         *locked(&self.refuse_logins) = true;
+    }
+
+    /// Running containers' counters read as `readings`, one per `stats` call.
+    pub fn set_readings(&self, readings: Vec<StatsSample>) {
+        *locked(&self.readings) = readings;
+    }
+
+    /// `stats` fails (engine unreachable) after `n` readings.
+    pub fn fail_stats_after(&self, n: u32) {
+        *locked(&self.stats_fail_after) = Some(n);
+    }
+
+    /// Readings `stats` handed out.
+    pub fn readings_taken(&self) -> u32 {
+        *locked(&self.readings_taken)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -294,5 +315,25 @@ impl ContainerRuntime for FakeRuntime {
             .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_owned()))?;
         let all: Vec<_> = c.history.iter().cloned().map(Ok).collect();
         Ok(futures::stream::iter(all).boxed())
+    }
+
+    async fn stats(&self, id: &str) -> Result<Option<StatsSample>, RuntimeError> {
+        let running = locked(&self.containers)
+            .get(id)
+            .map(|c| c.info.state == ContainerState::Running)
+            .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_owned()))?;
+        if !running {
+            return Ok(None);
+        }
+        let mut taken = locked(&self.readings_taken);
+        if locked(&self.stats_fail_after).is_some_and(|n| *taken >= n) {
+            return Err(RuntimeError::Unavailable("fake: stats refused".to_owned()));
+        }
+        let readings = locked(&self.readings);
+        let reading = readings.get(*taken as usize).or(readings.last()).copied();
+        if reading.is_some() {
+            *taken += 1;
+        }
+        Ok(reading)
     }
 }
