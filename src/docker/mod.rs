@@ -34,7 +34,7 @@ use spec::{container_body, grace_seconds};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, OutputChunk,
-    OutputStream, RuntimeError, StatsSample, Stream,
+    OutputStream, RuntimeError, StatsStream, Stream,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -341,22 +341,26 @@ impl ContainerRuntime for DockerRuntime {
         Ok(output_chunks(docker.logs(id, Some(options))))
     }
 
-    async fn stats(&self, id: &str) -> Result<Option<StatsSample>, RuntimeError> {
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError> {
         let docker = self.docker().await?;
-        // One reading now (API 1.41 `one-shot`), not the engine's stream: the stream's
-        // first reading comes at its own once-a-second tick, up to a second after the
-        // start, so a short container would have none; the caller picks the times.
+        // The engine's own stream: its stats collector reads every container's cgroup
+        // once a second and hands each reading to every subscriber. (A `one-shot`
+        // request also waits for that tick, unless the collector was idle.)
         let options = StatsOptions {
-            stream: false,
-            one_shot: true,
+            stream: true,
+            one_shot: false,
         };
-        let answer = docker.stats(id, Some(options));
-        let mut answer = std::pin::pin!(answer);
-        match answer.next().await {
-            Some(Ok(stats)) => Ok(stats::sample_of(&stats)),
-            Some(Err(e)) => Err(container_error(id, e)),
-            None => Ok(None),
-        }
+        let owned = id.to_owned();
+        let readings = docker
+            .stats(id, Some(options))
+            .map(move |item| match item {
+                Ok(stats) => Ok(stats::sample_of(&stats)),
+                Err(e) => Err(container_error(&owned, e)),
+            })
+            // An empty answer: the container stopped. The engine keeps sending those.
+            .take_while(|item| futures::future::ready(!matches!(item, Ok(None))))
+            .filter_map(|item| futures::future::ready(item.transpose()));
+        Ok(readings.boxed())
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {

@@ -113,6 +113,8 @@ pub enum RuntimeError {
 }
 
 pub type OutputStream = BoxStream<'static, Result<OutputChunk, RuntimeError>>;
+/// Readings of a running container's counters, about one a second, ending when it stops.
+pub type StatsStream = BoxStream<'static, Result<StatsSample, RuntimeError>>;
 
 /// One reading of a running container's resource counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +168,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Slower than `attach` and heavier on the engine: only for catching up with a
     /// container adopted after a restart.
     async fn logs(&self, id: &str, follow: bool) -> Result<OutputStream, RuntimeError>;
-    /// One reading of the container's resource counters, taken now; `None` when it is
-    /// not running (not started yet, or exited: the engine has nothing to read then).
-    async fn stats(&self, id: &str) -> Result<Option<StatsSample>, RuntimeError>;
+    /// Readings of the running container's resource counters as the engine takes them
+    /// (about one a second); the stream ends when the container is not running (the
+    /// engine has nothing to read once it exited). Open it after `start`.
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError>;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,28 +3,18 @@
 //!
 //! Sampling never holds up the attempt: the task is stopped (not awaited) once the
 //! container is done with, and a failed reading ends the readings, keeping what was
-//! read. The engine has nothing to read once a container has exited, so the last
-//! figures are those of the last reading before; readings come densely after the start
-//! so that a container living under a second still has some.
+//! read. The engine takes a reading about once a second and has nothing to read once a
+//! container has exited, so the figures are those of the last reading before the exit,
+//! and a container that lives less than a second may have none (no usage, then).
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::domain::ports::{ContainerRuntime, ContainerSpec, RuntimeError, StatsSample};
 use crate::domain::run::ResourceUsage;
-
-/// Pauses between the first readings (the first is taken at once).
-const FIRST_PAUSES: [Duration; 4] = [
-    Duration::from_millis(100),
-    Duration::from_millis(200),
-    Duration::from_millis(400),
-    Duration::from_millis(800),
-];
-/// Then one reading a second.
-const EVERY: Duration = Duration::from_secs(1);
 
 /// What the readings so far add up to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,18 +94,21 @@ async fn read_until_exit(
     id: String,
     tally: watch::Sender<Tally>,
 ) {
-    let mut pauses = FIRST_PAUSES.into_iter().chain(std::iter::repeat(EVERY));
-    loop {
-        match runtime.stats(&id).await {
-            Ok(Some(sample)) => tally.send_modify(|t| t.add(sample)),
-            // Exited (or removed): nothing more to read.
-            Ok(None) | Err(RuntimeError::NoSuchContainer(_)) => return,
-            Err(error) => {
-                tracing::warn!(message = "reading the container's stats failed; its usage is what was read so far", container_id = %id, %error);
-                return;
-            }
+    let failed = |error: RuntimeError| {
+        // Gone already: it exited and was removed, nothing more to read.
+        if !matches!(error, RuntimeError::NoSuchContainer(_)) {
+            tracing::warn!(message = "reading the container's stats failed; its usage is what was read so far", container_id = %id, %error);
         }
-        tokio::time::sleep(pauses.next().unwrap_or(EVERY)).await;
+    };
+    let mut readings = match runtime.stats(&id).await {
+        Ok(readings) => readings,
+        Err(error) => return failed(error),
+    };
+    while let Some(reading) = readings.next().await {
+        match reading {
+            Ok(sample) => tally.send_modify(|t| t.add(sample)),
+            Err(error) => return failed(error),
+        }
     }
 }
 
@@ -229,7 +222,7 @@ mod tests {
             let w = worker(&control, &runtime);
             let task = tokio::spawn(async move { w.execute(claim(None), None).await });
             // The second reading fails: the sampler stops there.
-            until(|| runtime.readings_taken() >= 1).await;
+            until(|| runtime.stats_failed()).await;
             let id = started(&runtime).expect("a container was started");
             runtime.exit(&id, 4);
             task.await.expect("attempt task");

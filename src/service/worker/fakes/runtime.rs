@@ -2,7 +2,7 @@
 //! their output as the engine's log does, and every call is recorded in order.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use super::{STOPPED_CODE, chunk, locked};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     Claim, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
-    OutputChunk, OutputStream, RuntimeError, StatsSample,
+    OutputChunk, OutputStream, RuntimeError, StatsSample, StatsStream,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -47,12 +47,15 @@ pub(crate) struct FakeRuntime {
     created: Mutex<Vec<ContainerSpec>>,
     /// The registry refuses every pull's login.
     refuse_logins: Mutex<bool>,
-    /// What `stats` reads from a running container, in order; the last one again once
-    /// they run out (its counters stay put). None at all: the engine has no counters.
-    readings: Mutex<Vec<StatsSample>>,
-    /// Readings handed out so far; `stats` fails once it reaches this many.
-    readings_taken: Mutex<u32>,
-    stats_fail_after: Mutex<Option<u32>>,
+    /// What `stats` reads from a running container, one a second, in order; the last
+    /// one again once they run out (its counters stay put). None at all: the engine
+    /// has no counters, and the readings end at once.
+    readings: Arc<Mutex<Vec<StatsSample>>>,
+    /// Readings handed out so far.
+    readings_taken: Arc<Mutex<u32>>,
+    /// A reading fails once this many were handed out.
+    stats_fail_after: Arc<Mutex<Option<u32>>>,
+    stats_failed: Arc<Mutex<bool>>,
 }
 
 impl FakeRuntime {
@@ -81,6 +84,11 @@ impl FakeRuntime {
     /// Readings `stats` handed out.
     pub fn readings_taken(&self) -> u32 {
         *locked(&self.readings_taken)
+    }
+
+    /// A reading failed.
+    pub fn stats_failed(&self) -> bool {
+        *locked(&self.stats_failed)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -317,23 +325,38 @@ impl ContainerRuntime for FakeRuntime {
         Ok(futures::stream::iter(all).boxed())
     }
 
-    async fn stats(&self, id: &str) -> Result<Option<StatsSample>, RuntimeError> {
-        let running = locked(&self.containers)
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError> {
+        let exit = locked(&self.containers)
             .get(id)
-            .map(|c| c.info.state == ContainerState::Running)
+            .map(|c| c.exit.subscribe())
             .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_owned()))?;
-        if !running {
-            return Ok(None);
-        }
-        let mut taken = locked(&self.readings_taken);
-        if locked(&self.stats_fail_after).is_some_and(|n| *taken >= n) {
-            return Err(RuntimeError::Unavailable("fake: stats refused".to_owned()));
-        }
-        let readings = locked(&self.readings);
-        let reading = readings.get(*taken as usize).or(readings.last()).copied();
-        if reading.is_some() {
-            *taken += 1;
-        }
-        Ok(reading)
+        let readings = self.readings.clone();
+        let taken = self.readings_taken.clone();
+        let fail_after = self.stats_fail_after.clone();
+        let failed = self.stats_failed.clone();
+        let stream = futures::stream::unfold(exit, move |exit| {
+            let (readings, taken) = (readings.clone(), taken.clone());
+            let (fail_after, failed) = (fail_after.clone(), failed.clone());
+            async move {
+                // As the engine's collector: a reading a second, none once it exited.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if exit.borrow().is_some() {
+                    return None;
+                }
+                let mut n = locked(&taken);
+                if locked(&fail_after).is_some_and(|f| *n >= f) {
+                    *locked(&failed) = true;
+                    let error = RuntimeError::Unavailable("fake: stats refused".to_owned());
+                    return Some((Err(error), exit));
+                }
+                let reading = {
+                    let readings = locked(&readings);
+                    readings.get(*n as usize).or(readings.last()).copied()
+                }?;
+                *n += 1;
+                Some((Ok(reading), exit))
+            }
+        });
+        Ok(stream.boxed())
     }
 }
