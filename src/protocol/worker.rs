@@ -536,4 +536,27 @@ mod tests {
         assert_eq!(chunk[0].stream, Stream::Stderr);
         assert_eq!(&chunk[0].bytes[..], b"x");
     }
+
+    /// A worker from before usage sends none; one with usage carries it whole.
+    #[test]
+    fn a_finish_report_may_carry_usage() {
+        let old = r#"{"lease":{"run_id":"01HZZZZZZZZZZZZZZZZZZZZZZZ","attempt":1,"epoch":3},
+            "outcome":{"kind":"exited","code":0},"log_dropped_bytes":0}"#;
+        let old: FinishV1 = serde_json::from_str(old).expect("an old worker's report");
+        assert_eq!(old.usage, None);
+        let usage = UsageV1 {
+            peak_memory_bytes: 41_943_040,
+            cpu_seconds: 0.83,
+            memory_limit_bytes: Some(67_108_864),
+            cpu_limit: None,
+            samples: 4,
+        };
+        let new = FinishV1 {
+            usage: Some(usage),
+            ..old
+        };
+        let text = serde_json::to_string(&new).expect("serialize");
+        let back: FinishV1 = serde_json::from_str(&text).expect("round trip");
+        assert_eq!(back.usage, Some(usage));
+    }
 }
