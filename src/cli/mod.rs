@@ -1,8 +1,10 @@
 //! The client commands: `run`, `status`, `logs`, `jobs check`, `jobs reload`. `run --wait` exits with
-//! the job's exit code, or with a documented code saying which side failed.
+//! the job's exit code, or with a documented code saying which side failed. `status`
+//! prints the run's JSON, and each attempt's resource usage as a line on stderr.
 
 pub mod schedules;
 pub mod token;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -263,6 +265,10 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                 "{}",
                 serde_json::to_string_pretty(&run).unwrap_or_else(|_| run.to_string())
             );
+            // For people, beside the JSON on stdout: what each attempt used.
+            for line in usage::attempt_lines(&run) {
+                eprintln!("{line}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => client_failure(&e),

@@ -10,8 +10,9 @@ use crate::domain::ports::{
     Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease, LeaseStatus,
     OutputChunk, RunMessage, SessionGrant,
 };
-use crate::domain::run::{Outcome, RunId};
+use crate::domain::run::{Outcome, ResourceUsage, RunId};
 use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
+use crate::protocol::api::UsageV1;
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
     HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, OrphanRequestV1,
@@ -152,11 +153,13 @@ impl ControlPlane for HttpControlPlane {
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
     ) -> Result<LeaseStatus, ControlError> {
         let req = FinishV1 {
             lease: lease.into(),
             outcome: outcome.into(),
             log_dropped_bytes: undelivered,
+            usage: usage.map(UsageV1::from),
         };
         let answer: LeaseStatusV1 = self.post("/v1/worker/finish", &req).await?;
         Ok(answer.into())

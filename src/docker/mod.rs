@@ -16,7 +16,7 @@ use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
     ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
-    StopContainerOptions, WaitContainerOptions,
+    StatsOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 mod connect;
 mod errors;
 mod spec;
+mod stats;
 
 use connect::{DEFAULT_UNIX_HOST, Endpoint, HANDSHAKE_TIMEOUT, negotiate};
 use errors::{classify_pull_error, container_error, map_error, message_of, status_of};
@@ -33,7 +34,7 @@ use spec::{container_body, grace_seconds};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, OutputChunk,
-    OutputStream, RuntimeError, Stream,
+    OutputStream, RuntimeError, StatsStream, Stream,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -338,6 +339,28 @@ impl ContainerRuntime for DockerRuntime {
             ..Default::default()
         };
         Ok(output_chunks(docker.logs(id, Some(options))))
+    }
+
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError> {
+        let docker = self.docker().await?;
+        // The engine's own stream: its stats collector reads every container's cgroup
+        // once a second and hands each reading to every subscriber. (A `one-shot`
+        // request also waits for that tick, unless the collector was idle.)
+        let options = StatsOptions {
+            stream: true,
+            one_shot: false,
+        };
+        let owned = id.to_owned();
+        let readings = docker
+            .stats(id, Some(options))
+            .map(move |item| match item {
+                Ok(stats) => Ok(stats::sample_of(&stats)),
+                Err(e) => Err(container_error(&owned, e)),
+            })
+            // An empty answer: the container stopped. The engine keeps sending those.
+            .take_while(|item| futures::future::ready(!matches!(item, Ok(None))))
+            .filter_map(|item| futures::future::ready(item.transpose()));
+        Ok(readings.boxed())
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {

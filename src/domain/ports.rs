@@ -113,6 +113,21 @@ pub enum RuntimeError {
 }
 
 pub type OutputStream = BoxStream<'static, Result<OutputChunk, RuntimeError>>;
+/// Readings of a running container's counters, about one a second, ending when it stops.
+pub type StatsStream = BoxStream<'static, Result<StatsSample, RuntimeError>>;
+
+/// One reading of a running container's resource counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSample {
+    /// Memory charged to the container now (its cgroup's usage, page cache included):
+    /// the figure its memory limit is enforced against.
+    pub memory_bytes: u64,
+    /// The kernel's high-water mark of that charge since the container started, where
+    /// the engine reports one (cgroup v1); it catches peaks between readings.
+    pub memory_peak_bytes: Option<u64>,
+    /// CPU time used since the container started, user and system, in nanoseconds.
+    pub cpu_nanos: u64,
+}
 
 /// A container engine as tasuki needs it: one-shot containers, attached before start.
 #[async_trait]
@@ -153,6 +168,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Slower than `attach` and heavier on the engine: only for catching up with a
     /// container adopted after a restart.
     async fn logs(&self, id: &str, follow: bool) -> Result<OutputStream, RuntimeError>;
+    /// Readings of the running container's resource counters as the engine takes them
+    /// (about one a second); the stream ends when the container is not running (the
+    /// engine has nothing to read once it exited). Open it after `start`.
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -161,7 +180,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
 pub use super::store::*;
 
-use super::run::{Outcome, Run, RunId};
+use super::run::{Outcome, ResourceUsage, Run, RunId};
 
 // ---------------------------------------------------------------------------------------
 // The queue: transport only. Publishing is confirmed; consuming hands out one delivery
@@ -263,12 +282,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     ) -> Result<u64, ControlError>;
     /// `undelivered`: all the attempt's output the worker could not deliver at all
     /// (including what an earlier life of the worker reported); counted once however
-    /// often it was reported.
+    /// often it was reported. `usage`: what the container used, as far as it was read.
     async fn finish(
         &self,
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
     ) -> Result<LeaseStatus, ControlError>;
     /// The attempts the control plane thinks `worker_id` holds.
     async fn held(&self, worker_id: &str) -> Result<Vec<HeldAttempt>, ControlError>;

@@ -14,7 +14,7 @@ pub use super::callback::Callbacks;
 use super::job::ResolvedSpec;
 use super::reply::{DueReply, Requester};
 use super::retry::RetryPolicy;
-use super::run::{Outcome, Run, RunId, RunStatus, Trigger};
+use super::run::{Outcome, ResourceUsage, Run, RunId, RunStatus, Trigger};
 use super::schedule::{Admission, Overlap, SkipReason};
 use super::secret::ClaimSecrets;
 use super::session::{
@@ -270,11 +270,13 @@ pub trait Leases: Send + Sync + 'static {
     /// The run becomes final, or queued again when its retry rules say so.
     /// `undelivered`: all the attempt's output its worker could not deliver, counted as
     /// [`Leases::record_undelivered`] does (what was recorded already counts once).
+    /// `usage`: what the attempt's container used, kept with the attempt.
     async fn finish(
         &self,
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError>;
     /// The lease's epoch is still the attempt's (output may be written under it).

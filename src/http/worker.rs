@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::WorkerCaller;
 use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
-use crate::domain::run::RunId;
+use crate::domain::run::{ResourceUsage, RunId};
 use crate::protocol::api::ErrorCodeV1;
 use crate::protocol::{
     AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
@@ -113,7 +113,12 @@ async fn finish(
     let req: FinishV1 = json(body)?;
     let status = state
         .control
-        .finish(req.lease.into(), &req.outcome.into(), req.log_dropped_bytes)
+        .finish(
+            req.lease.into(),
+            &req.outcome.into(),
+            req.log_dropped_bytes,
+            req.usage.map(ResourceUsage::from),
+        )
         .await?;
     Ok(Json(status.into()))
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::api::UsageV1;
 use super::{LeaseV1, OutcomeV1, SpecV1};
 use crate::domain::ports::{
     Adoption, Claim, ClaimResult, HeldAttempt, LeaseStatus, OutputChunk, OutputPosition,
@@ -179,6 +180,10 @@ pub struct FinishV1 {
     /// Output the worker could not deliver at all, all told (an earlier life's too).
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// What the container used, as far as the worker read it; absent from workers that
+    /// do not sample (or read nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageV1>,
 }
 
 /// `POST /v1/worker/held`: which attempts does the control plane think I hold?
@@ -530,5 +535,28 @@ mod tests {
             decode_log_frames(bytes::Bytes::from_static(&[2, 0, 0, 0, 0, 0, 0, 1, b'x'])).unwrap();
         assert_eq!(chunk[0].stream, Stream::Stderr);
         assert_eq!(&chunk[0].bytes[..], b"x");
+    }
+
+    /// A worker from before usage sends none; one with usage carries it whole.
+    #[test]
+    fn a_finish_report_may_carry_usage() {
+        let old = r#"{"lease":{"run_id":"01HZZZZZZZZZZZZZZZZZZZZZZZ","attempt":1,"epoch":3},
+            "outcome":{"kind":"exited","code":0},"log_dropped_bytes":0}"#;
+        let old: FinishV1 = serde_json::from_str(old).expect("an old worker's report");
+        assert_eq!(old.usage, None);
+        let usage = UsageV1 {
+            peak_memory_bytes: 41_943_040,
+            cpu_seconds: 0.83,
+            memory_limit_bytes: Some(67_108_864),
+            cpu_limit: None,
+            samples: 4,
+        };
+        let new = FinishV1 {
+            usage: Some(usage),
+            ..old
+        };
+        let text = serde_json::to_string(&new).expect("serialize");
+        let back: FinishV1 = serde_json::from_str(&text).expect("round trip");
+        assert_eq!(back.usage, Some(usage));
     }
 }

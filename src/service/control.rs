@@ -15,7 +15,7 @@ use crate::domain::ports::{
     LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
     StoreError,
 };
-use crate::domain::run::{Outcome, RunId};
+use crate::domain::run::{Outcome, ResourceUsage, RunId};
 use crate::domain::secret::{
     ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
 };
@@ -91,7 +91,7 @@ impl LocalControlPlane {
             message: unresolved.to_string(),
         };
         self.store
-            .finish(lease, &outcome, 0, Utc::now())
+            .finish(lease, &outcome, 0, None, Utc::now())
             .await
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);
@@ -275,6 +275,7 @@ impl ControlPlane for LocalControlPlane {
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
     ) -> Result<LeaseStatus, ControlError> {
         // Held across the sync, so every write that passed its lease check is in the
         // synced log.
@@ -287,7 +288,7 @@ impl ControlPlane for LocalControlPlane {
         }
         let status = self
             .store
-            .finish(lease, outcome, undelivered, Utc::now())
+            .finish(lease, outcome, undelivered, usage, Utc::now())
             .await
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);

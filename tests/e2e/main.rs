@@ -21,3 +21,4 @@ mod schedules;
 mod secrets;
 mod sessions;
 mod tls;
+mod usage;

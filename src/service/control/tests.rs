@@ -199,6 +199,7 @@ impl Leases for FakeStore {
         lease: Lease,
         _outcome: &Outcome,
         _undelivered: u64,
+        _usage: Option<crate::domain::run::ResourceUsage>,
         _now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let mut w = self.0.world();
@@ -465,7 +466,7 @@ async fn finish_syncs_the_log_once_before_the_final_state_is_stored() {
         .await
         .unwrap();
     let status = control
-        .finish(lease, &Outcome::Exited { code: 0 }, 0)
+        .finish(lease, &Outcome::Exited { code: 0 }, 0, None)
         .await
         .unwrap();
     assert_eq!(status, LeaseStatus::Held { cancel: false });

@@ -10,13 +10,14 @@ use tracing::Instrument;
 
 use super::lease::{LeaseKeeper, LeaseState};
 use super::pump::{Pumped, pump_output};
+use super::usage::Sampler;
 use super::{Backoff, Worker};
 use crate::domain::job::{DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT};
 use crate::domain::ports::{
     Adoption, Claim, ContainerExit, ContainerSpec, ContainerState, ControlError, Lease,
     LeaseStatus, OutputPosition, RuntimeError,
 };
-use crate::domain::run::Outcome;
+use crate::domain::run::{Outcome, ResourceUsage};
 
 /// After the container exits, how long its last output may take to be stored.
 const PUMP_DRAIN: Duration = Duration::from_secs(60);
@@ -45,6 +46,8 @@ struct Ran {
     container: Option<String>,
     /// Output bytes the control plane never got, all told.
     dropped: u64,
+    /// What the container used, as far as it was read.
+    usage: Option<ResourceUsage>,
 }
 
 impl Ran {
@@ -53,7 +56,12 @@ impl Ran {
             outcome: Some(outcome),
             container,
             dropped,
+            usage: None,
         }
+    }
+
+    fn with_usage(self, usage: Option<ResourceUsage>) -> Self {
+        Self { usage, ..self }
     }
 
     fn failed(error: RuntimeError, container: Option<String>) -> Self {
@@ -102,9 +110,10 @@ impl Worker {
         self.crash_if(super::CrashPoint::BeforeFinish);
         let exit_code = outcome.exit_code();
         let status = outcome.status();
-        match self.report(lease, &outcome, ran.dropped).await {
+        let usage = ran.usage;
+        match self.report(lease, &outcome, ran.dropped, usage).await {
             Some(LeaseStatus::Held { .. }) => {
-                tracing::info!(message = "run finished", %status, exit_code, reason = outcome.reason(), elapsed_ms = started.elapsed().as_millis() as u64)
+                tracing::info!(message = "run finished", %status, exit_code, reason = outcome.reason(), elapsed_ms = started.elapsed().as_millis() as u64, peak_memory_bytes = usage.map(|u| u.peak_memory_bytes), cpu_seconds = usage.map(|u| u.cpu_seconds))
             }
             Some(LeaseStatus::Lost) => {
                 tracing::warn!(message = "lease lost before the final state was stored; outcome discarded", %status, exit_code)
@@ -120,10 +129,16 @@ impl Worker {
     }
 
     /// Report the outcome until the control plane has it. `None` if it never answered.
-    async fn report(&self, lease: Lease, outcome: &Outcome, dropped: u64) -> Option<LeaseStatus> {
+    async fn report(
+        &self,
+        lease: Lease,
+        outcome: &Outcome,
+        dropped: u64,
+        usage: Option<ResourceUsage>,
+    ) -> Option<LeaseStatus> {
         let mut backoff = Backoff::new();
         for _ in 0..40 {
-            match self.control.finish(lease, outcome, dropped).await {
+            match self.control.finish(lease, outcome, dropped, usage).await {
                 Ok(status) => return Some(status),
                 Err(ControlError::Rejected(error)) => {
                     // Nothing was stored: keep the container as the evidence.
@@ -194,6 +209,12 @@ impl Worker {
         let from = Pumped::from(existing.output);
         let pump =
             tokio::spawn(pump_output(self.control.clone(), lease, output, from).in_current_span());
+        // Readings from now on; on cgroup v1 the kernel's high-water mark still covers
+        // the time before.
+        let sampler = existing.running.then(|| {
+            let spec = container_spec(claim, &self.config.worker_id);
+            Sampler::start(self.runtime.clone(), &existing.id, &spec)
+        });
         if existing.running {
             // Tell the control plane which container it is, in case the earlier run of
             // this worker died before it could.
@@ -211,6 +232,7 @@ impl Worker {
         let done = self
             .supervise(claim, keeper, &existing.id, pump, from, ran_for)
             .await;
+        let usage = sampler.and_then(Sampler::stop);
         // A follow read of the engine's log can end without the container's last
         // partial entry (output without a newline). Read it once more, now that the
         // container has exited, and store whatever lies past what was handled.
@@ -221,7 +243,7 @@ impl Worker {
                 done.pumped
             }
         };
-        Ran::report(done.outcome, Some(existing.id), last.undelivered)
+        Ran::report(done.outcome, Some(existing.id), last.undelivered).with_usage(usage)
     }
 
     /// The attempt's container name was taken: by this very attempt, in an earlier
@@ -315,6 +337,11 @@ impl Worker {
             return Ran::failed(error, Some(id));
         }
         tracing::info!(message = "container started", container_id = %id);
+        let sampler = Sampler::start(
+            self.runtime.clone(),
+            &id,
+            &container_spec(claim, &self.config.worker_id),
+        );
         match self.control.started(claim.lease, &id).await {
             Ok(status) => keeper.tell(status),
             Err(error) => {
@@ -324,7 +351,7 @@ impl Worker {
         let done = self
             .supervise(claim, keeper, &id, pump, Pumped::default(), Duration::ZERO)
             .await;
-        Ran::report(done.outcome, Some(id), done.pumped.undelivered)
+        Ran::report(done.outcome, Some(id), done.pumped.undelivered).with_usage(sampler.stop())
     }
 
     /// Waits for the container, enforcing the timeout (`ran_for` of it already spent)

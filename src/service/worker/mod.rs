@@ -7,8 +7,9 @@
 
 //!
 //! The parts: `lease` (the lease keeper), `attempt` (one attempt's container, from pull
-//! to removal), `pump` (output to the control plane), `reconcile` (containers against
-//! held attempts). This file holds the dispatch loop and the drain.
+//! to removal), `pump` (output to the control plane), `usage` (the container's resource
+//! readings), `reconcile` (containers against held attempts). This file holds the
+//! dispatch loop and the drain.
 
 mod attempt;
 #[cfg(test)]
@@ -18,6 +19,7 @@ mod pump;
 mod reconcile;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

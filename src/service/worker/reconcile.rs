@@ -199,7 +199,7 @@ impl Worker {
                     ),
                 };
                 tracing::warn!(message = "reconciliation: container of a held attempt is gone", %run_id, container_id = %id);
-                if let Err(error) = self.control.finish(attempt.lease, &outcome, 0).await {
+                if let Err(error) = self.control.finish(attempt.lease, &outcome, 0, None).await {
                     tracing::warn!(message = "reconciliation: reporting failed", %run_id, %error);
                 }
             }

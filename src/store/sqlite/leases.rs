@@ -17,7 +17,7 @@ use crate::domain::ports::{
     Claim, ClaimResult, Lease, LeaseStatus, Leases, RunMessage, StoreError,
 };
 use crate::domain::retry::RetryPolicy;
-use crate::domain::run::{Outcome, RunId};
+use crate::domain::run::{Outcome, ResourceUsage, RunId};
 use crate::domain::secret::ClaimSecrets;
 use crate::domain::transition::{self, Ending, Released, RunState, Settlement};
 use crate::protocol::{RetryV1, SpecV1};
@@ -141,6 +141,34 @@ async fn end_attempt(
     .bind(ms(now))
     .bind(run_id.to_string())
     .bind(i64::from(attempt))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Keep what the attempt's container used (nothing to keep: the columns stay NULL).
+async fn keep_usage(
+    conn: &mut sqlx::SqliteConnection,
+    lease: Lease,
+    usage: Option<ResourceUsage>,
+) -> Result<(), StoreError> {
+    let Some(u) = usage else {
+        return Ok(());
+    };
+    let bytes = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
+    sqlx::query(
+        "UPDATE attempts SET usage_samples = ?, usage_peak_memory_bytes = ?, \
+         usage_cpu_seconds = ?, usage_memory_limit_bytes = ?, usage_cpu_limit = ? \
+         WHERE run_id = ? AND attempt = ?",
+    )
+    .bind(i64::from(u.samples))
+    .bind(bytes(u.peak_memory_bytes))
+    .bind(u.cpu_seconds)
+    .bind(u.memory_limit_bytes.map(bytes))
+    .bind(u.cpu_limit)
+    .bind(lease.run_id.to_string())
+    .bind(i64::from(lease.attempt))
     .execute(&mut *conn)
     .await
     .map_err(db)?;
@@ -323,6 +351,7 @@ impl Leases for SqliteStore {
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let ending = Ending::of(outcome);
@@ -333,6 +362,7 @@ impl Leases for SqliteStore {
         }
         end_attempt(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
         raise_undelivered(&mut tx, lease, undelivered).await?;
+        keep_usage(&mut tx, lease, usage).await?;
         settle(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(LeaseStatus::Held { cancel: false })

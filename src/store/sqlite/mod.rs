@@ -26,7 +26,7 @@ use sqlx::sqlite::{
 use sqlx::{Decode, Row, Sqlite, Type};
 
 use crate::domain::ports::StoreError;
-use crate::domain::run::{Attempt, ReasonCode, Run, RunId, RunStatus, Trigger};
+use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::Admission;
 use crate::domain::transition::{AttemptState, RunState};
 use crate::protocol::{parse_admission, parse_trigger};
@@ -175,7 +175,8 @@ fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
 const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
      finished_at, cancel_requested, not_before, log_dropped_bytes, \"trigger\", requested_by";
 const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
-     claimed_at, started_at, finished_at, log_dropped_bytes";
+     claimed_at, started_at, finished_at, log_dropped_bytes, usage_samples, usage_peak_memory_bytes, \
+     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit";
 
 fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
     let params: String = col(row, "params")?;
@@ -216,9 +217,24 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
         started_at: from_ms(col(row, "started_at")?),
         finished_at: from_ms(col(row, "finished_at")?),
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
-        usage: None,
+        usage: usage_cols(row)?,
     };
     Ok((run_id_col(row, "run_id")?, attempt))
+}
+
+/// An attempt's usage columns; `None` when its worker read nothing.
+fn usage_cols(row: &SqliteRow) -> Result<Option<ResourceUsage>, StoreError> {
+    let Some(samples) = col::<Option<i64>>(row, "usage_samples")? else {
+        return Ok(None);
+    };
+    let bytes = |b: i64| b.max(0) as u64;
+    Ok(Some(ResourceUsage {
+        peak_memory_bytes: bytes(col::<Option<i64>>(row, "usage_peak_memory_bytes")?.unwrap_or(0)),
+        cpu_seconds: col::<Option<f64>>(row, "usage_cpu_seconds")?.unwrap_or(0.0),
+        memory_limit_bytes: col::<Option<i64>>(row, "usage_memory_limit_bytes")?.map(bytes),
+        cpu_limit: col(row, "usage_cpu_limit")?,
+        samples: u32::try_from(samples).map_err(|e| corrupt("usage_samples", e))?,
+    }))
 }
 
 /// The run's state for the transition rules, read inside the caller's transaction.

@@ -69,7 +69,7 @@ pub(crate) async fn max_concurrent_one_admits_the_next_run_whenever_one_ends(sto
     // Finished: the next is admitted.
     let c0 = claim(store, first(runs[0].id)).await;
     store
-        .finish(c0.lease, &Outcome::Exited { code: 0 }, 0, Utc::now())
+        .finish(c0.lease, &Outcome::Exited { code: 0 }, 0, None, Utc::now())
         .await
         .unwrap();
     assert_eq!(take_published(store).await, [first(runs[1].id)]);
@@ -129,7 +129,7 @@ pub(crate) async fn at_most_two_runs_together_and_alone_waits_for_all(store: &dy
 
     let c0 = claim(store, first(runs[0].id)).await;
     store
-        .finish(c0.lease, &Outcome::Exited { code: 0 }, 0, Utc::now())
+        .finish(c0.lease, &Outcome::Exited { code: 0 }, 0, None, Utc::now())
         .await
         .unwrap();
     assert_eq!(take_published(store).await, [first(runs[2].id)]);
@@ -138,7 +138,7 @@ pub(crate) async fn at_most_two_runs_together_and_alone_waits_for_all(store: &dy
     assert!(take_published(store).await.is_empty());
     let c2 = claim(store, first(runs[2].id)).await;
     store
-        .finish(c2.lease, &Outcome::Exited { code: 1 }, 0, Utc::now())
+        .finish(c2.lease, &Outcome::Exited { code: 1 }, 0, None, Utc::now())
         .await
         .unwrap();
     // Nothing admitted is left: the alone run goes, and the one behind it has room.
@@ -154,7 +154,7 @@ pub(crate) async fn a_persons_retry_waits_for_room_like_a_new_run(store: &dyn Ru
     take_published(store).await;
     let ca = claim(store, first(a.id)).await;
     store
-        .finish(ca.lease, &Outcome::Exited { code: 1 }, 0, Utc::now())
+        .finish(ca.lease, &Outcome::Exited { code: 1 }, 0, None, Utc::now())
         .await
         .unwrap();
     let b = run_of("single", Admission::AtMost(1));
@@ -172,7 +172,7 @@ pub(crate) async fn a_persons_retry_waits_for_room_like_a_new_run(store: &dyn Ru
     );
     assert!(take_published(store).await.is_empty());
     store
-        .finish(cb.lease, &Outcome::Exited { code: 0 }, 0, Utc::now())
+        .finish(cb.lease, &Outcome::Exited { code: 0 }, 0, None, Utc::now())
         .await
         .unwrap();
     assert_eq!(

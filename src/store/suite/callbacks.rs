@@ -35,7 +35,7 @@ async fn run_to_end(store: &dyn RunStore, run: &NewRun, attempt: u32, outcome: O
         .await
         .unwrap();
     store
-        .finish(claim.lease, &outcome, 0, Utc::now())
+        .finish(claim.lease, &outcome, 0, None, Utc::now())
         .await
         .unwrap();
 }

@@ -108,12 +108,15 @@ pub(crate) async fn a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_ep
     };
     let outcome = Outcome::Exited { code: 3 };
     assert_eq!(
-        store.finish(stale, &outcome, 0, Utc::now()).await.unwrap(),
+        store
+            .finish(stale, &outcome, 0, None, Utc::now())
+            .await
+            .unwrap(),
         LeaseStatus::Lost
     );
     assert_eq!(
         store
-            .finish(claim.lease, &outcome, 0, Utc::now())
+            .finish(claim.lease, &outcome, 0, None, Utc::now())
             .await
             .unwrap(),
         LeaseStatus::Held { cancel: false }
@@ -126,7 +129,7 @@ pub(crate) async fn a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_ep
     // A final run is not finished twice.
     assert_eq!(
         store
-            .finish(claim.lease, &outcome, 0, Utc::now())
+            .finish(claim.lease, &outcome, 0, None, Utc::now())
             .await
             .unwrap(),
         LeaseStatus::Lost
@@ -189,7 +192,7 @@ pub(crate) async fn retry_rules_queue_the_next_attempt_after_its_backoff(store: 
     let first = claimed(store, &run, 1, ttl).await;
     let now = Utc::now();
     store
-        .finish(first.lease, &Outcome::Exited { code: 1 }, 0, now)
+        .finish(first.lease, &Outcome::Exited { code: 1 }, 0, None, now)
         .await
         .unwrap();
     let stored = store.get_run(run.id).await.unwrap().unwrap();
@@ -239,7 +242,13 @@ pub(crate) async fn retry_rules_queue_the_next_attempt_after_its_backoff(store: 
         other => panic!("{other:?}"),
     };
     store
-        .finish(second.lease, &Outcome::Exited { code: 1 }, 0, Utc::now())
+        .finish(
+            second.lease,
+            &Outcome::Exited { code: 1 },
+            0,
+            None,
+            Utc::now(),
+        )
         .await
         .unwrap();
     let stored = store.get_run(run.id).await.unwrap().unwrap();
@@ -261,7 +270,7 @@ pub(crate) async fn expired_leases_become_lost_and_a_person_can_retry(store: &dy
     // The vanished worker's late report is refused.
     assert_eq!(
         store
-            .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, later)
+            .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, None, later)
             .await
             .unwrap(),
         LeaseStatus::Lost
@@ -511,7 +520,7 @@ pub(crate) async fn writes_under_a_stale_or_ended_lease_are_refused(store: &dyn 
     store.add_log_dropped(stale, 5).await.unwrap();
     store.add_log_dropped(claim.lease, 7).await.unwrap();
     store
-        .finish(claim.lease, &Outcome::Exited { code: 0 }, 3, now)
+        .finish(claim.lease, &Outcome::Exited { code: 0 }, 3, None, now)
         .await
         .unwrap();
     let stored = store.get_run(run.id).await.unwrap().unwrap();

@@ -10,6 +10,7 @@ mod output;
 mod replies;
 mod schedules;
 mod sessions;
+mod usage;
 
 pub(crate) use admission::*;
 pub(crate) use callbacks::*;
@@ -19,6 +20,7 @@ pub(crate) use output::*;
 pub(crate) use replies::*;
 pub(crate) use schedules::*;
 pub(crate) use sessions::*;
+pub(crate) use usage::*;
 
 /// Every test of the suite, for one backend: `open` is an async fn returning
 /// `(store, keep_alive)`.
@@ -63,6 +65,7 @@ macro_rules! store_suite {
             a_run_cancelled_before_it_started_owes_its_finished_reply,
             a_run_without_reply_to_owes_no_reply,
             a_repeated_request_adds_its_replies_once,
+            an_attempts_usage_is_kept_with_its_final_state,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {

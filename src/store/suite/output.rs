@@ -72,7 +72,7 @@ pub(crate) async fn undelivered_output_only_rises_counts_once_and_is_handed_to_a
         }
     );
     store
-        .finish(lease, &Outcome::Exited { code: 0 }, 6, now)
+        .finish(lease, &Outcome::Exited { code: 0 }, 6, None, now)
         .await
         .unwrap();
     let stored = store.get_run(run.id).await.unwrap().unwrap();
@@ -90,7 +90,7 @@ pub(crate) async fn undelivered_output_only_rises_counts_once_and_is_handed_to_a
     let vanished = Outcome::DockerError {
         message: "gone".into(),
     };
-    store.finish(lease, &vanished, 0, now).await.unwrap();
+    store.finish(lease, &vanished, 0, None, now).await.unwrap();
     let stored = store.get_run(other.id).await.unwrap().unwrap();
     assert_eq!(stored.log_dropped_bytes, 5);
     assert_eq!(stored.attempts[0].log_dropped_bytes, 5);

@@ -68,7 +68,13 @@ pub(crate) async fn the_finished_reply_becomes_due_with_the_final_state<S: RunSt
     assert!(store.due_replies(10, Utc::now()).await.unwrap().is_empty());
     assert_eq!(
         store
-            .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, Utc::now())
+            .finish(
+                claim.lease,
+                &Outcome::Exited { code: 0 },
+                0,
+                None,
+                Utc::now()
+            )
             .await
             .unwrap(),
         LeaseStatus::Held { cancel: false }

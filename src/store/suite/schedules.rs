@@ -141,6 +141,7 @@ pub(crate) async fn overlap_buffer_one_keeps_one_waiting_and_buffer_all_every_on
             c.lease,
             &crate::domain::run::Outcome::Exited { code: 0 },
             0,
+            None,
             Utc::now(),
         )
         .await

@@ -250,7 +250,7 @@ pub(crate) async fn an_orphan_goes_only_once_its_attempt_and_its_session_are_ove
     // another installation's worker on a shared engine, so its container stays.
     assert_eq!(verdict(now, "w2").await, OrphanVerdict::Keep);
     store
-        .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, now)
+        .finish(claim.lease, &Outcome::Exited { code: 0 }, 0, None, now)
         .await
         .unwrap();
     // The attempt is over but its worker is alive and may still deal with it.

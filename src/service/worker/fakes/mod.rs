@@ -15,7 +15,7 @@ use crate::domain::ports::{
     Adoption, Claim, ClaimResult, ControlError, ControlPlane, DroppedOutput, HeldAttempt, Lease,
     LeaseStatus, OutputChunk, OutputPosition, RunMessage, SessionGrant, Stream,
 };
-use crate::domain::run::{Outcome, RunId};
+use crate::domain::run::{Outcome, ResourceUsage, RunId};
 use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 
 mod runtime;
@@ -88,6 +88,7 @@ pub(crate) struct Finished {
     pub lease: Lease,
     pub outcome: Outcome,
     pub dropped: u64,
+    pub usage: Option<ResourceUsage>,
 }
 
 pub(crate) struct FakeControl {
@@ -283,12 +284,14 @@ impl ControlPlane for FakeControl {
         lease: Lease,
         outcome: &Outcome,
         undelivered: u64,
+        usage: Option<ResourceUsage>,
     ) -> Result<LeaseStatus, ControlError> {
         self.record_undelivered(undelivered);
         locked(&self.finished).push(Finished {
             lease,
             outcome: outcome.clone(),
             dropped: undelivered,
+            usage,
         });
         Ok(LeaseStatus::Held { cancel: false })
     }

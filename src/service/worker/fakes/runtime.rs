@@ -2,7 +2,7 @@
 //! their output as the engine's log does, and every call is recorded in order.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use super::{STOPPED_CODE, chunk, locked};
 use crate::domain::job::PullPolicy;
 use crate::domain::ports::{
     Claim, ContainerExit, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
-    OutputChunk, OutputStream, RuntimeError,
+    OutputChunk, OutputStream, RuntimeError, StatsSample, StatsStream,
 };
 use crate::domain::secret::RegistryCredentials;
 
@@ -47,6 +47,15 @@ pub(crate) struct FakeRuntime {
     created: Mutex<Vec<ContainerSpec>>,
     /// The registry refuses every pull's login.
     refuse_logins: Mutex<bool>,
+    /// What `stats` reads from a running container, one a second, in order; the last
+    /// one again once they run out (its counters stay put). None at all: the engine
+    /// has no counters, and the readings end at once.
+    readings: Arc<Mutex<Vec<StatsSample>>>,
+    /// Readings handed out so far.
+    readings_taken: Arc<Mutex<u32>>,
+    /// A reading fails once this many were handed out.
+    stats_fail_after: Arc<Mutex<Option<u32>>>,
+    stats_failed: Arc<Mutex<bool>>,
 }
 
 impl FakeRuntime {
@@ -60,6 +69,26 @@ impl FakeRuntime {
 
     pub fn refuse_logins(&self) {
         *locked(&self.refuse_logins) = true;
+    }
+
+    /// Running containers' counters read as `readings`, one per `stats` call.
+    pub fn set_readings(&self, readings: Vec<StatsSample>) {
+        *locked(&self.readings) = readings;
+    }
+
+    /// `stats` fails (engine unreachable) after `n` readings.
+    pub fn fail_stats_after(&self, n: u32) {
+        *locked(&self.stats_fail_after) = Some(n);
+    }
+
+    /// Readings `stats` handed out.
+    pub fn readings_taken(&self) -> u32 {
+        *locked(&self.readings_taken)
+    }
+
+    /// A reading failed.
+    pub fn stats_failed(&self) -> bool {
+        *locked(&self.stats_failed)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -294,5 +323,40 @@ impl ContainerRuntime for FakeRuntime {
             .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_owned()))?;
         let all: Vec<_> = c.history.iter().cloned().map(Ok).collect();
         Ok(futures::stream::iter(all).boxed())
+    }
+
+    async fn stats(&self, id: &str) -> Result<StatsStream, RuntimeError> {
+        let exit = locked(&self.containers)
+            .get(id)
+            .map(|c| c.exit.subscribe())
+            .ok_or_else(|| RuntimeError::NoSuchContainer(id.to_owned()))?;
+        let readings = self.readings.clone();
+        let taken = self.readings_taken.clone();
+        let fail_after = self.stats_fail_after.clone();
+        let failed = self.stats_failed.clone();
+        let stream = futures::stream::unfold(exit, move |exit| {
+            let (readings, taken) = (readings.clone(), taken.clone());
+            let (fail_after, failed) = (fail_after.clone(), failed.clone());
+            async move {
+                // As the engine's collector: a reading a second, none once it exited.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if exit.borrow().is_some() {
+                    return None;
+                }
+                let mut n = locked(&taken);
+                if locked(&fail_after).is_some_and(|f| *n >= f) {
+                    *locked(&failed) = true;
+                    let error = RuntimeError::Unavailable("fake: stats refused".to_owned());
+                    return Some((Err(error), exit));
+                }
+                let reading = {
+                    let readings = locked(&readings);
+                    readings.get(*n as usize).or(readings.last()).copied()
+                }?;
+                *n += 1;
+                Some((Ok(reading), exit))
+            }
+        });
+        Ok(stream.boxed())
     }
 }

@@ -101,7 +101,7 @@ async fn finished(
     publish_all(store, at).await;
     let lease = claim(store, run.id, 1, at).await;
     store
-        .finish(lease, &Outcome::Exited { code }, 0, at)
+        .finish(lease, &Outcome::Exited { code }, 0, None, at)
         .await
         .unwrap();
     run.id
@@ -157,7 +157,7 @@ async fn sent_outbox_rows_go_once_nothing_needs_them() {
     store.cancel(cancelled.id, now).await.unwrap();
     let lease = claim(&store, retrying.id, 1, now).await;
     store
-        .finish(lease, &Outcome::Exited { code: 1 }, 0, now)
+        .finish(lease, &Outcome::Exited { code: 1 }, 0, None, now)
         .await
         .unwrap();
     // Not yet published: never touched.
