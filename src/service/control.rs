@@ -10,12 +10,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::domain::job::{PullPolicy, ResolvedSpec};
+use crate::domain::observe::{NoObserver, RunObserver};
 use crate::domain::ports::{
     AdoptResult, Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease,
     LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
     StoreError,
 };
-use crate::domain::run::{Outcome, RunId};
+use crate::domain::run::{Outcome, RunId, RunStatus};
 use crate::domain::secret::{
     ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
 };
@@ -57,6 +58,8 @@ pub struct LocalControlPlane {
     lease_ttl: Duration,
     attempts: AttemptLocks,
     secrets: Arc<dyn SecretResolver>,
+    /// Told of claims and of attempts that end (the metrics).
+    observer: Arc<dyn RunObserver>,
 }
 
 impl LocalControlPlane {
@@ -74,6 +77,37 @@ impl LocalControlPlane {
             lease_ttl,
             attempts: AttemptLocks::default(),
             secrets,
+            observer: Arc::new(NoObserver),
+        }
+    }
+
+    /// Who is told of claims and of attempts that end (nobody otherwise).
+    pub fn with_observer(mut self, observer: Arc<dyn RunObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Tell the observer how attempt `attempt` of the run ended, from the run as stored
+    /// now. A failed read only costs the observation.
+    async fn observe_end(&self, run_id: RunId, attempt: Option<u32>) {
+        match self.store.get_run(run_id).await {
+            Ok(Some(run)) => {
+                // The reaper does not say which attempt expired: the latest lost one.
+                let attempt = attempt.or_else(|| {
+                    run.attempts
+                        .iter()
+                        .rev()
+                        .find(|a| a.status == RunStatus::Lost)
+                        .map(|a| a.number)
+                });
+                if let Some(attempt) = attempt {
+                    self.observer.attempt_ended(&run, attempt);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(message = "reading the run for metrics failed", %run_id, %error)
+            }
         }
     }
 
@@ -90,11 +124,15 @@ impl LocalControlPlane {
         let outcome = Outcome::SecretUnavailable {
             message: unresolved.to_string(),
         };
-        self.store
+        let ended = self
+            .store
             .finish(lease, &outcome, 0, Utc::now())
             .await
             .map_err(store_err)?;
         self.events.publish(lease.run_id, RunEventKind::Status);
+        if matches!(ended, LeaseStatus::Held { .. }) {
+            self.observe_end(lease.run_id, Some(lease.attempt)).await;
+        }
         let status = match self.store.get_run(lease.run_id).await {
             Ok(Some(run)) => run.status,
             _ => outcome.status(),
@@ -120,6 +158,7 @@ impl LocalControlPlane {
                     for run_id in changed {
                         tracing::warn!(message = "lease expired; attempt lost", %run_id);
                         self.events.publish(run_id, RunEventKind::Status);
+                        self.observe_end(run_id, None).await;
                     }
                 }
                 Err(error) => tracing::warn!(message = "expiring leases failed", %error),
@@ -193,6 +232,13 @@ impl ControlPlane for LocalControlPlane {
             return Ok(result);
         };
         self.events.publish(message.run_id, RunEventKind::Status);
+        match self.store.get_run(message.run_id).await {
+            Ok(Some(run)) => self.observer.attempt_claimed(&run, message.attempt),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(message = "reading the run for metrics failed", run_id = %message.run_id, %error)
+            }
+        }
         match read_secrets(self.secrets.as_ref(), &claim.spec).await {
             Ok(secrets) => {
                 claim.secrets = secrets;
@@ -290,7 +336,12 @@ impl ControlPlane for LocalControlPlane {
             .finish(lease, outcome, undelivered, Utc::now())
             .await
             .map_err(store_err)?;
+        drop(_attempt);
         self.events.publish(lease.run_id, RunEventKind::Status);
+        // `Held`: this report ended the attempt (a repeat is `Lost`), so it counts once.
+        if matches!(status, LeaseStatus::Held { .. }) {
+            self.observe_end(lease.run_id, Some(lease.attempt)).await;
+        }
         Ok(status)
     }
 
