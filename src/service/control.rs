@@ -129,10 +129,10 @@ impl LocalControlPlane {
             .finish(lease, &outcome, 0, Utc::now())
             .await
             .map_err(store_err)?;
-        self.events.publish(lease.run_id, RunEventKind::Status);
         if matches!(ended, LeaseStatus::Held { .. }) {
             self.observe_end(lease.run_id, Some(lease.attempt)).await;
         }
+        self.events.publish(lease.run_id, RunEventKind::Status);
         let status = match self.store.get_run(lease.run_id).await {
             Ok(Some(run)) => run.status,
             _ => outcome.status(),
@@ -157,8 +157,8 @@ impl LocalControlPlane {
                 Ok(changed) => {
                     for run_id in changed {
                         tracing::warn!(message = "lease expired; attempt lost", %run_id);
-                        self.events.publish(run_id, RunEventKind::Status);
                         self.observe_end(run_id, None).await;
+                        self.events.publish(run_id, RunEventKind::Status);
                     }
                 }
                 Err(error) => tracing::warn!(message = "expiring leases failed", %error),
@@ -337,11 +337,12 @@ impl ControlPlane for LocalControlPlane {
             .await
             .map_err(store_err)?;
         drop(_attempt);
-        self.events.publish(lease.run_id, RunEventKind::Status);
         // `Held`: this report ended the attempt (a repeat is `Lost`), so it counts once.
+        // Counted before waiters wake, so whoever saw the run end sees it counted.
         if matches!(status, LeaseStatus::Held { .. }) {
             self.observe_end(lease.run_id, Some(lease.attempt)).await;
         }
+        self.events.publish(lease.run_id, RunEventKind::Status);
         Ok(status)
     }
 
