@@ -112,12 +112,14 @@ async fn metrics_count_runs_attempts_and_engine_errors_by_job_in_embedded_mode()
     let (status, _) = api.get("/no/such/path/01hzzzzzzzzzzzzzzzzzzzzzzz").await;
     assert_eq!(status, 404);
 
-    let text = scrape_until(
+    scrape_until(
         &server.url,
         r#"tasuki_runs_finished_total{job_name="missing-image",status="failed"}"#,
         1.0,
     )
     .await;
+    // A slot stays busy until its container is removed, after the run's end is stored.
+    let text = scrape_until(&server.url, r#"tasuki_worker_slots{state="busy"}"#, 0.0).await;
     let s = |series: &str| sample(&text, series);
     assert_eq!(
         s(r#"tasuki_runs_accepted_total{job_name="exit",trigger="api"}"#),
@@ -306,12 +308,13 @@ async fn a_remote_worker_serves_its_own_metrics_and_serve_the_runs() {
     assert_eq!(missing["status"], "failed", "{missing}");
 
     let worker_url = format!("http://127.0.0.1:{port}");
-    let text = scrape_until(
+    scrape_until(
         &worker_url,
         r#"tasuki_docker_errors_total{kind="image_not_found",operation="ensure_image"}"#,
         1.0,
     )
     .await;
+    let text = scrape_until(&worker_url, r#"tasuki_worker_slots{state="busy"}"#, 0.0).await;
     let s = |series: &str| sample(&text, series);
     assert_eq!(s("tasuki_worker_containers_started_total"), Some(1.0));
     assert_eq!(s(r#"tasuki_worker_slots{state="busy"}"#), Some(0.0));
