@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::domain::job::{PullPolicy, ResolvedSpec};
-use crate::domain::observe::{NoObserver, RunObserver};
+use crate::domain::observe::RunObserver;
 use crate::domain::ports::{
     AdoptResult, Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease,
     LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
     StoreError,
 };
-use crate::domain::run::{Outcome, RunId, RunStatus};
+use crate::domain::run::{Outcome, Run, RunId, RunStatus};
 use crate::domain::secret::{
     ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
 };
@@ -58,8 +58,9 @@ pub struct LocalControlPlane {
     lease_ttl: Duration,
     attempts: AttemptLocks,
     secrets: Arc<dyn SecretResolver>,
-    /// Told of claims and of attempts that end (the metrics).
-    observer: Arc<dyn RunObserver>,
+    /// Told of claims and of attempts that end (the metrics); without one, the run is
+    /// not read again for it.
+    observer: Option<Arc<dyn RunObserver>>,
 }
 
 impl LocalControlPlane {
@@ -77,37 +78,44 @@ impl LocalControlPlane {
             lease_ttl,
             attempts: AttemptLocks::default(),
             secrets,
-            observer: Arc::new(NoObserver),
+            observer: None,
         }
     }
 
     /// Who is told of claims and of attempts that end (nobody otherwise).
     pub fn with_observer(mut self, observer: Arc<dyn RunObserver>) -> Self {
-        self.observer = observer;
+        self.observer = Some(observer);
         self
     }
 
-    /// Tell the observer how attempt `attempt` of the run ended, from the run as stored
-    /// now. A failed read only costs the observation.
-    async fn observe_end(&self, run_id: RunId, attempt: Option<u32>) {
+    /// The run as stored now, for the observer (if there is one). A failed read only
+    /// costs the observation.
+    async fn observed_run(&self, run_id: RunId) -> Option<(&dyn RunObserver, Run)> {
+        let observer = self.observer.as_deref()?;
         match self.store.get_run(run_id).await {
-            Ok(Some(run)) => {
-                // The reaper does not say which attempt expired: the latest lost one.
-                let attempt = attempt.or_else(|| {
-                    run.attempts
-                        .iter()
-                        .rev()
-                        .find(|a| a.status == RunStatus::Lost)
-                        .map(|a| a.number)
-                });
-                if let Some(attempt) = attempt {
-                    self.observer.attempt_ended(&run, attempt);
-                }
-            }
-            Ok(None) => {}
+            Ok(run) => run.map(|run| (observer, run)),
             Err(error) => {
-                tracing::warn!(message = "reading the run for metrics failed", %run_id, %error)
+                tracing::warn!(message = "reading the run for metrics failed", %run_id, %error);
+                None
             }
+        }
+    }
+
+    /// Tell the observer how attempt `attempt` of the run ended.
+    async fn observe_end(&self, run_id: RunId, attempt: Option<u32>) {
+        let Some((observer, run)) = self.observed_run(run_id).await else {
+            return;
+        };
+        // The reaper does not say which attempt expired: the latest lost one.
+        let attempt = attempt.or_else(|| {
+            run.attempts
+                .iter()
+                .rev()
+                .find(|a| a.status == RunStatus::Lost)
+                .map(|a| a.number)
+        });
+        if let Some(attempt) = attempt {
+            observer.attempt_ended(&run, attempt);
         }
     }
 
@@ -232,12 +240,8 @@ impl ControlPlane for LocalControlPlane {
             return Ok(result);
         };
         self.events.publish(message.run_id, RunEventKind::Status);
-        match self.store.get_run(message.run_id).await {
-            Ok(Some(run)) => self.observer.attempt_claimed(&run, message.attempt),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(message = "reading the run for metrics failed", run_id = %message.run_id, %error)
-            }
+        if let Some((observer, run)) = self.observed_run(message.run_id).await {
+            observer.attempt_claimed(&run, message.attempt);
         }
         match read_secrets(self.secrets.as_ref(), &claim.spec).await {
             Ok(secrets) => {

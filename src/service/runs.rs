@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::job::{JobSpec, ParamErrors};
 use crate::domain::job_lookup::JobLookup;
-use crate::domain::observe::{self, NoObserver, RunObserver};
+use crate::domain::observe::{self, RunObserver};
 use crate::domain::ports::{
     CancelResult, FireResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult,
     RunFilter, RunStore, SlotKey, StoreError,
@@ -138,7 +138,7 @@ pub struct Runs {
     /// What one request's parameters may come to.
     param_limits: ParamLimits,
     /// Told of runs accepted and of runs cancelled while they waited (the metrics).
-    observer: Arc<dyn RunObserver>,
+    observer: Option<Arc<dyn RunObserver>>,
 }
 
 impl Runs {
@@ -159,13 +159,13 @@ impl Runs {
             stopping,
             in_flight: Arc::default(),
             param_limits: ParamLimits::default(),
-            observer: Arc::new(NoObserver),
+            observer: None,
         }
     }
 
     /// Who is told of runs accepted and cancelled while they waited (nobody otherwise).
     pub fn with_observer(mut self, observer: Arc<dyn RunObserver>) -> Self {
-        self.observer = observer;
+        self.observer = Some(observer);
         self
     }
 
@@ -337,7 +337,9 @@ impl Runs {
             }
         }
         self.outbox.notify_one();
-        self.observer.run_accepted(job, &new.trigger);
+        if let Some(observer) = &self.observer {
+            observer.run_accepted(job, &new.trigger);
+        }
         tracing::info!(message = "run accepted", run_id = %new.id, job);
         Ok(Accepted::New(Run {
             id: new.id,
@@ -381,15 +383,18 @@ impl Runs {
             tracing::info!(message = "run cancelled by a schedule's cancel_other", run_id = %id, job = %key.job, schedule = %key.schedule);
             self.events.publish(*id, RunEventKind::Status);
             // A running one ends through its attempt; only a waiting one ends here.
-            if let Ok(Some(run)) = self.store.get_run(*id).await
+            if let Some(observer) = &self.observer
+                && let Ok(Some(run)) = self.store.get_run(*id).await
                 && observe::cancelled_waiting(&run)
             {
-                self.observer.run_ended(&run);
+                observer.run_ended(&run);
             }
         }
         if let FireResult::Fired(_) = firing.result {
             self.outbox.notify_one();
-            self.observer.run_accepted(&new.job, &new.trigger);
+            if let Some(observer) = &self.observer {
+                observer.run_accepted(&new.job, &new.trigger);
+            }
         }
         Ok(firing.result)
     }
@@ -408,7 +413,9 @@ impl Runs {
             .await?;
         if let FireResult::Fired(_) = result {
             self.outbox.notify_one();
-            self.observer.run_accepted(&new.job, &new.trigger);
+            if let Some(observer) = &self.observer {
+                observer.run_accepted(&new.job, &new.trigger);
+            }
         }
         Ok(result)
     }
@@ -430,8 +437,8 @@ impl Runs {
         }
         self.events.publish(id, RunEventKind::Status);
         let run = self.get(id).await?.ok_or(ActionError::UnknownRun(id))?;
-        if result == CancelResult::Cancelled {
-            self.observer.run_ended(&run);
+        if let (CancelResult::Cancelled, Some(observer)) = (&result, &self.observer) {
+            observer.run_ended(&run);
         }
         Ok(run)
     }
