@@ -222,6 +222,78 @@ async fn metrics_count_runs_attempts_and_engine_errors_by_job_in_embedded_mode()
 }
 
 #[tokio::test]
+async fn a_cancel_counts_once_whether_the_run_waited_or_ran() {
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            concurrency: 1,
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+    // One slot: the first run holds it, the second waits queued.
+    let running = api.accept("sleep", json!({"seconds": "60"})).await;
+    api.wait_until(&running, Duration::from_secs(30), "started", |r| {
+        r["attempts"][0]["started_at"].is_string()
+    })
+    .await;
+    let waiting = api.accept("sleep", json!({"seconds": "60"})).await;
+    let text = scrape_until(
+        &server.url,
+        r#"tasuki_runs_active{job_name="sleep",status="queued"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"tasuki_runs_active{job_name="sleep",status="running"}"#
+        ),
+        Some(1.0)
+    );
+
+    let answer = api.post(&format!("/v1/runs/{waiting}/cancel")).await;
+    assert_eq!(answer.body["status"], "cancelled", "{}", answer.body);
+    let answer = api.post(&format!("/v1/runs/{running}/cancel")).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let stopped = api.wait_final(&running, Duration::from_secs(30)).await;
+    assert_eq!(stopped["status"], "cancelled", "{stopped}");
+
+    let text = scrape_until(
+        &server.url,
+        r#"tasuki_runs_finished_total{job_name="sleep",status="cancelled"}"#,
+        2.0,
+    )
+    .await;
+    let s = |series: &str| sample(&text, series);
+    // The waiting one never reached a worker: one claim, one attempt ended (stopped).
+    assert_eq!(
+        s(r#"tasuki_attempts_claimed_total{job_name="sleep"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        s(
+            r#"tasuki_attempts_finished_total{job_name="sleep",reason="cancelled",status="cancelled"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        s(r#"tasuki_run_duration_seconds_count{job_name="sleep",status="cancelled"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        s(r#"tasuki_runs_active{job_name="sleep",status="queued"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        s(r#"tasuki_runs_active{job_name="sleep",status="running"}"#),
+        Some(0.0)
+    );
+    assert_promtool_accepts(&text);
+}
+
+#[tokio::test]
 async fn metrics_need_read_on_every_job_or_admin_unless_opened() {
     let d = tempfile::tempdir().unwrap();
     let mut config = String::new();
