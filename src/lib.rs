@@ -5,7 +5,8 @@
 //! worker, answer workers as the control plane); the adapters implement the ports:
 //! `store` (SQLite), `amqp` (RabbitMQ), `memqueue` (in-process queue), `docker`
 //! (bollard), `logsink` (files), `secrets` (`serve`'s environment and files), `client`
-//! (HTTP to a remote control plane), `http` (the axum API). This file is the one place where concrete adapters meet.
+//! (HTTP to a remote control plane), `http` (the axum API), `metrics` (Prometheus, the
+//! observers' side). This file is the one place where concrete adapters meet.
 
 pub mod amqp;
 pub mod callback;
@@ -19,6 +20,7 @@ pub mod hostlock;
 pub mod http;
 pub mod logsink;
 pub mod memqueue;
+pub mod metrics;
 pub mod protocol;
 pub mod secrets;
 pub mod service;
@@ -186,10 +188,17 @@ fn worker_config(options: &WorkerOptions) -> WorkerConfig {
     }
 }
 
-fn docker(options: &WorkerOptions) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
+/// The Docker runtime, its errors counted in `metrics`.
+fn docker(
+    options: &WorkerOptions,
+    metrics: &Arc<metrics::WorkerMetrics>,
+) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
     let runtime = docker::DockerRuntime::connect(options.docker_host.as_deref())
         .context("configuring the Docker client")?;
-    Ok(Arc::new(runtime))
+    Ok(Arc::new(metrics::ObservedRuntime::new(
+        Arc::new(runtime),
+        metrics.clone(),
+    )))
 }
 
 /// `tasuki serve`: API, store, outbox relay, and (without AMQP, or when asked) a worker.
@@ -245,6 +254,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .await
         .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
     let store = Arc::new(store);
+    let gauges: Arc<dyn crate::domain::observe::StoreGauges> = store.clone();
     let retained: Arc<dyn RetentionStore> = store.clone();
     let replies: Arc<dyn crate::domain::store::Replies> = store.clone();
     let store: Arc<dyn RunStore> = store;
@@ -263,14 +273,22 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .registry_logins()
             .context("loading the server configuration")?,
     ));
-    let control = Arc::new(LocalControlPlane::new(
-        store.clone(),
-        logs.clone(),
-        events.clone(),
-        args.lease_ttl,
-        secrets,
-    ));
     let jobs: Arc<dyn crate::domain::job_lookup::JobLookup> = catalog.clone();
+    // One registry for the process: the control plane's run metrics and, when this
+    // process runs containers, the worker's.
+    let registry = metrics::Metrics::new()?;
+    let run_metrics =
+        metrics::RunMetrics::register(&registry, jobs.clone(), gauges, metrics::MAX_JOB_NAMES)?;
+    let control = Arc::new(
+        LocalControlPlane::new(
+            store.clone(),
+            logs.clone(),
+            events.clone(),
+            args.lease_ttl,
+            secrets,
+        )
+        .with_observer(run_metrics.clone()),
+    );
     let runs = Runs::new(
         jobs.clone(),
         store.clone(),
@@ -282,7 +300,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     .with_param_limits(service::runs::ParamLimits {
         max_params: limits.max_params as usize,
         max_param_bytes: limits.max_param_bytes as usize,
-    });
+    })
+    .with_observer(run_metrics);
 
     // The queue: RabbitMQ, or in-process. The in-process one forgets everything when
     // the process ends, so every run still waiting is published to it again.
@@ -394,12 +413,14 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 
     let runtime = match source {
         Some(source) => {
-            let runtime = docker(&args.worker)?;
+            let worker_metrics = metrics::WorkerMetrics::register(&registry)?;
+            let runtime = docker(&args.worker, &worker_metrics)?;
             let config = worker_config(&args.worker);
             let identity =
                 open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown)
                     .await?;
-            let worker = Worker::new(control.clone(), runtime.clone(), config);
+            let worker =
+                Worker::new(control.clone(), runtime.clone(), config).with_observer(worker_metrics);
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 if let Err(error) = run_worker(worker, source, identity, stop.clone()).await {
@@ -431,6 +452,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             limits.max_holds_per_token,
             limits.body_timeout,
         )),
+        metrics: registry,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -581,8 +603,26 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
         client::HttpControlPlane::new(&args.server, &args.worker_token, args.ca_cert.as_deref())
             .context("configuring the control plane client")?;
     let control: Arc<dyn ControlPlane> = Arc::new(control);
-    let runtime = docker(&args.worker)?;
+    let registry = metrics::Metrics::new()?;
+    let worker_metrics = metrics::WorkerMetrics::register(&registry)?;
+    let runtime = docker(&args.worker, &worker_metrics)?;
     let config = worker_config(&args.worker);
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the metrics address")?;
+        tracing::info!(message = "serving metrics", %addr, path = "/metrics");
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = http::metrics::serve_worker_metrics(listener, registry, stop).await
+            {
+                tracing::error!(message = "metrics listener stopped", %error);
+            }
+        });
+    }
     let identity =
         open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown).await?;
     let source = Box::new(amqp::AmqpSource::new(
@@ -591,7 +631,7 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
         &config.worker_id,
     ));
     run_worker(
-        Worker::new(control, runtime, config),
+        Worker::new(control, runtime, config).with_observer(worker_metrics),
         source,
         identity,
         shutdown,

@@ -5,6 +5,7 @@
 #   - the tasuki-example:latest image (static busybox, built locally)
 #   - docker-registry and htpasswd (apache2-utils) for the private registry tests
 #   - systemd-analyze, docker-compose and kubernetes-validate for the deploy/ checks
+#   - promtool (Debian's prometheus package; its server stays stopped) for the metrics tests
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -124,6 +125,29 @@ ensure_deploy_tools() {
   "$deploy_venv/bin/pip" install --quiet kubernetes-validate pyyaml
 }
 
+# The metrics tests check the exposition (`promtool check metrics`) and the example
+# alert rules (`promtool check rules`) with Prometheus' own tool. Debian ships it in the
+# prometheus package, whose server must not start here: a policy-rc.d (if there is none)
+# keeps invoke-rc.d from starting it, and systemd is told to leave it disabled. Other
+# installs may hold the dpkg lock meanwhile, hence the lock timeout.
+ensure_promtool() {
+  if command -v promtool >/dev/null 2>&1; then return; fi
+  log "installing promtool (Debian's prometheus package; the server stays stopped)"
+  local policy=/usr/sbin/policy-rc.d made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod +x "$policy"
+    made_policy=1
+  fi
+  if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
+  local installed=0
+  DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+    --no-install-recommends prometheus >/dev/null || installed=$?
+  if [ -n "$made_policy" ]; then as_root rm -f "$policy"; fi
+  if [ -d /run/systemd/system ]; then as_root systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+  return "$installed"
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_openssl
@@ -131,6 +155,7 @@ ensure_busybox
 ensure_standardwebhooks
 ensure_registry
 ensure_deploy_tools
+ensure_promtool
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 

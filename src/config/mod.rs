@@ -298,6 +298,12 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub worker: WorkerOptions,
+
+    /// Serve this worker's Prometheus metrics (`/metrics`, and `/healthz`) on this
+    /// address, without a token; off when not given. Keep it on loopback or a network
+    /// only the scraper reaches.
+    #[arg(long, env = "TASUKI_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod callback;
 pub mod job;
 pub mod job_lookup;
+pub mod observe;
 pub mod ports;
 pub mod reply;
 pub mod retention;

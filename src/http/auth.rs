@@ -59,6 +59,11 @@ impl Auth {
         (!self.is_open()).then(|| caller.name().to_owned())
     }
 
+    /// `/metrics` needs no token (`[auth] open_metrics = true`).
+    pub fn metrics_open(&self) -> bool {
+        self.open_metrics
+    }
+
     fn door(&self, path: &str) -> Door {
         match path {
             "/healthz" => Door::Open,

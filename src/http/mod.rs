@@ -9,6 +9,7 @@ mod hooks;
 mod jobs;
 pub mod limits;
 mod logs;
+pub mod metrics;
 mod runs;
 mod schedules;
 mod serve;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub callback_wake: Arc<tokio::sync::Notify>,
     /// Per-caller request rate and holds, and the body deadline.
     pub limits: Arc<limits::Limits>,
+    /// This process's registry, served at `/metrics`; times every request.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The whole API. The rate limit reads the caller's `Principal`, so whatever puts it in
@@ -64,6 +67,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
     let authenticate = axum::middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
+    let timed = axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::time_requests);
     Router::new()
         .merge(runs::router())
         .merge(logs::router())
@@ -72,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .merge(schedules::router())
         .merge(health::router())
         .merge(worker::router())
+        .merge(metrics::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -82,5 +87,6 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyDeadlineLayer::new(limits.body_timeout))
         .layer(authenticate)
         .layer(TraceLayer::new_for_http())
+        .layer(timed)
         .with_state(state)
 }

@@ -10,12 +10,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::domain::job::{PullPolicy, ResolvedSpec};
+use crate::domain::observe::RunObserver;
 use crate::domain::ports::{
     AdoptResult, Adoption, ClaimResult, ControlError, ControlPlane, HeldAttempt, Lease,
     LeaseStatus, LogSink, OutputChunk, OutputPosition, RunMessage, RunStore, SessionGrant,
     StoreError,
 };
-use crate::domain::run::{Outcome, ResourceUsage, RunId};
+use crate::domain::run::{Outcome, ResourceUsage, Run, RunId, RunStatus};
 use crate::domain::secret::{
     ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
 };
@@ -57,6 +58,9 @@ pub struct LocalControlPlane {
     lease_ttl: Duration,
     attempts: AttemptLocks,
     secrets: Arc<dyn SecretResolver>,
+    /// Told of claims and of attempts that end (the metrics); without one, the run is
+    /// not read again for it.
+    observer: Option<Arc<dyn RunObserver>>,
 }
 
 impl LocalControlPlane {
@@ -74,6 +78,44 @@ impl LocalControlPlane {
             lease_ttl,
             attempts: AttemptLocks::default(),
             secrets,
+            observer: None,
+        }
+    }
+
+    /// Who is told of claims and of attempts that end (nobody otherwise).
+    pub fn with_observer(mut self, observer: Arc<dyn RunObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The run as stored now, for the observer (if there is one). A failed read only
+    /// costs the observation.
+    async fn observed_run(&self, run_id: RunId) -> Option<(&dyn RunObserver, Run)> {
+        let observer = self.observer.as_deref()?;
+        match self.store.get_run(run_id).await {
+            Ok(run) => run.map(|run| (observer, run)),
+            Err(error) => {
+                tracing::warn!(message = "reading the run for metrics failed", %run_id, %error);
+                None
+            }
+        }
+    }
+
+    /// Tell the observer how attempt `attempt` of the run ended.
+    async fn observe_end(&self, run_id: RunId, attempt: Option<u32>) {
+        let Some((observer, run)) = self.observed_run(run_id).await else {
+            return;
+        };
+        // The reaper does not say which attempt expired: the latest lost one.
+        let attempt = attempt.or_else(|| {
+            run.attempts
+                .iter()
+                .rev()
+                .find(|a| a.status == RunStatus::Lost)
+                .map(|a| a.number)
+        });
+        if let Some(attempt) = attempt {
+            observer.attempt_ended(&run, attempt);
         }
     }
 
@@ -90,10 +132,14 @@ impl LocalControlPlane {
         let outcome = Outcome::SecretUnavailable {
             message: unresolved.to_string(),
         };
-        self.store
+        let ended = self
+            .store
             .finish(lease, &outcome, 0, None, Utc::now())
             .await
             .map_err(store_err)?;
+        if matches!(ended, LeaseStatus::Held { .. }) {
+            self.observe_end(lease.run_id, Some(lease.attempt)).await;
+        }
         self.events.publish(lease.run_id, RunEventKind::Status);
         let status = match self.store.get_run(lease.run_id).await {
             Ok(Some(run)) => run.status,
@@ -119,6 +165,7 @@ impl LocalControlPlane {
                 Ok(changed) => {
                     for run_id in changed {
                         tracing::warn!(message = "lease expired; attempt lost", %run_id);
+                        self.observe_end(run_id, None).await;
                         self.events.publish(run_id, RunEventKind::Status);
                     }
                 }
@@ -193,6 +240,9 @@ impl ControlPlane for LocalControlPlane {
             return Ok(result);
         };
         self.events.publish(message.run_id, RunEventKind::Status);
+        if let Some((observer, run)) = self.observed_run(message.run_id).await {
+            observer.attempt_claimed(&run, message.attempt);
+        }
         match read_secrets(self.secrets.as_ref(), &claim.spec).await {
             Ok(secrets) => {
                 claim.secrets = secrets;
@@ -291,6 +341,12 @@ impl ControlPlane for LocalControlPlane {
             .finish(lease, outcome, undelivered, usage, Utc::now())
             .await
             .map_err(store_err)?;
+        drop(_attempt);
+        // `Held`: this report ended the attempt (a repeat is `Lost`), so it counts once.
+        // Counted before waiters wake, so whoever saw the run end sees it counted.
+        if matches!(status, LeaseStatus::Held { .. }) {
+            self.observe_end(lease.run_id, Some(lease.attempt)).await;
+        }
         self.events.publish(lease.run_id, RunEventKind::Status);
         Ok(status)
     }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::job::{JobSpec, ParamErrors};
 use crate::domain::job_lookup::JobLookup;
+use crate::domain::observe::{self, RunObserver};
 use crate::domain::ports::{
     CancelResult, FireResult, IdempotencyKey, Inserted, LogError, LogSink, NewRun, RetryResult,
     RunFilter, RunStore, SlotKey, StoreError,
@@ -136,6 +137,8 @@ pub struct Runs {
     in_flight: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
     /// What one request's parameters may come to.
     param_limits: ParamLimits,
+    /// Told of runs accepted and of runs cancelled while they waited (the metrics).
+    observer: Option<Arc<dyn RunObserver>>,
 }
 
 impl Runs {
@@ -156,7 +159,14 @@ impl Runs {
             stopping,
             in_flight: Arc::default(),
             param_limits: ParamLimits::default(),
+            observer: None,
         }
+    }
+
+    /// Who is told of runs accepted and cancelled while they waited (nobody otherwise).
+    pub fn with_observer(mut self, observer: Arc<dyn RunObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The parameter limits every `accept` checks (the defaults otherwise).
@@ -327,6 +337,9 @@ impl Runs {
             }
         }
         self.outbox.notify_one();
+        if let Some(observer) = &self.observer {
+            observer.run_accepted(job, &new.trigger);
+        }
         tracing::info!(message = "run accepted", run_id = %new.id, job);
         Ok(Accepted::New(Run {
             id: new.id,
@@ -369,9 +382,19 @@ impl Runs {
         for id in &firing.cancelled {
             tracing::info!(message = "run cancelled by a schedule's cancel_other", run_id = %id, job = %key.job, schedule = %key.schedule);
             self.events.publish(*id, RunEventKind::Status);
+            // A running one ends through its attempt; only a waiting one ends here.
+            if let Some(observer) = &self.observer
+                && let Ok(Some(run)) = self.store.get_run(*id).await
+                && observe::cancelled_waiting(&run)
+            {
+                observer.run_ended(&run);
+            }
         }
         if let FireResult::Fired(_) = firing.result {
             self.outbox.notify_one();
+            if let Some(observer) = &self.observer {
+                observer.run_accepted(&new.job, &new.trigger);
+            }
         }
         Ok(firing.result)
     }
@@ -390,13 +413,17 @@ impl Runs {
             .await?;
         if let FireResult::Fired(_) = result {
             self.outbox.notify_one();
+            if let Some(observer) = &self.observer {
+                observer.run_accepted(&new.job, &new.trigger);
+            }
         }
         Ok(result)
     }
 
     /// Cancel: a queued run is final at once; a running one is stopped by its worker.
     pub async fn cancel(&self, id: RunId) -> Result<Run, ActionError> {
-        match self.store.cancel(id, Utc::now()).await? {
+        let result = self.store.cancel(id, Utc::now()).await?;
+        match result {
             CancelResult::UnknownRun => return Err(ActionError::UnknownRun(id)),
             CancelResult::AlreadyFinal(status) => {
                 return Err(ActionError::AlreadyFinal { id, status });
@@ -409,7 +436,11 @@ impl Runs {
             }
         }
         self.events.publish(id, RunEventKind::Status);
-        self.get(id).await?.ok_or(ActionError::UnknownRun(id))
+        let run = self.get(id).await?.ok_or(ActionError::UnknownRun(id))?;
+        if let (CancelResult::Cancelled, Some(observer)) = (&result, &self.observer) {
+            observer.run_ended(&run);
+        }
+        Ok(run)
     }
 
     /// A person's new attempt of a failed, timed-out or lost run.

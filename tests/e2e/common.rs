@@ -119,6 +119,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "TASUKI_WORKER_TOKEN",
     "TASUKI_WORKER_TOKENS",
     "TASUKI_INSECURE_NO_AUTH",
+    "TASUKI_METRICS_LISTEN",
 ];
 
 impl Process {

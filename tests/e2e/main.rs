@@ -15,6 +15,7 @@ mod faults;
 mod hardening;
 mod hooks;
 mod limits;
+mod metrics;
 mod registry;
 mod retention;
 mod schedules;

@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use self::attempt::container_name;
+use crate::domain::observe::{NoObserver, WorkerObserver};
 use crate::domain::ports::{
     ClaimResult, ContainerRuntime, ControlError, ControlPlane, DeliverySource, RunMessage,
 };
@@ -77,6 +78,8 @@ pub struct Worker {
     config: WorkerConfig,
     /// Attempts this process is working on; reconciliation leaves them alone.
     active: Mutex<HashSet<(RunId, u32)>>,
+    /// Told how many slots are busy whenever that changes (the metrics).
+    observer: Arc<dyn WorkerObserver>,
 }
 
 /// Exponential backoff for talking to things that are down.
@@ -127,22 +130,34 @@ impl Worker {
             runtime,
             config,
             active: Mutex::new(HashSet::new()),
+            observer: Arc::new(NoObserver),
         }
+    }
+
+    /// Who is told how many slots are busy (nobody otherwise).
+    pub fn with_observer(mut self, observer: Arc<dyn WorkerObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// A slot is busy from the moment a delivery is being claimed to the end of its
+    /// attempt; an adopted container takes one too.
+    fn report_slots(&self, busy: usize) {
+        self.observer.slots(busy, self.config.concurrency.max(1));
     }
 
     /// Mark an attempt as ours in this process; false if it already was.
     fn activate(&self, key: (RunId, u32)) -> bool {
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key)
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let added = active.insert(key);
+        self.report_slots(active.len());
+        added
     }
 
     fn deactivate(&self, key: (RunId, u32)) {
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.remove(&key);
+        self.report_slots(active.len());
     }
 
     fn is_active(&self, key: (RunId, u32)) -> bool {
@@ -164,6 +179,7 @@ impl Worker {
     /// drain timeout.
     pub async fn run(self, mut source: Box<dyn DeliverySource>, shutdown: CancellationToken) {
         let this = Arc::new(self);
+        this.report_slots(0);
         let slots = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
         let running = TaskTracker::new();
         let mut backoff = Backoff::new();

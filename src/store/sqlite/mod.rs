@@ -5,6 +5,7 @@
 
 mod admission;
 mod callbacks;
+mod gauges;
 mod leases;
 mod outbox;
 mod replies;

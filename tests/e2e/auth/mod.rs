@@ -34,7 +34,7 @@ fn jobs_dir(dir: &Path) -> PathBuf {
 }
 
 /// `tasuki token create`: the token's value, and the config lines it says to paste.
-fn create_token(name: &str, scopes: &[&str], worker: bool) -> (String, String) {
+pub(crate) fn create_token(name: &str, scopes: &[&str], worker: bool) -> (String, String) {
     let mut command = Command::new(BIN);
     command.args(["token", "create", "--name", name]);
     for scope in scopes {
