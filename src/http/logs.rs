@@ -36,8 +36,9 @@ struct LogQuery {
     #[param(minimum = 1)]
     attempt: Option<u32>,
     /// Skip this many bytes of the attempt's log (to resume a broken stream).
-    #[serde(default)]
-    offset: u64,
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
+    offset: Option<u64>,
 }
 
 const LOG_READ: usize = 256 * 1024;
@@ -78,12 +79,18 @@ async fn get_logs(
     let body = if query.follow {
         // Given back when the stream ends or the client goes away (the body is dropped).
         let hold = state.limits.holds().take(&who)?;
-        Body::from_stream(follow(state, hold, id, fixed_attempt, query.offset))
+        Body::from_stream(follow(
+            state,
+            hold,
+            id,
+            fixed_attempt,
+            query.offset.unwrap_or(0),
+        ))
     } else {
         // Streamed in pieces, so a large log never sits whole in memory.
         let attempt = fixed_attempt.unwrap_or(run.attempt);
         let runs = state.runs.clone();
-        let pieces = futures::stream::unfold(Some(query.offset), move |at| {
+        let pieces = futures::stream::unfold(Some(query.offset.unwrap_or(0)), move |at| {
             let runs = runs.clone();
             async move {
                 let at = at?;

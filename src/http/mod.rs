@@ -10,6 +10,7 @@ mod jobs;
 pub mod limits;
 mod logs;
 mod openapi;
+mod query;
 mod runs;
 mod schedules;
 mod serve;

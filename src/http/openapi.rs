@@ -22,6 +22,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use crate::domain::callback::EVENTS;
+use crate::domain::run::RunStatus;
 use crate::protocol::api::ErrorBodyV1;
 
 /// The security scheme's name in the document (also spelled in `security(..)`).
@@ -123,6 +124,15 @@ pub(super) fn param_values() -> Schema {
         .description(Some(
             "The job's parameters by name: strings, numbers or booleans",
         ))
+        .into()
+}
+
+/// `GET /v1/runs?status=`: a status, or empty for any.
+pub(super) fn status_filter() -> Schema {
+    let statuses = RunStatus::ALL.iter().map(|s| s.as_str()).chain([""]);
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(statuses))
         .into()
 }
 

@@ -56,6 +56,7 @@ pub(super) struct CreateRun {
 struct CallbackRequest {
     /// Where the signed `run.finished` event is posted; an address the server's
     /// callback guard refuses is answered 422 `invalid_callback`.
+    #[schema(format = "uri", pattern = "^https?://")]
     url: String,
     /// Only `finished` so far.
     #[serde(default)]
@@ -69,6 +70,8 @@ pub(super) struct WaitQuery {
     /// Hold the answer up to this many seconds (at most a day) until the run is final:
     /// 200 with the final run, else 202 with the run as it is. Takes one of the
     /// caller's holds (`limits.max_holds_per_token`) meanwhile.
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     pub(super) wait: Option<u64>,
 }
 
@@ -146,12 +149,12 @@ pub struct RunRequestBody {
     pub callback: Option<CallbackTarget>,
 }
 
-/// Read the body of `POST /v1/jobs/{job}/runs`: empty (or only whitespace) asks for
-/// nothing, else a JSON object `{"params":{..},"callback":{..}}`; 400 for what is not
+/// Read the body of `POST /v1/jobs/{job}/runs`: empty (or only whitespace, or JSON
+/// `null`) asks for nothing, else a JSON object `{"params":{..},"callback":{..}}`; 400 for what is not
 /// that, 422 for a parameter or callback event it cannot take. Pure, so the fuzz target
 /// `create_run_body` reaches it.
 pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(RunRequestBody {
             params: BTreeMap::new(),
             callback: None,
@@ -184,7 +187,8 @@ pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
     operation_id = "create_run",
     params(
         ("job" = String, Path, description = "The job's name"),
-        ("Idempotency-Key" = Option<String>, Header,
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            pattern = r"^[!-~]([\t -~]*[!-~])?$",
             description = "1 to 255 visible ASCII characters: a repeat within 24 h answers with the first run"),
         WaitQuery,
     ),
@@ -478,8 +482,8 @@ async fn get_run(
 struct ListQuery {
     /// Only this job's runs.
     job: Option<String>,
-    /// Only runs in this status.
-    #[param(value_type = Option<crate::protocol::api::RunStatusV1>)]
+    /// Only runs in this status (empty: any).
+    #[param(schema_with = super::openapi::status_filter)]
     status: Option<String>,
     /// At most this many (1 to 1000; 50 when absent).
     #[param(minimum = 1, maximum = 1000)]

@@ -109,8 +109,12 @@ struct SlotsQuery {
     schedule: Option<String>,
     /// At most this many recorded slots, newest first (100 when absent; 0 counts as 1,
     /// over 1000 as 1000).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     limit: Option<u32>,
-    /// Planned slots per schedule (default 5).
+    /// Planned slots per schedule (5 when absent, at most 100).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     next: Option<usize>,
 }
 
@@ -171,6 +175,8 @@ async fn list_slots(
 #[serde(deny_unknown_fields)]
 struct NextQuery {
     /// Planned slots per schedule (5 when absent, at most 100).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     next: Option<usize>,
 }
 
@@ -209,12 +215,12 @@ async fn list_schedules(
     }))
 }
 
-/// An optional JSON body: empty is the default.
+/// An optional JSON body: empty (or `null`) is the default.
 fn optional_body<T: Default + serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
     let body = body?;
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(T::default());
     }
     serde_json::from_slice(&body)

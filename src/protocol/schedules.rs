@@ -169,7 +169,9 @@ pub struct PauseRequestV1 {
 #[serde(deny_unknown_fields)]
 pub struct BackfillRequestV1 {
     /// RFC 3339; slots whose fire time is in `[from, to]`.
+    #[schema(format = DateTime)]
     pub from: String,
+    #[schema(format = DateTime)]
     pub to: String,
 }
 
