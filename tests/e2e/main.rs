@@ -14,6 +14,7 @@ mod faults;
 mod hardening;
 mod hooks;
 mod limits;
+mod openapi;
 mod registry;
 mod retention;
 mod schedules;
