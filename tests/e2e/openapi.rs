@@ -177,17 +177,17 @@ async fn schemathesis_finds_nothing() {
         .rev()
         .find(|l| l.starts_with('='))
         .unwrap_or("(no summary line)");
-    eprintln!("schemathesis: {summary}");
+    let tested = stdout
+        .lines()
+        .find(|l| l.contains(" generated, "))
+        .unwrap_or_default();
+    eprintln!("schemathesis: {} / {summary}", tested.trim());
     assert!(
         out.status.success(),
         "schemathesis found problems:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // It really tested: cases generated, none failed.
-    let tested = stdout
-        .lines()
-        .find(|l| l.contains(" generated, "))
-        .unwrap_or_default();
     assert!(
         tested.contains(" passed") && !tested.starts_with("  0 generated"),
         "{stdout}"
