@@ -150,8 +150,11 @@ async fn schemathesis_finds_nothing() {
     let run = tokio::task::spawn_blocking({
         let url = format!("{}/v1/openapi.json", server.url);
         let report = report.clone();
+        // Its cache of found crashes goes to the working directory: the test's own.
+        let cwd = dir.path().to_owned();
         move || {
             Command::new(schemathesis)
+                .current_dir(cwd)
                 .arg("--config-file")
                 .arg(config)
                 .args(["run", &url, "--checks", "all", "--no-color"])
