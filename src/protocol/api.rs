@@ -512,7 +512,10 @@ mod tests {
             (ParamTooLarge, "param_too_large"),
             (RequestTimeout, "request_timeout"),
         ];
+        // The schema's `enum` is `KNOWN`: every code, no other.
+        assert_eq!(ErrorCodeV1::KNOWN.len(), codes.len());
         for (code, text) in codes {
+            assert!(ErrorCodeV1::KNOWN.contains(&code), "{text} is not in KNOWN");
             assert_eq!(code.as_str(), text);
             assert_eq!(ErrorCodeV1::from(text.to_owned()), code);
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{text}\""));
