@@ -6,6 +6,7 @@
 #   - docker-registry and htpasswd (apache2-utils) for the private registry tests
 #   - systemd-analyze, docker-compose and kubernetes-validate for the deploy/ checks
 #   - promtool (Debian's prometheus package; its server stays stopped) for the metrics tests
+#   - schemathesis (PyPI, pinned, in a venv) for the OpenAPI fuzz test
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -148,6 +149,30 @@ ensure_promtool() {
   return "$installed"
 }
 
+# The OpenAPI test runs schemathesis against a live `serve`; it finds it through
+# TASUKI_SCHEMATHESIS. Pinned, in its own venv, so its dependencies meet nothing else.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/tasuki-venv-openapi
+ensure_schemathesis() {
+  local bin="$SCHEMATHESIS_VENV/bin/schemathesis"
+  if [ -x "$bin" ] && "$SCHEMATHESIS_VENV/bin/pip" show schemathesis 2>/dev/null | grep -qx "Version: $SCHEMATHESIS_VERSION"; then
+    export TASUKI_SCHEMATHESIS="$bin"
+    return
+  fi
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    log "installing python3-venv"
+    apt_install python3-venv
+  fi
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+  if [ ! -w "$(dirname "$SCHEMATHESIS_VENV")" ] && [ ! -w "$SCHEMATHESIS_VENV" ]; then
+    as_root mkdir -p "$SCHEMATHESIS_VENV"
+    as_root chown "$(id -u):$(id -g)" "$SCHEMATHESIS_VENV"
+  fi
+  python3 -m venv "$SCHEMATHESIS_VENV"
+  "$SCHEMATHESIS_VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+  export TASUKI_SCHEMATHESIS="$bin"
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_openssl
@@ -156,6 +181,7 @@ ensure_standardwebhooks
 ensure_registry
 ensure_deploy_tools
 ensure_promtool
+ensure_schemathesis
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 

@@ -1,6 +1,6 @@
 //! Who is calling and what they may do. [`authenticate`] turns the bearer token of every
 //! request into a `Principal` in its extensions (and a span naming the token), except
-//! where a door is open: `/healthz`, `/v1/hooks/*` (signed deliveries, checked there),
+//! where a door is open: `/healthz`, `/v1/openapi.json`, `/v1/hooks/*` (signed deliveries, checked there),
 //! and `/readyz`/`/metrics` when `[auth]` opens them. Worker tokens open `/v1/worker/*`
 //! and nothing else; API tokens open everything but that. Handlers then ask
 //! [`authorize`]: out of scope is 403 when the caller may read the job, else the very
@@ -66,7 +66,8 @@ impl Auth {
 
     fn door(&self, path: &str) -> Door {
         match path {
-            "/healthz" => Door::Open,
+            // The API's description holds no data.
+            "/healthz" | "/v1/openapi.json" => Door::Open,
             "/readyz" if self.open_readyz => Door::Open,
             "/metrics" if self.open_metrics => Door::Open,
             _ if path.starts_with("/v1/hooks/") => Door::Open,

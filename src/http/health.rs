@@ -1,25 +1,80 @@
 use std::sync::atomic::Ordering;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use crate::protocol::api::{ErrorCodeV1, ErrorV1};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// `/healthz`: `{"status":"ok"}` while the process serves.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(pattern = "^ok$")]
+    status: &'static str,
 }
 
+/// Alive: the process answers. No token, never rate limited.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    security(()),
+    responses((status = 200, description = "The process serves", body = Health)),
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// `/readyz` when ready: `{"status":"ready","checks":{...}}`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Describes the JSON `readyz` writes; never built.
+struct Ready {
+    #[schema(pattern = "^ready$")]
+    status: String,
+    /// Per dependency (`store`, `broker`, `docker` when this process runs containers):
+    /// `ok`, or what failed; `outbox`: runs accepted but not yet confirmed by the broker.
+    checks: Object,
+}
+
+/// `/readyz` when not: the checks, and an `error` naming what is not ready.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Describes the JSON `readyz` writes; never built.
+struct NotReady {
+    #[schema(pattern = "^not_ready$")]
+    status: String,
+    checks: Object,
+    error: ErrorV1,
+}
+
+/// Any JSON object.
+type Object = std::collections::BTreeMap<String, serde_json::Value>;
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    // A token unless `[auth] open_readyz`.
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Ready", body = Ready),
+        (status = 503, description = "Not ready (`not_ready`): a dependency fails, or the server is shutting down", body = NotReady),
+    ),
+)]
 /// Ready when the store, the broker and (if this process runs containers) Docker answer;
 /// otherwise 503 naming what is not.
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -3,13 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
 use chrono::Utc;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -18,16 +16,48 @@ use super::limits::Caller;
 use super::runs::{WaitQuery, finish_waiting, hold};
 use super::{ApiError, AppState};
 use crate::domain::run::Trigger;
-use crate::protocol::api::ErrorCodeV1;
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, RunV1};
 use crate::service::runs::{AcceptError, MAX_IDEMPOTENCY_KEY_LEN, RequestKey};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/hooks/{job}", post(deliver))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(deliver))
 }
 
 /// What every refused signature hears; the precise reason goes to the log only.
 const UNAUTHORIZED: &str = "webhook signature missing or invalid";
 
+/// A signed delivery: no token, the job's `[webhook]` secret instead. Answers as
+/// `POST /v1/jobs/{job}/runs` does.
+#[utoipa::path(
+    post,
+    path = "/v1/hooks/{job}",
+    tag = "hooks",
+    operation_id = "deliver_webhook",
+    security(()),
+    params(
+        ("job" = String, Path, description = "The job's name; its file has a `[webhook]` table"),
+        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub's signature (`scheme = \"github\"`)"),
+        ("webhook-id" = Option<String>, Header, description = "Standard Webhooks: the delivery id (also the idempotency key)"),
+        ("webhook-timestamp" = Option<String>, Header, description = "Standard Webhooks: seconds since the epoch"),
+        ("webhook-signature" = Option<String>, Header, description = "Standard Webhooks: `v1,<base64>` signatures"),
+        super::runs::WaitQuery,
+    ),
+    request_body(content = Object, content_type = "application/json",
+        description = "The sender's JSON; the job's `params_from` pointers pick its parameters"),
+    responses(
+        (status = 200, description = "The run, final within `wait`", body = RunV1),
+        (status = 202, description = "The run, accepted (or the first run of a redelivery)", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, description = "A body that is not JSON, a query that cannot be read, or a delivery id over 255 characters", body = ErrorBodyV1),
+        (status = 401, description = "The signature is missing or invalid (`unauthorized`); always the same body", body = ErrorBodyV1),
+        (status = 404, description = "No such job, or one without a `[webhook]` table (`unknown_job`)", body = ErrorBodyV1),
+        (status = 409, description = "The delivery's first request is still being accepted", body = ErrorBodyV1),
+        (status = 413, description = "A parameter over `limits.max_param_bytes` (`param_too_large`)", body = ErrorBodyV1),
+        (status = 422, description = "Parameters the job refuses, or a redelivery with another body", body = ErrorBodyV1),
+    ),
+)]
 async fn deliver(
     State(state): State<AppState>,
     Caller(caller): Caller,

@@ -1,34 +1,31 @@
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Extension, Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{Target, authorize, require_admin};
 use super::{ApiError, AppState};
 use crate::domain::auth::{Action, Principal};
 use crate::domain::job::JobSpec;
 use crate::domain::schedule::{Rule, ScheduleSpec};
-use crate::protocol::api::{ErrorCodeV1, ReloadSummaryV1};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, ReloadSummaryV1};
 use crate::protocol::schedules::PlannedSlotV1;
 use crate::service::audit::{self, AuditAction, AuditEvent, AuditOutcome};
 use crate::service::scheduler::ScheduleError;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs", get(list_jobs))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs))
         // A job may be named `reload`: GET still shows it.
-        .route(
-            "/v1/jobs/reload",
-            post(reload).get(|state: State<AppState>, caller: Extension<Principal>| {
-                get_job(state, caller, Path("reload".to_owned()))
-            }),
-        )
-        .route("/v1/jobs/{job}", get(get_job))
+        .routes(routes!(reload, get_job_named_reload))
+        .routes(routes!(get_job))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ParamView {
     required: bool,
     default: Option<String>,
@@ -37,7 +34,7 @@ struct ParamView {
     description: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ResourcesView {
     cpu: Option<u32>,
     cpu_limit: Option<f64>,
@@ -45,7 +42,7 @@ struct ResourcesView {
 }
 
 /// The hardening a job's containers run with (what is not listed is dropped or off).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ContainerView {
     capabilities: Vec<&'static str>,
     pids_limit: Option<u32>,
@@ -53,14 +50,14 @@ struct ContainerView {
     mounts: Vec<MountView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct MountView {
     source: String,
     target: String,
     read_only: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct JobView {
     name: String,
     description: Option<String>,
@@ -76,7 +73,7 @@ struct JobView {
     max_concurrent: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ScheduleView {
     name: String,
     /// Set for a cron rule ...
@@ -198,12 +195,19 @@ impl From<&JobSpec> for JobView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct JobList {
     jobs: Vec<JobView>,
 }
 
 /// `GET /v1/jobs`: the jobs the caller may read.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    operation_id = "list_jobs",
+    responses((status = 200, description = "The jobs the token may read", body = JobList)),
+)]
 async fn list_jobs(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -219,6 +223,17 @@ async fn list_jobs(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}",
+    tag = "jobs",
+    operation_id = "get_job",
+    params(("job" = String, Path, description = "The job's name")),
+    responses(
+        (status = 200, description = "The job, with its schedules' state and next fire times", body = JobView),
+        (status = 404, description = "No such job, or one the token may not read (`unknown_job`)", body = ErrorBodyV1),
+    ),
+)]
 async fn get_job(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -256,11 +271,41 @@ async fn get_job(
     Ok(Json(view))
 }
 
+/// `GET /v1/jobs/reload`: the job named `reload`, as `GET /v1/jobs/{job}` shows it
+/// (the name is taken by `POST /v1/jobs/reload`, but a job may still have it).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/reload",
+    tag = "jobs",
+    operation_id = "get_job_named_reload",
+    responses(
+        (status = 200, description = "The job named `reload`", body = JobView),
+        (status = 404, description = "No job named `reload`, or the token may not read it (`unknown_job`)", body = ErrorBodyV1),
+    ),
+)]
+async fn get_job_named_reload(
+    state: State<AppState>,
+    caller: Extension<Principal>,
+) -> Result<Json<JobView>, ApiError> {
+    get_job(state, caller, Path("reload".to_owned())).await
+}
+
 /// Next fire times shown per schedule by `GET /v1/jobs/{job}`.
 const NEXT_FIRE_TIMES: usize = 5;
 
 /// `POST /v1/jobs/reload`: read the job and calendar files again. 200 with what changed,
 /// or 422 `invalid_job_files` with every problem (the running jobs stay).
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/reload",
+    tag = "jobs",
+    operation_id = "reload_jobs",
+    responses(
+        (status = 200, description = "The files were read; what changed", body = ReloadSummaryV1),
+        (status = 403, description = "The token has no `admin` scope (`forbidden`)", body = ErrorBodyV1),
+        (status = 422, description = "The files have errors, each in `details`; the running jobs stay (`invalid_job_files`)", body = ErrorBodyV1),
+    ),
+)]
 async fn reload(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

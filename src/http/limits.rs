@@ -98,7 +98,7 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 /// probe must not fail because anonymous callers used up the anonymous budget), and
 /// the worker protocol, whose rate grows with a worker's running containers and which
 /// has its own token.
-fn exempt(path: &str) -> bool {
+pub(super) fn exempt(path: &str) -> bool {
     path == "/healthz" || path == "/readyz" || path.starts_with("/v1/worker/")
 }
 

@@ -2,43 +2,62 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use axum::routing::get;
 use serde::Deserialize;
 use tokio::sync::broadcast;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::limits::{Caller, HoldGuard};
 use super::runs::find_run;
 use super::{ApiError, AppState};
 use crate::domain::auth::{Action, Principal};
 use crate::domain::run::RunId;
-use crate::protocol::api::ErrorCodeV1;
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
 use crate::service::audit::AuditAction;
 use crate::service::events::RunEventKind;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/runs/{id}/logs", get(get_logs))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_logs))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
+    /// Stream until the run is final (takes one of the caller's holds meanwhile).
     #[serde(default)]
     follow: bool,
+    /// This attempt's log (from 1); the run's current attempt when absent.
+    #[param(minimum = 1)]
     attempt: Option<u32>,
     /// Skip this many bytes of the attempt's log (to resume a broken stream).
-    #[serde(default)]
-    offset: u64,
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
+    offset: Option<u64>,
 }
 
 const LOG_READ: usize = 256 * 1024;
 
 /// `GET /v1/runs/{id}/logs[?follow=true][&attempt=N]`: output as text/plain, bytes as
 /// the container wrote them. Following streams until the run is final.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/logs",
+    tag = "logs",
+    operation_id = "get_logs",
+    params(("id" = String, Path, description = "The run's id"), LogQuery),
+    responses(
+        (status = 200, description = "The attempt's output as the container wrote it (stdout and stderr interleaved)",
+            content_type = "text/plain; charset=utf-8", body = String),
+        (status = 400, description = "A query that cannot be read", body = ErrorBodyV1),
+        (status = 404, description = "No such run (`unknown_run`, also for one the token may not read) or attempt (`unknown_attempt`)", body = ErrorBodyV1),
+    ),
+)]
 async fn get_logs(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -60,12 +79,18 @@ async fn get_logs(
     let body = if query.follow {
         // Given back when the stream ends or the client goes away (the body is dropped).
         let hold = state.limits.holds().take(&who)?;
-        Body::from_stream(follow(state, hold, id, fixed_attempt, query.offset))
+        Body::from_stream(follow(
+            state,
+            hold,
+            id,
+            fixed_attempt,
+            query.offset.unwrap_or(0),
+        ))
     } else {
         // Streamed in pieces, so a large log never sits whole in memory.
         let attempt = fixed_attempt.unwrap_or(run.attempt);
         let runs = state.runs.clone();
-        let pieces = futures::stream::unfold(Some(query.offset), move |at| {
+        let pieces = futures::stream::unfold(Some(query.offset.unwrap_or(0)), move |at| {
             let runs = runs.clone();
             async move {
                 let at = at?;

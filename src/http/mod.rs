@@ -10,6 +10,8 @@ mod jobs;
 pub mod limits;
 mod logs;
 pub mod metrics;
+mod openapi;
+mod query;
 mod runs;
 mod schedules;
 mod serve;
@@ -23,8 +25,10 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
+pub use openapi::document as openapi_document;
 pub use runs::{RunRequestBody, parse_create_run};
 pub use serve::{ConnectionLimits, serve};
 pub use tls::{TlsError, load_tls};
@@ -62,19 +66,28 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// The whole API. The rate limit reads the caller's `Principal`, so whatever puts it in
-/// the request's extensions (authentication) must be a layer outside it (added later).
-pub fn router(state: AppState) -> Router {
-    let limits = state.limits.clone();
-    let authenticate = axum::middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
-    let timed = axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::time_requests);
-    Router::new()
+/// Every route of the public API, with its OpenAPI operation: what `/v1/openapi.json`
+/// describes. The worker protocol is not part of it.
+fn public_api() -> OpenApiRouter<AppState> {
+    openapi::base()
         .merge(runs::router())
         .merge(logs::router())
         .merge(hooks::router())
         .merge(jobs::router())
         .merge(schedules::router())
         .merge(health::router())
+        .merge(openapi::router())
+}
+
+/// The whole API. The rate limit reads the caller's `Principal`, so whatever puts it in
+/// the request's extensions (authentication) must be a layer outside it (added later).
+pub fn router(state: AppState) -> Router {
+    let limits = state.limits.clone();
+    let authenticate = axum::middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
+    let timed = axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::time_requests);
+    let (public, _) = public_api().split_for_parts();
+    Router::new()
+        .merge(public)
         .merge(worker::router())
         .merge(metrics::router())
         .fallback(error::not_found)

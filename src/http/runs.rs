@@ -1,14 +1,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{Target, audit_done, authorize};
 use super::limits::{Caller, HoldGuard};
@@ -18,44 +20,58 @@ use crate::domain::callback::{CallbackTarget, EVENTS, Redelivery};
 use crate::domain::ports::RunFilter;
 use crate::domain::reply::Requester;
 use crate::domain::run::{Run, RunId, RunStatus};
-use crate::protocol::api::{ErrorCodeV1, RunV1};
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1, RunV1};
 use crate::service::audit::AuditAction;
 use crate::service::runs::{Accepted, MAX_IDEMPOTENCY_KEY_LEN};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs/{job}/runs", post(create_run))
-        .route("/v1/runs", get(list_runs))
-        .route("/v1/runs/{id}", get(get_run))
-        .route("/v1/runs/{id}/cancel", post(cancel_run))
-        .route("/v1/runs/{id}/retry", post(retry_run))
-        .route("/v1/runs/{id}/callbacks/redeliver", post(redeliver))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_run))
+        .routes(routes!(list_runs))
+        .routes(routes!(get_run))
+        .routes(routes!(cancel_run))
+        .routes(routes!(retry_run))
+        .routes(routes!(redeliver))
 }
 
 /// The longest `?wait=` honoured, in seconds.
 const MAX_WAIT_SECS: u64 = 24 * 3600;
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/jobs/{job}/runs`; an empty body asks for nothing.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRun {
+pub(super) struct CreateRun {
+    /// The job's parameters; each reaches the job as text.
     #[serde(default)]
+    #[schema(schema_with = super::openapi::param_values)]
     params: BTreeMap<String, serde_json::Value>,
     /// Where this run announces its end, instead of its job's `[callback]`.
     #[serde(default, deserialize_with = "crate::protocol::request::object")]
     callback: Option<CallbackRequest>,
 }
 
-#[derive(Deserialize)]
+/// A run's own completion callback.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CallbackRequest {
+    /// Where the signed `run.finished` event is posted; an address the server's
+    /// callback guard refuses is answered 422 `invalid_callback`.
+    #[schema(format = "uri", pattern = "^https?://")]
     url: String,
     /// Only `finished` so far.
     #[serde(default)]
+    #[schema(schema_with = super::openapi::callback_events)]
     events: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct WaitQuery {
+    /// Hold the answer up to this many seconds (at most a day) until the run is final:
+    /// 200 with the final run, else 202 with the run as it is. Takes one of the
+    /// caller's holds (`limits.max_holds_per_token`) meanwhile.
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     pub(super) wait: Option<u64>,
 }
 
@@ -133,12 +149,12 @@ pub struct RunRequestBody {
     pub callback: Option<CallbackTarget>,
 }
 
-/// Read the body of `POST /v1/jobs/{job}/runs`: empty (or only whitespace) asks for
-/// nothing, else a JSON object `{"params":{..},"callback":{..}}`; 400 for what is not
+/// Read the body of `POST /v1/jobs/{job}/runs`: empty (or only whitespace, or JSON
+/// `null`) asks for nothing, else a JSON object `{"params":{..},"callback":{..}}`; 400 for what is not
 /// that, 422 for a parameter or callback event it cannot take. Pure, so the fuzz target
 /// `create_run_body` reaches it.
 pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(RunRequestBody {
             params: BTreeMap::new(),
             callback: None,
@@ -164,6 +180,32 @@ pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
 
 /// `POST /v1/jobs/{job}/runs`. The body is optional and read as JSON whatever its
 /// content type says, since `curl -d` sends a form type.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/runs",
+    tag = "runs",
+    operation_id = "create_run",
+    params(
+        ("job" = String, Path, description = "The job's name"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            pattern = r"^[!-~]([\t -~]*[!-~])?$",
+            description = "1 to 255 visible ASCII characters: a repeat within 24 h answers with the first run"),
+        WaitQuery,
+    ),
+    request_body(content = Option<CreateRun>, content_type = "application/json",
+        description = "Parameters and a callback; may be empty. Read as JSON whatever its content type."),
+    responses(
+        (status = 200, description = "The run, final within `wait`", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 202, description = "The run, accepted (or an earlier run of the same idempotency key)", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, description = "A body, query or Idempotency-Key that cannot be read", body = ErrorBodyV1),
+        (status = 404, description = "No such job, or one the token may not read (`unknown_job`)", body = ErrorBodyV1),
+        (status = 409, description = "The idempotency key's first request is still being accepted", body = ErrorBodyV1),
+        (status = 413, description = "A parameter over `limits.max_param_bytes` (`param_too_large`)", body = ErrorBodyV1),
+        (status = 422, description = "Parameters the job refuses, a refused callback, or a reused idempotency key with another body", body = ErrorBodyV1),
+    ),
+)]
 async fn create_run(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -250,6 +292,19 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// `POST /v1/runs/{id}/cancel`
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/cancel",
+    tag = "runs",
+    operation_id = "cancel_run",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "Cancellation asked; the run as it is now", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 404, description = "No such run, or one the token may not read (`unknown_run`)", body = ErrorBodyV1),
+        (status = 409, description = "The run is final already (`run_finished`)", body = ErrorBodyV1),
+    ),
+)]
 async fn cancel_run(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -263,6 +318,19 @@ async fn cancel_run(
 }
 
 /// `POST /v1/runs/{id}/retry`
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/retry",
+    tag = "runs",
+    operation_id = "retry_run",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "Another attempt queued; the run as it is now", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 404, description = "No such run, or one the token may not read (`unknown_run`)", body = ErrorBodyV1),
+        (status = 409, description = "The run may not be retried (`not_retryable`): not final, or it succeeded", body = ErrorBodyV1),
+    ),
+)]
 async fn retry_run(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -296,6 +364,19 @@ fn callback_target(raw: CallbackRequest) -> Result<CallbackTarget, ApiError> {
 
 /// `POST /v1/runs/{id}/callbacks/redeliver`: the run's callbacks are due again now
 /// (given up or delivered ones too), with their original event ids.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/callbacks/redeliver",
+    tag = "runs",
+    operation_id = "redeliver_callbacks",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "The run's callbacks are due again; the run", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 404, description = "No such run, or one the token may not read (`unknown_run`)", body = ErrorBodyV1),
+        (status = 409, description = "No callback to deliver: none, or the run is not final yet (`no_callback`)", body = ErrorBodyV1),
+    ),
+)]
 async fn redeliver(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -366,6 +447,20 @@ pub(super) async fn finish_waiting(
 }
 
 /// `GET /v1/runs/{id}`, with an optional `?wait=SECONDS` long poll.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    operation_id = "get_run",
+    params(("id" = String, Path, description = "The run's id"), WaitQuery),
+    responses(
+        (status = 200, description = "The run (final, when `wait` was given and it ended in time)", body = RunV1),
+        (status = 202, description = "`wait` passed before the run ended: the run as it is", body = RunV1,
+            headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, description = "A query that cannot be read", body = ErrorBodyV1),
+        (status = 404, description = "No such run, or one the token may not read (`unknown_run`)", body = ErrorBodyV1),
+    ),
+)]
 async fn get_run(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -382,20 +477,37 @@ async fn get_run(
     Ok((StatusCode::OK, Json(RunV1::from(run))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only this job's runs.
     job: Option<String>,
+    /// Only runs in this status (empty: any).
+    #[param(schema_with = super::openapi::status_filter)]
     status: Option<String>,
+    /// At most this many (1 to 1000; 50 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RunList {
     runs: Vec<RunV1>,
 }
 
 /// `GET /v1/runs?job=&status=&limit=`, newest first: only runs of jobs the caller
 /// may read.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    operation_id = "list_runs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Runs of jobs the token may read, newest first", body = RunList),
+        (status = 400, description = "A query that cannot be read, an unknown status, or a limit out of range", body = ErrorBodyV1),
+    ),
+)]
 async fn list_runs(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -424,4 +536,22 @@ async fn list_runs(
     Ok(Json(RunList {
         runs: runs.into_iter().map(RunV1::from).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// schemathesis sent `null` for the optional body (the schema allows no body) and
+    /// got a 400: JSON `null` is "no body", like an empty one.
+    #[test]
+    fn a_null_body_asks_for_nothing() {
+        for body in [&b""[..], b"  ", b"null", b" null\n"] {
+            let read = parse_create_run(body).expect("nothing asked");
+            assert!(read.params.is_empty() && read.callback.is_none());
+        }
+        for body in [&b"nul"[..], b"[null]", b"\"null\"", b"null null"] {
+            assert_eq!(parse_create_run(body).unwrap_err().status, 400);
+        }
+    }
 }

@@ -1,19 +1,20 @@
 //! Schedules at run time: slots, state and next fire times, pause, resume, backfill.
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{Target, audit_done, authorize};
 use super::{ApiError, AppState};
 use crate::domain::auth::{Action, Principal};
-use crate::protocol::api::ErrorCodeV1;
+use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
 use crate::protocol::schedules::{
     BackfillRequestV1, BackfillV1, BackfilledSlotV1, PauseRequestV1, PlannedSlotV1,
     ScheduleStateV1, SchedulesV1, SlotV1, SlotsV1, catch_up_text, overlap_text, rule_text,
@@ -26,13 +27,13 @@ const DEFAULT_NEXT: usize = 5;
 const MAX_NEXT: usize = 100;
 const MAX_SLOTS: u32 = 1000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs/{job}/slots", get(list_slots))
-        .route("/v1/jobs/{job}/schedules", get(list_schedules))
-        .route("/v1/jobs/{job}/schedules/{name}/pause", post(pause))
-        .route("/v1/jobs/{job}/schedules/{name}/resume", post(resume))
-        .route("/v1/jobs/{job}/schedules/{name}/backfill", post(backfill))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_slots))
+        .routes(routes!(list_schedules))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(backfill))
 }
 
 impl From<ScheduleError> for ApiError {
@@ -100,15 +101,35 @@ pub(super) fn state_view(s: &ScheduleState) -> ScheduleStateV1 {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SlotsQuery {
+    /// Only this schedule's slots.
     schedule: Option<String>,
+    /// At most this many recorded slots, newest first (100 when absent; 0 counts as 1,
+    /// over 1000 as 1000).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     limit: Option<u32>,
-    /// Planned slots per schedule (default 5).
+    /// Planned slots per schedule (5 when absent, at most 100).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     next: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/slots",
+    tag = "schedules",
+    operation_id = "list_slots",
+    params(("job" = String, Path, description = "The job's name"), SlotsQuery),
+    responses(
+        (status = 200, description = "The slots the job's schedules accounted for, and the next ones planned", body = SlotsV1),
+        (status = 400, description = "A query that cannot be read", body = ErrorBodyV1),
+        (status = 404, description = "No such job (`unknown_job`, also for one the token may not read) or schedule (`unknown_schedule`)", body = ErrorBodyV1),
+    ),
+)]
 async fn list_slots(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -149,12 +170,28 @@ async fn list_slots(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NextQuery {
+    /// Planned slots per schedule (5 when absent, at most 100).
+    #[serde(default, deserialize_with = "super::query::saturating")]
+    #[param(schema_with = super::query::count)]
     next: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/schedules",
+    tag = "schedules",
+    operation_id = "list_schedules",
+    params(("job" = String, Path, description = "The job's name"), NextQuery),
+    responses(
+        (status = 200, description = "The job's schedules as they stand", body = SchedulesV1),
+        (status = 400, description = "A query that cannot be read", body = ErrorBodyV1),
+        (status = 404, description = "No such job (`unknown_job`, also for one the token may not read) or schedule (`unknown_schedule`)", body = ErrorBodyV1),
+    ),
+)]
 async fn list_schedules(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -178,12 +215,12 @@ async fn list_schedules(
     }))
 }
 
-/// An optional JSON body: empty is the default.
+/// An optional JSON body: empty (or `null`) is the default.
 fn optional_body<T: Default + serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
     let body = body?;
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         return Ok(T::default());
     }
     serde_json::from_slice(&body)
@@ -203,6 +240,21 @@ async fn schedule_state(
         .ok_or_else(|| ApiError::internal(format!("schedule {job}/{name} vanished")))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/schedules/{name}/pause",
+    tag = "schedules",
+    operation_id = "pause_schedule",
+    params(("job" = String, Path, description = "The job's name"), ("name" = String, Path, description = "The schedule's name")),
+    request_body(content = Option<PauseRequestV1>, content_type = "application/json",
+        description = "An optional note (at most 1000 bytes); may be empty"),
+    responses(
+        (status = 200, description = "The schedule, paused", body = ScheduleStateV1),
+        (status = 400, description = "A body that cannot be read, or a note over 1000 bytes", body = ErrorBodyV1),
+        (status = 403, description = "The token has no `admin` scope on the job (`forbidden`)", body = ErrorBodyV1),
+        (status = 404, description = "No such job (`unknown_job`, also for one the token may not read) or schedule (`unknown_schedule`)", body = ErrorBodyV1),
+    ),
+)]
 async fn pause(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -229,6 +281,18 @@ async fn pause(
     schedule_state(&state, &job, &name).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/schedules/{name}/resume",
+    tag = "schedules",
+    operation_id = "resume_schedule",
+    params(("job" = String, Path, description = "The job's name"), ("name" = String, Path, description = "The schedule's name")),
+    responses(
+        (status = 200, description = "The schedule, resumed (still paused if `suspended` in its job file)", body = ScheduleStateV1),
+        (status = 403, description = "The token has no `admin` scope on the job (`forbidden`)", body = ErrorBodyV1),
+        (status = 404, description = "No such job (`unknown_job`, also for one the token may not read) or schedule (`unknown_schedule`)", body = ErrorBodyV1),
+    ),
+)]
 async fn resume(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,
@@ -251,6 +315,22 @@ fn instant(field: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/schedules/{name}/backfill",
+    tag = "schedules",
+    operation_id = "backfill_schedule",
+    params(("job" = String, Path, description = "The job's name"), ("name" = String, Path, description = "The schedule's name")),
+    request_body(content = BackfillRequestV1, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the backfill fired, found fired already, and will not fire", body = BackfillV1),
+        (status = 400, description = "A body that cannot be read, or a time that is not RFC 3339", body = ErrorBodyV1),
+        (status = 403, description = "The token has no `admin` scope on the job (`forbidden`)", body = ErrorBodyV1),
+        (status = 404, description = "No such job (`unknown_job`, also for one the token may not read) or schedule (`unknown_schedule`)", body = ErrorBodyV1),
+        (status = 413, description = "A fired slot's parameters over `limits.max_param_bytes` (`param_too_large`), or a body over 1 MiB (`body_too_large`)", body = ErrorBodyV1),
+        (status = 422, description = "A range the backfill cannot take (`bad_request`), or parameters the job refuses (`invalid_params`)", body = ErrorBodyV1),
+    ),
+)]
 async fn backfill(
     State(state): State<AppState>,
     Extension(caller): Extension<Principal>,

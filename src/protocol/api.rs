@@ -8,12 +8,14 @@ use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunStatus};
 
 mod callback;
 mod error;
 mod reply;
+mod schema;
 mod trigger;
 
 pub use callback::CallbackV1;
@@ -22,7 +24,7 @@ pub use reply::ReplyV1;
 pub use trigger::TriggerV1;
 
 /// A run as the API shows it (`GET /v1/runs/{id}` and every answer that carries a run).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct RunV1 {
     pub id: String,
     pub job: String,
@@ -61,7 +63,7 @@ pub struct RunV1 {
 }
 
 /// One attempt in a run's `attempts`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct AttemptV1 {
     pub attempt: u32,
     pub status: RunStatusV1,
@@ -80,7 +82,7 @@ pub struct AttemptV1 {
 }
 
 /// An attempt's resource usage on the wire.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct UsageV1 {
     pub peak_memory_bytes: u64,
     pub cpu_seconds: f64,
@@ -510,7 +512,10 @@ mod tests {
             (ParamTooLarge, "param_too_large"),
             (RequestTimeout, "request_timeout"),
         ];
+        // The schema's `enum` is `KNOWN`: every code, no other.
+        assert_eq!(ErrorCodeV1::KNOWN.len(), codes.len());
         for (code, text) in codes {
+            assert!(ErrorCodeV1::KNOWN.contains(&code), "{text} is not in KNOWN");
             assert_eq!(code.as_str(), text);
             assert_eq!(ErrorCodeV1::from(text.to_owned()), code);
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{text}\""));

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::ports::{SlotOutcome, SlotRecord};
 use crate::domain::schedule::{Moved, PlannedSlot, Rule, ScheduleSpec};
@@ -13,7 +14,7 @@ fn time(t: DateTime<Utc>) -> String {
 }
 
 /// A slot the store accounted for (`GET /v1/jobs/{job}/slots`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SlotV1 {
     pub schedule: String,
     /// The nominal instant: the slot's identity.
@@ -51,7 +52,7 @@ impl From<&SlotRecord> for SlotV1 {
 }
 
 /// A slot planned ahead (or covered by a backfill), in UTC and in the schedule's zone.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct PlannedSlotV1 {
     pub schedule: String,
     pub slot: String,
@@ -94,7 +95,7 @@ impl PlannedSlotV1 {
 }
 
 /// A schedule as it stands (`GET /v1/jobs/{job}/schedules`, pause and resume answers).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ScheduleStateV1 {
     pub name: String,
     /// The cron expression, or `open_days_of_month [1, -1] at 02:30`.
@@ -141,13 +142,13 @@ pub fn catch_up_text(c: crate::domain::schedule::CatchUp) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SchedulesV1 {
     pub job: String,
     pub schedules: Vec<ScheduleStateV1>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SlotsV1 {
     pub job: String,
     /// Newest first.
@@ -157,22 +158,24 @@ pub struct SlotsV1 {
     pub planned: Vec<PlannedSlotV1>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PauseRequestV1 {
     #[serde(default)]
     pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackfillRequestV1 {
     /// RFC 3339; slots whose fire time is in `[from, to]`.
+    #[schema(format = DateTime)]
     pub from: String,
+    #[schema(format = DateTime)]
     pub to: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct BackfilledSlotV1 {
     pub slot: String,
     pub fire_at: String,
@@ -180,7 +183,7 @@ pub struct BackfilledSlotV1 {
     pub run_id: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct BackfillV1 {
     pub job: String,
     pub schedule: String,

@@ -16,6 +16,7 @@ mod hardening;
 mod hooks;
 mod limits;
 mod metrics;
+mod openapi;
 mod registry;
 mod retention;
 mod schedules;

@@ -1,12 +1,13 @@
 //! A run's completion callback deliveries in the run JSON (`callbacks`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::time;
 use crate::domain::callback::CallbackState;
 
 /// One event's delivery to a callback URL, as far as it went.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CallbackV1 {
     pub url: String,
     /// The event type (`run.finished`).

@@ -5,16 +5,17 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Every API error answer: `{"error":{"code":"...","message":"..."}}`, the framework's
 /// own rejections included.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorBodyV1 {
     pub error: ErrorV1,
 }
 
 /// The `error` object of an [`ErrorBodyV1`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorV1 {
     pub code: ErrorCodeV1,
     pub message: String,
@@ -25,7 +26,7 @@ pub struct ErrorV1 {
 }
 
 /// One problem in a file: `{"file","line","field","message"}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorDetailV1 {
     pub file: String,
     pub line: Option<usize>,
@@ -48,7 +49,7 @@ impl fmt::Display for ErrorDetailV1 {
 }
 
 /// `POST /v1/jobs/reload`: what the reload changed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ReloadSummaryV1 {
     /// Goes up by one with each reload that changed something.
     pub generation: u64,
@@ -116,6 +117,37 @@ pub enum ErrorCodeV1 {
 }
 
 impl ErrorCodeV1 {
+    /// Every code this build writes (the schema's `enum`).
+    pub const KNOWN: [ErrorCodeV1; 27] = [
+        ErrorCodeV1::BadRequest,
+        ErrorCodeV1::NotFound,
+        ErrorCodeV1::MethodNotAllowed,
+        ErrorCodeV1::BodyTooLarge,
+        ErrorCodeV1::Internal,
+        ErrorCodeV1::Unavailable,
+        ErrorCodeV1::NotReady,
+        ErrorCodeV1::Rejected,
+        ErrorCodeV1::UnknownJob,
+        ErrorCodeV1::UnknownSchedule,
+        ErrorCodeV1::UnknownRun,
+        ErrorCodeV1::UnknownAttempt,
+        ErrorCodeV1::InvalidParams,
+        ErrorCodeV1::IdempotencyKeyReused,
+        ErrorCodeV1::IdempotencyKeyInFlight,
+        ErrorCodeV1::RunFinished,
+        ErrorCodeV1::NotRetryable,
+        ErrorCodeV1::WorkerApiDisabled,
+        ErrorCodeV1::Unauthorized,
+        ErrorCodeV1::Forbidden,
+        ErrorCodeV1::InvalidJobFiles,
+        ErrorCodeV1::InvalidCallback,
+        ErrorCodeV1::NoCallback,
+        ErrorCodeV1::RateLimited,
+        ErrorCodeV1::TooManyHolds,
+        ErrorCodeV1::ParamTooLarge,
+        ErrorCodeV1::RequestTimeout,
+    ];
+
     pub fn as_str(&self) -> &str {
         match self {
             ErrorCodeV1::BadRequest => "bad_request",

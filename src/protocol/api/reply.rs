@@ -2,13 +2,14 @@
 //! producer that asked for the run over the request queue.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::reply::Reply;
 
 /// `{"to":"amq.gen-...","kind":"finished","state":"sent","tries":1,"last_error":null}`;
 /// `kind` is `accepted` or `finished`, `state` one of `waiting` (the run is not final
 /// yet), `pending`, `sent`, `unroutable` (the reply queue did not exist; not retried).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReplyV1 {
     pub to: String,
     pub kind: String,

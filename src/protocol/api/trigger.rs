@@ -1,6 +1,7 @@
 //! A run's `trigger` in the API's run JSON.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::time;
 use crate::domain::run::Trigger;
@@ -8,7 +9,7 @@ use crate::domain::run::Trigger;
 /// A run's `trigger`: `{"type":"api"}`, `{"type":"webhook"}`, or
 /// `{"type":"schedule","schedule":"nightly","slot":"<RFC 3339 UTC>","business_date":"YYYY-MM-DD"}`.
 /// A type this build does not know (from a newer server) reads as `Unknown`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TriggerV1 {
     #[default]
