@@ -13,6 +13,7 @@ mod runs;
 mod schedules;
 mod serve;
 mod tls;
+mod ui;
 mod worker;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(schedules::router())
         .merge(health::router())
         .merge(worker::router())
+        .merge(ui::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
