@@ -4,6 +4,7 @@
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
 #   - the tasuki-example:latest image (static busybox, built locally)
 #   - docker-registry and htpasswd (apache2-utils) for the private registry tests
+#   - chromium and chromium-driver for the web UI's browser test
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -100,9 +101,20 @@ ensure_openssl() {
   apt_install openssl
 }
 
+# The web UI test drives Debian's Chromium headless through chromedriver. Other jobs
+# on the machine may hold the dpkg lock: wait for it rather than fail.
+ensure_chromium() {
+  if [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/chromium ]; then return; fi
+  log "installing chromium and chromium-driver"
+  if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+    --no-install-recommends chromium chromium-driver >/dev/null
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_openssl
+ensure_chromium
 ensure_busybox
 ensure_standardwebhooks
 ensure_registry

@@ -20,3 +20,4 @@ mod schedules;
 mod secrets;
 mod sessions;
 mod tls;
+mod ui;

@@ -423,7 +423,6 @@ pub async fn start(
             if error.status.is_server_error() {
                 return Err(error.into());
             }
-            let status = error.status;
             let message = match error.details.is_empty() {
                 true => error.message,
                 false => error
@@ -433,10 +432,10 @@ pub async fn start(
                     .collect::<Vec<_>>()
                     .join("; "),
             };
+            // 200: the answer is the form again, with the server's message on it (a 4xx
+            // page load is logged as an error in the browser's console).
             let page = job_page(&state, session, &spec, &params, Some(message)).await?;
-            let mut response = render(&page);
-            *response.status_mut() = status;
-            Ok(response)
+            Ok(render(&page))
         }
     }
 }

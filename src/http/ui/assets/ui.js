@@ -168,6 +168,31 @@
     schedule();
   }
 
+  // ---- one run: its status, facts and attempts drawn again while it is live ------
+  // (the action forms are left alone, so nothing is swapped under a click; the log's
+  // end draws the whole page again).
+  function refreshRun() {
+    var box = document.getElementById("attempts-box");
+    if (!box || box.getAttribute("data-final") === "true") return;
+    var ids = ["run-status", "facts", "attempts-box"];
+    function tick() {
+      fetch(window.location.href, { credentials: "same-origin", cache: "no-store" })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) {
+          var doc = new DOMParser().parseFromString(html, "text/html");
+          ids.forEach(function (id) {
+            var fresh = doc.getElementById(id);
+            var old = document.getElementById(id);
+            if (fresh && old) old.replaceWith(document.importNode(fresh, true));
+          });
+          var now = document.getElementById("attempts-box");
+          if (now && now.getAttribute("data-final") !== "true") setTimeout(tick, 2000);
+        })
+        .catch(function () { setTimeout(tick, 2000); });
+    }
+    setTimeout(tick, 2000);
+  }
+
   function selectAll() {
     var all = document.getElementById("select-all");
     if (!all) return;
@@ -197,6 +222,7 @@
     if (pre && pre.getAttribute("data-stream")) liveLog(pre);
     var table = document.getElementById("runs");
     if (table) refreshRuns(table);
+    refreshRun();
     selectAll();
     patterns();
   });
