@@ -141,3 +141,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Session {
             .ok_or_else(|| Redirect::to("/ui/login").into_response())
     }
 }
+
+#[cfg(test)]
+mod tests;
