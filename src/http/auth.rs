@@ -171,7 +171,7 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
         (Door::Open, _) => nobody(),
         (Door::Ui, _) => match super::ui::session::admit(&auth.ui, auth.is_open(), &mut request) {
             Ok(principal) => principal,
-            Err(answer) => return answer,
+            Err(refusal) => return refusal.into_response(),
         },
         (Door::Api, _) if auth.is_open() => Principal::open(),
         (Door::Worker, _) if !auth.tokens.has_worker_tokens() => {

@@ -154,10 +154,10 @@ fn public(path: &str) -> bool {
 /// naming another site refuses it. A request with neither (curl) must still carry the
 /// session's CSRF token, which only a page of ours could have read.
 fn same_origin(headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        if site.as_bytes() != b"same-origin" {
-            return false;
-        }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return false;
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
@@ -171,21 +171,37 @@ fn same_origin(headers: &HeaderMap) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
+/// Why a `/ui/*` request does not reach its page.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A state-changing request from another site: 403.
+    CrossSite,
+    /// No valid login: to the login page (and back to `next` after it).
+    Login { next: Option<String> },
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::CrossSite => (
+                StatusCode::FORBIDDEN,
+                "cross-site request refused: this form must be sent from a tasuki page",
+            )
+                .into_response(),
+            Refusal::Login { next: None } => Redirect::to("/ui/login").into_response(),
+            Refusal::Login { next: Some(next) } => {
+                Redirect::to(&format!("/ui/login?next={}", encode(&next))).into_response()
+            }
+        }
+    }
+}
+
 /// The door of every `/ui/*` request, called by the auth middleware: the caller (and a
-/// [`UiSession`] in the request's extensions), or the answer that replaces the request
-/// (the login page for a page without a valid login; 403 for a cross-site POST).
-pub fn admit(
-    sessions: &Sessions,
-    open: bool,
-    request: &mut Request,
-) -> Result<Principal, Response> {
+/// [`UiSession`] in the request's extensions), or why the request is answered instead.
+pub fn admit(sessions: &Sessions, open: bool, request: &mut Request) -> Result<Principal, Refusal> {
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
     if changes && !same_origin(request.headers()) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "cross-site request refused: this form must be sent from a tasuki page",
-        )
-            .into_response());
+        return Err(Refusal::CrossSite);
     }
     let session = if open {
         Some(sessions.open_session())
@@ -204,12 +220,8 @@ pub fn admit(
                 .uri()
                 .path_and_query()
                 .map_or("/ui/runs", |p| p.as_str());
-            let target = if changes || !back.starts_with("/ui/") {
-                "/ui/login".to_owned()
-            } else {
-                format!("/ui/login?next={}", encode(back))
-            };
-            Err(Redirect::to(&target).into_response())
+            let next = (!changes && back.starts_with("/ui/")).then(|| back.to_owned());
+            Err(Refusal::Login { next })
         }
     }
 }
