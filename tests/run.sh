@@ -7,6 +7,7 @@
 #   - systemd-analyze, docker-compose and kubernetes-validate for the deploy/ checks
 #   - promtool (Debian's prometheus package; its server stays stopped) for the metrics tests
 #   - schemathesis (PyPI, pinned, in a venv) for the OpenAPI fuzz test
+#   - chromium and chromium-driver for the web UI's browser test
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
 # two passes: all but tests/serial in parallel, then tests/serial one test at a time.
@@ -173,9 +174,20 @@ ensure_schemathesis() {
   export TASUKI_SCHEMATHESIS="$bin"
 }
 
+# The web UI test drives Debian's Chromium headless through chromedriver. Other jobs
+# on the machine may hold the dpkg lock: wait for it rather than fail.
+ensure_chromium() {
+  if [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/chromium ]; then return; fi
+  log "installing chromium and chromium-driver"
+  if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+    --no-install-recommends chromium chromium-driver >/dev/null
+}
+
 ensure_docker
 ensure_rabbitmq
 ensure_openssl
+ensure_chromium
 ensure_busybox
 ensure_standardwebhooks
 ensure_registry

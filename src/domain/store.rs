@@ -125,6 +125,12 @@ pub struct RunFilter {
     /// Only runs of the jobs these globs match (the caller's `read` scopes).
     pub jobs: JobFilter,
     pub limit: u32,
+    /// Only runs started this way (`Trigger::kind`: `api`, `schedule`, `webhook`).
+    pub trigger: Option<&'static str>,
+    /// Only runs created at or after this instant ...
+    pub created_from: Option<DateTime<Utc>>,
+    /// ... and before this one.
+    pub created_before: Option<DateTime<Utc>>,
 }
 
 /// A pending publish: "attempt N of run R is ready for a worker".

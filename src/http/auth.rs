@@ -2,7 +2,8 @@
 //! request into a `Principal` in its extensions (and a span naming the token), except
 //! where a door is open: `/healthz`, `/v1/openapi.json`, `/v1/hooks/*` (signed deliveries, checked there),
 //! and `/readyz`/`/metrics` when `[auth]` opens them. Worker tokens open `/v1/worker/*`
-//! and nothing else; API tokens open everything but that. Handlers then ask
+//! and nothing else; API tokens open everything but that. `/ui/*` takes the web UI's
+//! session cookie instead (`ui::session::admit`), and only it does. Handlers then ask
 //! [`authorize`]: out of scope is 403 when the caller may read the job, else the very
 //! 404 an unknown job or run gets, so existence never leaks.
 
@@ -26,6 +27,8 @@ pub struct Auth {
     tokens: Arc<TokenSet>,
     open_readyz: bool,
     open_metrics: bool,
+    /// The web UI's logins.
+    ui: Arc<super::ui::session::Sessions>,
 }
 
 impl Auth {
@@ -34,7 +37,17 @@ impl Auth {
             tokens: Arc::new(tokens),
             open_readyz,
             open_metrics,
+            ui: Arc::default(),
         }
+    }
+
+    /// What a presented token is (the web UI's login form asks).
+    pub(super) fn identify(&self, token: &str) -> Option<Credential> {
+        self.tokens.identify(token)
+    }
+
+    pub(super) fn ui_sessions(&self) -> &super::ui::session::Sessions {
+        &self.ui
     }
 
     /// No API tokens: every API caller is `Principal::open()` (the server listens on
@@ -72,6 +85,7 @@ impl Auth {
             "/metrics" if self.open_metrics => Door::Open,
             _ if path.starts_with("/v1/hooks/") => Door::Open,
             _ if path.starts_with("/v1/worker/") => Door::Worker,
+            _ if path == "/ui" || path.starts_with("/ui/") => Door::Ui,
             _ => Door::Api,
         }
     }
@@ -86,6 +100,8 @@ enum Door {
     Worker,
     /// An API token (unless the server is open).
     Api,
+    /// The web UI's session cookie (unless the server is open); never a bearer token.
+    Ui,
 }
 
 /// The worker token a `/v1/worker/*` request presented, by its name. Only
@@ -159,6 +175,10 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
     let credential = bearer(&request).map(|t| auth.tokens.identify(t));
     let principal = match (door, credential) {
         (Door::Open, _) => nobody(),
+        (Door::Ui, _) => match super::ui::session::admit(&auth.ui, auth.is_open(), &mut request) {
+            Ok(principal) => principal,
+            Err(refusal) => return refusal.into_response(),
+        },
         (Door::Api, _) if auth.is_open() => Principal::open(),
         (Door::Worker, _) if !auth.tokens.has_worker_tokens() => {
             let error = ApiError::new(

@@ -16,6 +16,7 @@ mod runs;
 mod schedules;
 mod serve;
 mod tls;
+mod ui;
 mod worker;
 
 use std::sync::Arc;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(public)
         .merge(worker::router())
         .merge(metrics::router())
+        .merge(ui::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

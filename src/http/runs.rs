@@ -531,6 +531,7 @@ async fn list_runs(
         status,
         jobs: caller.jobs_for(Action::Read),
         limit,
+        ..RunFilter::default()
     };
     let runs = state.runs.list(&filter).await?;
     Ok(Json(RunList {

@@ -24,3 +24,4 @@ mod secrets;
 mod sessions;
 mod tls;
 mod usage;
+mod ui;

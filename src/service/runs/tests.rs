@@ -201,6 +201,7 @@ async fn params_over_the_limits_are_refused_before_the_jobs_rules_and_store_noth
         status: None,
         jobs: crate::domain::auth::JobFilter::All,
         limit: 10,
+        ..RunFilter::default()
     };
     assert!(runs.list(&filter).await.unwrap().is_empty());
 }

@@ -270,18 +270,23 @@ impl RunRecords for SqliteStore {
         };
         let glob_clause = globs.map_or_else(String::new, |globs| {
             let any: Vec<String> = (0..globs.len())
-                .map(|i| format!("job GLOB ?{}", i + 4))
+                .map(|i| format!("job GLOB ?{}", i + 7))
                 .collect();
             format!(" AND ({})", any.join(" OR "))
         });
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?4 IS NULL OR COALESCE(json_extract(\"trigger\", '$.type'), 'api') = ?4) \
+             AND (?5 IS NULL OR created_at >= ?5) AND (?6 IS NULL OR created_at < ?6) \
              {glob_clause} ORDER BY id DESC LIMIT ?3"
         ));
         let mut query = sqlx::query(sql)
             .bind(filter.job.as_deref())
             .bind(filter.status.map(|s| s.as_str()))
-            .bind(i64::from(filter.limit));
+            .bind(i64::from(filter.limit))
+            .bind(filter.trigger)
+            .bind(filter.created_from.map(ms))
+            .bind(filter.created_before.map(ms));
         for glob in globs.into_iter().flatten() {
             query = query.bind(glob.as_str());
         }

@@ -93,3 +93,66 @@ pub(crate) async fn runs_are_listed_only_for_the_jobs_the_globs_match(store: &dy
         assert_eq!(listed(filter, None).await, want, "glob {pattern}");
     }
 }
+
+pub(crate) async fn runs_are_filtered_by_trigger_and_creation_time(store: &dyn RunStore) {
+    use chrono::{TimeZone, Utc};
+
+    use crate::domain::run::Trigger;
+
+    let at = |day: u32| Utc.with_ymd_and_hms(2026, 3, day, 12, 0, 0).unwrap();
+    let made = [
+        ("api", Trigger::Api, at(1)),
+        ("hook", Trigger::Webhook, at(2)),
+        (
+            "sched",
+            Trigger::Schedule {
+                schedule: "daily".into(),
+                slot: at(3),
+                business_date: at(3).date_naive(),
+                local_time: "2026-03-03T12:00:00+00:00".into(),
+            },
+            at(3),
+        ),
+    ];
+    for (job, trigger, created_at) in made {
+        let run = NewRun {
+            trigger,
+            created_at,
+            ..run_of(job)
+        };
+        store.insert_run(&run, None).await.unwrap();
+    }
+    let listed = |filter: RunFilter| async move {
+        let mut names: Vec<String> = store
+            .list_runs(&RunFilter {
+                limit: 100,
+                ..filter
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.job)
+            .collect();
+        names.sort();
+        names
+    };
+    let by_trigger = |kind| RunFilter {
+        trigger: Some(kind),
+        ..RunFilter::default()
+    };
+    assert_eq!(listed(by_trigger("api")).await, ["api"]);
+    assert_eq!(listed(by_trigger("webhook")).await, ["hook"]);
+    assert_eq!(listed(by_trigger("schedule")).await, ["sched"]);
+    // From is inclusive, before is not.
+    let range = RunFilter {
+        created_from: Some(at(2)),
+        created_before: Some(at(3)),
+        ..RunFilter::default()
+    };
+    assert_eq!(listed(range).await, ["hook"]);
+    let from = RunFilter {
+        created_from: Some(at(2)),
+        ..RunFilter::default()
+    };
+    assert_eq!(listed(from).await, ["hook", "sched"]);
+}

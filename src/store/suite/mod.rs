@@ -34,6 +34,7 @@ macro_rules! store_suite {
             cancel_ends_a_queued_run_and_flags_a_running_one,
             idempotency_keys_return_the_first_run,
             runs_are_listed_only_for_the_jobs_the_globs_match,
+            runs_are_filtered_by_trigger_and_creation_time,
             an_unstarted_attempt_can_be_released_and_an_adopted_one_renewed,
             only_unclaimed_due_runs_sent_long_ago_are_published_again,
             a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished,
