@@ -23,5 +23,5 @@ mod schedules;
 mod secrets;
 mod sessions;
 mod tls;
-mod usage;
 mod ui;
+mod usage;
