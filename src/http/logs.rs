@@ -87,21 +87,34 @@ async fn get_logs(
             query.offset.unwrap_or(0),
         ))
     } else {
-        // Streamed in pieces, so a large log never sits whole in memory.
+        // Streamed in pieces, so a large log never sits whole in memory. The first piece
+        // is read before the answer starts, so a log that cannot be read gets an error
+        // status rather than a connection closed with no answer at all.
         let attempt = fixed_attempt.unwrap_or(run.attempt);
         let runs = state.runs.clone();
-        let pieces = futures::stream::unfold(Some(query.offset.unwrap_or(0)), move |at| {
+        let offset = query.offset.unwrap_or(0);
+        let first = if attempt == 0 {
+            Bytes::new()
+        } else {
+            runs.read_log(id, attempt, offset, LOG_READ).await?
+        };
+        let start = Some((offset, Some(first)));
+        let pieces = futures::stream::unfold(start, move |state| {
             let runs = runs.clone();
             async move {
-                let at = at?;
+                let (at, read) = state?;
                 if attempt == 0 {
                     return None;
                 }
-                match runs.read_log(id, attempt, at, LOG_READ).await {
+                let result = match read {
+                    Some(first) => Ok(first),
+                    None => runs.read_log(id, attempt, at, LOG_READ).await,
+                };
+                match result {
                     Ok(chunk) if chunk.is_empty() => None,
                     Ok(chunk) => {
-                        let next = at + chunk.len() as u64;
-                        Some((Ok(chunk), Some(next)))
+                        let next = at.saturating_add(chunk.len() as u64);
+                        Some((Ok(chunk), Some((next, None))))
                     }
                     Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
                 }

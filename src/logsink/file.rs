@@ -162,6 +162,12 @@ impl LogSink for FileLogSink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
             Err(e) => return Err(io(&path, e)),
         };
+        // Nothing lies past the end; and an offset past i64::MAX is one the kernel's seek
+        // refuses (EINVAL), which must read as "nothing yet", not as a broken log.
+        let len = file.metadata().await.map_err(|e| io(&path, e))?.len();
+        if offset >= len {
+            return Ok(Bytes::new());
+        }
         file.seek(SeekFrom::Start(offset))
             .await
             .map_err(|e| io(&path, e))?;
@@ -216,6 +222,15 @@ mod tests {
         );
         assert_eq!(&sink.read(id, 1, 6, 3).await.unwrap()[..], b"wor");
         assert!(sink.read(id, 2, 0, 10).await.unwrap().is_empty());
+        // Past the end, even past what the kernel can seek to: nothing yet, not an error.
+        assert!(sink.read(id, 1, 12, 10).await.unwrap().is_empty());
+        assert!(sink.read(id, 1, u64::MAX, 10).await.unwrap().is_empty());
+        assert!(
+            sink.read(id, 1, 16_045_715_068_360_376_320, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
