@@ -22,6 +22,8 @@ pub mod http;
 pub mod logsink;
 pub mod memqueue;
 pub mod metrics;
+#[cfg(feature = "bench")]
+pub mod noop_runtime;
 mod process;
 pub mod protocol;
 pub mod secrets;

@@ -131,6 +131,24 @@ pub struct WorkerOptions {
     /// host must see the same directory (beware of private /tmp).
     #[arg(long, env = "TASUKI_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
+
+    /// (benchmark builds only) The container runtime: `docker`, or `noop`, which runs
+    /// nothing: each container writes `--noop-output-bytes`, "runs" `--noop-run-for`
+    /// and exits 0.
+    #[cfg(feature = "bench")]
+    #[arg(long, env = "TASUKI_RUNTIME", default_value = "docker",
+          value_parser = ["docker", "noop"])]
+    pub runtime: String,
+
+    /// (benchmark builds only) How long each `noop` container runs.
+    #[cfg(feature = "bench")]
+    #[arg(long, env = "TASUKI_NOOP_RUN_FOR", value_parser = duration, default_value = "0s")]
+    pub noop_run_for: Duration,
+
+    /// (benchmark builds only) Bytes of output each `noop` container writes.
+    #[cfg(feature = "bench")]
+    #[arg(long, env = "TASUKI_NOOP_OUTPUT_BYTES", default_value_t = 64)]
+    pub noop_output_bytes: usize,
 }
 
 impl WorkerOptions {

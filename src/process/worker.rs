@@ -148,6 +148,16 @@ pub(super) fn docker(
     options: &WorkerOptions,
     metrics: &Arc<metrics::WorkerMetrics>,
 ) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
+    #[cfg(feature = "bench")]
+    if options.runtime == "noop" {
+        return Ok(Arc::new(metrics::ObservedRuntime::new(
+            Arc::new(crate::noop_runtime::NoopRuntime::new(
+                options.noop_run_for,
+                options.noop_output_bytes,
+            )),
+            metrics.clone(),
+        )));
+    }
     let runtime = docker::DockerRuntime::connect(options.docker_host.as_deref())
         .context("configuring the Docker client")?;
     Ok(Arc::new(metrics::ObservedRuntime::new(
