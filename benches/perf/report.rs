@@ -72,11 +72,17 @@ impl Row {
         match self.target {
             Target::AtLeast(t) => format!("≥ {} {}", num(t), self.unit),
             Target::AtMost(t) => format!("≤ {} {}", num(t), self.unit),
-            Target::RatioAtLeast(t) => format!("≥ {t}× baseline"),
-            Target::RatioAtMost(t) => format!("≤ {t}× baseline"),
+            Target::RatioAtLeast(t) => format!("≥ {}× baseline", ratio_text(t)),
+            Target::RatioAtMost(t) => format!("≤ {}× baseline", ratio_text(t)),
             Target::None => String::new(),
         }
     }
+}
+
+/// A ratio with no more than 3 decimals, trailing zeros cut (0.952, 1.05, 0.9).
+fn ratio_text(t: f64) -> String {
+    let text = format!("{t:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// A number as people read it: no more digits than it deserves.

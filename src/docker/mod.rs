@@ -390,6 +390,16 @@ impl ContainerRuntime for DockerRuntime {
             Some(Err(e)) => return Err(container_error(id, e)),
             None => None,
         };
+        // Exit 0 is a success whatever else happened (an OOM kill inside a container
+        // whose main process still exits 0 counts as success), so the engine's record
+        // has nothing to add: one request less per run, and the engine is the floor.
+        if waited_code == Some(0) {
+            tracing::debug!(id, exit_code = 0, "container exited");
+            return Ok(ContainerExit {
+                exit_code: 0,
+                oom_killed: false,
+            });
+        }
 
         let inspected = docker
             .inspect_container(id, None::<InspectContainerOptions>)

@@ -148,7 +148,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// early output is lost. The stream ends when the container exits.
     async fn attach(&self, id: &str) -> Result<OutputStream, RuntimeError>;
     async fn start(&self, id: &str) -> Result<(), RuntimeError>;
-    /// Wait for the container to exit, then inspect it.
+    /// Wait for the container to exit; an exit other than 0 is inspected (was it an OOM
+    /// kill?), an exit 0 needs no more.
     async fn wait(&self, id: &str) -> Result<ContainerExit, RuntimeError>;
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
