@@ -214,11 +214,10 @@ async fn measure(
             bail!("a worker exited with {status}:\n{}", p.log_tail());
         }
     }
-    let mut scraper = load::Conn::open(serve.addr).await?;
-    let before = Snapshot::take(&mut scraper, &serve).await?;
+    let before = Snapshot::take(&serve).await?;
     let started = Instant::now();
     tokio::time::sleep(window).await;
-    let after = Snapshot::take(&mut scraper, &serve).await?;
+    let after = Snapshot::take(&serve).await?;
     let elapsed = started.elapsed();
     let accepts = driver.await.context("driver")??;
     eprintln!(
@@ -287,8 +286,11 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    async fn take(conn: &mut load::Conn, serve: &Serve) -> anyhow::Result<Snapshot> {
+    /// A connection of its own each time: serve closes one idle past its header
+    /// timeout (10 s), shorter than the measured window.
+    async fn take(serve: &Serve) -> anyhow::Result<Snapshot> {
         let serve_cpu = common::cpu_seconds(serve.proc.pid());
+        let mut conn = load::Conn::open(serve.addr).await?;
         let answer = conn.request("GET", "/metrics", &[], Bytes::new()).await?;
         if answer.status != 200 {
             bail!("GET /metrics answered {}", answer.status);
