@@ -1,8 +1,407 @@
-//! Section `control`: see main.rs.
+//! Section `control`: control-plane capacity, the figure a fleet operator asks for (how
+//! many Docker hosts one `tasuki serve` can feed). One `serve` in AMQP mode with no
+//! worker of its own; 32 real `tasuki worker` processes on the no-op runtime (each
+//! "container" writes 1 KiB and runs 1 s, so with a 3 s lease about half the runs
+//! renew their lease once) claim, heartbeat, upload output and finish over HTTP, as
+//! remote workers do; a driver keeps the queue fed with real accepts over HTTP. Counts
+//! come from the server's own `/metrics` (runs finished, requests by route) and the log
+//! files on disk, taken at the start and end of the measured window; claim latency is
+//! the server's request timing of `POST /v1/worker/claim` (its histogram buckets,
+//! interpolated), so it includes neither the worker's nor the network's time.
 
-use crate::common::Bench;
-use crate::report::Report;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub async fn run(_bench: &Bench, _report: &mut Report) -> anyhow::Result<()> {
-    anyhow::bail!("not written yet")
+use anyhow::{Context, bail};
+use bytes::Bytes;
+
+use crate::common::{self, Bench, Proc, Serve, ServeConfig};
+use crate::load;
+use crate::report::{Report, Row, Target};
+
+const SECTION: &str = "control";
+/// What each no-op container writes and how long it "runs".
+const OUTPUT_BYTES: usize = 1024;
+const RUN_FOR: &str = "1s";
+const LEASE_TTL: &str = "3s";
+/// Slots per worker: at 1 s a run, 32 × 80 slots hold 2,560 runs in flight.
+const CONCURRENCY: usize = 80;
+/// What one Docker host of this machine starts and removes per second (issue #12).
+const HOST_CONTAINERS_PER_SECOND: f64 = 8.0;
+const CLAIM_ROUTE: &str = "/v1/worker/claim";
+
+pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let fleet = scenario(bench, 32, 48).await?;
+    let label = format!(
+        "32 workers × {CONCURRENCY} slots, no-op runtime ({OUTPUT_BYTES} B output, runs {RUN_FOR}, lease {LEASE_TTL})"
+    );
+    report.add(
+        Row::new(
+            SECTION,
+            format!("runs finished/s, {label}"),
+            fleet.runs_per_second(),
+            "runs/s",
+        )
+        .target(Target::AtLeast(2000.0)),
+    );
+    report.add(
+        Row::new(
+            SECTION,
+            "claim p99, server side (POST /v1/worker/claim, /metrics histogram)",
+            fleet.claim_p99_ms,
+            "ms",
+        )
+        .target(Target::AtMost(20.0)),
+    );
+    report.add(Row::new(
+        SECTION,
+        "Docker hosts fed at 8 containers/s each",
+        fleet.runs_per_second() / HOST_CONTAINERS_PER_SECOND,
+        "hosts",
+    ));
+    report.add(Row::new(
+        SECTION,
+        "heartbeats/s during the same load",
+        fleet.per_second(fleet.heartbeats),
+        "req/s",
+    ));
+    report.add(Row::new(
+        SECTION,
+        "log bytes stored/s during the same load",
+        fleet.per_second(fleet.log_bytes) / 1024.0,
+        "KiB/s",
+    ));
+    report.add(Row::new(
+        SECTION,
+        "serve CPU per 1,000 runs (accept + relay + claim + heartbeat + log + finish)",
+        fleet.serve_cpu_per_thousand(),
+        "CPU s",
+    ));
+    let one = scenario(bench, 1, 16).await?;
+    report.add(Row::new(
+        SECTION,
+        format!("runs finished/s, 1 worker × {CONCURRENCY} slots (for scale)"),
+        one.runs_per_second(),
+        "runs/s",
+    ));
+    Ok(())
+}
+
+/// What one measured window saw.
+struct Measured {
+    elapsed: Duration,
+    finished: f64,
+    succeeded: f64,
+    accepted: f64,
+    claims: f64,
+    heartbeats: f64,
+    log_bytes: f64,
+    claim_p99_ms: f64,
+    serve_cpu: f64,
+}
+
+impl Measured {
+    fn per_second(&self, n: f64) -> f64 {
+        n / self.elapsed.as_secs_f64()
+    }
+    fn runs_per_second(&self) -> f64 {
+        self.per_second(self.finished)
+    }
+    fn serve_cpu_per_thousand(&self) -> f64 {
+        if self.finished == 0.0 {
+            return 0.0;
+        }
+        self.serve_cpu / self.finished * 1000.0
+    }
+}
+
+async fn scenario(bench: &Bench, workers: usize, clients: usize) -> anyhow::Result<Measured> {
+    let queue = common::unique("perf-control");
+    let result = measure(bench, &queue, workers, clients).await;
+    common::delete_queues(&queue);
+    result
+}
+
+async fn measure(
+    bench: &Bench,
+    queue: &str,
+    workers: usize,
+    clients: usize,
+) -> anyhow::Result<Measured> {
+    let token = common::unique("perf-worker-token");
+    let serve = Serve::start(
+        bench,
+        ServeConfig {
+            amqp_queue: Some(queue.to_owned()),
+            embedded_worker: false,
+            worker_token: Some(token.clone()),
+            extra_args: vec!["--lease-ttl".into(), LEASE_TTL.into()],
+            // The driver is one anonymous caller on an open server: no rate limit.
+            env: vec![
+                ("TASUKI_LIMITS_RATE_PER_SECOND", "0".into()),
+                ("TASUKI_AUTH_OPEN_METRICS", "true".into()),
+            ],
+            ..ServeConfig::default()
+        },
+    )
+    .await?;
+    let dir = bench.dir("control-workers")?;
+    let mut procs = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let id = common::unique("perf-noop");
+        let args: Vec<String> = [
+            "worker",
+            "--server",
+            &serve.url(),
+            "--worker-token",
+            &token,
+            "--amqp-url",
+            &bench.amqp_url,
+            "--queue",
+            queue,
+            "--worker-id",
+            &id,
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+            "--drain-timeout",
+            "5s",
+            "--lock-dir",
+            &dir.display().to_string(),
+            "--runtime",
+            "noop",
+            "--noop-run-for",
+            RUN_FOR,
+            "--noop-output-bytes",
+            &OUTPUT_BYTES.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        procs.push(Proc::spawn(
+            &args,
+            &[],
+            dir.join(format!("worker-{i}.log")),
+        )?);
+    }
+
+    // The driver accepts for the warm-up and the window, then stops.
+    let warm_up = bench.phase(Duration::from_secs(5), Duration::from_secs(3));
+    let window = if workers == 1 {
+        bench.phase(Duration::from_secs(15), Duration::from_secs(5))
+    } else {
+        bench.phase(Duration::from_secs(30), Duration::from_secs(8))
+    };
+    let make: load::MakeRequest = Arc::new(|_, _| {
+        (
+            "POST".into(),
+            "/v1/jobs/noop/runs".into(),
+            Vec::new(),
+            Bytes::from_static(b"{}"),
+        )
+    });
+    let driver = tokio::spawn(load::closed_loop(
+        serve.addr,
+        clients,
+        warm_up + window + Duration::from_secs(1),
+        make,
+        |s| s == 202,
+    ));
+    tokio::time::sleep(warm_up).await;
+    for p in &mut procs {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!("a worker exited with {status}:\n{}", p.log_tail());
+        }
+    }
+    let before = Snapshot::take(&serve).await?;
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = Snapshot::take(&serve).await?;
+    let elapsed = started.elapsed();
+    let accepts = driver.await.context("driver")??;
+    eprintln!(
+        "perf:   control driver ({clients} clients): {}",
+        accepts.summary()
+    );
+
+    let counter = |name: &str, filter: &str| after.sum(name, filter) - before.sum(name, filter);
+    let route = |r: &str| format!("route=\"{r}\"");
+    let claims = counter(
+        "tasuki_http_request_duration_seconds_count",
+        &route(CLAIM_ROUTE),
+    );
+    let measured = Measured {
+        elapsed,
+        finished: counter("tasuki_runs_finished_total", ""),
+        succeeded: counter("tasuki_runs_finished_total", "status=\"succeeded\""),
+        accepted: counter("tasuki_runs_accepted_total", ""),
+        claims,
+        heartbeats: counter(
+            "tasuki_http_request_duration_seconds_count",
+            &route("/v1/worker/heartbeat"),
+        ),
+        log_bytes: (after.log_bytes - before.log_bytes) as f64,
+        claim_p99_ms: bucket_quantile(
+            &before.buckets(&route(CLAIM_ROUTE)),
+            &after.buckets(&route(CLAIM_ROUTE)),
+            0.99,
+        ) * 1000.0,
+        serve_cpu: after.serve_cpu - before.serve_cpu,
+    };
+    let worker_cpu: f64 = procs.iter().map(|p| common::cpu_seconds(p.pid())).sum();
+    eprintln!(
+        "perf:   control {workers} workers over {:.1?}: {:.0} accepted, {:.0} claims, {:.0} finished ({:.0} succeeded), {:.0} heartbeats, {:.0} KiB of log; serve {:.1} CPU s, RSS {} MiB; workers {:.1} CPU s in all",
+        measured.elapsed,
+        measured.accepted,
+        measured.claims,
+        measured.finished,
+        measured.succeeded,
+        measured.heartbeats,
+        measured.log_bytes / 1024.0,
+        measured.serve_cpu,
+        serve.proc.rss_bytes() >> 20,
+        worker_cpu,
+    );
+    if measured.finished == 0.0 {
+        let tail = procs.first().map(|p| p.log_tail()).unwrap_or_default();
+        bail!(
+            "no run finished; serve:\n{}\nworker:\n{tail}",
+            serve.proc.log_tail()
+        );
+    }
+    for mut p in procs {
+        p.stop(Duration::from_secs(10));
+    }
+    serve.stop(&bench.docker);
+    Ok(measured)
+}
+
+/// The server's metrics and the stored log bytes at one moment.
+struct Snapshot {
+    /// Sample lines: `name{labels}` → value.
+    samples: Vec<(String, f64)>,
+    log_bytes: u64,
+    serve_cpu: f64,
+}
+
+impl Snapshot {
+    /// A connection of its own each time: serve closes one idle past its header
+    /// timeout (10 s), shorter than the measured window.
+    async fn take(serve: &Serve) -> anyhow::Result<Snapshot> {
+        let serve_cpu = common::cpu_seconds(serve.proc.pid());
+        let mut conn = load::Conn::open(serve.addr).await?;
+        let answer = conn.request("GET", "/metrics", &[], Bytes::new()).await?;
+        if answer.status != 200 {
+            bail!("GET /metrics answered {}", answer.status);
+        }
+        let text = String::from_utf8_lossy(&answer.body);
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        Ok(Snapshot {
+            samples,
+            log_bytes: dir_bytes(&serve.data_dir.join("logs")),
+            serve_cpu,
+        })
+    }
+
+    /// The sum of every series of `name` whose labels contain `filter`.
+    fn sum(&self, name: &str, filter: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(s, _)| {
+                let metric = s.split('{').next().unwrap_or_default();
+                metric == name && s.contains(filter)
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// The request-duration histogram of the requests whose labels contain `filter`,
+    /// summed over statuses: upper bound (seconds) → cumulative count.
+    fn buckets(&self, filter: &str) -> BTreeMap<u64, f64> {
+        let mut out = BTreeMap::new();
+        for (series, value) in &self.samples {
+            if !series.starts_with("tasuki_http_request_duration_seconds_bucket{")
+                || !series.contains(filter)
+            {
+                continue;
+            }
+            let Some(le) = series
+                .split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+            else {
+                continue;
+            };
+            // Keyed in nanoseconds so the map orders the bounds; +Inf last.
+            let key = if le == "+Inf" {
+                u64::MAX
+            } else {
+                match le.parse::<f64>() {
+                    Ok(s) => (s * 1e9) as u64,
+                    Err(_) => continue,
+                }
+            };
+            *out.entry(key).or_insert(0.0) += value;
+        }
+        out
+    }
+}
+
+/// The `q` quantile (seconds) of the requests observed between two readings of a
+/// cumulative histogram, interpolated linearly inside its bucket as Prometheus'
+/// `histogram_quantile` does. 0 when nothing was observed.
+fn bucket_quantile(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>, q: f64) -> f64 {
+    let diff: Vec<(u64, f64)> = after
+        .iter()
+        .map(|(le, n)| (*le, n - before.get(le).copied().unwrap_or(0.0)))
+        .collect();
+    let Some(&(_, total)) = diff.last() else {
+        return 0.0;
+    };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0u64, 0.0);
+    for (le, cumulative) in diff {
+        if cumulative >= rank {
+            if le == u64::MAX {
+                // Past the last finite bound: that bound is all that is known.
+                return lower as f64 / 1e9;
+            }
+            let inside = cumulative - below;
+            let fraction = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return (lower as f64 + (le - lower) as f64 * fraction) / 1e9;
+        }
+        lower = le;
+        below = cumulative;
+    }
+    lower as f64 / 1e9
+}
+
+/// Bytes of the files under `dir`, all levels.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
 }

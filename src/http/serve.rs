@@ -85,6 +85,11 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Answers are small and a caller (a worker's claim, heartbeat, finish) waits for
+        // each before its next request: never hold a segment back for Nagle.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(message = "setting TCP_NODELAY failed", %error);
+        }
         let connection = Connection {
             builder: builder.clone(),
             service: TowerToHyperService::new(router.clone()),

@@ -37,9 +37,11 @@ pub(crate) const BATCH_SECONDS: [f64; 15] = [
     14400.0, 21600.0,
 ];
 
-/// Buckets for HTTP requests, up to the long polls (`?wait=`) of several minutes.
-const HTTP_SECONDS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+/// Buckets for HTTP requests, from the worker protocol's millisecond calls (20 ms is
+/// the claim latency a fleet is judged by) up to the long polls (`?wait=`) of minutes.
+const HTTP_SECONDS: [f64; 17] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0,
 ];
 
 /// The label of requests no route matched: never the raw path.

@@ -13,6 +13,8 @@
 
 mod attempt;
 #[cfg(test)]
+mod dispatch_tests;
+#[cfg(test)]
 pub(crate) mod fakes;
 mod lease;
 mod pump;
@@ -33,7 +35,8 @@ use tracing::Instrument;
 pub use self::attempt::container_name;
 use crate::domain::observe::{NoObserver, WorkerObserver};
 use crate::domain::ports::{
-    ClaimResult, ContainerRuntime, ControlError, ControlPlane, DeliverySource, RunMessage,
+    ClaimResult, ContainerRuntime, ControlError, ControlPlane, DeliveryHandle, DeliverySource,
+    RunMessage,
 };
 use crate::domain::run::RunId;
 
@@ -80,6 +83,45 @@ pub struct Worker {
     active: Mutex<HashSet<(RunId, u32)>>,
     /// Told how many slots are busy whenever that changes (the metrics).
     observer: Arc<dyn WorkerObserver>,
+    /// Set by a claim the control plane did not answer; the dispatch loop waits it out.
+    claim_pause: ClaimPause,
+}
+
+/// The dispatch loop's pause after failed claims: claims run in the attempts' tasks, so
+/// they tell the loop through this when to stop taking deliveries, and for how long
+/// (an exponential backoff, reset by any answer).
+struct ClaimPause(Mutex<(Backoff, Option<tokio::time::Instant>)>);
+
+impl ClaimPause {
+    fn new() -> Self {
+        Self(Mutex::new((Backoff::new(), None)))
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, (Backoff, Option<tokio::time::Instant>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The control plane answered: no pause.
+    fn succeeded(&self) {
+        let mut state = self.locked();
+        state.0.reset();
+        state.1 = None;
+    }
+
+    /// It did not: pause for the next step of the backoff, which is returned.
+    fn failed(&self) -> Duration {
+        let mut state = self.locked();
+        let wait = state.0.step();
+        state.1 = Some(tokio::time::Instant::now() + wait);
+        wait
+    }
+
+    /// Until when the loop should wait, if it should.
+    fn until(&self) -> Option<tokio::time::Instant> {
+        self.locked()
+            .1
+            .filter(|until| *until > tokio::time::Instant::now())
+    }
 }
 
 /// Exponential backoff for talking to things that are down.
@@ -131,6 +173,7 @@ impl Worker {
             config,
             active: Mutex::new(HashSet::new()),
             observer: Arc::new(NoObserver),
+            claim_pause: ClaimPause::new(),
         }
     }
 
@@ -206,12 +249,22 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
+            // After a claim the control plane did not answer, wait out its backoff.
+            if let Some(until) = this.claim_pause.until() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
             let delivery = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 d = source.next() => d,
             };
             let delivery = match delivery {
-                Ok(d) => d,
+                Ok(d) => {
+                    backoff.reset();
+                    d
+                }
                 Err(error) => {
                     let wait = backoff.step();
                     tracing::warn!(message = "queue unavailable", %error, retry_in_ms = wait.as_millis() as u64);
@@ -249,62 +302,19 @@ impl Worker {
                 }
                 continue;
             }
-            match this.claim(message).await {
-                Ok(ClaimResult::Claimed(claim)) => {
-                    backoff.reset();
-                    // The claim is durable: ack now, not when the container exits, so
-                    // the broker's consumer timeout can never redeliver a long job.
-                    if let Err(error) = delivery.handle.ack().await {
-                        tracing::warn!(message = "ack after claim failed; a redelivery will be dropped as a duplicate", run_id = %message.run_id, %error);
-                    }
-                    #[cfg(feature = "fault-injection")]
-                    this.crash_if(CrashPoint::AfterClaim);
-                    let worker = this.clone();
-                    let span = tracing::info_span!("run", run_id = %claim.lease.run_id, job = %claim.job, attempt = claim.lease.attempt);
-                    running.spawn(
-                        async move {
-                            let _active = Active {
-                                worker: &worker,
-                                key,
-                            };
-                            worker.execute(*claim, None).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                    continue;
-                }
-                Ok(ClaimResult::NotClaimable { status, attempt }) => {
-                    backoff.reset();
-                    tracing::info!(message = "duplicate delivery dropped", run_id = %message.run_id, %status, attempt);
-                    if let Err(error) = delivery.handle.ack().await {
-                        tracing::warn!(message = "ack failed", %error);
-                    }
-                }
-                Ok(ClaimResult::UnknownRun) => {
-                    tracing::error!(message = "delivery for an unknown run dead-lettered", run_id = %message.run_id);
-                    if let Err(error) = delivery.handle.dead_letter("unknown run").await {
-                        tracing::warn!(message = "dead-lettering failed", %error);
-                    }
-                }
-                Err(error) => {
-                    // Hand it back and stop taking deliveries for a while instead of
-                    // spinning through requeues.
-                    let wait = backoff.step();
-                    tracing::warn!(message = "claim failed; delivery requeued", run_id = %message.run_id, %error, retry_in_ms = wait.as_millis() as u64);
-                    if let Err(error) = delivery.handle.requeue().await {
-                        tracing::warn!(message = "requeue failed", %error);
-                    }
-                    this.deactivate(key);
-                    if sleep_or_shutdown(wait, &shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            this.deactivate(key);
+            // The claim, its ack and the attempt go on in a task of their own, so the
+            // next free slot takes its delivery without waiting for this claim's round
+            // trip to the control plane: with many slots, claims overlap.
+            let worker = this.clone();
+            running.spawn(async move {
+                let _active = Active {
+                    worker: &worker,
+                    key,
+                };
+                worker.claim_and_execute(message, delivery.handle).await;
+                drop(permit);
+            });
         }
-        drop(source);
         reconciler.abort();
         running.close();
         let active = running.len();
@@ -324,7 +334,51 @@ impl Worker {
                 running = running.len()
             );
         }
+        // Only now: a claim still in flight at shutdown acks on this connection.
+        drop(source);
         tracing::info!(message = "worker stopped", worker_id = %this.config.worker_id);
+    }
+
+    /// Claim the delivery's attempt; ack as soon as the claim is durable and run it, or
+    /// settle the delivery as the answer says. A control plane that does not answer
+    /// gets the delivery back and pauses the dispatch loop (`claim_pause`).
+    async fn claim_and_execute(&self, message: RunMessage, handle: Box<dyn DeliveryHandle>) {
+        match self.claim(message).await {
+            Ok(ClaimResult::Claimed(claim)) => {
+                self.claim_pause.succeeded();
+                // The claim is durable: ack now, not when the container exits, so the
+                // broker's consumer timeout can never redeliver a long job.
+                if let Err(error) = handle.ack().await {
+                    tracing::warn!(message = "ack after claim failed; a redelivery will be dropped as a duplicate", run_id = %message.run_id, %error);
+                }
+                #[cfg(feature = "fault-injection")]
+                self.crash_if(CrashPoint::AfterClaim);
+                let span = tracing::info_span!("run", run_id = %claim.lease.run_id, job = %claim.job, attempt = claim.lease.attempt);
+                self.execute(*claim, None).instrument(span).await;
+            }
+            Ok(ClaimResult::NotClaimable { status, attempt }) => {
+                self.claim_pause.succeeded();
+                tracing::info!(message = "duplicate delivery dropped", run_id = %message.run_id, %status, attempt);
+                if let Err(error) = handle.ack().await {
+                    tracing::warn!(message = "ack failed", %error);
+                }
+            }
+            Ok(ClaimResult::UnknownRun) => {
+                tracing::error!(message = "delivery for an unknown run dead-lettered", run_id = %message.run_id);
+                if let Err(error) = handle.dead_letter("unknown run").await {
+                    tracing::warn!(message = "dead-lettering failed", %error);
+                }
+            }
+            Err(error) => {
+                // Hand it back and stop taking deliveries for a while instead of
+                // spinning through requeues.
+                let wait = self.claim_pause.failed();
+                tracing::warn!(message = "claim failed; delivery requeued", run_id = %message.run_id, %error, retry_in_ms = wait.as_millis() as u64);
+                if let Err(error) = handle.requeue().await {
+                    tracing::warn!(message = "requeue failed", %error);
+                }
+            }
+        }
     }
 
     /// Claim, retrying a control plane that did not answer a few times while still

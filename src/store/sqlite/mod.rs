@@ -59,8 +59,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each acquire (sqlx's default): a connection to a local file
+        // does not go stale, and the ping is one more round trip to the connection's
+        // thread for every transaction and read, which under load is most of the cost.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
@@ -69,6 +73,7 @@ impl SqliteStore {
         })?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
             .map_err(db)?;

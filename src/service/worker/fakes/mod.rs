@@ -117,6 +117,21 @@ pub(crate) struct FakeControl {
     renewal: Mutex<SessionRenewal>,
     renewals: Mutex<u32>,
     sessions_ended: Mutex<u32>,
+    /// What `claim` answers: unknown run unless a test says otherwise.
+    claim_answer: Mutex<ClaimAnswer>,
+    /// While set, each `claim` waits for a permit of it first.
+    claim_hold: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
+    /// Claims begun so far, for tests to wait on.
+    claims: watch::Sender<u32>,
+}
+
+/// How the fake control plane answers `claim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimAnswer {
+    UnknownRun,
+    /// Claimed already: not claimable.
+    NotClaimable,
+    Unavailable,
 }
 
 impl Default for FakeControl {
@@ -140,11 +155,24 @@ impl Default for FakeControl {
             renewal: Mutex::new(SessionRenewal::Renewed),
             renewals: Mutex::new(0),
             sessions_ended: Mutex::new(0),
+            claim_answer: Mutex::new(ClaimAnswer::UnknownRun),
+            claim_hold: Mutex::new(None),
+            claims: watch::channel(0).0,
         }
     }
 }
 
 impl FakeControl {
+    pub fn set_claim_answer(&self, answer: ClaimAnswer) {
+        *locked(&self.claim_answer) = answer;
+    }
+    /// Every later `claim` waits for a permit of `hold` (held, never returned).
+    pub fn hold_claims(&self, hold: std::sync::Arc<tokio::sync::Semaphore>) {
+        *locked(&self.claim_hold) = Some(hold);
+    }
+    pub fn claims(&self) -> u32 {
+        *self.claims.borrow()
+    }
     pub fn set_heartbeat(&self, status: LeaseStatus) {
         *locked(&self.heartbeat) = status;
     }
@@ -221,7 +249,19 @@ impl ControlPlane for FakeControl {
         _message: RunMessage,
         _worker_id: &str,
     ) -> Result<ClaimResult, ControlError> {
-        Ok(ClaimResult::UnknownRun)
+        self.claims.send_modify(|n| *n += 1);
+        let hold = locked(&self.claim_hold).clone();
+        if let Some(hold) = hold {
+            hold.acquire().await.expect("hold is never closed").forget();
+        }
+        match *locked(&self.claim_answer) {
+            ClaimAnswer::UnknownRun => Ok(ClaimResult::UnknownRun),
+            ClaimAnswer::NotClaimable => Ok(ClaimResult::NotClaimable {
+                status: crate::domain::run::RunStatus::Running,
+                attempt: 1,
+            }),
+            ClaimAnswer::Unavailable => Err(ControlError::Unavailable("down".into())),
+        }
     }
 
     async fn started(
