@@ -36,14 +36,12 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
     );
 
     let serve = Serve::start(bench, ServeConfig::default()).await?;
-    let result = measure(bench, &serve, report, size, big, tries, to_file, no_driver).await;
+    let result = measure(&serve, report, size, big, tries, to_file, no_driver).await;
     serve.stop(&bench.docker);
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn measure(
-    bench: &Bench,
     serve: &Serve,
     report: &mut Report,
     size: u64,
