@@ -24,8 +24,7 @@ const PUMP_DRAIN: Duration = Duration::from_secs(60);
 /// Tries of `adopt` for a container found under the attempt's name, before leaving it
 /// to reconciliation.
 const ADOPT_TRIES: u32 = 5;
-/// How long a fast-mode re-attach to a container that turned out to have exited is
-/// read: such an attach may never end.
+/// How long a fast-mode re-attach to a container that exited meanwhile is read.
 const FAST_ATTACH_LATE: Duration = Duration::from_secs(2);
 /// Broken waits for a container tolerated before its outcome is a platform error.
 const WAIT_TRIES: u32 = 10;
@@ -252,11 +251,10 @@ impl Worker {
         Ran::report(done.outcome, Some(existing.id), last.undelivered).with_usage(usage)
     }
 
-    /// Carry on with a fast-mode container an earlier life of this worker left. The
-    /// engine kept no copy of its output (log driver `none`), and its logs endpoint must
-    /// not be read (Docker 20.10 wedges such a container), so output is taken from a
-    /// fresh attach on; what it wrote between the last byte handled and now is gone.
-    /// The control plane flagged the attempt's output gap when it granted the adoption.
+    /// Carry on with a fast-mode container an earlier life of this worker left: no
+    /// engine copy of its output, and its logs endpoint must not be read (Docker 20.10
+    /// wedges it), so output is taken from a fresh attach on. The store flagged the
+    /// attempt's `output_gap` when it granted the adoption.
     async fn carry_on_fast(&self, claim: &Claim, keeper: &LeaseKeeper, existing: Existing) -> Ran {
         let lease = claim.lease;
         let output = if existing.running {
