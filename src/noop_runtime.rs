@@ -257,6 +257,7 @@ mod tests {
 
     fn spec(name: &str) -> ContainerSpec {
         ContainerSpec {
+            logs: Default::default(),
             name: name.into(),
             image: "none".into(),
             command: vec![],

@@ -385,6 +385,7 @@ mod tests {
             },
             job: "hello".into(),
             spec: ResolvedSpec {
+                logs: Default::default(),
                 image: "img:1".into(),
                 command: vec![],
                 workdir: None,
@@ -452,6 +453,7 @@ mod tests {
         assert_eq!(millis(huge), u64::MAX);
         assert_eq!(millis(Duration::from_millis(1500)), 1500);
         let spec = ResolvedSpec {
+            logs: Default::default(),
             image: "img".into(),
             command: vec![],
             workdir: None,

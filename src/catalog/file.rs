@@ -23,6 +23,8 @@ pub(super) struct JobFile {
     pub read_only: Option<Spanned<bool>>,
     #[serde(default)]
     pub mounts: Vec<Spanned<MountFile>>,
+    /// `"durable"` (default) or `"fast"`.
+    pub logs: Option<Spanned<String>>,
     pub schedule: Option<Spanned<String>>,
     pub time_zone: Option<Spanned<String>>,
     #[serde(default)]

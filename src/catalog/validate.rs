@@ -26,7 +26,7 @@ use super::CatalogError;
 use super::calendars::CalendarSet;
 use super::file::{JobFile, Params};
 use crate::domain::job::{
-    ContainerPolicy, InvalidDuration, JobName, JobSpec, PullPolicy, parse_duration,
+    ContainerPolicy, InvalidDuration, JobName, JobSpec, LogMode, PullPolicy, parse_duration,
     parse_kept_duration,
 };
 
@@ -205,6 +205,7 @@ pub(super) fn validate(
     let command = command(ctx, raw.command.as_ref(), &raw.params);
     let container = container::container(ctx, raw);
     let pull = pull(ctx, raw.pull.as_ref());
+    let logs = logs(ctx, raw.logs.as_ref());
     let timeouts = timeouts(ctx, raw.timeout.as_ref(), raw.stop_grace.as_ref());
     let schedules = schedules::schedules(
         ctx,
@@ -254,6 +255,7 @@ pub(super) fn validate(
         stop_grace: timeouts.stop_grace,
         network: container.network,
         hardening,
+        logs,
         params,
         schedules,
         max_concurrent,
@@ -315,6 +317,17 @@ fn pull(ctx: &mut Ctx<'_>, raw: Option<&Spanned<String>>) -> PullPolicy {
         Some(p) => PullPolicy::parse(p.get_ref()).unwrap_or_else(|e| {
             ctx.at(&p.span(), "pull", e.to_string());
             PullPolicy::default()
+        }),
+    }
+}
+
+/// `logs`
+fn logs(ctx: &mut Ctx<'_>, raw: Option<&Spanned<String>>) -> LogMode {
+    match raw {
+        None => LogMode::default(),
+        Some(l) => LogMode::parse(l.get_ref()).unwrap_or_else(|e| {
+            ctx.at(&l.span(), "logs", e.to_string());
+            LogMode::default()
         }),
     }
 }

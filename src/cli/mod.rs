@@ -502,6 +502,7 @@ mod tests {
 
     fn run(status: &str, code: Option<i64>, reason: Option<&str>) -> RunV1 {
         RunV1 {
+            output_gap: false,
             id: "r".into(),
             job: "j".into(),
             status: RunStatusV1::from(status.to_owned()),

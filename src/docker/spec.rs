@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 
-use crate::domain::job::{READ_ONLY_TMP, check_network};
+use crate::domain::job::{LogMode, READ_ONLY_TMP, check_network};
 use crate::domain::ports::{ContainerSpec, RuntimeError};
 
 /// Mount options of the tmpfs a read-only root gets; Docker adds `noexec`. Its pages
@@ -70,7 +70,7 @@ pub(super) fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody
         init: Some(true),
         auto_remove: Some(false),
         log_config: Some(HostConfigLogConfig {
-            typ: Some("local".to_owned()),
+            typ: Some(log_driver(spec.logs).to_owned()),
             config: None,
         }),
         ..Default::default()
@@ -91,6 +91,17 @@ pub(super) fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody
         host_config: Some(host_config),
         ..Default::default()
     })
+}
+
+/// The engine's log driver for a log mode: `local` keeps a copy a restarted worker
+/// catches up from; `none` keeps nothing, so the attach stream is the only copy (and
+/// the logs endpoint must never be read: on 20.10 an attach with `logs=true` to such a
+/// container wedges it).
+fn log_driver(mode: LogMode) -> &'static str {
+    match mode {
+        LogMode::Durable => "local",
+        LogMode::Fast => "none",
+    }
 }
 
 /// Docker's `t` for stop: whole seconds, rounded up, at least 1.
@@ -135,6 +146,7 @@ mod tests {
 
     fn spec() -> ContainerSpec {
         ContainerSpec {
+            logs: Default::default(),
             name: "tasuki-x-1".into(),
             image: "img:1".into(),
             command: vec![],

@@ -115,6 +115,7 @@ mod tests {
 
     fn attempt(number: u32, status: RunStatus, claimed: i64) -> Attempt {
         Attempt {
+            output_gap: false,
             number,
             status,
             worker_id: "w".into(),
@@ -132,6 +133,7 @@ mod tests {
 
     fn run(status: RunStatus, attempts: Vec<Attempt>, finished: Option<i64>) -> Run {
         Run {
+            output_gap: false,
             id: RunId::new(),
             job: "j".into(),
             params: Default::default(),

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use super::job::{BindMount, Capability, PullPolicy};
+use super::job::{BindMount, Capability, LogMode, PullPolicy};
 use super::secret::{RegistryCredentials, Secret};
 use super::session::{OrphanVerdict, SessionRenewal, SessionRequest, WorkerSession};
 
@@ -57,6 +57,8 @@ pub struct ContainerSpec {
     /// Read-only root file system, with a writable tmpfs on `/tmp`.
     pub read_only_root: bool,
     pub mounts: Vec<BindMount>,
+    /// `Fast`: no log driver, so output exists only on the attach stream.
+    pub logs: LogMode,
 }
 
 /// How a container ended, read from `inspect` after it exited.

@@ -335,6 +335,8 @@ pub struct Run {
     pub not_before: Option<DateTime<Utc>>,
     /// Output bytes that never reached the log sink, over all attempts.
     pub log_dropped_bytes: u64,
+    /// Some attempt's log misses output by an unknown amount (see [`Attempt::output_gap`]).
+    pub output_gap: bool,
     /// Every attempt so far, oldest first, each with its own outcome and log.
     pub attempts: Vec<Attempt>,
     /// Its completion callbacks, one per event so far, oldest first.
@@ -348,7 +350,7 @@ pub struct Run {
 impl Run {
     /// A log with holes: some output could not be stored. The exit status still holds.
     pub fn logs_truncated(&self) -> bool {
-        self.log_dropped_bytes > 0
+        self.log_dropped_bytes > 0 || self.output_gap
     }
 }
 
@@ -366,6 +368,10 @@ pub struct Attempt {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub log_dropped_bytes: u64,
+    /// Output is missing by an amount nobody knows: a `logs = "fast"` container was
+    /// adopted after its worker was away, and the engine kept no copy of what it wrote
+    /// meanwhile.
+    pub output_gap: bool,
     /// What its container used, sampled by the worker while it ran; `None` when no
     /// sample was taken (no container, or a worker that does not sample).
     pub usage: Option<ResourceUsage>,

@@ -66,6 +66,10 @@ struct JobView {
     pull: &'static str,
     network: String,
     timeout: Option<String>,
+    /// `durable` (the engine keeps a copy a restarted worker catches up from) or
+    /// `fast` (attach only; output written while no worker is attached is lost, and
+    /// the attempt says so).
+    logs: &'static str,
     resources: ResourcesView,
     container: ContainerView,
     params: BTreeMap<String, ParamView>,
@@ -148,6 +152,7 @@ impl From<&JobSpec> for JobView {
             pull: j.pull.as_str(),
             network: j.network.clone(),
             timeout: j.timeout.map(|t| humantime::format_duration(t).to_string()),
+            logs: j.logs.as_str(),
             resources: ResourcesView {
                 cpu: j.resources.cpu,
                 cpu_limit: j.resources.cpu_limit,

@@ -68,6 +68,7 @@ fn at(s: i64) -> DateTime<Utc> {
 
 fn attempt(number: u32, status: RunStatus, usage: Option<ResourceUsage>) -> Attempt {
     Attempt {
+        output_gap: false,
         number,
         status,
         worker_id: "w1".into(),
@@ -85,6 +86,7 @@ fn attempt(number: u32, status: RunStatus, usage: Option<ResourceUsage>) -> Atte
 
 fn run(job: &str, status: RunStatus, attempts: Vec<Attempt>) -> Run {
     Run {
+        output_gap: false,
         id: RunId::new(),
         job: job.into(),
         params: BTreeMap::new(),

@@ -50,6 +50,10 @@ pub struct RunV1 {
     pub logs_truncated: bool,
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// Some attempt's log misses output by an amount nobody knows (a `logs = "fast"`
+    /// container adopted after its worker was away); `logs_truncated` is then true too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub output_gap: bool,
     /// Its completion callback deliveries; older servers sent none.
     #[serde(default)]
     pub callbacks: Vec<CallbackV1>,
@@ -76,6 +80,10 @@ pub struct AttemptV1 {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub log_dropped_bytes: u64,
+    /// Output is missing from this attempt's log by an amount nobody knows: its
+    /// `logs = "fast"` container was adopted after its worker was away.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub output_gap: bool,
     /// What the attempt's container used; absent when no sample was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageV1>,
@@ -296,12 +304,17 @@ impl From<Run> for RunV1 {
             not_before: r.not_before.map(time),
             logs_truncated,
             log_dropped_bytes: r.log_dropped_bytes,
+            output_gap: r.output_gap,
             attempts: r.attempts.into_iter().map(AttemptV1::from).collect(),
             callbacks: r.callbacks.into_iter().map(CallbackV1::from).collect(),
             requested_by: r.requested_by,
             replies: r.replies.into_iter().map(ReplyV1::from).collect(),
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl From<Attempt> for AttemptV1 {
@@ -318,6 +331,7 @@ impl From<Attempt> for AttemptV1 {
             started_at: a.started_at.map(time),
             finished_at: a.finished_at.map(time),
             log_dropped_bytes: a.log_dropped_bytes,
+            output_gap: a.output_gap,
             usage: a.usage.map(UsageV1::from),
         }
     }
@@ -341,6 +355,7 @@ mod tests {
     /// A run on its second attempt after the first failed, with every field set.
     fn sample() -> Run {
         Run {
+            output_gap: false,
             id: "01jd0000000000000000000000".parse().unwrap(),
             job: "greet".to_owned(),
             params: BTreeMap::from([("name".to_owned(), "world".to_owned())]),
@@ -363,6 +378,7 @@ mod tests {
             log_dropped_bytes: 12,
             attempts: vec![
                 Attempt {
+                    output_gap: false,
                     number: 1,
                     status: RunStatus::Failed,
                     worker_id: "worker-a".to_owned(),
@@ -383,6 +399,7 @@ mod tests {
                     }),
                 },
                 Attempt {
+                    output_gap: false,
                     number: 2,
                     status: RunStatus::Running,
                     worker_id: "worker-b".to_owned(),

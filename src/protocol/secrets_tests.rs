@@ -12,6 +12,7 @@ use crate::domain::secret::{ClaimSecrets, RegistryCredentials};
 
 fn spec_with_secrets() -> ResolvedSpec {
     ResolvedSpec {
+        logs: Default::default(),
         image: "reg.example:5000/app:1".into(),
         command: vec![],
         workdir: None,

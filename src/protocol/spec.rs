@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::job::{BindMount, Capability, Hardening, PullPolicy, ResolvedSpec, Resources};
+use crate::domain::job::{
+    BindMount, Capability, Hardening, LogMode, PullPolicy, ResolvedSpec, Resources,
+};
 
 /// The resolved spec as stored with the run and sent to the worker at claim time.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +48,40 @@ pub struct SpecV1 {
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountV1>,
+    /// `"durable"` (absent) or `"fast"`: see `LogMode`.
+    #[serde(default, skip_serializing_if = "is_durable")]
+    pub logs: LogsV1,
+}
+
+/// A run's log mode as stored; an older spec has none and is durable.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogsV1 {
+    #[default]
+    Durable,
+    Fast,
+}
+
+fn is_durable(l: &LogsV1) -> bool {
+    *l == LogsV1::Durable
+}
+
+impl From<LogMode> for LogsV1 {
+    fn from(m: LogMode) -> Self {
+        match m {
+            LogMode::Durable => LogsV1::Durable,
+            LogMode::Fast => LogsV1::Fast,
+        }
+    }
+}
+
+impl From<LogsV1> for LogMode {
+    fn from(m: LogsV1) -> Self {
+        match m {
+            LogsV1::Durable => LogMode::Durable,
+            LogsV1::Fast => LogMode::Fast,
+        }
+    }
 }
 
 /// A bind mount in a stored spec; `source` is the host path as checked at load.
@@ -98,6 +134,7 @@ impl From<&ResolvedSpec> for SpecV1 {
                     read_only: m.read_only,
                 })
                 .collect(),
+            logs: s.logs.into(),
         }
     }
 }
@@ -144,6 +181,7 @@ impl TryFrom<SpecV1> for ResolvedSpec {
                     })
                     .collect(),
             },
+            logs: s.logs.into(),
         })
     }
 }
@@ -192,6 +230,21 @@ mod tests {
         );
         let back: SpecV1 = serde_json::from_value(json).unwrap();
         assert_eq!(ResolvedSpec::try_from(back).unwrap(), spec);
+    }
+
+    #[test]
+    fn the_log_mode_is_frozen_with_the_spec_and_absent_when_durable() {
+        let mut spec =
+            ResolvedSpec::try_from(serde_json::from_str::<SpecV1>(OLD).unwrap()).unwrap();
+        assert_eq!(spec.logs, LogMode::Durable);
+        spec.logs = LogMode::Fast;
+        let json = serde_json::to_value(SpecV1::from(&spec)).unwrap();
+        assert_eq!(json["logs"], "fast");
+        let back: SpecV1 = serde_json::from_value(json).unwrap();
+        assert_eq!(ResolvedSpec::try_from(back).unwrap(), spec);
+        let mut v: serde_json::Value = serde_json::from_str(OLD).unwrap();
+        v["logs"] = serde_json::json!("quick");
+        assert!(serde_json::from_value::<SpecV1>(v).is_err());
     }
 
     #[test]

@@ -342,6 +342,7 @@ impl Runs {
         }
         tracing::info!(message = "run accepted", run_id = %new.id, job);
         Ok(Accepted::New(Run {
+            output_gap: false,
             id: new.id,
             job: new.job,
             params: new.params,

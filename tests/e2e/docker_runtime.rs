@@ -25,6 +25,7 @@ fn unique_name(test: &str) -> String {
 
 fn spec(name: &str, command: &[&str]) -> ContainerSpec {
     ContainerSpec {
+        logs: Default::default(),
         name: name.to_owned(),
         image: IMAGE.to_owned(),
         command: command.iter().map(|s| (*s).to_owned()).collect(),

@@ -11,6 +11,7 @@ mod connections;
 mod deploy;
 mod docker_runtime;
 mod embedded;
+mod fast_logs;
 mod faults;
 mod hardening;
 mod hooks;

@@ -56,6 +56,20 @@ fn schedule_and_time_zone() {
 }
 
 #[test]
+fn the_log_mode_is_durable_unless_the_file_says_fast() {
+    let e = one_error("image = \"a\"\nlogs = \"quick\"\n");
+    assert_eq!(e.line, Some(2));
+    assert_eq!(e.field.as_deref(), Some("logs"));
+    assert!(e.message.contains("invalid log mode \"quick\""), "{e}");
+    assert!(e.message.contains("\"durable\" or \"fast\""), "{e}");
+    assert_eq!(parse("image = \"a\"\n").unwrap().logs, LogMode::Durable);
+    assert_eq!(
+        parse("image = \"a\"\nlogs = \"fast\"\n").unwrap().logs,
+        LogMode::Fast
+    );
+}
+
+#[test]
 fn misc_field_validation() {
     assert_eq!(
         one_error("image = \"a\"\nworkdir = \"tmp\"")

@@ -135,6 +135,45 @@ impl fmt::Display for PullPolicy {
     }
 }
 
+/// How a job's output reaches tasuki's log.
+///
+/// `Durable` (the default): the engine keeps its own copy (log driver `local`), so a
+/// worker that restarts catches up on output written while it was away. `Fast`: no
+/// engine copy (log driver `none`), output is taken by attach only; faster and lighter
+/// on dockerd, but output written while no worker is attached is lost, and the attempt
+/// says so (`output_gap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogMode {
+    #[default]
+    Durable,
+    Fast,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid log mode {0:?} (expected \"durable\" or \"fast\")")]
+pub struct InvalidLogMode(pub String);
+
+impl LogMode {
+    pub fn parse(s: &str) -> Result<LogMode, InvalidLogMode> {
+        match s {
+            "durable" => Ok(LogMode::Durable),
+            "fast" => Ok(LogMode::Fast),
+            other => Err(InvalidLogMode(other.to_owned())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogMode::Durable => "durable",
+            LogMode::Fast => "fast",
+        }
+    }
+
+    pub fn is_durable(&self) -> bool {
+        *self == LogMode::Durable
+    }
+}
+
 /// Container resource limits.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Resources {
@@ -169,6 +208,8 @@ pub struct JobSpec {
     /// Capabilities, pids limit, read-only root and mounts, checked against the
     /// server's `ContainerPolicy` at load.
     pub hardening: Hardening,
+    /// Where the output goes on its way to tasuki's log.
+    pub logs: LogMode,
     pub params: BTreeMap<String, ParamSpec>,
     /// When the job starts by itself; empty for a job only started on request.
     pub schedules: Vec<crate::domain::schedule::ScheduleSpec>,
@@ -198,6 +239,7 @@ pub struct ResolvedSpec {
     pub stop_grace: Duration,
     pub network: String,
     pub hardening: Hardening,
+    pub logs: LogMode,
 }
 
 #[cfg(test)]

@@ -281,6 +281,7 @@ impl JobSpec {
             stop_grace: self.stop_grace,
             network: self.network.clone(),
             hardening: self.hardening.clone(),
+            logs: self.logs,
         })
     }
 }
@@ -304,6 +305,7 @@ mod tests {
 
     fn job() -> JobSpec {
         JobSpec {
+            logs: Default::default(),
             name: JobName::parse("hello").unwrap(),
             description: None,
             image: "img:{{params.who}}".to_owned(),

@@ -67,6 +67,7 @@ async fn fixture() -> Fixture {
 
 fn spec(image: &str, pull: PullPolicy, secret_env: &[(&str, SecretRef)]) -> ResolvedSpec {
     ResolvedSpec {
+        logs: Default::default(),
         image: image.into(),
         command: vec![],
         workdir: None,

@@ -61,6 +61,7 @@ struct FakeSink(Arc<Shared>);
 
 fn spec() -> ResolvedSpec {
     ResolvedSpec {
+        logs: Default::default(),
         image: "example".into(),
         command: Vec::new(),
         workdir: None,

@@ -27,6 +27,7 @@ impl JobLookup for Jobs {
 
 fn job(name: &str, max_concurrent: Option<u32>) -> Arc<JobSpec> {
     Arc::new(JobSpec {
+        logs: Default::default(),
         name: JobName::parse(name).unwrap(),
         description: None,
         image: "img:1".to_owned(),

@@ -69,6 +69,7 @@ fn cron(name: &str, expr: &str, zone: &str) -> ScheduleSpec {
 
 fn job(name: &str, schedules: Vec<ScheduleSpec>, max_concurrent: Option<u32>) -> Arc<JobSpec> {
     Arc::new(JobSpec {
+        logs: Default::default(),
         name: JobName::parse(name).unwrap(),
         description: None,
         image: "img:1".to_owned(),

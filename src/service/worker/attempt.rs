@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use super::lease::{LeaseKeeper, LeaseState};
@@ -24,6 +24,8 @@ const PUMP_DRAIN: Duration = Duration::from_secs(60);
 /// Tries of `adopt` for a container found under the attempt's name, before leaving it
 /// to reconciliation.
 const ADOPT_TRIES: u32 = 5;
+/// How long a fast-mode re-attach to a container that exited meanwhile is read.
+const FAST_ATTACH_LATE: Duration = Duration::from_secs(2);
 /// Broken waits for a container tolerated before its outcome is a platform error.
 const WAIT_TRIES: u32 = 10;
 
@@ -200,6 +202,9 @@ impl Worker {
                 }
             }
         };
+        if !spec.logs.is_durable() {
+            return self.carry_on_fast(claim, keeper, existing).await;
+        }
         // Carry on with a container an earlier run of this worker left: catch its output
         // up from the engine's log, skipping what was stored or dropped already.
         let output = match self.runtime.logs(&existing.id, true).await {
@@ -244,6 +249,58 @@ impl Worker {
             }
         };
         Ran::report(done.outcome, Some(existing.id), last.undelivered).with_usage(usage)
+    }
+
+    /// Carry on with a fast-mode container an earlier life of this worker left: no
+    /// engine copy of its output, and its logs endpoint must not be read (Docker 20.10
+    /// wedges it), so output is taken from a fresh attach on. The store flagged the
+    /// attempt's `output_gap` when it granted the adoption.
+    async fn carry_on_fast(&self, claim: &Claim, keeper: &LeaseKeeper, existing: Existing) -> Ran {
+        let lease = claim.lease;
+        let output = if existing.running {
+            match self.runtime.attach(&existing.id).await {
+                Ok(o) => o,
+                Err(error) => return Ran::failed(error, Some(existing.id)),
+            }
+        } else {
+            futures::stream::empty().boxed()
+        };
+        // An attach to a container that exited meanwhile may never end: take only what
+        // arrives while it still runs (checked once more after attaching).
+        let output = match self.runtime.inspect(&existing.id).await {
+            Ok(info) if info.state == ContainerState::Running => output,
+            _ => output
+                .take_until(tokio::time::sleep(FAST_ATTACH_LATE))
+                .boxed(),
+        };
+        // The attach stream starts now: nothing of it was handled before.
+        let from = Pumped {
+            read: 0,
+            ..Pumped::from(existing.output)
+        };
+        let pump =
+            tokio::spawn(pump_output(self.control.clone(), lease, output, from).in_current_span());
+        let sampler = existing.running.then(|| {
+            let spec = container_spec(claim, &self.config.worker_id);
+            Sampler::start(self.runtime.clone(), &existing.id, &spec)
+        });
+        if existing.running {
+            match self.control.started(lease, &existing.id).await {
+                Ok(status) => keeper.tell(status),
+                Err(error) => {
+                    tracing::warn!(message = "reporting the adopted container failed", %error)
+                }
+            }
+        }
+        let ran_for = existing
+            .started_at
+            .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default())
+            .unwrap_or_default();
+        let done = self
+            .supervise(claim, keeper, &existing.id, pump, from, ran_for)
+            .await;
+        let usage = sampler.and_then(Sampler::stop);
+        Ran::report(done.outcome, Some(existing.id), done.pumped.undelivered).with_usage(usage)
     }
 
     /// The attempt's container name was taken: by this very attempt, in an earlier
@@ -541,5 +598,6 @@ pub(super) fn container_spec(claim: &Claim, worker_id: &str) -> ContainerSpec {
         capabilities: spec.hardening.capabilities.clone(),
         read_only_root: spec.hardening.read_only,
         mounts: spec.hardening.mounts.clone(),
+        logs: spec.logs,
     }
 }

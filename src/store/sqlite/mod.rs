@@ -179,10 +179,10 @@ fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
 }
 
 const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
-     finished_at, cancel_requested, not_before, log_dropped_bytes, \"trigger\", requested_by";
+     finished_at, cancel_requested, not_before, log_dropped_bytes, output_gap, \"trigger\", requested_by";
 const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
      claimed_at, started_at, finished_at, log_dropped_bytes, usage_samples, usage_peak_memory_bytes, \
-     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit";
+     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit, output_gap";
 
 fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
     let params: String = col(row, "params")?;
@@ -203,6 +203,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
         cancel_requested: col::<i64>(row, "cancel_requested")? != 0,
         not_before: from_ms(col(row, "not_before")?),
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
+        output_gap: col::<i64>(row, "output_gap")? != 0,
         attempts: Vec::new(),
         callbacks: Vec::new(),
         requested_by: col(row, "requested_by")?,
@@ -223,6 +224,7 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
         started_at: from_ms(col(row, "started_at")?),
         finished_at: from_ms(col(row, "finished_at")?),
         log_dropped_bytes: dropped_col(row, "log_dropped_bytes")?,
+        output_gap: col::<i64>(row, "output_gap")? != 0,
         usage: usage_cols(row)?,
     };
     Ok((run_id_col(row, "run_id")?, attempt))

@@ -111,6 +111,22 @@ impl Reconciliation for SqliteStore {
             .map_err(db)?;
         let message = RunMessage { run_id, attempt };
         let claim = claim_for(&mut tx, message, held.epoch, lease_ttl).await?;
+        if !claim.spec.logs.is_durable() {
+            // No engine copy of a fast-mode container's output: whatever it wrote while
+            // its worker was away is gone, by an amount nobody knows. Said here, in the
+            // transaction that hands the attempt back, so no adoption goes unrecorded.
+            sqlx::query("UPDATE attempts SET output_gap = 1 WHERE run_id = ? AND attempt = ?")
+                .bind(run_id.to_string())
+                .bind(i64::from(attempt))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query("UPDATE runs SET output_gap = 1 WHERE id = ?")
+                .bind(run_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         let row = sqlx::query(
             "SELECT log_dropped_bytes, log_undelivered_bytes FROM attempts \
              WHERE run_id = ? AND attempt = ?",

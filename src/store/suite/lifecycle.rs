@@ -20,6 +20,7 @@ pub(crate) fn new_run() -> NewRun {
         job: "hello".into(),
         params: BTreeMap::from([("who".to_owned(), "x".to_owned())]),
         spec: ResolvedSpec {
+            logs: Default::default(),
             image: "img:1".into(),
             command: vec!["echo".into(), "x".into()],
             workdir: None,

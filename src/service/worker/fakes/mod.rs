@@ -48,6 +48,7 @@ pub(crate) fn claim(timeout: Option<Duration>) -> Claim {
         lease: lease(),
         job: "test".to_owned(),
         spec: ResolvedSpec {
+            logs: Default::default(),
             image: "tasuki-example:latest".to_owned(),
             command: vec![],
             workdir: None,

@@ -18,6 +18,7 @@ fn new_run(created_at: DateTime<Utc>) -> NewRun {
         job: "hello".into(),
         params: BTreeMap::new(),
         spec: ResolvedSpec {
+            logs: Default::default(),
             image: "img:1".into(),
             command: vec!["true".into()],
             workdir: None,
