@@ -106,7 +106,10 @@ struct Measured {
 
 async fn accepts(bench: &Bench, mode: Mode, duration: Duration) -> anyhow::Result<Measured> {
     let queue = unique("perf-accepts");
-    let config = match mode {
+    // The per-caller rate limit (50/s for anonymous by default) is off: this measures
+    // what the service sustains, not the limit.
+    let env = vec![("TASUKI_LIMITS_RATE_PER_SECOND", "0".to_owned())];
+    let mut config = match mode {
         Mode::Embedded => ServeConfig {
             concurrency: 64,
             extra_args: vec![
@@ -125,6 +128,7 @@ async fn accepts(bench: &Bench, mode: Mode, duration: Duration) -> anyhow::Resul
             ..ServeConfig::default()
         },
     };
+    config.env = env;
     let serve = Serve::start(bench, config).await?;
     let result = measure(&serve, mode, duration).await;
     serve.stop(&bench.docker);
