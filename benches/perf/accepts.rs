@@ -44,10 +44,7 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
                 measured.load.per_second(),
                 "/s",
             )
-            .baseline(
-                "RabbitMQ producer, confirms",
-                producer.per_second(),
-            )
+            .baseline("RabbitMQ producer, confirms", producer.per_second())
             .target(Target::AtLeast(TARGET_PER_SECOND)),
         );
         report.add(
@@ -69,7 +66,10 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
         report.add(
             Row::new(
                 SECTION,
-                format!("{name}: outbox backlog at the end (start {})", measured.backlog_start),
+                format!(
+                    "{name}: outbox backlog at the end (start {})",
+                    measured.backlog_start
+                ),
                 measured.backlog_end as f64,
                 "msgs",
             )
@@ -166,10 +166,7 @@ async fn measure(serve: &Serve, mode: Mode, duration: Duration) -> anyhow::Resul
         load.summary()
     );
     if load.ok == 0 {
-        anyhow::bail!(
-            "no accepts: {}",
-            load.first_error.as_deref().unwrap_or("?")
-        );
+        anyhow::bail!("no accepts: {}", load.first_error.as_deref().unwrap_or("?"));
     }
     Ok(Measured {
         load,
