@@ -121,19 +121,13 @@ impl Deref for WriteTx {
     type Target = SqliteConnection;
     fn deref(&self) -> &SqliteConnection {
         // Present from `begin` until `commit`/drop, which consume the value.
-        self.conn
-            .as_ref()
-            .map(|c| &**c)
-            .unwrap_or_else(|| unreachable!())
+        self.conn.as_deref().unwrap_or_else(|| unreachable!())
     }
 }
 
 impl DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.conn
-            .as_mut()
-            .map(|c| &mut **c)
-            .unwrap_or_else(|| unreachable!())
+        self.conn.as_deref_mut().unwrap_or_else(|| unreachable!())
     }
 }
 
