@@ -172,7 +172,7 @@ impl Callbacks for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(match u32::try_from(done.rows_affected()) {
             Ok(0) => Redelivery::NothingToDeliver,
             Ok(n) => Redelivery::Queued(n),

@@ -271,7 +271,7 @@ impl Leases for SqliteStore {
             .await
             .map_err(db)?;
             let claim = claim_for(&mut tx, message, epoch, lease_ttl).await?;
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
             return Ok(ClaimResult::Claimed(Box::new(claim)));
         }
         if let Some(held) = attempt_state(&mut tx, id, message.attempt).await?
@@ -279,7 +279,7 @@ impl Leases for SqliteStore {
         {
             extend_lease(&mut tx, id, message.attempt, lease_ttl, now).await?;
             let claim = claim_for(&mut tx, message, held.epoch, lease_ttl).await?;
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
             return Ok(ClaimResult::Claimed(Box::new(claim)));
         }
         Ok(ClaimResult::NotClaimable {
@@ -320,7 +320,7 @@ impl Leases for SqliteStore {
             .await
             .map_err(db)?;
         let run = run_of(&mut tx, id).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(LeaseStatus::Held {
             cancel: run.cancel_requested,
         })
@@ -340,7 +340,7 @@ impl Leases for SqliteStore {
         }
         extend_lease(&mut tx, id, lease.attempt, lease_ttl, now).await?;
         let run = run_of(&mut tx, id).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(LeaseStatus::Held {
             cancel: run.cancel_requested,
         })
@@ -364,7 +364,7 @@ impl Leases for SqliteStore {
         raise_undelivered(&mut tx, lease, undelivered).await?;
         keep_usage(&mut tx, lease, usage).await?;
         settle(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(LeaseStatus::Held { cancel: false })
     }
 
@@ -390,7 +390,7 @@ impl Leases for SqliteStore {
         if current.is_some_and(|a| a.epoch == lease.epoch) {
             count_dropped(&mut tx, lease, bytes).await?;
         }
-        tx.commit().await.map_err(db)
+        tx.commit().await
     }
 
     async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
@@ -399,7 +399,7 @@ impl Leases for SqliteStore {
         if current.is_some_and(|a| a.epoch == lease.epoch) {
             raise_undelivered(&mut tx, lease, bytes).await?;
         }
-        tx.commit().await.map_err(db)
+        tx.commit().await
     }
 
     async fn expire_leases(&self, now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError> {
@@ -434,7 +434,7 @@ impl Leases for SqliteStore {
                 settle(&mut tx, run_id, attempt, &ending, now).await?;
                 changed.push(run_id);
             }
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
         }
         Ok(changed)
     }
@@ -477,7 +477,7 @@ impl Leases for SqliteStore {
                 Released::Cancelled(ending) => end_run(&mut tx, id, ending, now).await?,
             }
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(LeaseStatus::Held { cancel: false })
     }
 }

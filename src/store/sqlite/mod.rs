@@ -6,6 +6,7 @@
 mod admission;
 mod callbacks;
 mod gauges;
+mod group;
 mod leases;
 mod outbox;
 mod replies;
@@ -31,6 +32,7 @@ use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunId, RunStat
 use crate::domain::schedule::Admission;
 use crate::domain::transition::{AttemptState, RunState};
 use crate::protocol::{parse_admission, parse_trigger};
+use group::{GroupCommit, WriteTx};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -40,6 +42,8 @@ pub struct SqliteStore {
     /// asks the domain and writes the answer never races another writer of this process.
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Writes queue here and share group transactions on `writer` (see `group`).
+    group: GroupCommit,
 }
 
 impl SqliteStore {
@@ -77,14 +81,25 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(db)?;
-        Ok(Self { writer, reader })
+        let group = GroupCommit::start(writer.clone());
+        Ok(Self {
+            writer,
+            reader,
+            group,
+        })
     }
 
-    /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`):
-    /// what it reads cannot be changed by another process on the same file before it
-    /// writes, and it never fails half-way for a snapshot gone stale.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    /// A write operation inside a group transaction that took SQLite's write lock at once
+    /// (`BEGIN IMMEDIATE`): what it reads cannot be changed by another process on the
+    /// same file before it writes, and it never fails half-way for a snapshot gone stale.
+    /// Its own SAVEPOINT lets it undo only itself; `commit` returns once durable.
+    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        self.group.begin().await
+    }
+
+    #[cfg(test)]
+    fn group(&self) -> &GroupCommit {
+        &self.group
     }
 
     /// The write connection, for tests that need to put rows the store never writes.

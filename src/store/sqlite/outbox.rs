@@ -81,28 +81,30 @@ impl Outbox for SqliteStore {
             return Ok(());
         }
         let list = serde_json::to_string(ids).map_err(|e| corrupt("outbox ids", e))?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL, last_try_failed = 0 \
              WHERE id IN (SELECT value FROM json_each(?))",
         )
         .bind(ms(now))
         .bind(list)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE outbox SET tries = tries + 1, last_error = ?, last_try_failed = 1 WHERE id = ?",
         )
         .bind(error)
         .bind(id)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {

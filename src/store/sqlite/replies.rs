@@ -132,7 +132,7 @@ impl Replies for SqliteStore {
             .await
             .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(())
     }
 

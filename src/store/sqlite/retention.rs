@@ -100,7 +100,7 @@ impl RetentionStore for SqliteStore {
                     .map_err(db)?
                     .rows_affected();
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(OutboxPurge {
             deleted,
             scanned_to,
@@ -136,7 +136,7 @@ impl RetentionStore for SqliteStore {
             }
         }
         if ids.is_empty() {
-            tx.rollback().await.map_err(db)?;
+            tx.rollback();
             return Ok(Vec::new());
         }
         let list = json_list(&ids)?;
@@ -147,7 +147,7 @@ impl RetentionStore for SqliteStore {
                 .await
                 .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         ids.iter()
             .map(|id| id.parse().map_err(corrupt_id))
             .collect()
@@ -194,7 +194,7 @@ impl RetentionStore for SqliteStore {
             }
         }
         if ids.is_empty() {
-            tx.rollback().await.map_err(db)?;
+            tx.rollback();
             return Ok(0);
         }
         let deleted = sqlx::query(
@@ -205,7 +205,7 @@ impl RetentionStore for SqliteStore {
         .await
         .map_err(db)?
         .rows_affected();
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(deleted)
     }
 }

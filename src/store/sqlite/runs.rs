@@ -219,7 +219,7 @@ impl RunRecords for SqliteStore {
                 let job: String = col(&row, "job")?;
                 let fingerprint: String = col(&row, "params")?;
                 let run_id = run_id_col(&row, "run_id")?;
-                tx.rollback().await.map_err(db)?;
+                tx.rollback();
                 return Ok(if job == key.job && fingerprint == key.fingerprint {
                     Inserted::Existing(run_id)
                 } else {
@@ -243,7 +243,7 @@ impl RunRecords for SqliteStore {
             .await
             .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(Inserted::New)
     }
 
@@ -301,7 +301,7 @@ impl RunRecords for SqliteStore {
     async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
         let mut tx = self.begin_write().await?;
         let result = cancel_run(&mut tx, id, true, now).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(result)
     }
 
@@ -330,7 +330,7 @@ impl RunRecords for SqliteStore {
             .await
             .map_err(db)?;
             set_admitted(&mut tx, id, attempt, admitted, now).await?;
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
         }
         Ok(result)
     }

@@ -188,7 +188,7 @@ impl Schedules for SqliteStore {
                     now,
                 };
                 insert_slot(&mut tx, new).await?;
-                tx.commit().await.map_err(db)?;
+                tx.commit().await?;
                 return Ok(Firing {
                     result: FireResult::SkippedOverlap,
                     cancelled,
@@ -219,7 +219,7 @@ impl Schedules for SqliteStore {
             now,
         };
         insert_fired(&mut tx, &new_run, fired).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(Firing {
             result: FireResult::Fired(run.id),
             cancelled,
@@ -261,7 +261,7 @@ impl Schedules for SqliteStore {
             now,
         };
         insert_fired(&mut tx, run, fired).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(FireResult::Fired(run.id))
     }
 
@@ -284,7 +284,7 @@ impl Schedules for SqliteStore {
             now,
         };
         let written = insert_slot(&mut tx, new).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(written)
     }
 
@@ -379,7 +379,7 @@ impl Schedules for SqliteStore {
             .await
             .map_err(db)?;
         }
-        tx.commit().await.map_err(db)
+        tx.commit().await
     }
 
     async fn rebase_cursor(
@@ -415,7 +415,7 @@ impl Schedules for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)
+        tx.commit().await
     }
 
     async fn pause(&self, job: &str, schedule: &str) -> Result<Option<Pause>, StoreError> {

@@ -140,7 +140,7 @@ impl Reconciliation for SqliteStore {
             total: dropped_col(&row, "log_dropped_bytes")?,
             undelivered: dropped_col(&row, "log_undelivered_bytes")?,
         };
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(AdoptResult::Held {
             claim: Box::new(claim),
             dropped,
@@ -179,7 +179,7 @@ impl Reconciliation for SqliteStore {
             }
             SessionDecision::Refuse { .. } => return Ok(decision),
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(decision)
     }
 
@@ -195,7 +195,7 @@ impl Reconciliation for SqliteStore {
         let renewal = decide_renewal(current.as_ref(), instance);
         if renewal == SessionRenewal::Renewed {
             set_expiry(&mut tx, worker_id, session_expiry(now, ttl)).await?;
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
         }
         Ok(renewal)
     }
@@ -215,7 +215,7 @@ impl Reconciliation for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
         }
         Ok(())
     }
