@@ -133,8 +133,10 @@ async fn held_on(
     let idle_cpu = (cpu_seconds(serve.proc.pid()) - cpu_from) / idle_for.as_secs_f64();
 
     let cancelled = cancel_all(serve, &runs).await?;
-    let mut waits = Vec::with_capacity(holds);
-    let mut follows = Vec::with_capacity(holds);
+    // From the cancel's answer (a hold answered before it counts as 0), and from its
+    // request (an upper bound: it includes the cancel's own commit).
+    let (mut waits, mut waits_sent) = (Vec::with_capacity(holds), Vec::with_capacity(holds));
+    let (mut follows, mut follows_sent) = (Vec::with_capacity(holds), Vec::with_capacity(holds));
     let mut failures = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
         let (answered, answer) = tokio::time::timeout(Duration::from_secs(60), task)
@@ -143,11 +145,17 @@ async fn held_on(
             .context("hold task")?;
         match answer {
             Ok(a) if a.status == 200 && (i >= holds || is_cancelled(&a.body)) => {
-                let latency = answered.saturating_duration_since(cancelled[i]);
+                let (sent, done) = cancelled[i];
+                let (latency, from_sent) = (
+                    answered.saturating_duration_since(done),
+                    answered.saturating_duration_since(sent),
+                );
                 if i < holds {
                     waits.push(latency);
+                    waits_sent.push(from_sent);
                 } else {
                     follows.push(latency);
+                    follows_sent.push(from_sent);
                 }
             }
             Ok(a) => failures.push(format!("{} {}", a.status, String::from_utf8_lossy(&a.body))),
@@ -184,12 +192,18 @@ async fn held_on(
         idle_cpu * 100.0,
         "% of a core",
     ));
-    for (what, samples) in [("?wait answer", &mut waits), ("follow end", &mut follows)] {
+    for (what, samples, from_sent) in [
+        ("?wait answer", &mut waits, &mut waits_sent),
+        ("follow end", &mut follows, &mut follows_sent),
+    ] {
         let (p50, max) = (percentile_ms(samples, 50.0), percentile_ms(samples, 100.0));
+        let sent_p99 = percentile_ms(from_sent, 99.0);
         report.add(
             Row::new(
                 SECTION,
-                format!("{what} after its run's cancel, {n} at once: p99 (p50 {p50:.1} ms, max {max:.1} ms)"),
+                format!(
+                    "{what} after its run's cancel answered, {n} at once: p99 (p50 {p50:.1} ms, max {max:.1} ms; from the cancel's request p99 {sent_p99:.1} ms)"
+                ),
                 percentile_ms(samples, 99.0),
                 "ms",
             )
@@ -269,8 +283,9 @@ async fn wait_all_held(serve: &Serve, conn: &mut Conn, blocker: &str) -> anyhow:
     }
 }
 
-/// Cancel every run, a few at once; when each cancel was answered, in `runs` order.
-async fn cancel_all(serve: &Serve, runs: &[String]) -> anyhow::Result<Vec<Instant>> {
+/// Cancel every run, a few at once; when each cancel was sent and answered, in `runs`
+/// order.
+async fn cancel_all(serve: &Serve, runs: &[String]) -> anyhow::Result<Vec<(Instant, Instant)>> {
     let runs: Arc<[String]> = runs.into();
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -283,16 +298,17 @@ async fn cancel_all(serve: &Serve, runs: &[String]) -> anyhow::Result<Vec<Instan
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(id) = runs.get(i) else { break };
                 let path = format!("/v1/runs/{id}/cancel");
+                let sent = Instant::now();
                 let a = conn.request("POST", &path, &[], Bytes::new()).await?;
                 if a.status != 202 && a.status != 200 {
                     bail!("cancel: {} {}", a.status, String::from_utf8_lossy(&a.body));
                 }
-                done.push((i, Instant::now()));
+                done.push((i, (sent, Instant::now())));
             }
             anyhow::Ok(done)
         }));
     }
-    let mut at = vec![Instant::now(); runs.len()];
+    let mut at = vec![(Instant::now(), Instant::now()); runs.len()];
     for t in tasks {
         for (i, when) in t.await?? {
             at[i] = when;
