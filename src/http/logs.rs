@@ -1,14 +1,11 @@
 //! `GET /v1/runs/{id}/logs`: a run's output, read or followed until the run is final.
 
-use std::time::Duration;
-
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use serde::Deserialize;
-use tokio::sync::broadcast;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -20,7 +17,7 @@ use crate::domain::auth::{Action, Principal};
 use crate::domain::run::RunId;
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
 use crate::service::audit::AuditAction;
-use crate::service::events::RunEventKind;
+use crate::service::events::{BACKSTOP, RunWatch};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_logs))
@@ -140,7 +137,7 @@ struct Follow {
     fixed_attempt: Option<u32>,
     attempt: u32,
     offset: u64,
-    events: broadcast::Receiver<crate::service::events::RunEvent>,
+    watch: RunWatch,
     done: bool,
 }
 
@@ -151,7 +148,7 @@ fn follow(
     fixed_attempt: Option<u32>,
     offset: u64,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let events = state.runs.events().subscribe();
+    let watch = state.runs.events().watch(id);
     let start = Follow {
         state,
         _hold: hold,
@@ -159,7 +156,7 @@ fn follow(
         fixed_attempt,
         attempt: fixed_attempt.unwrap_or(0),
         offset,
-        events,
+        watch,
         done: false,
     };
     futures::stream::unfold(start, |mut f| async move {
@@ -210,26 +207,12 @@ fn follow(
             if run.status.is_final() {
                 return None;
             }
-            // Sleep until this run's output or status changes; a periodic look covers
-            // a remote worker's writes and missed (lagged) events.
-            let wait = async {
-                loop {
-                    match f.events.recv().await {
-                        Ok(ev)
-                            if ev.run_id == f.id
-                                && matches!(ev.kind, RunEventKind::Log | RunEventKind::Status) =>
-                        {
-                            return;
-                        }
-                        Ok(_) => continue,
-                        Err(_) => return,
-                    }
-                }
-            };
+            // Sleep until this run's output or status changes; the backstop look
+            // covers changes made by another process on the same store.
             tokio::select! {
                 // A stopping server ends follow streams; clients resume with `offset`.
                 _ = f.state.runs.stopping().cancelled() => return None,
-                _ = tokio::time::timeout(Duration::from_secs(1), wait) => {}
+                _ = tokio::time::timeout(BACKSTOP, f.watch.changed()) => {}
             }
         }
     })

@@ -133,7 +133,10 @@ impl LogSink for FileLogSink {
         file.seek(SeekFrom::Start(offset))
             .await
             .map_err(|e| io(&path, e))?;
-        let mut buf = Vec::with_capacity(max.min(1 << 20));
+        // Sized by what is there, not by `max`: a follower reads each small piece of
+        // output as it comes, and the chunk keeps its buffer until the client has it.
+        let there = usize::try_from(len - offset).unwrap_or(usize::MAX);
+        let mut buf = Vec::with_capacity(there.min(max).min(1 << 20));
         (&mut file)
             .take(max as u64)
             .read_to_end(&mut buf)

@@ -2,6 +2,7 @@
 //! choosing and wiring of concrete adapters: `serve` (the control plane, embedded worker
 //! included) and `worker` (a remote worker).
 
+mod files;
 mod serve;
 mod worker;
 

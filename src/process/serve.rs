@@ -42,6 +42,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         allowed_mounts = ?policy.allowed_mounts()
     );
     let auth = auth_at_start(&args, &server_config)?;
+    match super::files::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(message = "open files limit", limit = ?limit),
+        Err(error) => {
+            tracing::warn!(message = "could not raise the open files limit", %error)
+        }
+    }
     let limits = server_config.limits.clone();
     limits.check().context("loading the server configuration")?;
     // Read before anything else starts, so a bad file stops start-up at once.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::job::{JobSpec, ParamErrors};
@@ -475,8 +475,8 @@ impl Runs {
     /// The run once it is final, or as it is when `timeout` passes.
     pub async fn wait(&self, id: RunId, timeout: Duration) -> Result<Option<Run>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Subscribe before reading, so a change between the read and the wait is seen.
-        let mut rx = self.events.subscribe();
+        // Watch before reading, so a change between the read and the wait is seen.
+        let mut watch = self.events.watch(id);
         loop {
             let Some(run) = self.store.get_run(id).await? else {
                 return Ok(None);
@@ -484,20 +484,10 @@ impl Runs {
             if run.status.is_final() {
                 return Ok(Some(run));
             }
-            loop {
-                let event = tokio::select! {
-                    _ = self.stopping.cancelled() => return self.store.get_run(id).await,
-                    event = tokio::time::timeout_at(deadline, rx.recv()) => event,
-                };
-                match event {
-                    Err(_) => return self.store.get_run(id).await,
-                    Ok(Ok(ev)) if ev.run_id == id && ev.kind == RunEventKind::Status => break,
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => {
-                        return self.store.get_run(id).await;
-                    }
-                }
+            tokio::select! {
+                _ = self.stopping.cancelled() => return self.store.get_run(id).await,
+                _ = tokio::time::sleep_until(deadline) => return self.store.get_run(id).await,
+                _ = watch.status_changed() => {}
             }
         }
     }

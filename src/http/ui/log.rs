@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use tokio::sync::broadcast;
 
 use super::{Session, UiError};
 use crate::domain::auth::Action;
@@ -22,7 +21,7 @@ use crate::http::runs::find_run;
 use crate::http::{ApiError, AppState};
 use crate::protocol::api::ErrorCodeV1;
 use crate::service::audit::AuditAction;
-use crate::service::events::{RunEvent, RunEventKind};
+use crate::service::events::{BACKSTOP, RunWatch};
 
 /// The most one event carries.
 const CHUNK: usize = 64 * 1024;
@@ -131,14 +130,14 @@ pub async fn stream(
     let (id, _) = attempt_of(&state, &session, &id, n).await?;
     let hold = state.limits.holds().take(&who)?;
     let offset = resume_offset(&headers, q.from);
-    let events = state.runs.events().subscribe();
+    let watch = state.runs.events().watch(id);
     let follow = Follow {
         state,
         _hold: hold,
         id,
         attempt: n,
         offset,
-        events,
+        watch,
         done: false,
     };
     let stream = futures::stream::unfold(follow, |mut f| async move {
@@ -158,7 +157,7 @@ struct Follow {
     id: RunId,
     attempt: u32,
     offset: u64,
-    events: broadcast::Receiver<RunEvent>,
+    watch: RunWatch,
     done: bool,
 }
 
@@ -219,28 +218,12 @@ impl Follow {
         }
     }
 
-    /// Sleep until this run's output or status changes (or a second passes: a remote
-    /// worker's writes and missed events are seen that way). False when stopping.
+    /// Sleep until this run's output or status changes (or the backstop look is due: a
+    /// change made by another process on the store). False when stopping.
     async fn wait_for_change(&mut self) -> bool {
-        let id = self.id;
-        let events = &mut self.events;
-        let changed = async {
-            loop {
-                match events.recv().await {
-                    Ok(ev)
-                        if ev.run_id == id
-                            && matches!(ev.kind, RunEventKind::Log | RunEventKind::Status) =>
-                    {
-                        return;
-                    }
-                    Ok(_) => continue,
-                    Err(_) => return,
-                }
-            }
-        };
         tokio::select! {
             _ = self.state.runs.stopping().cancelled() => false,
-            _ = tokio::time::timeout(Duration::from_secs(1), changed) => true,
+            _ = tokio::time::timeout(BACKSTOP, self.watch.changed()) => true,
         }
     }
 }
