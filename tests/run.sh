@@ -9,9 +9,10 @@
 #   - schemathesis (PyPI, pinned, in a venv) for the OpenAPI fuzz test
 #   - chromium and chromium-driver for the web UI's browser test
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
-# `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use), in
-# two passes: all but tests/serial in parallel, then tests/serial one test at a time.
-# A last pass builds without the feature, as production does, and checks that
+# `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use) and the
+# `bench` feature (the benchmark's no-op runtime, so its tests run too), in two passes:
+# all but tests/serial in parallel, then tests/serial one test at a time.
+# A last pass builds without the features, as production does, and checks that
 # TASUKI_CRASH_AT changes nothing there. Extra arguments go to the runner, in every pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ deploy/example-image/build.sh >&2
 # that stop or reconfigure the shared RabbitMQ and Docker engine, one at a time, with
 # nothing else running against them. Pass 3: the production build. Every pass runs even
 # when an earlier one failed; the script fails if any did.
-features=(--features fault-injection)
+features=(--features fault-injection,bench)
 production_check=production_build_ignores_tasuki_crash_at
 status=0
 if cargo nextest --version >/dev/null 2>&1; then

@@ -17,6 +17,8 @@ mod hardening;
 mod hooks;
 mod limits;
 mod metrics;
+#[cfg(feature = "bench")]
+mod noop_runtime;
 mod openapi;
 mod registry;
 mod retention;
