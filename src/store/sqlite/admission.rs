@@ -31,7 +31,7 @@ struct Waiting {
 /// The statuses of runs that are not final, as the partial index `runs_active` spells
 /// them (migrations/0012): SQLite uses a partial index only for a query that repeats
 /// its condition, so this is a literal, checked against the domain by a test.
-const ACTIVE_STATUSES: &str = "status IN ('queued', 'running')";
+pub(super) const ACTIVE_STATUSES: &str = "status IN ('queued', 'running')";
 
 /// How many runs of `job` are admitted and not final: an accept asks this every time,
 /// so it reads `runs_active` (the job's runs in flight), never the job's history.
