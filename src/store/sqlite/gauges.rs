@@ -59,9 +59,18 @@ impl StoreGauges for SqliteStore {
     }
 
     async fn last_successes(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        // Job by job: the next job is one probe past the last in `runs_by_job`, its
+        // newest success one probe in `runs_succeeded_by_job`; a GROUP BY would read
+        // every succeeded run there is.
         let rows = sqlx::query(
-            "SELECT job, MAX(finished_at) AS at FROM runs \
-             WHERE status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job",
+            "WITH RECURSIVE jobs (job) AS ( \
+               SELECT MIN(job) FROM runs \
+               UNION ALL \
+               SELECT (SELECT MIN(job) FROM runs WHERE job > jobs.job) \
+               FROM jobs WHERE jobs.job IS NOT NULL) \
+             SELECT job, at FROM (SELECT job, (SELECT MAX(finished_at) FROM runs \
+               WHERE status = 'succeeded' AND job = jobs.job) AS at FROM jobs \
+               WHERE job IS NOT NULL) WHERE at IS NOT NULL",
         )
         .fetch_all(&self.reader)
         .await

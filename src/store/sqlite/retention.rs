@@ -41,6 +41,13 @@ const DELETE_RUNS: [&str; 6] = [
     "DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))",
 ];
 
+/// The oldest-ended runs. `+status`: they come from `runs_by_finished` in order; left to
+/// choose, SQLite took `runs_by_status` for the IN list and sorted every final run by its
+/// end, 4.4 s a batch on a store of 1M runs, with the writer held all along.
+const PRUNABLE_RUNS: &str = "SELECT id, status, finished_at FROM runs \
+     WHERE finished_at < ? AND +status IN (SELECT value FROM json_each(?)) \
+     ORDER BY finished_at LIMIT ?";
+
 #[async_trait]
 impl RetentionStore for SqliteStore {
     async fn delete_expired_keys(
@@ -116,17 +123,13 @@ impl RetentionStore for SqliteStore {
         // In the writer's transaction: a person's retry cannot bring a run back between
         // the look and the delete.
         let mut tx = self.begin_write().await?;
-        let rows = sqlx::query(
-            "SELECT id, status, finished_at FROM runs \
-             WHERE finished_at < ? AND status IN (SELECT value FROM json_each(?)) \
-             ORDER BY finished_at LIMIT ?",
-        )
-        .bind(ms(finished_before))
-        .bind(json_list(&statuses)?)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
+        let rows = sqlx::query(PRUNABLE_RUNS)
+            .bind(ms(finished_before))
+            .bind(json_list(&statuses)?)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
             let status: String = row.try_get("status").map_err(db)?;

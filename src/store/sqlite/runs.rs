@@ -261,34 +261,16 @@ impl RunRecords for SqliteStore {
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
-        // The caller's job globs become SQLite GLOBs: a scope glob has only `*`, `?`
-        // and characters that stand for themselves, which GLOB reads the same way.
-        let globs = match &filter.jobs {
-            JobFilter::All => None,
-            JobFilter::Globs(globs) if globs.is_empty() => return Ok(Vec::new()),
-            JobFilter::Globs(globs) => Some(globs),
+        let Some(list) = ListQuery::of(filter) else {
+            return Ok(Vec::new());
         };
-        let glob_clause = globs.map_or_else(String::new, |globs| {
-            let any: Vec<String> = (0..globs.len())
-                .map(|i| format!("job GLOB ?{}", i + 7))
-                .collect();
-            format!(" AND ({})", any.join(" OR "))
-        });
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?4 IS NULL OR COALESCE(json_extract(\"trigger\", '$.type'), 'api') = ?4) \
-             AND (?5 IS NULL OR created_at >= ?5) AND (?6 IS NULL OR created_at < ?6) \
-             {glob_clause} ORDER BY id DESC LIMIT ?3"
-        ));
-        let mut query = sqlx::query(sql)
-            .bind(filter.job.as_deref())
-            .bind(filter.status.map(|s| s.as_str()))
-            .bind(i64::from(filter.limit))
-            .bind(filter.trigger)
-            .bind(filter.created_from.map(ms))
-            .bind(filter.created_before.map(ms));
-        for glob in globs.into_iter().flatten() {
-            query = query.bind(glob.as_str());
+        let sql = sqlx::AssertSqlSafe(list.sql);
+        let mut query = sqlx::query(sql);
+        for value in list.binds {
+            query = match value {
+                Bind::Text(t) => query.bind(t),
+                Bind::Int(i) => query.bind(i),
+            };
         }
         let rows = query.fetch_all(&self.reader).await.map_err(db)?;
         let runs = rows
@@ -336,6 +318,77 @@ impl RunRecords for SqliteStore {
     }
 }
 
+/// A value the list query binds.
+#[derive(Debug, PartialEq)]
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// The list's SQL with only the conditions the filter asks for: a condition written as
+/// `(? IS NULL OR job = ?)` is one SQLite cannot take to an index, so every list would
+/// walk the runs newest first until it found enough (the whole table for a rare job).
+#[derive(Debug)]
+struct ListQuery {
+    sql: String,
+    binds: Vec<Bind>,
+}
+
+impl ListQuery {
+    /// `None` when the caller may read no job at all.
+    fn of(filter: &RunFilter) -> Option<ListQuery> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut binds = Vec::new();
+        // With a creation date, the range on `runs_by_created` is what narrows: a job or
+        // a status spans all the weeks kept, and SQLite, which knows nothing of the
+        // data, would pick their index and walk back to the date. A unary `+` keeps a
+        // column's index out of the choice.
+        let dated = filter.created_from.is_some() || filter.created_before.is_some();
+        let plus = if dated { "+" } else { "" };
+        if let Some(job) = &filter.job {
+            conditions.push(format!("{plus}job = ?"));
+            binds.push(Bind::Text(job.clone()));
+        }
+        if let Some(status) = filter.status {
+            conditions.push(format!("{plus}status = ?"));
+            binds.push(Bind::Text(status.as_str().into()));
+        }
+        if let Some(trigger) = filter.trigger {
+            conditions.push("COALESCE(json_extract(\"trigger\", '$.type'), 'api') = ?".into());
+            binds.push(Bind::Text(trigger.into()));
+        }
+        if let Some(from) = filter.created_from {
+            conditions.push("created_at >= ?".into());
+            binds.push(Bind::Int(ms(from)));
+        }
+        if let Some(before) = filter.created_before {
+            conditions.push("created_at < ?".into());
+            binds.push(Bind::Int(ms(before)));
+        }
+        // The caller's job globs become SQLite GLOBs: a scope glob has only `*`, `?`
+        // and characters that stand for themselves, which GLOB reads the same way.
+        match &filter.jobs {
+            JobFilter::All => {}
+            JobFilter::Globs(globs) if globs.is_empty() => return None,
+            JobFilter::Globs(globs) => {
+                let any = vec!["job GLOB ?"; globs.len()].join(" OR ");
+                conditions.push(format!("({any})"));
+                binds.extend(globs.iter().map(|g| Bind::Text(g.as_str().into())));
+            }
+        }
+        let filter_sql = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        binds.push(Bind::Int(i64::from(filter.limit)));
+        Some(ListQuery {
+            sql: format!("SELECT {RUN_COLUMNS} FROM runs{filter_sql} ORDER BY id DESC LIMIT ?"),
+            binds,
+        })
+    }
+}
+
 /// Ask the run's worker to stop it (seen at its next heartbeat); also keeps a cancelled
 /// run from ever being retried by rule.
 async fn flag_cancel(conn: &mut sqlx::SqliteConnection, id: RunId) -> Result<(), StoreError> {
@@ -345,4 +398,68 @@ async fn flag_cancel(conn: &mut sqlx::SqliteConnection, id: RunId) -> Result<(),
         .await
         .map_err(db)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::domain::auth::JobGlob;
+    use crate::domain::run::RunStatus;
+
+    /// Only what the filter asks for reaches the SQL (so SQLite can pick the index that
+    /// serves it), each value bound in the order its condition appears.
+    #[test]
+    fn the_list_query_holds_only_the_conditions_asked_for() {
+        let all = ListQuery::of(&RunFilter {
+            limit: 50,
+            ..RunFilter::default()
+        })
+        .unwrap();
+        assert!(
+            all.sql.ends_with("FROM runs ORDER BY id DESC LIMIT ?"),
+            "{}",
+            all.sql
+        );
+        assert_eq!(all.binds, [Bind::Int(50)]);
+
+        let from = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        let some = ListQuery::of(&RunFilter {
+            job: Some("etl".into()),
+            status: Some(RunStatus::Failed),
+            trigger: Some("schedule"),
+            created_from: Some(from),
+            jobs: JobFilter::Globs(vec![JobGlob::any()]),
+            limit: 200,
+            ..RunFilter::default()
+        })
+        .unwrap();
+        assert!(!some.sql.contains("IS NULL"), "{}", some.sql);
+        assert!(
+            some.sql.contains(
+                "WHERE +job = ? AND +status = ? AND COALESCE(json_extract(\"trigger\", '$.type'), 'api') = ? \
+                 AND created_at >= ? AND (job GLOB ?) ORDER BY id DESC LIMIT ?"
+            ),
+            "{}",
+            some.sql
+        );
+        assert_eq!(
+            some.binds,
+            [
+                Bind::Text("etl".into()),
+                Bind::Text("failed".into()),
+                Bind::Text("schedule".into()),
+                Bind::Int(ms(from)),
+                Bind::Text("*".into()),
+                Bind::Int(200),
+            ]
+        );
+
+        let nothing = RunFilter {
+            jobs: JobFilter::Globs(Vec::new()),
+            ..RunFilter::default()
+        };
+        assert!(ListQuery::of(&nothing).is_none());
+    }
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::SqliteRow;
 
-use super::admission::not_final_json;
+use super::admission::ACTIVE_STATUSES;
 use super::runs::{cancel_run, insert_new_run};
 use super::{SqliteStore, admission_col, col, corrupt, db, ms, run_id_col, time_col};
 use crate::domain::ports::{
@@ -122,15 +122,16 @@ async fn active_runs(
     conn: &mut sqlx::SqliteConnection,
     job: &str,
 ) -> Result<Vec<ActiveRun>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, admitted, admission FROM runs WHERE job = ? \
-         AND status IN (SELECT value FROM json_each(?)) ORDER BY id",
-    )
-    .bind(job)
-    .bind(not_final_json()?)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
+    // Through `runs_active`, as an accept's count: the job's runs in flight, never its
+    // history (each firing holds the writer).
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT id, admitted, admission FROM runs WHERE job = ? AND {ACTIVE_STATUSES} ORDER BY id"
+    ));
+    let rows = sqlx::query(sql)
+        .bind(job)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
     rows.iter()
         .map(|row| {
             Ok(ActiveRun {

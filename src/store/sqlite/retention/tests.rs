@@ -401,3 +401,28 @@ async fn backlog_counts_only_rows_whose_last_publish_failed() {
         .unwrap();
     assert_eq!(store.outbox_backlog(later).await.unwrap().failed, 0);
 }
+
+/// A batch finds the oldest-ended runs through `runs_by_finished`, never by sorting
+/// every final run (which held the writer for seconds on a large store).
+#[tokio::test]
+async fn the_prunable_runs_are_read_oldest_first_from_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).await.unwrap();
+    let sql = format!("EXPLAIN QUERY PLAN {}", super::PRUNABLE_RUNS);
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(0_i64)
+        .bind("[\"succeeded\"]")
+        .bind(10_i64)
+        .fetch_all(store.writer())
+        .await
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|(_, _, _, d)| d.contains("runs_by_finished")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|(_, _, _, d)| d.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
+}
