@@ -176,6 +176,7 @@ fn build(job: &Job) -> JobSpec {
         timeout: Some(Duration::from_secs(1)),
         stop_grace: Duration::from_secs(1),
         network: "none".to_owned(),
+        logs: Default::default(),
         secret_env: Default::default(),
         hardening: Default::default(),
         params: params
