@@ -15,7 +15,7 @@ use super::{Backoff, Worker};
 use crate::domain::job::{DEFAULT_MEMORY, DEFAULT_PIDS_LIMIT};
 use crate::domain::ports::{
     Adoption, Claim, ContainerExit, ContainerSpec, ContainerState, ControlError, Lease,
-    LeaseStatus, OutputPosition, RuntimeError,
+    LeaseStatus, OutputPosition, OutputStream, RuntimeError,
 };
 use crate::domain::run::{Outcome, ResourceUsage};
 
@@ -212,6 +212,66 @@ impl Worker {
             Err(error) => return Ran::failed(error, Some(existing.id)),
         };
         let from = Pumped::from(existing.output);
+        let (done, usage) = self
+            .supervise_adopted(claim, keeper, &existing, output, from)
+            .await;
+        // A follow read of the engine's log can end without the container's last
+        // partial entry (output without a newline). Read it once more, now that the
+        // container has exited, and store whatever lies past what was handled.
+        let last = match self.runtime.logs(&existing.id, false).await {
+            Ok(rest) => pump_output(self.control.clone(), lease, rest, done.pumped).await,
+            Err(error) => {
+                tracing::warn!(message = "final read of the adopted container's log failed", %error);
+                done.pumped
+            }
+        };
+        Ran::report(done.outcome, Some(existing.id), last.undelivered).with_usage(usage)
+    }
+
+    /// Carry on with a fast-mode container an earlier life of this worker left: no
+    /// engine copy of its output, and its logs endpoint must not be read (Docker 20.10
+    /// wedges it), so output is taken from a fresh attach on. The store flagged the
+    /// attempt's `output_gap` when it granted the adoption.
+    async fn carry_on_fast(&self, claim: &Claim, keeper: &LeaseKeeper, existing: Existing) -> Ran {
+        let output = if existing.running {
+            match self.runtime.attach(&existing.id).await {
+                Ok(o) => o,
+                Err(error) => return Ran::failed(error, Some(existing.id)),
+            }
+        } else {
+            futures::stream::empty().boxed()
+        };
+        // An attach to a container that exited meanwhile may never end: take only what
+        // arrives while it still runs (checked once more after attaching).
+        let output = match self.runtime.inspect(&existing.id).await {
+            Ok(info) if info.state == ContainerState::Running => output,
+            _ => output
+                .take_until(tokio::time::sleep(FAST_ATTACH_LATE))
+                .boxed(),
+        };
+        // The attach stream starts now: nothing of it was handled before.
+        let from = Pumped {
+            read: 0,
+            ..Pumped::from(existing.output)
+        };
+        let (done, usage) = self
+            .supervise_adopted(claim, keeper, &existing, output, from)
+            .await;
+        Ran::report(done.outcome, Some(existing.id), done.pumped.undelivered).with_usage(usage)
+    }
+
+    /// What carrying on with an adopted container shares, whichever way its output
+    /// comes: pump `output` from `from`, read its counters while it runs, tell the
+    /// control plane which container it is, and supervise it to its end.
+    async fn supervise_adopted(
+        &self,
+        claim: &Claim,
+        keeper: &LeaseKeeper,
+        existing: &Existing,
+        output: OutputStream,
+        from: Pumped,
+    ) -> (Supervised, Option<ResourceUsage>) {
+        let lease = claim.lease;
         let pump =
             tokio::spawn(pump_output(self.control.clone(), lease, output, from).in_current_span());
         // Readings from now on; on cgroup v1 the kernel's high-water mark still covers
@@ -237,70 +297,7 @@ impl Worker {
         let done = self
             .supervise(claim, keeper, &existing.id, pump, from, ran_for)
             .await;
-        let usage = sampler.and_then(Sampler::stop);
-        // A follow read of the engine's log can end without the container's last
-        // partial entry (output without a newline). Read it once more, now that the
-        // container has exited, and store whatever lies past what was handled.
-        let last = match self.runtime.logs(&existing.id, false).await {
-            Ok(rest) => pump_output(self.control.clone(), lease, rest, done.pumped).await,
-            Err(error) => {
-                tracing::warn!(message = "final read of the adopted container's log failed", %error);
-                done.pumped
-            }
-        };
-        Ran::report(done.outcome, Some(existing.id), last.undelivered).with_usage(usage)
-    }
-
-    /// Carry on with a fast-mode container an earlier life of this worker left: no
-    /// engine copy of its output, and its logs endpoint must not be read (Docker 20.10
-    /// wedges it), so output is taken from a fresh attach on. The store flagged the
-    /// attempt's `output_gap` when it granted the adoption.
-    async fn carry_on_fast(&self, claim: &Claim, keeper: &LeaseKeeper, existing: Existing) -> Ran {
-        let lease = claim.lease;
-        let output = if existing.running {
-            match self.runtime.attach(&existing.id).await {
-                Ok(o) => o,
-                Err(error) => return Ran::failed(error, Some(existing.id)),
-            }
-        } else {
-            futures::stream::empty().boxed()
-        };
-        // An attach to a container that exited meanwhile may never end: take only what
-        // arrives while it still runs (checked once more after attaching).
-        let output = match self.runtime.inspect(&existing.id).await {
-            Ok(info) if info.state == ContainerState::Running => output,
-            _ => output
-                .take_until(tokio::time::sleep(FAST_ATTACH_LATE))
-                .boxed(),
-        };
-        // The attach stream starts now: nothing of it was handled before.
-        let from = Pumped {
-            read: 0,
-            ..Pumped::from(existing.output)
-        };
-        let pump =
-            tokio::spawn(pump_output(self.control.clone(), lease, output, from).in_current_span());
-        let sampler = existing.running.then(|| {
-            let spec = container_spec(claim, &self.config.worker_id);
-            Sampler::start(self.runtime.clone(), &existing.id, &spec)
-        });
-        if existing.running {
-            match self.control.started(lease, &existing.id).await {
-                Ok(status) => keeper.tell(status),
-                Err(error) => {
-                    tracing::warn!(message = "reporting the adopted container failed", %error)
-                }
-            }
-        }
-        let ran_for = existing
-            .started_at
-            .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default())
-            .unwrap_or_default();
-        let done = self
-            .supervise(claim, keeper, &existing.id, pump, from, ran_for)
-            .await;
-        let usage = sampler.and_then(Sampler::stop);
-        Ran::report(done.outcome, Some(existing.id), done.pumped.undelivered).with_usage(usage)
+        (done, sampler.and_then(Sampler::stop))
     }
 
     /// The attempt's container name was taken: by this very attempt, in an earlier
