@@ -252,18 +252,10 @@ async fn rabbit_producer(
             anyhow::Ok((ok, errors, hist))
         }));
     }
-    let mut result = LoadResult {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: Histogram::new(3)?,
-        first_error: None,
-    };
+    let mut result = LoadResult::empty()?;
     for task in tasks {
         let (ok, errors, hist) = task.await??;
-        result.ok += ok;
-        result.errors += errors;
-        result.latency.add(hist)?;
+        result.add(ok, errors, None, hist)?;
     }
     result.elapsed = start.elapsed();
     delete_queues(&queue);

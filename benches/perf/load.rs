@@ -83,6 +83,34 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Nothing measured yet; each client's share goes in with `add`.
+    pub fn empty() -> anyhow::Result<Self> {
+        Ok(LoadResult {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency: Histogram::new(3)?,
+            first_error: None,
+        })
+    }
+
+    /// One client's counts and latencies; the first error seen is kept.
+    pub fn add(
+        &mut self,
+        ok: u64,
+        errors: u64,
+        first_error: Option<String>,
+        latency: Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        self.ok += ok;
+        self.errors += errors;
+        if self.first_error.is_none() {
+            self.first_error = first_error;
+        }
+        self.latency.add(latency)?;
+        Ok(())
+    }
+
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -168,21 +196,10 @@ pub async fn closed_loop(
             (okc, errors, first_error, hist)
         }));
     }
-    let mut result = LoadResult {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: Histogram::new(3)?,
-        first_error: None,
-    };
+    let mut result = LoadResult::empty()?;
     for task in tasks {
         let (okc, errors, first_error, hist) = task.await?;
-        result.ok += okc;
-        result.errors += errors;
-        if result.first_error.is_none() {
-            result.first_error = first_error;
-        }
-        result.latency.add(hist)?;
+        result.add(okc, errors, first_error, hist)?;
     }
     result.elapsed = start.elapsed();
     Ok(result)
