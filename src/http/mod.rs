@@ -3,6 +3,7 @@
 //! is calling (every request but `/healthz` and webhooks) and what they may do.
 
 pub mod auth;
+mod body;
 mod error;
 mod health;
 mod hooks;

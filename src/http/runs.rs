@@ -13,6 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Target, audit_done, authorize};
+use super::body::json_object;
 use super::limits::{Caller, HoldGuard};
 use super::{ApiError, AppState};
 use crate::domain::auth::{Action, Principal};
@@ -160,18 +161,7 @@ pub fn parse_create_run(body: &[u8]) -> Result<RunRequestBody, ApiError> {
             callback: None,
         });
     }
-    let request: CreateRun = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "request body is not valid JSON for a run request: {e}"
-        ))
-    })?;
-    // serde's derive also reads a struct from an array, by position: `[{"name":"x"}]`.
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(ApiError::bad_request(
-            "request body is not valid JSON for a run request: give an object, \
-             {\"params\":{...}}",
-        ));
-    }
+    let request: CreateRun = json_object(body, "run request body")?;
     Ok(RunRequestBody {
         params: params_from_json(request.params)?,
         callback: request.callback.map(callback_target).transpose()?,

@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Target, audit_done, authorize};
+use super::body::{json_object, optional_json_object};
 use super::{ApiError, AppState};
 use crate::domain::auth::{Action, Principal};
 use crate::protocol::api::{ErrorBodyV1, ErrorCodeV1};
@@ -215,18 +216,6 @@ async fn list_schedules(
     }))
 }
 
-/// An optional JSON body: empty (or `null`) is the default.
-fn optional_body<T: Default + serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body?;
-    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
 async fn schedule_state(
     state: &AppState,
     job: &str,
@@ -263,7 +252,8 @@ async fn pause(
 ) -> Result<Json<ScheduleStateV1>, ApiError> {
     let what = AuditAction::SchedulePause;
     allowed(&state, &caller, &job, Some(&name), Action::Admin, what)?;
-    let req: PauseRequestV1 = optional_body(body)?;
+    let req: PauseRequestV1 =
+        optional_json_object(&body?, "pause body (expected {\"note\": text} or nothing)")?;
     if req.note.as_ref().is_some_and(|n| n.len() > 1000) {
         return Err(ApiError::bad_request("`note` is over 1000 bytes"));
     }
@@ -340,11 +330,10 @@ async fn backfill(
     let what = AuditAction::ScheduleBackfill;
     allowed(&state, &caller, &job, Some(&name), Action::Admin, what)?;
     let body = body?;
-    let req: BackfillRequestV1 = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid backfill body (expected {{\"from\": RFC 3339, \"to\": RFC 3339}}): {e}"
-        ))
-    })?;
+    let req: BackfillRequestV1 = json_object(
+        &body,
+        "backfill body (expected {\"from\": RFC 3339, \"to\": RFC 3339})",
+    )?;
     let from = instant("from", &req.from)?;
     let to = instant("to", &req.to)?;
     let report = state.scheduler.backfill(&job, &name, from, to).await?;

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::auth::WorkerCaller;
+use super::body::json_object;
 use super::{ApiError, AppState};
 use crate::domain::ports::Lease;
 use crate::domain::run::{ResourceUsage, RunId};
@@ -58,9 +59,7 @@ impl FromRequestParts<AppState> for WorkerAuth {
 }
 
 fn json<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid worker request: {e}")))
+    json_object(&body?, "worker request")
 }
 
 async fn claim(

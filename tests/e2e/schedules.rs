@@ -573,6 +573,25 @@ async fn the_cli_pauses_backfills_and_previews_and_a_reload_adds_a_schedule() {
         String::from_utf8_lossy(&out.stderr).contains("no schedule named `nope`"),
         "{out:?}"
     );
+    // Bodies are JSON objects: an array, which serde alone would read by position, is
+    // refused and changes nothing.
+    for (action, body) in [("pause", "[]"), ("backfill", r#"["a","b"]"#)] {
+        let answer = api
+            .http
+            .post(format!(
+                "{}/v1/jobs/steer/schedules/every-2s/{action}",
+                api.base
+            ))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{action} {body}");
+        let error: Value = answer.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("give a JSON object"), "{error}");
+    }
 
     // Reload: a second schedule added to the file and a SIGHUP; it fires from its next
     // slot. A broken file is refused and the running set stays.
