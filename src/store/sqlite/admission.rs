@@ -5,8 +5,9 @@
 
 use chrono::{DateTime, Utc};
 
+use super::corrupt;
 use super::outbox::enqueue;
-use super::{admission_col, attempt_col, corrupt, db, run_id_col};
+use super::sync::{admission_get, attempt_get, exec, first, get, run_id_get};
 use crate::domain::ports::StoreError;
 use crate::domain::run::{RunId, RunStatus};
 use crate::domain::schedule::Admission;
@@ -35,51 +36,39 @@ pub(super) const ACTIVE_STATUSES: &str = "status IN ('queued', 'running')";
 
 /// How many runs of `job` are admitted and not final: an accept asks this every time,
 /// so it reads `runs_active` (the job's runs in flight), never the job's history.
-async fn admitted_count(conn: &mut sqlx::SqliteConnection, job: &str) -> Result<u32, StoreError> {
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT COUNT(*) FROM runs WHERE job = ? AND admitted = 1 AND {ACTIVE_STATUSES}"
-    ));
-    let n: i64 = sqlx::query_scalar(sql)
-        .bind(job)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+fn admitted_count(conn: &rusqlite::Connection, job: &str) -> Result<u32, StoreError> {
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM runs WHERE job = ? AND admitted = 1 AND {ACTIVE_STATUSES}"
+    );
+    let n: i64 = first(conn, &sql, [job], |row| get(row, "n"))?.unwrap_or(0);
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// The first of the job's runs that wait for admission, in arrival order.
-async fn first_waiting(
-    conn: &mut sqlx::SqliteConnection,
-    job: &str,
-) -> Result<Option<Waiting>, StoreError> {
-    let row = sqlx::query(
+fn first_waiting(conn: &rusqlite::Connection, job: &str) -> Result<Option<Waiting>, StoreError> {
+    first(
+        conn,
         "SELECT id, attempt, admission FROM runs WHERE job = ? AND admitted = 0 \
          AND status IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1",
+        rusqlite::params![job, not_final_json()?],
+        |row| {
+            Ok(Waiting {
+                id: run_id_get(row, "id")?,
+                attempt: attempt_get(row, "attempt")?,
+                admission: admission_get(row)?,
+            })
+        },
     )
-    .bind(job)
-    .bind(not_final_json()?)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    row.map(|row| {
-        Ok(Waiting {
-            id: run_id_col(&row, "id")?,
-            attempt: attempt_col(&row, "attempt")?,
-            admission: admission_col(&row)?,
-        })
-    })
-    .transpose()
 }
 
-/// May a run of `job` arriving now under `admission` (a new run, or a person's retry)
-/// go to workers at once? Only when nothing of the job waits before it and its rule
-/// allows the job's admitted runs.
-pub(super) async fn admits_arrival(
-    conn: &mut sqlx::SqliteConnection,
+/// Whether a run of `job` arriving now is admitted at once: nothing of the job waits
+/// before it and its rule allows one more.
+pub(super) fn admits_arrival(
+    conn: &rusqlite::Connection,
     job: &str,
     admission: Admission,
 ) -> Result<bool, StoreError> {
-    if first_waiting(conn, job).await?.is_some() {
+    if first_waiting(conn, job)?.is_some() {
         return Ok(false);
     }
     // No rule, no count: the COUNT grows with the job's backlog and would be paid by
@@ -87,26 +76,25 @@ pub(super) async fn admits_arrival(
     if admission == Admission::Unlimited {
         return Ok(true);
     }
-    Ok(admission.allows(admitted_count(conn, job).await?))
+    Ok(admission.allows(admitted_count(conn, job)?))
 }
 
 /// Mark the run admitted (or waiting) and, when admitted, queue the publish of its next
 /// attempt. Inside the caller's transaction.
-pub(super) async fn set_admitted(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn set_admitted(
+    conn: &rusqlite::Connection,
     id: RunId,
     next_attempt: u32,
     admitted: bool,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE runs SET admitted = ? WHERE id = ?")
-        .bind(i64::from(admitted))
-        .bind(id.to_string())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+    exec(
+        conn,
+        "UPDATE runs SET admitted = ? WHERE id = ?",
+        rusqlite::params![i64::from(admitted), id.to_string()],
+    )?;
     if admitted {
-        enqueue(conn, id, next_attempt, now, None).await?;
+        enqueue(conn, id, next_attempt, now, None)?;
     }
     Ok(())
 }
@@ -114,17 +102,17 @@ pub(super) async fn set_admitted(
 /// A run of `job` became final: admit the job's waiting runs, oldest first, while the
 /// first one's rule allows (a run never overtakes an earlier one). Inside the
 /// transaction that made the run final. Returns the runs admitted.
-pub(super) async fn admit_waiting(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn admit_waiting(
+    conn: &rusqlite::Connection,
     job: &str,
     now: DateTime<Utc>,
 ) -> Result<Vec<RunId>, StoreError> {
     let mut admitted = Vec::new();
-    while let Some(head) = first_waiting(conn, job).await? {
-        if !head.admission.allows(admitted_count(conn, job).await?) {
+    while let Some(head) = first_waiting(conn, job)? {
+        if !head.admission.allows(admitted_count(conn, job)?) {
             break;
         }
-        set_admitted(conn, head.id, head.attempt.saturating_add(1), true, now).await?;
+        set_admitted(conn, head.id, head.attempt.saturating_add(1), true, now)?;
         admitted.push(head.id);
     }
     Ok(admitted)

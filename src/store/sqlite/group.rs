@@ -4,6 +4,15 @@
 //! dropped without `commit` undoes only itself), and `commit` answers once the group's
 //! COMMIT has reached the disk. A lone write commits at once: the group closes as soon
 //! as no other operation is waiting, so batching only happens under load.
+//!
+//! An operation comes in one of two shapes. A *lent* one (`begin`) borrows the sqlx
+//! connection and may await between its statements; every statement is a round trip to
+//! sqlx's connection thread. A *synchronous* one (`run`) is a closure over a
+//! `rusqlite::Connection` on the same SQLite handle: the committer locks the handle once
+//! for a run of such operations and calls them one after another on its own thread, each
+//! in its SAVEPOINT, with their statements prepared once per group. The hot writes
+//! (accepts, claims, heartbeats, log appends, finishes) take that shape; a lent operation
+//! can still call the synchronous helpers through `sync_on`.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -15,16 +24,31 @@ use sqlx::{Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::db;
+use super::sync::sync_db;
 use crate::domain::ports::StoreError;
 
 /// At most this many operations share one commit, so one caller's wait for the disk is
 /// bounded however many others keep arriving.
 pub(super) const GROUP_CAP: usize = 512;
 
-/// A caller asking for a turn on the write connection.
-struct Turn {
-    lend: oneshot::Sender<WriteTx>,
+/// A caller asking for a turn on the write connection: to borrow it, or to have a
+/// closure run on it.
+enum Turn {
+    Lend(oneshot::Sender<WriteTx>),
+    Run(SyncOp),
 }
+
+/// A synchronous operation, boxed: runs once on the handle inside its SAVEPOINT.
+type SyncOp = Box<dyn FnOnce(&rusqlite::Connection) -> SyncDone + Send>;
+
+/// What a synchronous operation left: whether its writes are kept, and how to answer
+/// its caller once the group's commit is known (an undone one is answered at once).
+struct SyncDone {
+    keep: bool,
+    answer: Answer,
+}
+
+type Answer = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// The connection given back: `done` is `Some` when the operation committed (and waits
 /// to hear whether the group's commit reached the disk), `None` when it is undone.
@@ -34,6 +58,23 @@ struct Returned {
 }
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
+
+/// Someone waiting to hear whether the group's commit reached the disk.
+enum Waiter {
+    Lent(Done),
+    Ran(Answer),
+}
+
+impl Waiter {
+    fn answer(self, result: Result<(), StoreError>) {
+        match self {
+            Self::Lent(done) => {
+                let _ = done.send(result);
+            }
+            Self::Ran(answer) => answer(result),
+        }
+    }
+}
 
 /// The queue of write operations; cloned with the store.
 #[derive(Clone)]
@@ -71,11 +112,44 @@ impl GroupCommit {
         let (lend, lent) = oneshot::channel();
         self.counts.asked.fetch_add(1, Ordering::Relaxed);
         self.turns
-            .send(Turn { lend })
+            .send(Turn::Lend(lend))
             .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
         lent.await.map_err(|_| {
             StoreError::Unavailable("the store could not begin a write transaction".into())
         })
+    }
+
+    /// Run `op` on the write connection inside a group transaction: its writes are kept
+    /// when it returns `Ok` (and this returns once they are durable), undone when it
+    /// returns `Err`. `op` runs on the committer's thread and must not block on anything
+    /// but SQLite.
+    pub(super) async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op: SyncOp = Box::new(move |conn| match op(conn) {
+            Ok(value) => SyncDone {
+                keep: true,
+                answer: Box::new(move |durable| {
+                    let _ = tx.send(durable.map(|()| value));
+                }),
+            },
+            Err(e) => SyncDone {
+                keep: false,
+                answer: Box::new(move |_| {
+                    let _ = tx.send(Err(e));
+                }),
+            },
+        });
+        self.counts.asked.fetch_add(1, Ordering::Relaxed);
+        self.turns
+            .send(Turn::Run(op))
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        // Dropped unrun (the group failed before its turn): the sender goes with it.
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store's write transaction failed".into()))?
     }
 }
 
@@ -136,8 +210,38 @@ async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), Stor
     Ok(())
 }
 
-/// Open a group for the first waiting turn, lend the connection to each waiting turn in
-/// arrival order (up to `GROUP_CAP`), commit once, answer everyone.
+/// Run `f` on a `rusqlite::Connection` over the sqlx connection's own handle (a lent
+/// operation calling synchronous store code passes its `WriteTx`), locked
+/// for the duration so sqlx's thread cannot touch it meanwhile. The rusqlite value does
+/// not own the handle, and it is dropped (finalizing the statements it prepared) before
+/// the lock is released, so nothing of it outlives the borrow.
+pub(super) async fn sync_on<T>(
+    conn: &mut SqliteConnection,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    let raw = handle.as_raw_handle();
+    // SAFETY: `raw` is the live handle of the connection locked by `handle`, which is
+    // held until after `borrowed` is dropped; `from_handle` neither closes it nor keeps
+    // it past its own drop.
+    let borrowed = unsafe { rusqlite::Connection::from_handle(raw.as_ptr()) }.map_err(sync_db)?;
+    let result = f(&borrowed);
+    drop(borrowed);
+    drop(handle);
+    result
+}
+
+/// Synchronous work on a runtime thread: moved aside on the multi-threaded runtime so
+/// the thread's other tasks are not held up; inline on a current-thread one (tests).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Open a group for the first waiting turn, serve each waiting turn in arrival order (up
+/// to `GROUP_CAP`), commit once, answer everyone.
 async fn committer(
     pool: SqlitePool,
     mut turns: mpsc::UnboundedReceiver<Turn>,
@@ -156,23 +260,52 @@ async fn committer(
             tracing::warn!(message = "store could not begin a write transaction", error = %e);
             continue;
         }
-        let mut waiting: Vec<Done> = Vec::new();
+        let mut waiting: Vec<Waiter> = Vec::new();
         let mut next = Some(first);
         let mut served = 0;
         let mut result = Ok(());
         while let Some(turn) = next.take() {
             served += 1;
-            let (c, lent) = lend(conn, turn).await;
-            conn = c;
-            match lent {
-                Ok(done) => waiting.extend(done),
-                Err(e) => {
-                    result = Err(e);
-                    break;
+            match turn {
+                Turn::Lend(lend) => {
+                    let (c, lent) = self::lend(conn, lend).await;
+                    conn = c;
+                    match lent {
+                        Ok(done) => waiting.extend(done.map(Waiter::Lent)),
+                        Err(e) => result = Err(e),
+                    }
+                    if served < GROUP_CAP {
+                        next = turns.try_recv().ok();
+                    }
+                }
+                Turn::Run(op) => {
+                    // This and every synchronous turn waiting right behind it, on one
+                    // lock of the handle; the first lent turn found waits for the next
+                    // round of the loop.
+                    let mut ops = vec![op];
+                    while served < GROUP_CAP {
+                        match turns.try_recv() {
+                            Ok(Turn::Run(op)) => {
+                                served += 1;
+                                ops.push(op);
+                            }
+                            Ok(lent) => {
+                                next = Some(lent);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = run_ops(&mut conn, ops, &mut waiting).await {
+                        result = Err(e);
+                    }
+                    if next.is_none() && served < GROUP_CAP {
+                        next = turns.try_recv().ok();
+                    }
                 }
             }
-            if served < GROUP_CAP {
-                next = turns.try_recv().ok();
+            if result.is_err() {
+                break;
             }
         }
         if result.is_ok() {
@@ -183,13 +316,43 @@ async fn committer(
         }
         if result.is_err() {
             // Every operation of the group fails with it; the connection is left
-            // usable for the next group.
+            // usable for the next group. A turn taken but not served is dropped, which
+            // tells its caller.
             let _ = exec(&mut conn, "ROLLBACK").await;
         }
-        for done in waiting {
-            let _ = done.send(result.clone());
+        for waiter in waiting {
+            waiter.answer(result.clone());
         }
     }
+}
+
+/// Run synchronous operations one after another on the locked handle, each in its own
+/// SAVEPOINT: released when it kept its writes (its answer waits for the commit),
+/// rolled back to when it did not (answered now). An error means the group can no
+/// longer commit; the operations not run yet are dropped, which answers them.
+async fn run_ops(
+    conn: &mut SqliteConnection,
+    ops: Vec<SyncOp>,
+    waiting: &mut Vec<Waiter>,
+) -> Result<(), StoreError> {
+    sync_on(conn, |c| {
+        blocking(|| {
+            for op in ops {
+                c.execute_batch("SAVEPOINT op").map_err(sync_db)?;
+                let done = op(c);
+                if done.keep {
+                    c.execute_batch("RELEASE op").map_err(sync_db)?;
+                    waiting.push(Waiter::Ran(done.answer));
+                } else {
+                    c.execute_batch("ROLLBACK TO op; RELEASE op")
+                        .map_err(sync_db)?;
+                    (done.answer)(Ok(()));
+                }
+            }
+            Ok(())
+        })
+    })
+    .await
 }
 
 /// Lend the connection to one turn inside a SAVEPOINT and take it back: released when
@@ -197,7 +360,7 @@ async fn committer(
 /// back; an error means the group can no longer commit.
 async fn lend(
     mut conn: PoolConnection<Sqlite>,
-    turn: Turn,
+    lend: oneshot::Sender<WriteTx>,
 ) -> (PoolConnection<Sqlite>, Result<Option<Done>, StoreError>) {
     if let Err(e) = exec(&mut conn, "SAVEPOINT op").await {
         return (conn, Err(e));
@@ -208,7 +371,7 @@ async fn lend(
         back: Some(back),
     };
     // A caller that stopped waiting drops the value unsent, which gives it back.
-    let _ = turn.lend.send(tx);
+    let _ = lend.send(tx);
     let Ok(Returned { mut conn, done }) = returned.await else {
         unreachable!("a WriteTx always gives its connection back")
     };

@@ -213,3 +213,121 @@ async fn a_caller_that_stops_waiting_leaves_the_group_intact() {
     kept.await.unwrap().unwrap();
     assert_eq!(stored(&store).await, [2]);
 }
+
+/// A synchronous operation: insert `x`, fail after the insert when told to.
+async fn put_now(store: &SqliteStore, x: i64, fail: bool) -> Result<i64, StoreError> {
+    store
+        .group()
+        .run(move |c| {
+            let seen: i64 = c
+                .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+                .map_err(super::super::sync::sync_db)?;
+            c.execute("INSERT INTO t (x) VALUES (?)", [x])
+                .map_err(super::super::sync::sync_db)?;
+            if fail {
+                return Err(StoreError::Unavailable("this operation gives up".into()));
+            }
+            Ok(seen)
+        })
+        .await
+}
+
+#[tokio::test]
+async fn synchronous_and_lent_operations_share_one_commit_in_arrival_order() {
+    let (store, _dir) = open().await;
+    let before = store.group().counts().commits.load(Ordering::Relaxed);
+    let asked = store.group().counts().asked.load(Ordering::Relaxed);
+    let first = store.begin_write().await.unwrap();
+    // Queued one by one: synchronous, synchronous, lent, synchronous (failing), synchronous.
+    let mut ops = Vec::new();
+    for (i, (x, lent, fail)) in [
+        (1, false, false),
+        (2, false, false),
+        (3, true, false),
+        (4, false, true),
+        (5, false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = store.clone();
+        ops.push(tokio::spawn(async move {
+            if lent {
+                put(&s, x, fail).await.map(|()| -1)
+            } else {
+                put_now(&s, x, fail).await
+            }
+        }));
+        queued_behind_first(&store, asked + 2 + i as u64).await;
+    }
+    assert!(stored(&store).await.is_empty(), "nothing before the commit");
+    first.commit().await.unwrap();
+    let mut results = Vec::new();
+    for op in ops {
+        results.push(op.await.unwrap().ok());
+    }
+    // Each synchronous one saw the rows kept before it; the failing one undid itself.
+    assert_eq!(results, [Some(0), Some(1), Some(-1), None, Some(3)]);
+    assert_eq!(stored(&store).await, [1, 2, 3, 5]);
+    assert_eq!(
+        store.group().counts().commits.load(Ordering::Relaxed) - before,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_failed_commit_fails_the_synchronous_operations_in_it() {
+    let (store, _dir) = open().await;
+    let asked = store.group().counts().asked.load(Ordering::Relaxed);
+    let first = store.begin_write().await.unwrap();
+    let good = {
+        let s = store.clone();
+        tokio::spawn(async move { put_now(&s, 1, false).await })
+    };
+    queued_behind_first(&store, asked + 2).await;
+    // A deferred foreign key: the statement passes, the COMMIT fails.
+    let bad = {
+        let s = store.clone();
+        tokio::spawn(async move {
+            s.group()
+                .run(|c| {
+                    c.execute("INSERT INTO child (p) VALUES (99)", [])
+                        .map_err(super::super::sync::sync_db)
+                })
+                .await
+        })
+    };
+    queued_behind_first(&store, asked + 3).await;
+    assert!(first.commit().await.is_err());
+    assert!(good.await.unwrap().is_err());
+    assert!(bad.await.unwrap().is_err());
+    assert!(stored(&store).await.is_empty());
+    assert_eq!(put_now(&store, 7, false).await.unwrap(), 0);
+    assert_eq!(stored(&store).await, [7]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lent_operation_calls_synchronous_code_in_its_own_savepoint() {
+    let (store, _dir) = open().await;
+    let mut tx = store.begin_write().await.unwrap();
+    sqlx::query("INSERT INTO t (x) VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen = super::super::sync::sync_on(&mut tx, |c| {
+        c.execute("INSERT INTO t (x) VALUES (2)", [])
+            .map_err(super::super::sync::sync_db)?;
+        c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get::<_, i64>(0))
+            .map_err(super::super::sync::sync_db)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        seen, 2,
+        "the synchronous code sees the lent operation's writes"
+    );
+    tx.rollback();
+    assert!(stored(&store).await.is_empty(), "and is undone with it");
+    assert_eq!(put_now(&store, 3, false).await.unwrap(), 0);
+    assert_eq!(stored(&store).await, [3]);
+}

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::outbox::enqueue;
 use super::runs::end_run;
+use super::sync::sync_on;
 use super::{
     SqliteStore, attempt_col, attempt_state, col, corrupt, db, ms, run_id_col, run_state, ttl_ms,
 };
@@ -116,7 +117,7 @@ async fn settle(
             .execute(&mut *conn)
             .await
             .map_err(db)?;
-            enqueue(conn, run_id, attempt, now, Some(not_before)).await
+            sync_on(conn, |c| enqueue(c, run_id, attempt, now, Some(not_before))).await
         }
         Settlement::Final => end_run(conn, run_id, ending, now).await,
     }
@@ -472,7 +473,8 @@ impl Leases for SqliteStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
-                    enqueue(&mut tx, id, lease.attempt, now, None).await?;
+                    let attempt = lease.attempt;
+                    sync_on(&mut tx, |c| enqueue(c, id, attempt, now, None)).await?;
                 }
                 Released::Cancelled(ending) => end_run(&mut tx, id, ending, now).await?,
             }

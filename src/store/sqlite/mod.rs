@@ -14,6 +14,7 @@ mod retention;
 mod runs;
 mod schedules;
 mod sessions;
+mod sync;
 
 use std::collections::BTreeMap;
 use std::path::Path;

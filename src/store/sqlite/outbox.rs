@@ -4,27 +4,30 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::sync::exec;
 use super::{SqliteStore, attempt_col, col, corrupt, db, ms, run_id_col};
 use crate::domain::ports::{Outbox, OutboxBacklog, OutboxEntry, RunMessage, StoreError};
 use crate::domain::run::RunId;
 
 /// Queue a publish of `attempt` of the run, due from `not_before` (now when `None`).
 /// Runs inside the caller's transaction, beside the state change that needs it.
-pub(super) async fn enqueue(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn enqueue(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     attempt: u32,
     now: DateTime<Utc>,
     not_before: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO outbox (run_id, attempt, created_at, not_before) VALUES (?, ?, ?, ?)")
-        .bind(run_id.to_string())
-        .bind(i64::from(attempt))
-        .bind(ms(now))
-        .bind(not_before.map(ms))
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+    exec(
+        conn,
+        "INSERT INTO outbox (run_id, attempt, created_at, not_before) VALUES (?, ?, ?, ?)",
+        rusqlite::params![
+            run_id.to_string(),
+            i64::from(attempt),
+            ms(now),
+            not_before.map(ms)
+        ],
+    )?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 
+use super::sync::exec;
 use super::{SqliteStore, col, corrupt, db, ms, run_id_col, run_state};
 use crate::domain::ports::{NewRun, StoreError};
 use crate::domain::reply::{DueReply, Reply, ReplyAddress, ReplyKind, ReplyState, Requester};
@@ -14,27 +15,24 @@ use crate::domain::run::RunId;
 use crate::domain::store::Replies;
 
 /// The new run's replies, inside the accept transaction.
-pub(super) async fn insert_replies(
-    conn: &mut sqlx::SqliteConnection,
-    run: &NewRun,
-) -> Result<(), StoreError> {
+pub(super) fn insert_replies(conn: &rusqlite::Connection, run: &NewRun) -> Result<(), StoreError> {
     let Some(address) = &run.requester.reply_to else {
         return Ok(());
     };
     for reply in run.requester.initial_replies() {
-        sqlx::query(
+        exec(
+            conn,
             "INSERT INTO run_replies (run_id, kind, reply_to, correlation_id, state, created_at) \
              VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(run.id.to_string())
-        .bind(reply.kind.as_str())
-        .bind(&address.to)
-        .bind(address.correlation_id.as_deref())
-        .bind(reply.state.as_str())
-        .bind(ms(run.created_at))
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+            rusqlite::params![
+                run.id.to_string(),
+                reply.kind.as_str(),
+                &address.to,
+                address.correlation_id.as_deref(),
+                reply.state.as_str(),
+                ms(run.created_at)
+            ],
+        )?;
     }
     Ok(())
 }

@@ -9,9 +9,10 @@ use super::admission::{admit_waiting, admits_arrival, set_admitted};
 use super::callbacks::oblige;
 use super::outbox::{drop_pending, enqueue};
 use super::replies::{finished_replies_due, insert_replies};
+use super::sync::{exec, first, get, run_id_get, sync_on};
 use super::{
     ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
-    ms, run_from_row, run_id_col, run_state, ttl_ms,
+    ms, run_from_row, run_state, ttl_ms,
 };
 use crate::domain::auth::JobFilter;
 use crate::domain::ports::{
@@ -72,7 +73,7 @@ pub(super) async fn end_run(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let job = finalize(conn, run_id, ending, now).await?;
-    admit_waiting(conn, &job, now).await?;
+    sync_on(conn, |c| admit_waiting(c, &job, now)).await?;
     Ok(())
 }
 
@@ -109,10 +110,7 @@ async fn finalize(
 /// Store a new run: admitted at once (with the outbox row of its first attempt) when
 /// its admission rule allows and nothing of its job waits before it, else waiting.
 /// Inside the caller's transaction.
-pub(super) async fn insert_new_run(
-    conn: &mut sqlx::SqliteConnection,
-    run: &NewRun,
-) -> Result<(), StoreError> {
+pub(super) fn insert_new_run(conn: &rusqlite::Connection, run: &NewRun) -> Result<(), StoreError> {
     let params = serde_json::to_string(&run.params).map_err(|e| corrupt("params", e))?;
     let spec = serde_json::to_string(&SpecV1::from(&run.spec)).map_err(|e| corrupt("spec", e))?;
     let retry = (run.retry != RetryPolicy::default())
@@ -120,30 +118,82 @@ pub(super) async fn insert_new_run(
         .transpose()
         .map_err(|e| corrupt("retry", e))?;
     let trigger = trigger_text(&run.trigger).map_err(|e| corrupt("trigger", e))?;
-    let admitted = admits_arrival(conn, &run.job, run.admission).await?;
-    sqlx::query(
+    let admitted = admits_arrival(conn, &run.job, run.admission)?;
+    exec(
+        conn,
         "INSERT INTO runs (id, job, params, spec, retry, status, created_at, \"trigger\", admission, admitted, \
          callback_url, requested_by) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(run.id.to_string())
-    .bind(&run.job)
-    .bind(params)
-    .bind(spec)
-    .bind(retry)
-    .bind(ms(run.created_at))
-    .bind(trigger)
-    .bind(admission_text(run.admission))
-    .bind(i64::from(admitted))
-    .bind(run.callback.as_ref().map(|c| c.url.as_str()))
-    .bind(run.requester.requested_by.as_deref())
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    insert_replies(conn, run).await?;
+        rusqlite::params![
+            run.id.to_string(),
+            &run.job,
+            params,
+            spec,
+            retry,
+            ms(run.created_at),
+            trigger,
+            admission_text(run.admission),
+            i64::from(admitted),
+            run.callback.as_ref().map(|c| c.url.as_str()),
+            run.requester.requested_by.as_deref(),
+        ],
+    )?;
+    insert_replies(conn, run)?;
     if admitted {
-        enqueue(conn, run.id, 1, run.created_at, None).await?;
+        enqueue(conn, run.id, 1, run.created_at, None)?;
     }
     Ok(())
+}
+
+/// Store a new run, or answer with the run its idempotency key already names. Inside a
+/// group transaction: a key seen again changes nothing.
+fn insert_run_now(
+    conn: &rusqlite::Connection,
+    run: &NewRun,
+    key: Option<&IdempotencyKey>,
+) -> Result<Inserted, StoreError> {
+    let now = ms(run.created_at);
+    if let Some(key) = key {
+        let window = ttl_ms(IDEMPOTENCY_WINDOW);
+        exec(
+            conn,
+            "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at < ?",
+            rusqlite::params![&key.scope, &key.key, now - window],
+        )?;
+        let seen = first(
+            conn,
+            "SELECT job, params, run_id FROM idempotency_keys WHERE scope = ? AND key = ?",
+            rusqlite::params![&key.scope, &key.key],
+            |row| {
+                let job: String = get(row, "job")?;
+                let fingerprint: String = get(row, "params")?;
+                Ok((job, fingerprint, run_id_get(row, "run_id")?))
+            },
+        )?;
+        if let Some((job, fingerprint, run_id)) = seen {
+            return Ok(if job == key.job && fingerprint == key.fingerprint {
+                Inserted::Existing(run_id)
+            } else {
+                Inserted::KeyReused { job }
+            });
+        }
+    }
+    insert_new_run(conn, run)?;
+    if let Some(key) = key {
+        exec(
+            conn,
+            "INSERT INTO idempotency_keys (scope, key, job, params, run_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+            rusqlite::params![
+                &key.scope,
+                &key.key,
+                &key.job,
+                &key.fingerprint,
+                run.id.to_string(),
+                now
+            ],
+        )?;
+    }
+    Ok(Inserted::New)
 }
 
 /// What `cancel` does to one run, inside the caller's transaction; `admit` says whether
@@ -193,58 +243,11 @@ impl RunRecords for SqliteStore {
         run: &NewRun,
         key: Option<&IdempotencyKey>,
     ) -> Result<Inserted, StoreError> {
-        let id = run.id.to_string();
-        let now = ms(run.created_at);
-        let mut tx = self.begin_write().await?;
-        if let Some(key) = key {
-            let window = ttl_ms(IDEMPOTENCY_WINDOW);
-            sqlx::query(
-                "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND created_at < ?",
-            )
-            .bind(&key.scope)
-            .bind(&key.key)
-            .bind(now - window)
-            .execute(&mut *tx)
+        let run = run.clone();
+        let key = key.cloned();
+        self.group
+            .run(move |conn| insert_run_now(conn, &run, key.as_ref()))
             .await
-            .map_err(db)?;
-            let seen = sqlx::query(
-                "SELECT job, params, run_id FROM idempotency_keys WHERE scope = ? AND key = ?",
-            )
-            .bind(&key.scope)
-            .bind(&key.key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            if let Some(row) = seen {
-                let job: String = col(&row, "job")?;
-                let fingerprint: String = col(&row, "params")?;
-                let run_id = run_id_col(&row, "run_id")?;
-                tx.rollback();
-                return Ok(if job == key.job && fingerprint == key.fingerprint {
-                    Inserted::Existing(run_id)
-                } else {
-                    Inserted::KeyReused { job }
-                });
-            }
-        }
-        insert_new_run(&mut tx, run).await?;
-        if let Some(key) = key {
-            sqlx::query(
-                "INSERT INTO idempotency_keys (scope, key, job, params, run_id, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&key.scope)
-            .bind(&key.key)
-            .bind(&key.job)
-            .bind(&key.fingerprint)
-            .bind(&id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await?;
-        Ok(Inserted::New)
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
@@ -302,7 +305,8 @@ impl RunRecords for SqliteStore {
                 .await
                 .map_err(db)?;
             let job: String = col(&row, "job")?;
-            let admitted = admits_arrival(&mut tx, &job, admission_col(&row)?).await?;
+            let admission = admission_col(&row)?;
+            let admitted = sync_on(&mut tx, |c| admits_arrival(c, &job, admission)).await?;
             sqlx::query(
                 "UPDATE runs SET status = 'queued', exit_code = NULL, reason = NULL, reason_code = NULL, \
                  finished_at = NULL, not_before = NULL, cancel_requested = 0 WHERE id = ?",
@@ -311,7 +315,7 @@ impl RunRecords for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            set_admitted(&mut tx, id, attempt, admitted, now).await?;
+            sync_on(&mut tx, |c| set_admitted(c, id, attempt, admitted, now)).await?;
             tx.commit().await?;
         }
         Ok(result)

@@ -9,6 +9,7 @@ use sqlx::sqlite::SqliteRow;
 
 use super::admission::ACTIVE_STATUSES;
 use super::runs::{cancel_run, insert_new_run};
+use super::sync::sync_on;
 use super::{SqliteStore, admission_col, col, corrupt, db, ms, run_id_col, time_col};
 use crate::domain::ports::{
     Cursor, FireResult, Firing, NewRun, Pause, Schedules, SlotKey, SlotOutcome, SlotRecord,
@@ -87,7 +88,7 @@ async fn insert_fired(
     run: &NewRun,
     slot: NewSlot<'_>,
 ) -> Result<(), StoreError> {
-    insert_new_run(&mut *conn, run).await?;
+    sync_on(&mut *conn, |c| insert_new_run(c, run)).await?;
     insert_slot(conn, slot).await?;
     Ok(())
 }
