@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use ulid::Ulid;
 
-use super::{SqliteStore, col, corrupt, db, from_ms, ms, run_id_col, run_state, time_col};
+use super::sync::{exec, run_state, sync_on};
+use super::{SqliteStore, col, corrupt, db, from_ms, ms, run_id_col, time_col};
 use crate::domain::callback::{
     CallbackState, Callbacks, DueCallback, NextStep, RUN_FINISHED, Redelivery, TryResult,
 };
@@ -17,25 +18,25 @@ use crate::domain::run::RunId;
 
 /// Oblige the store to announce that the run is final: one delivery due now, with a new
 /// event id. Inside the transaction that makes the run final.
-pub(super) async fn oblige(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn oblige(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     url: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec(
+        conn,
         "INSERT INTO callback_deliveries (run_id, url, event, event_id, created_at, next_try_at) \
          VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(run_id.to_string())
-    .bind(url)
-    .bind(RUN_FINISHED)
-    .bind(format!("msg_{}", Ulid::new()))
-    .bind(ms(now))
-    .bind(ms(now))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+        rusqlite::params![
+            run_id.to_string(),
+            url,
+            RUN_FINISHED,
+            format!("msg_{}", Ulid::new()),
+            ms(now),
+            ms(now)
+        ],
+    )?;
     Ok(())
 }
 
@@ -157,7 +158,7 @@ impl Callbacks for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Redelivery, StoreError> {
         let mut tx = self.begin_write().await?;
-        let Some(run) = run_state(&mut tx, run_id).await? else {
+        let Some(run) = sync_on(&mut tx, |c| run_state(c, run_id)).await? else {
             return Ok(Redelivery::UnknownRun);
         };
         if !run.status.is_final() {

@@ -1,6 +1,8 @@
 //! Attempts, claims and leases, and `settle`: the one place an ended attempt makes its
 //! run final or queues the next attempt. Every change reads the rows inside the write
-//! transaction, asks `domain::transition`, and writes the answer.
+//! transaction, asks `domain::transition`, and writes the answer. All of it runs as
+//! synchronous operations of the group commit (see `group`): these are the writes every
+//! run makes several of.
 
 use std::time::Duration;
 
@@ -9,10 +11,8 @@ use chrono::{DateTime, Utc};
 
 use super::outbox::enqueue;
 use super::runs::end_run;
-use super::sync::sync_on;
-use super::{
-    SqliteStore, attempt_col, attempt_state, col, corrupt, db, ms, run_id_col, run_state, ttl_ms,
-};
+use super::sync::{attempt_state, exec, first, get, run_state};
+use super::{SqliteStore, corrupt, db, ms, ttl_ms};
 use crate::domain::job::ResolvedSpec;
 use crate::domain::ports::{
     Claim, ClaimResult, Lease, LeaseStatus, Leases, RunMessage, StoreError,
@@ -24,19 +24,20 @@ use crate::domain::transition::{self, Ending, Released, RunState, Settlement};
 use crate::protocol::{RetryV1, SpecV1};
 
 /// The claim a worker gets for `message` under `epoch`: the run's job and frozen spec.
-pub(super) async fn claim_for(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn claim_for(
+    conn: &rusqlite::Connection,
     message: RunMessage,
     epoch: i64,
     lease_ttl: Duration,
 ) -> Result<Claim, StoreError> {
     let id = message.run_id;
-    let row = sqlx::query("SELECT job, spec FROM runs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let spec: String = col(&row, "spec")?;
+    let (job, spec) = first(
+        conn,
+        "SELECT job, spec FROM runs WHERE id = ?",
+        [id.to_string()],
+        |row| Ok((get::<String>(row, "job")?, get::<String>(row, "spec")?)),
+    )?
+    .ok_or_else(|| corrupt("attempt", format!("run {id} is missing")))?;
     let spec: SpecV1 =
         serde_json::from_str(&spec).map_err(|e| corrupt(&format!("spec of run {id}"), e))?;
     let spec =
@@ -47,7 +48,7 @@ pub(super) async fn claim_for(
             attempt: message.attempt,
             epoch,
         },
-        job: col(&row, "job")?,
+        job,
         spec,
         lease_ttl,
         secrets: ClaimSecrets::default(),
@@ -55,46 +56,51 @@ pub(super) async fn claim_for(
 }
 
 /// Push the attempt's lease out to `now + lease_ttl`.
-async fn extend_lease(
-    conn: &mut sqlx::SqliteConnection,
+fn extend_lease(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     attempt: u32,
     lease_ttl: Duration,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE attempts SET lease_expires_at = ? WHERE run_id = ? AND attempt = ?")
-        .bind(ms(now) + ttl_ms(lease_ttl))
-        .bind(run_id.to_string())
-        .bind(i64::from(attempt))
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+    exec(
+        conn,
+        "UPDATE attempts SET lease_expires_at = ? WHERE run_id = ? AND attempt = ?",
+        rusqlite::params![
+            ms(now) + ttl_ms(lease_ttl),
+            run_id.to_string(),
+            i64::from(attempt)
+        ],
+    )?;
     Ok(())
 }
 
 /// The run of an attempt the caller just read: there must be one (foreign key).
-async fn run_of(conn: &mut sqlx::SqliteConnection, run_id: RunId) -> Result<RunState, StoreError> {
-    run_state(conn, run_id)
-        .await?
-        .ok_or_else(|| corrupt("attempt", format!("run {run_id} is missing")))
+fn run_of(conn: &rusqlite::Connection, run_id: RunId) -> Result<RunState, StoreError> {
+    run_state(conn, run_id)?.ok_or_else(|| corrupt("attempt", format!("run {run_id} is missing")))
 }
 
 /// After an attempt ended: make the run final, or queue its next attempt when its retry
 /// rules say so (never after a cancel). Runs inside the caller's transaction.
-async fn settle(
-    conn: &mut sqlx::SqliteConnection,
+fn settle(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     attempt: u32,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let row = sqlx::query("SELECT retry, cancel_requested FROM runs WHERE id = ?")
-        .bind(run_id.to_string())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let retry: Option<String> = col(&row, "retry")?;
-    let cancel_requested = col::<i64>(&row, "cancel_requested")? != 0;
+    let (retry, cancel_requested) = first(
+        conn,
+        "SELECT retry, cancel_requested FROM runs WHERE id = ?",
+        [run_id.to_string()],
+        |row| {
+            Ok((
+                get::<Option<String>>(row, "retry")?,
+                get::<i64>(row, "cancel_requested")? != 0,
+            ))
+        },
+    )?
+    .ok_or_else(|| corrupt("attempt", format!("run {run_id} is missing")))?;
     let policy = match retry {
         None => RetryPolicy::default(),
         Some(text) => serde_json::from_str::<RetryV1>(&text)
@@ -108,49 +114,46 @@ async fn settle(
             attempt,
             not_before,
         } => {
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE runs SET status = 'queued', not_before = ?, exit_code = NULL, reason = NULL, \
                  reason_code = NULL, finished_at = NULL WHERE id = ?",
-            )
-            .bind(ms(not_before))
-            .bind(run_id.to_string())
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-            sync_on(conn, |c| enqueue(c, run_id, attempt, now, Some(not_before))).await
+                rusqlite::params![ms(not_before), run_id.to_string()],
+            )?;
+            enqueue(conn, run_id, attempt, now, Some(not_before))
         }
-        Settlement::Final => end_run(conn, run_id, ending, now).await,
+        Settlement::Final => end_run(conn, run_id, ending, now),
     }
 }
 
 /// Record how the attempt ended (the run is left to `settle`).
-async fn end_attempt(
-    conn: &mut sqlx::SqliteConnection,
+fn end_attempt(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     attempt: u32,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE attempts SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ? \
          WHERE run_id = ? AND attempt = ?",
-    )
-    .bind(ending.status.as_str())
-    .bind(ending.exit_code)
-    .bind(ending.reason.as_deref())
-    .bind(ending.reason_code.map(|c| c.as_str()))
-    .bind(ms(now))
-    .bind(run_id.to_string())
-    .bind(i64::from(attempt))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+        rusqlite::params![
+            ending.status.as_str(),
+            ending.exit_code,
+            ending.reason.as_deref(),
+            ending.reason_code.map(|c| c.as_str()),
+            ms(now),
+            run_id.to_string(),
+            i64::from(attempt)
+        ],
+    )?;
     Ok(())
 }
 
 /// Keep what the attempt's container used (nothing to keep: the columns stay NULL).
-async fn keep_usage(
-    conn: &mut sqlx::SqliteConnection,
+fn keep_usage(
+    conn: &rusqlite::Connection,
     lease: Lease,
     usage: Option<ResourceUsage>,
 ) -> Result<(), StoreError> {
@@ -158,65 +161,54 @@ async fn keep_usage(
         return Ok(());
     };
     let bytes = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE attempts SET usage_samples = ?, usage_peak_memory_bytes = ?, \
          usage_cpu_seconds = ?, usage_memory_limit_bytes = ?, usage_cpu_limit = ? \
          WHERE run_id = ? AND attempt = ?",
-    )
-    .bind(i64::from(u.samples))
-    .bind(bytes(u.peak_memory_bytes))
-    .bind(u.cpu_seconds)
-    .bind(u.memory_limit_bytes.map(bytes))
-    .bind(u.cpu_limit)
-    .bind(lease.run_id.to_string())
-    .bind(i64::from(lease.attempt))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+        rusqlite::params![
+            i64::from(u.samples),
+            bytes(u.peak_memory_bytes),
+            u.cpu_seconds,
+            u.memory_limit_bytes.map(bytes),
+            u.cpu_limit,
+            lease.run_id.to_string(),
+            i64::from(lease.attempt)
+        ],
+    )?;
     Ok(())
 }
 
 /// Count output that never reached the log sink, on the attempt and on its run.
-async fn count_dropped(
-    conn: &mut sqlx::SqliteConnection,
-    lease: Lease,
-    bytes: i64,
-) -> Result<(), StoreError> {
+fn count_dropped(conn: &rusqlite::Connection, lease: Lease, bytes: i64) -> Result<(), StoreError> {
     let id = lease.run_id.to_string();
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE attempts SET log_dropped_bytes = log_dropped_bytes + ? WHERE run_id = ? AND attempt = ?",
-    )
-    .bind(bytes)
-    .bind(&id)
-    .bind(i64::from(lease.attempt))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    sqlx::query("UPDATE runs SET log_dropped_bytes = log_dropped_bytes + ? WHERE id = ?")
-        .bind(bytes)
-        .bind(&id)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        rusqlite::params![bytes, &id, i64::from(lease.attempt)],
+    )?;
+    exec(
+        conn,
+        "UPDATE runs SET log_dropped_bytes = log_dropped_bytes + ? WHERE id = ?",
+        rusqlite::params![bytes, &id],
+    )?;
     Ok(())
 }
 
 /// The worker reports `reported` bytes undelivered, all told: the attempt's recorded
 /// total rises to it, never falls, and only the rise is counted as dropped, so a byte
 /// reported with every later batch and again at finish counts once.
-async fn raise_undelivered(
-    conn: &mut sqlx::SqliteConnection,
+fn raise_undelivered(
+    conn: &rusqlite::Connection,
     lease: Lease,
     reported: u64,
 ) -> Result<(), StoreError> {
-    let recorded: Option<i64> = sqlx::query_scalar(
+    let recorded: Option<i64> = first(
+        conn,
         "SELECT log_undelivered_bytes FROM attempts WHERE run_id = ? AND attempt = ?",
-    )
-    .bind(lease.run_id.to_string())
-    .bind(i64::from(lease.attempt))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
+        rusqlite::params![lease.run_id.to_string(), i64::from(lease.attempt)],
+        |row| get(row, "log_undelivered_bytes"),
+    )?;
     let Some(recorded) = recorded else {
         return Ok(());
     };
@@ -224,14 +216,197 @@ async fn raise_undelivered(
     if reported <= recorded {
         return Ok(());
     }
-    sqlx::query("UPDATE attempts SET log_undelivered_bytes = ? WHERE run_id = ? AND attempt = ?")
-        .bind(reported)
-        .bind(lease.run_id.to_string())
-        .bind(i64::from(lease.attempt))
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    count_dropped(conn, lease, reported - recorded).await
+    exec(
+        conn,
+        "UPDATE attempts SET log_undelivered_bytes = ? WHERE run_id = ? AND attempt = ?",
+        rusqlite::params![reported, lease.run_id.to_string(), i64::from(lease.attempt)],
+    )?;
+    count_dropped(conn, lease, reported - recorded)
+}
+
+fn claim(
+    conn: &rusqlite::Connection,
+    message: RunMessage,
+    worker_id: &str,
+    lease_ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<ClaimResult, StoreError> {
+    let id = message.run_id;
+    let Some(run) = run_state(conn, id)? else {
+        return Ok(ClaimResult::UnknownRun);
+    };
+    if run.may_claim(message.attempt, now) {
+        let epoch: i64 = first(
+            conn,
+            "UPDATE runs SET status = 'running', attempt = ?, epoch = epoch + 1 WHERE id = ? \
+             RETURNING epoch",
+            rusqlite::params![i64::from(message.attempt), id.to_string()],
+            |row| get(row, "epoch"),
+        )?
+        .ok_or_else(|| corrupt("run", format!("run {id} is missing")))?;
+        exec(
+            conn,
+            "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, claimed_at) \
+             VALUES (?, ?, ?, ?, ?, 'running', ?)",
+            rusqlite::params![
+                id.to_string(),
+                i64::from(message.attempt),
+                worker_id,
+                epoch,
+                ms(now) + ttl_ms(lease_ttl),
+                ms(now)
+            ],
+        )?;
+        let claim = claim_for(conn, message, epoch, lease_ttl)?;
+        return Ok(ClaimResult::Claimed(Box::new(claim)));
+    }
+    if let Some(held) = attempt_state(conn, id, message.attempt)?
+        && held.reclaimable_by(worker_id)
+    {
+        extend_lease(conn, id, message.attempt, lease_ttl, now)?;
+        let claim = claim_for(conn, message, held.epoch, lease_ttl)?;
+        return Ok(ClaimResult::Claimed(Box::new(claim)));
+    }
+    Ok(ClaimResult::NotClaimable {
+        status: run.status,
+        attempt: run.attempt,
+    })
+}
+
+fn mark_started(
+    conn: &rusqlite::Connection,
+    lease: Lease,
+    container_id: &str,
+    lease_ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<LeaseStatus, StoreError> {
+    let id = lease.run_id;
+    let held = attempt_state(conn, id, lease.attempt)?;
+    if !held.is_some_and(|a| a.held_under(lease)) {
+        return Ok(LeaseStatus::Lost);
+    }
+    exec(
+        conn,
+        "UPDATE attempts SET container_id = ?, started_at = ?, lease_expires_at = ? \
+         WHERE run_id = ? AND attempt = ?",
+        rusqlite::params![
+            container_id,
+            ms(now),
+            ms(now) + ttl_ms(lease_ttl),
+            id.to_string(),
+            i64::from(lease.attempt)
+        ],
+    )?;
+    exec(
+        conn,
+        "UPDATE runs SET started_at = ? WHERE id = ?",
+        rusqlite::params![ms(now), id.to_string()],
+    )?;
+    let run = run_of(conn, id)?;
+    Ok(LeaseStatus::Held {
+        cancel: run.cancel_requested,
+    })
+}
+
+fn renew_lease(
+    conn: &rusqlite::Connection,
+    lease: Lease,
+    lease_ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<LeaseStatus, StoreError> {
+    let id = lease.run_id;
+    let held = attempt_state(conn, id, lease.attempt)?;
+    if !held.is_some_and(|a| a.held_under(lease)) {
+        return Ok(LeaseStatus::Lost);
+    }
+    extend_lease(conn, id, lease.attempt, lease_ttl, now)?;
+    let run = run_of(conn, id)?;
+    Ok(LeaseStatus::Held {
+        cancel: run.cancel_requested,
+    })
+}
+
+fn finish(
+    conn: &rusqlite::Connection,
+    lease: Lease,
+    ending: &Ending,
+    undelivered: u64,
+    usage: Option<ResourceUsage>,
+    now: DateTime<Utc>,
+) -> Result<LeaseStatus, StoreError> {
+    let held = attempt_state(conn, lease.run_id, lease.attempt)?;
+    if !held.is_some_and(|a| a.held_under(lease)) {
+        return Ok(LeaseStatus::Lost);
+    }
+    end_attempt(conn, lease.run_id, lease.attempt, ending, now)?;
+    raise_undelivered(conn, lease, undelivered)?;
+    keep_usage(conn, lease, usage)?;
+    settle(conn, lease.run_id, lease.attempt, ending, now)?;
+    Ok(LeaseStatus::Held { cancel: false })
+}
+
+/// End one attempt whose lease ran out, if it still has (a heartbeat may have renewed
+/// it since it was listed); returns whether its run changed.
+fn expire(
+    conn: &rusqlite::Connection,
+    run_id: RunId,
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let Some(expired) = attempt_state(conn, run_id, attempt)? else {
+        return Ok(false);
+    };
+    if !expired.lease_expired(now) {
+        return Ok(false);
+    }
+    // The run may have moved on (a person's retry): then only the attempt ends.
+    let run = run_state(conn, run_id)?.filter(|r| r.runs_attempt(attempt));
+    let ending = expired.expired_ending(run.is_some_and(|r| r.cancel_requested));
+    end_attempt(conn, run_id, attempt, &ending, now)?;
+    if run.is_some() {
+        settle(conn, run_id, attempt, &ending, now)?;
+    }
+    Ok(run.is_some())
+}
+
+fn release(
+    conn: &rusqlite::Connection,
+    lease: Lease,
+    now: DateTime<Utc>,
+) -> Result<LeaseStatus, StoreError> {
+    let id = lease.run_id;
+    let held = attempt_state(conn, id, lease.attempt)?;
+    if !held.is_some_and(|a| a.releasable_under(lease)) {
+        return Ok(LeaseStatus::Lost);
+    }
+    exec(
+        conn,
+        "DELETE FROM attempts WHERE run_id = ? AND attempt = ?",
+        rusqlite::params![id.to_string(), i64::from(lease.attempt)],
+    )?;
+    let released = run_of(conn, id)?.release(lease.attempt);
+    if let Some(released) = &released {
+        // As if never claimed: the attempt number is free again, and the epoch moves
+        // on so nothing written under the old lease counts.
+        exec(
+            conn,
+            "UPDATE runs SET attempt = ?, epoch = epoch + 1 WHERE id = ?",
+            rusqlite::params![i64::from(lease.attempt.saturating_sub(1)), id.to_string()],
+        )?;
+        match released {
+            Released::Requeued => {
+                exec(
+                    conn,
+                    "UPDATE runs SET status = 'queued', reason = NULL, reason_code = NULL, \
+                     finished_at = NULL WHERE id = ?",
+                    [id.to_string()],
+                )?;
+                enqueue(conn, id, lease.attempt, now, None)?;
+            }
+            Released::Cancelled(ending) => end_run(conn, id, ending, now)?,
+        }
+    }
+    Ok(LeaseStatus::Held { cancel: false })
 }
 
 #[async_trait]
@@ -243,50 +418,10 @@ impl Leases for SqliteStore {
         lease_ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<ClaimResult, StoreError> {
-        let id = message.run_id;
-        let mut tx = self.begin_write().await?;
-        let Some(run) = run_state(&mut tx, id).await? else {
-            return Ok(ClaimResult::UnknownRun);
-        };
-        if run.may_claim(message.attempt, now) {
-            let epoch: i64 = sqlx::query_scalar(
-                "UPDATE runs SET status = 'running', attempt = ?, epoch = epoch + 1 WHERE id = ? \
-                 RETURNING epoch",
-            )
-            .bind(i64::from(message.attempt))
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
+        let worker_id = worker_id.to_owned();
+        self.group
+            .run(move |c| claim(c, message, &worker_id, lease_ttl, now))
             .await
-            .map_err(db)?;
-            sqlx::query(
-                "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, claimed_at) \
-                 VALUES (?, ?, ?, ?, ?, 'running', ?)",
-            )
-            .bind(id.to_string())
-            .bind(i64::from(message.attempt))
-            .bind(worker_id)
-            .bind(epoch)
-            .bind(ms(now) + ttl_ms(lease_ttl))
-            .bind(ms(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            let claim = claim_for(&mut tx, message, epoch, lease_ttl).await?;
-            tx.commit().await?;
-            return Ok(ClaimResult::Claimed(Box::new(claim)));
-        }
-        if let Some(held) = attempt_state(&mut tx, id, message.attempt).await?
-            && held.reclaimable_by(worker_id)
-        {
-            extend_lease(&mut tx, id, message.attempt, lease_ttl, now).await?;
-            let claim = claim_for(&mut tx, message, held.epoch, lease_ttl).await?;
-            tx.commit().await?;
-            return Ok(ClaimResult::Claimed(Box::new(claim)));
-        }
-        Ok(ClaimResult::NotClaimable {
-            status: run.status,
-            attempt: run.attempt,
-        })
     }
 
     async fn mark_started(
@@ -296,35 +431,10 @@ impl Leases for SqliteStore {
         lease_ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
-        let id = lease.run_id;
-        let mut tx = self.begin_write().await?;
-        let held = attempt_state(&mut tx, id, lease.attempt).await?;
-        if !held.is_some_and(|a| a.held_under(lease)) {
-            return Ok(LeaseStatus::Lost);
-        }
-        sqlx::query(
-            "UPDATE attempts SET container_id = ?, started_at = ?, lease_expires_at = ? \
-             WHERE run_id = ? AND attempt = ?",
-        )
-        .bind(container_id)
-        .bind(ms(now))
-        .bind(ms(now) + ttl_ms(lease_ttl))
-        .bind(id.to_string())
-        .bind(i64::from(lease.attempt))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query("UPDATE runs SET started_at = ? WHERE id = ?")
-            .bind(ms(now))
-            .bind(id.to_string())
-            .execute(&mut *tx)
+        let container_id = container_id.to_owned();
+        self.group
+            .run(move |c| mark_started(c, lease, &container_id, lease_ttl, now))
             .await
-            .map_err(db)?;
-        let run = run_of(&mut tx, id).await?;
-        tx.commit().await?;
-        Ok(LeaseStatus::Held {
-            cancel: run.cancel_requested,
-        })
     }
 
     async fn renew_lease(
@@ -333,18 +443,9 @@ impl Leases for SqliteStore {
         lease_ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
-        let id = lease.run_id;
-        let mut tx = self.begin_write().await?;
-        let held = attempt_state(&mut tx, id, lease.attempt).await?;
-        if !held.is_some_and(|a| a.held_under(lease)) {
-            return Ok(LeaseStatus::Lost);
-        }
-        extend_lease(&mut tx, id, lease.attempt, lease_ttl, now).await?;
-        let run = run_of(&mut tx, id).await?;
-        tx.commit().await?;
-        Ok(LeaseStatus::Held {
-            cancel: run.cancel_requested,
-        })
+        self.group
+            .run(move |c| renew_lease(c, lease, lease_ttl, now))
+            .await
     }
 
     async fn finish(
@@ -356,17 +457,9 @@ impl Leases for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError> {
         let ending = Ending::of(outcome);
-        let mut tx = self.begin_write().await?;
-        let held = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
-        if !held.is_some_and(|a| a.held_under(lease)) {
-            return Ok(LeaseStatus::Lost);
-        }
-        end_attempt(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
-        raise_undelivered(&mut tx, lease, undelivered).await?;
-        keep_usage(&mut tx, lease, usage).await?;
-        settle(&mut tx, lease.run_id, lease.attempt, &ending, now).await?;
-        tx.commit().await?;
-        Ok(LeaseStatus::Held { cancel: false })
+        self.group
+            .run(move |c| finish(c, lease, &ending, undelivered, usage, now))
+            .await
     }
 
     async fn lease_is_current(&self, lease: Lease) -> Result<bool, StoreError> {
@@ -384,27 +477,33 @@ impl Leases for SqliteStore {
 
     async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-        let mut tx = self.begin_write().await?;
-        // Output is counted under any current epoch, final or not: it belongs to the
-        // attempt whose epoch it carries.
-        let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
-        if current.is_some_and(|a| a.epoch == lease.epoch) {
-            count_dropped(&mut tx, lease, bytes).await?;
-        }
-        tx.commit().await
+        self.group
+            .run(move |c| {
+                // Output is counted under any current epoch, final or not: it belongs to
+                // the attempt whose epoch it carries.
+                let current = attempt_state(c, lease.run_id, lease.attempt)?;
+                if current.is_some_and(|a| a.epoch == lease.epoch) {
+                    count_dropped(c, lease, bytes)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        let current = attempt_state(&mut tx, lease.run_id, lease.attempt).await?;
-        if current.is_some_and(|a| a.epoch == lease.epoch) {
-            raise_undelivered(&mut tx, lease, bytes).await?;
-        }
-        tx.commit().await
+        self.group
+            .run(move |c| {
+                let current = attempt_state(c, lease.run_id, lease.attempt)?;
+                if current.is_some_and(|a| a.epoch == lease.epoch) {
+                    raise_undelivered(c, lease, bytes)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn expire_leases(&self, now: DateTime<Utc>) -> Result<Vec<RunId>, StoreError> {
-        // Candidates only: each is read again and decided inside its own transaction,
+        // Candidates only: each is read again and decided inside its own operation,
         // since a heartbeat may have renewed it meanwhile.
         let candidates = sqlx::query(
             "SELECT run_id, attempt FROM attempts \
@@ -416,70 +515,20 @@ impl Leases for SqliteStore {
         .map_err(db)?;
         let mut changed = Vec::new();
         for row in &candidates {
-            let run_id = run_id_col(row, "run_id")?;
-            let attempt = attempt_col(row, "attempt")?;
-            let mut tx = self.begin_write().await?;
-            let Some(expired) = attempt_state(&mut tx, run_id, attempt).await? else {
-                continue;
-            };
-            if !expired.lease_expired(now) {
-                continue;
-            }
-            // The run may have moved on (a person's retry): then only the attempt ends.
-            let run = run_state(&mut tx, run_id)
+            let run_id = super::run_id_col(row, "run_id")?;
+            let attempt = super::attempt_col(row, "attempt")?;
+            if self
+                .group
+                .run(move |c| expire(c, run_id, attempt, now))
                 .await?
-                .filter(|r| r.runs_attempt(attempt));
-            let ending = expired.expired_ending(run.is_some_and(|r| r.cancel_requested));
-            end_attempt(&mut tx, run_id, attempt, &ending, now).await?;
-            if run.is_some() {
-                settle(&mut tx, run_id, attempt, &ending, now).await?;
+            {
                 changed.push(run_id);
             }
-            tx.commit().await?;
         }
         Ok(changed)
     }
 
     async fn release(&self, lease: Lease, now: DateTime<Utc>) -> Result<LeaseStatus, StoreError> {
-        let id = lease.run_id;
-        let mut tx = self.begin_write().await?;
-        let held = attempt_state(&mut tx, id, lease.attempt).await?;
-        if !held.is_some_and(|a| a.releasable_under(lease)) {
-            return Ok(LeaseStatus::Lost);
-        }
-        sqlx::query("DELETE FROM attempts WHERE run_id = ? AND attempt = ?")
-            .bind(id.to_string())
-            .bind(i64::from(lease.attempt))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let released = run_of(&mut tx, id).await?.release(lease.attempt);
-        if let Some(released) = &released {
-            // As if never claimed: the attempt number is free again, and the epoch moves
-            // on so nothing written under the old lease counts.
-            sqlx::query("UPDATE runs SET attempt = ?, epoch = epoch + 1 WHERE id = ?")
-                .bind(i64::from(lease.attempt.saturating_sub(1)))
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            match released {
-                Released::Requeued => {
-                    sqlx::query(
-                        "UPDATE runs SET status = 'queued', reason = NULL, reason_code = NULL, \
-                         finished_at = NULL WHERE id = ?",
-                    )
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    let attempt = lease.attempt;
-                    sync_on(&mut tx, |c| enqueue(c, id, attempt, now, None)).await?;
-                }
-                Released::Cancelled(ending) => end_run(&mut tx, id, ending, now).await?,
-            }
-        }
-        tx.commit().await?;
-        Ok(LeaseStatus::Held { cancel: false })
+        self.group.run(move |c| release(c, lease, now)).await
     }
 }

@@ -23,15 +23,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{Decode, Row, Sqlite, Type};
 
 use crate::domain::ports::StoreError;
 use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::Admission;
-use crate::domain::transition::{AttemptState, RunState};
 use crate::protocol::{parse_admission, parse_trigger};
 use group::{GroupCommit, WriteTx};
 
@@ -259,55 +258,6 @@ fn usage_cols(row: &SqliteRow) -> Result<Option<ResourceUsage>, StoreError> {
         cpu_limit: col(row, "usage_cpu_limit")?,
         samples: u32::try_from(samples).map_err(|e| corrupt("usage_samples", e))?,
     }))
-}
-
-/// The run's state for the transition rules, read inside the caller's transaction.
-async fn run_state(
-    conn: &mut SqliteConnection,
-    run_id: RunId,
-) -> Result<Option<RunState>, StoreError> {
-    let row =
-        sqlx::query("SELECT status, attempt, cancel_requested, not_before FROM runs WHERE id = ?")
-            .bind(run_id.to_string())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
-    row.map(|row| {
-        Ok(RunState {
-            status: status_col(&row, "status")?,
-            attempt: attempt_col(&row, "attempt")?,
-            cancel_requested: col::<i64>(&row, "cancel_requested")? != 0,
-            not_before: from_ms(col(&row, "not_before")?),
-        })
-    })
-    .transpose()
-}
-
-/// One attempt's state for the transition rules, read inside the caller's transaction.
-async fn attempt_state(
-    conn: &mut SqliteConnection,
-    run_id: RunId,
-    attempt: u32,
-) -> Result<Option<AttemptState>, StoreError> {
-    let row = sqlx::query(
-        "SELECT worker_id, epoch, status, container_id IS NOT NULL AS started, lease_expires_at \
-         FROM attempts WHERE run_id = ? AND attempt = ?",
-    )
-    .bind(run_id.to_string())
-    .bind(i64::from(attempt))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    row.map(|row| {
-        Ok(AttemptState {
-            worker_id: col(&row, "worker_id")?,
-            epoch: col(&row, "epoch")?,
-            status: status_col(&row, "status")?,
-            started: col::<i64>(&row, "started")? != 0,
-            lease_expires_at: time_col(&row, "lease_expires_at")?,
-        })
-    })
-    .transpose()
 }
 
 #[cfg(test)]

@@ -32,21 +32,17 @@ pub(super) fn enqueue(
 }
 
 /// The run's publishes not sent yet will never be: marked done with `why`.
-pub(super) async fn drop_pending(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn drop_pending(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     why: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE outbox SET sent_at = ?, last_error = ? WHERE run_id = ? AND sent_at IS NULL",
-    )
-    .bind(ms(now))
-    .bind(why)
-    .bind(run_id.to_string())
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+        rusqlite::params![ms(now), why, run_id.to_string()],
+    )?;
     Ok(())
 }
 

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 
-use super::sync::exec;
-use super::{SqliteStore, col, corrupt, db, ms, run_id_col, run_state};
+use super::sync::{exec, run_state, sync_on};
+use super::{SqliteStore, col, corrupt, db, ms, run_id_col};
 use crate::domain::ports::{NewRun, StoreError};
 use crate::domain::reply::{DueReply, Reply, ReplyAddress, ReplyKind, ReplyState, Requester};
 use crate::domain::run::RunId;
@@ -38,18 +38,20 @@ pub(super) fn insert_replies(conn: &rusqlite::Connection, run: &NewRun) -> Resul
 }
 
 /// The run became final: its `finished` replies are due, in the same transaction.
-pub(super) async fn finished_replies_due(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn finished_replies_due(
+    conn: &rusqlite::Connection,
     run_id: RunId,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE run_replies SET state = ? WHERE run_id = ? AND kind = ? AND state = ?")
-        .bind(ReplyState::Pending.as_str())
-        .bind(run_id.to_string())
-        .bind(ReplyKind::Finished.as_str())
-        .bind(ReplyState::Waiting.as_str())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+    exec(
+        conn,
+        "UPDATE run_replies SET state = ? WHERE run_id = ? AND kind = ? AND state = ?",
+        rusqlite::params![
+            ReplyState::Pending.as_str(),
+            run_id.to_string(),
+            ReplyKind::Finished.as_str(),
+            ReplyState::Waiting.as_str()
+        ],
+    )?;
     Ok(())
 }
 
@@ -107,7 +109,7 @@ impl Replies for SqliteStore {
             return Ok(());
         };
         let mut tx = self.begin_write().await?;
-        let Some(run) = run_state(&mut tx, run_id).await? else {
+        let Some(run) = sync_on(&mut tx, |c| run_state(c, run_id)).await? else {
             return Ok(());
         };
         for reply in requester.initial_replies() {

@@ -9,10 +9,10 @@ use super::admission::{admit_waiting, admits_arrival, set_admitted};
 use super::callbacks::oblige;
 use super::outbox::{drop_pending, enqueue};
 use super::replies::{finished_replies_due, insert_replies};
-use super::sync::{exec, first, get, run_id_get, sync_on};
+use super::sync::{admission_get, exec, first, get, run_id_get, run_state};
 use super::{
-    ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, admission_col, attempt_from_row, col, corrupt, db,
-    ms, run_from_row, run_state, ttl_ms,
+    ATTEMPT_COLUMNS, RUN_COLUMNS, SqliteStore, attempt_from_row, corrupt, db, ms, run_from_row,
+    ttl_ms,
 };
 use crate::domain::auth::JobFilter;
 use crate::domain::ports::{
@@ -66,45 +66,51 @@ impl SqliteStore {
 /// A run ends without an attempt to settle (cancelled before it started, or an unstarted
 /// attempt given back after a cancel): final at once, no backoff left. Its job's waiting
 /// runs are admitted as far as there is room now.
-pub(super) async fn end_run(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn end_run(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let job = finalize(conn, run_id, ending, now).await?;
-    sync_on(conn, |c| admit_waiting(c, &job, now)).await?;
+    let job = finalize(conn, run_id, ending, now)?;
+    admit_waiting(conn, &job, now)?;
     Ok(())
 }
 
 /// Write the run's final state and, when it has a callback, the obligation to announce
 /// it (in the same transaction: a final run never misses its callback); returns its job.
 /// Every way a run becomes final comes through here.
-async fn finalize(
-    conn: &mut sqlx::SqliteConnection,
+fn finalize(
+    conn: &rusqlite::Connection,
     run_id: RunId,
     ending: &Ending,
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
-    let row = sqlx::query(
+    let (job, callback) = first(
+        conn,
         "UPDATE runs SET status = ?, exit_code = ?, reason = ?, reason_code = ?, finished_at = ?, \
          not_before = NULL WHERE id = ? RETURNING job, callback_url",
-    )
-    .bind(ending.status.as_str())
-    .bind(ending.exit_code)
-    .bind(ending.reason.as_deref())
-    .bind(ending.reason_code.map(|c| c.as_str()))
-    .bind(ms(now))
-    .bind(run_id.to_string())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
-    let callback: Option<String> = col(&row, "callback_url")?;
+        rusqlite::params![
+            ending.status.as_str(),
+            ending.exit_code,
+            ending.reason.as_deref(),
+            ending.reason_code.map(|c| c.as_str()),
+            ms(now),
+            run_id.to_string()
+        ],
+        |row| {
+            Ok((
+                get::<String>(row, "job")?,
+                get::<Option<String>>(row, "callback_url")?,
+            ))
+        },
+    )?
+    .ok_or_else(|| corrupt("run", format!("run {run_id} is missing")))?;
     if let Some(url) = callback {
-        oblige(conn, run_id, &url, now).await?;
+        oblige(conn, run_id, &url, now)?;
     }
-    finished_replies_due(conn, run_id).await?;
-    col(&row, "job")
+    finished_replies_due(conn, run_id)?;
+    Ok(job)
 }
 
 /// Store a new run: admitted at once (with the outbox row of its first attempt) when
@@ -199,13 +205,13 @@ fn insert_run_now(
 /// What `cancel` does to one run, inside the caller's transaction; `admit` says whether
 /// the job's waiting runs are admitted when it ends (a caller cancelling several runs
 /// of a job admits once, after the last).
-pub(super) async fn cancel_run(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) fn cancel_run(
+    conn: &rusqlite::Connection,
     id: RunId,
     admit: bool,
     now: DateTime<Utc>,
 ) -> Result<CancelResult, StoreError> {
-    let Some(run) = run_state(conn, id).await? else {
+    let Some(run) = run_state(conn, id)? else {
         return Ok(CancelResult::UnknownRun);
     };
     let result = run.cancel();
@@ -215,14 +221,14 @@ pub(super) async fn cancel_run(
             // waiting for admission): final at once, and its pending publish is dropped.
             let ending = Ending::cancelled_before_start();
             if admit {
-                end_run(conn, id, &ending, now).await?;
+                end_run(conn, id, &ending, now)?;
             } else {
-                finalize(conn, id, &ending, now).await?;
+                finalize(conn, id, &ending, now)?;
             }
-            flag_cancel(conn, id).await?;
-            drop_pending(conn, id, "run cancelled", now).await?;
+            flag_cancel(conn, id)?;
+            drop_pending(conn, id, "run cancelled", now)?;
         }
-        CancelResult::Requested => flag_cancel(conn, id).await?,
+        CancelResult::Requested => flag_cancel(conn, id)?,
         CancelResult::AlreadyFinal(_) | CancelResult::UnknownRun => {}
     }
     Ok(result)
@@ -284,42 +290,44 @@ impl RunRecords for SqliteStore {
     }
 
     async fn cancel(&self, id: RunId, now: DateTime<Utc>) -> Result<CancelResult, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let result = cancel_run(&mut tx, id, true, now).await?;
-        tx.commit().await?;
-        Ok(result)
+        self.group.run(move |c| cancel_run(c, id, true, now)).await
     }
 
     async fn retry(&self, id: RunId, now: DateTime<Utc>) -> Result<RetryResult, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let Some(run) = run_state(&mut tx, id).await? else {
-            return Ok(RetryResult::UnknownRun);
-        };
-        let result = run.retry();
-        if let RetryResult::Queued { attempt } = result {
-            // Through the job's admission like a new run; read while this run is still
-            // final, so it does not count against itself.
-            let row = sqlx::query("SELECT job, admission FROM runs WHERE id = ?")
-                .bind(id.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-            let job: String = col(&row, "job")?;
-            let admission = admission_col(&row)?;
-            let admitted = sync_on(&mut tx, |c| admits_arrival(c, &job, admission)).await?;
-            sqlx::query(
-                "UPDATE runs SET status = 'queued', exit_code = NULL, reason = NULL, reason_code = NULL, \
-                 finished_at = NULL, not_before = NULL, cancel_requested = 0 WHERE id = ?",
-            )
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            sync_on(&mut tx, |c| set_admitted(c, id, attempt, admitted, now)).await?;
-            tx.commit().await?;
-        }
-        Ok(result)
+        self.group.run(move |c| retry_run(c, id, now)).await
     }
+}
+
+/// A person's retry of a final run: a new attempt, through the job's admission like a
+/// new run. Inside a group transaction.
+fn retry_run(
+    conn: &rusqlite::Connection,
+    id: RunId,
+    now: DateTime<Utc>,
+) -> Result<RetryResult, StoreError> {
+    let Some(run) = run_state(conn, id)? else {
+        return Ok(RetryResult::UnknownRun);
+    };
+    let result = run.retry();
+    if let RetryResult::Queued { attempt } = result {
+        // Read while this run is still final, so it does not count against itself.
+        let (job, admission) = first(
+            conn,
+            "SELECT job, admission FROM runs WHERE id = ?",
+            [id.to_string()],
+            |row| Ok((get::<String>(row, "job")?, admission_get(row)?)),
+        )?
+        .ok_or_else(|| corrupt("run", format!("run {id} is missing")))?;
+        let admitted = admits_arrival(conn, &job, admission)?;
+        exec(
+            conn,
+            "UPDATE runs SET status = 'queued', exit_code = NULL, reason = NULL, reason_code = NULL, \
+             finished_at = NULL, not_before = NULL, cancel_requested = 0 WHERE id = ?",
+            [id.to_string()],
+        )?;
+        set_admitted(conn, id, attempt, admitted, now)?;
+    }
+    Ok(result)
 }
 
 /// A value the list query binds.
@@ -395,12 +403,12 @@ impl ListQuery {
 
 /// Ask the run's worker to stop it (seen at its next heartbeat); also keeps a cancelled
 /// run from ever being retried by rule.
-async fn flag_cancel(conn: &mut sqlx::SqliteConnection, id: RunId) -> Result<(), StoreError> {
-    sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
-        .bind(id.to_string())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+fn flag_cancel(conn: &rusqlite::Connection, id: RunId) -> Result<(), StoreError> {
+    exec(
+        conn,
+        "UPDATE runs SET cancel_requested = 1 WHERE id = ?",
+        [id.to_string()],
+    )?;
     Ok(())
 }
 

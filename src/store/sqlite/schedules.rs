@@ -202,7 +202,8 @@ impl Schedules for SqliteStore {
                 // Every active run ends (queued) or is asked to stop (running). None is
                 // left waiting, so there is nothing to admit until the new run arrives.
                 for other in &active {
-                    cancel_run(&mut tx, other.id, false, now).await?;
+                    let id = other.id;
+                    sync_on(&mut tx, |c| cancel_run(c, id, false, now)).await?;
                     cancelled.push(other.id);
                 }
                 run.admission

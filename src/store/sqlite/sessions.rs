@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 
 use super::leases::claim_for;
+use super::sync::{attempt_state, sync_on};
 use super::{
-    SqliteStore, attempt_col, attempt_state, col, corrupt, db, dropped_col, from_ms, ms,
-    run_id_col, time_col,
+    SqliteStore, attempt_col, col, corrupt, db, dropped_col, from_ms, ms, run_id_col, time_col,
 };
 use crate::domain::ports::{
     AdoptResult, DroppedOutput, HeldAttempt, Lease, Reconciliation, RunMessage, StoreError,
@@ -96,7 +96,7 @@ impl Reconciliation for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<AdoptResult, StoreError> {
         let mut tx = self.begin_write().await?;
-        let Some(held) = attempt_state(&mut tx, run_id, attempt).await? else {
+        let Some(held) = sync_on(&mut tx, |c| attempt_state(c, run_id, attempt)).await? else {
             return Ok(AdoptResult::Stale);
         };
         if !held.adoptable_by(worker_id) {
@@ -110,7 +110,8 @@ impl Reconciliation for SqliteStore {
             .await
             .map_err(db)?;
         let message = RunMessage { run_id, attempt };
-        let claim = claim_for(&mut tx, message, held.epoch, lease_ttl).await?;
+        let epoch = held.epoch;
+        let claim = sync_on(&mut tx, |c| claim_for(c, message, epoch, lease_ttl)).await?;
         if !claim.spec.logs.is_durable() {
             // No engine copy of a fast-mode container's output: whatever it wrote while
             // its worker was away is gone, by an amount nobody knows. Said here, in the
@@ -234,7 +235,7 @@ impl Reconciliation for SqliteStore {
     ) -> Result<OrphanVerdict, StoreError> {
         // One read transaction: the attempt and the session seen at the same instant.
         let mut tx = self.reader.begin().await.map_err(db)?;
-        let state = match attempt_state(&mut tx, run_id, attempt).await? {
+        let state = match sync_on(&mut tx, |c| attempt_state(c, run_id, attempt)).await? {
             None => AttemptState::Unknown,
             Some(a) if a.running_under(worker_id) => AttemptState::Running,
             Some(_) => AttemptState::Over,

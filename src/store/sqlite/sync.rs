@@ -13,7 +13,10 @@ use crate::domain::run::RunId;
 use crate::domain::schedule::Admission;
 use crate::protocol::parse_admission;
 
+use super::from_ms;
 pub(super) use super::group::sync_on;
+use crate::domain::run::RunStatus;
+use crate::domain::transition::{AttemptState, RunState};
 
 /// A rusqlite error as the store port names it: data that does not decode is corrupt;
 /// anything else is the database failing.
@@ -75,4 +78,54 @@ pub(super) fn first<T>(
         Some(row) => f(row).map(Some),
         None => Ok(None),
     }
+}
+
+fn status_get(row: &Row<'_>, name: &str) -> Result<RunStatus, StoreError> {
+    let status: String = get(row, name)?;
+    RunStatus::from_str(&status).map_err(|e| corrupt(name, e))
+}
+
+/// The run's state for the transition rules, read inside the caller's transaction.
+pub(super) fn run_state(
+    conn: &rusqlite::Connection,
+    run_id: RunId,
+) -> Result<Option<RunState>, StoreError> {
+    first(
+        conn,
+        "SELECT status, attempt, cancel_requested, not_before FROM runs WHERE id = ?",
+        [run_id.to_string()],
+        |row| {
+            Ok(RunState {
+                status: status_get(row, "status")?,
+                attempt: attempt_get(row, "attempt")?,
+                cancel_requested: get::<i64>(row, "cancel_requested")? != 0,
+                not_before: from_ms(get(row, "not_before")?),
+            })
+        },
+    )
+}
+
+/// One attempt's state for the transition rules, read inside the caller's transaction.
+pub(super) fn attempt_state(
+    conn: &rusqlite::Connection,
+    run_id: RunId,
+    attempt: u32,
+) -> Result<Option<AttemptState>, StoreError> {
+    first(
+        conn,
+        "SELECT worker_id, epoch, status, container_id IS NOT NULL AS started, lease_expires_at \
+         FROM attempts WHERE run_id = ? AND attempt = ?",
+        rusqlite::params![run_id.to_string(), i64::from(attempt)],
+        |row| {
+            let expires: i64 = get(row, "lease_expires_at")?;
+            Ok(AttemptState {
+                worker_id: get(row, "worker_id")?,
+                epoch: get(row, "epoch")?,
+                status: status_get(row, "status")?,
+                started: get::<i64>(row, "started")? != 0,
+                lease_expires_at: from_ms(Some(expires))
+                    .ok_or_else(|| corrupt("lease_expires_at", format!("{expires} is no time")))?,
+            })
+        },
+    )
 }
