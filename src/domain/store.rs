@@ -234,6 +234,18 @@ pub trait Outbox: Send + Sync + 'static {
         limit: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// The same, only entries with an id above `after`: the relay reads the next batch
+    /// while the one before is still being recorded as sent.
+    async fn pending_outbox_after(
+        &self,
+        after: i64,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut entries = self.pending_outbox(limit, now).await?;
+        entries.retain(|e| e.id > after);
+        Ok(entries)
+    }
     async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError>;
     /// Publishes due and not yet confirmed, for the health report.

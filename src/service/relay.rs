@@ -1,5 +1,9 @@
 //! The outbox relay: publishes pending outbox entries and marks them sent only on the
 //! queue's confirm. The store is the source of truth; the queue is transport.
+//!
+//! Under load the relay is a pipeline of two: while one batch is published (and its
+//! confirms awaited), the batch before it is recorded as sent. The next batch is read
+//! past the last id taken, so nothing published and not yet recorded is read again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::ports::{QueueError, RunQueue, RunStore};
 use crate::service::events::{RunEventKind, RunEvents};
 
-const BATCH: u32 = 256;
+const BATCH: u32 = 512;
+/// Batches in one pass before the relay looks up from publishing (the lost-message
+/// sweep is due, a shutdown).
+const PASS_BATCHES: usize = 64;
 /// Also look without being woken, for entries a failed publish left behind and retries
 /// whose backoff has passed.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -112,64 +119,97 @@ impl Relay {
         }
     }
 
-    /// One batch. `Ok(true)` when a full batch went out and more may be waiting;
-    /// `Err` when the store or the queue failed and the caller should back off.
+    /// Publish what is pending, batch after batch, each batch's publish overlapping the
+    /// recording of the one before as sent. `Ok(true)` when the pass ended with more
+    /// perhaps waiting; `Err` when the store or the queue failed and the caller should
+    /// back off. Every confirmed batch is recorded (or tried) before this returns.
     async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<bool, ()> {
-        let entries = match self.store.pending_outbox(BATCH, Utc::now()).await {
-            Ok(e) => e,
-            Err(error) => {
-                tracing::warn!(message = "outbox read failed", %error);
-                return Err(());
-            }
-        };
-        if entries.is_empty() {
-            return Ok(false);
-        }
-        let messages: Vec<_> = entries.iter().map(|e| e.message).collect();
-        // A full in-process queue holds the publish until a worker takes deliveries,
-        // and a draining worker takes none: shutdown must not wait for it. What was not
-        // confirmed stays pending in the store and goes out after the restart.
-        let results = tokio::select! {
-            results = self.queue.publish(&messages) => results,
-            () = shutdown.cancelled() => return Ok(false),
-        };
-        let mut sent = Vec::with_capacity(entries.len());
-        let mut failed = false;
-        for (entry, result) in entries.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(entry.id),
+        let mut after = 0;
+        let mut confirmed: Vec<i64> = Vec::new();
+        for _ in 0..PASS_BATCHES {
+            let entries = match self
+                .store
+                .pending_outbox_after(after, BATCH, Utc::now())
+                .await
+            {
+                Ok(e) => e,
                 Err(error) => {
-                    failed = true;
-                    if matches!(error, QueueError::Unroutable(_)) {
-                        tracing::error!(message = "run message unroutable; it stays pending", run_id = %entry.message.run_id, %error);
-                    } else {
-                        tracing::warn!(message = "publish failed; will retry", run_id = %entry.message.run_id, %error);
-                    }
-                    if let Err(error) = self
-                        .store
-                        .mark_outbox_failed(entry.id, &error.to_string())
-                        .await
-                    {
-                        tracing::warn!(message = "recording publish failure failed", %error);
+                    tracing::warn!(message = "outbox read failed", %error);
+                    let _ = self.mark_sent(&confirmed).await;
+                    return Err(());
+                }
+            };
+            let Some(last) = entries.last() else {
+                return self.mark_sent(&confirmed).await.map(|()| false);
+            };
+            after = last.id;
+            let messages: Vec<_> = entries.iter().map(|e| e.message).collect();
+            // A full in-process queue holds the publish until a worker takes deliveries,
+            // and a draining worker takes none: shutdown must not wait for it. What was
+            // not confirmed stays pending in the store and goes out after the restart.
+            let publish = async {
+                tokio::select! {
+                    results = self.queue.publish(&messages) => Some(results),
+                    () = shutdown.cancelled() => None,
+                }
+            };
+            let (results, marked) = tokio::join!(publish, self.mark_sent(&confirmed));
+            confirmed.clear();
+            let Some(results) = results else {
+                return Ok(false);
+            };
+            let mut failed = false;
+            for (entry, result) in entries.iter().zip(results) {
+                match result {
+                    Ok(()) => confirmed.push(entry.id),
+                    Err(error) => {
+                        failed = true;
+                        self.record_failure(entry.id, entry.message.run_id, &error)
+                            .await;
                     }
                 }
             }
+            if marked.is_err() || failed {
+                let _ = self.mark_sent(&confirmed).await;
+                return Err(());
+            }
+            if (entries.len() as u32) < BATCH {
+                return self.mark_sent(&confirmed).await.map(|()| false);
+            }
         }
-        if let Err(error) = self.store.mark_outbox_sent(&sent, Utc::now()).await {
-            // They will be published again; a worker drops the duplicate at claim time.
-            tracing::warn!(message = "marking outbox entries sent failed", %error);
-            return Err(());
+        self.mark_sent(&confirmed).await.map(|()| true)
+    }
+
+    /// Record confirmed entries as sent. On failure they will be published again; a
+    /// worker drops the duplicate at claim time.
+    async fn mark_sent(&self, ids: &[i64]) -> Result<(), ()> {
+        if ids.is_empty() {
+            return Ok(());
         }
-        if failed {
-            return Err(());
+        self.store
+            .mark_outbox_sent(ids, Utc::now())
+            .await
+            .map_err(|error| {
+                tracing::warn!(message = "marking outbox entries sent failed", %error);
+            })
+    }
+
+    async fn record_failure(&self, id: i64, run_id: crate::domain::run::RunId, error: &QueueError) {
+        if matches!(error, QueueError::Unroutable(_)) {
+            tracing::error!(message = "run message unroutable; it stays pending", %run_id, %error);
+        } else {
+            tracing::warn!(message = "publish failed; will retry", %run_id, %error);
         }
-        Ok(entries.len() as u32 == BATCH)
+        if let Err(error) = self.store.mark_outbox_failed(id, &error.to_string()).await {
+            tracing::warn!(message = "recording publish failure failed", %error);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ports::{Outbox, RunRecords};
     use crate::domain::run::RunId;
 
     #[tokio::test]
@@ -199,5 +239,88 @@ mod tests {
             .expect("a status change wakes the relay");
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// A queue that records what it is given and refuses chosen messages once.
+    #[derive(Default)]
+    struct Recording {
+        published: std::sync::Mutex<Vec<crate::domain::ports::RunMessage>>,
+        refuse_once: std::sync::Mutex<Vec<RunId>>,
+    }
+
+    #[async_trait::async_trait]
+    impl RunQueue for Recording {
+        async fn publish(
+            &self,
+            messages: &[crate::domain::ports::RunMessage],
+        ) -> Vec<Result<(), QueueError>> {
+            let mut refuse = self.refuse_once.lock().unwrap();
+            let mut published = self.published.lock().unwrap();
+            messages
+                .iter()
+                .map(|m| {
+                    if let Some(i) = refuse.iter().position(|r| *r == m.run_id) {
+                        refuse.remove(i);
+                        return Err(QueueError::Nacked);
+                    }
+                    published.push(*m);
+                    Ok(())
+                })
+                .collect()
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn ready_messages(&self) -> Result<Option<u64>, QueueError> {
+            Ok(None)
+        }
+    }
+
+    /// Batches overlap (one published while the one before is recorded), across more
+    /// than a pass; a refused message stays pending and goes out on the next try, and
+    /// no other is published twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_pending_entry_goes_out_once_and_a_refused_one_again_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).await.unwrap());
+        let n = BATCH as usize * 2 + 100;
+        let mut runs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let run = crate::store::suite::new_run();
+            store.insert_run(&run, None).await.unwrap();
+            runs.push(run.id);
+        }
+        let queue = Arc::new(Recording::default());
+        queue
+            .refuse_once
+            .lock()
+            .unwrap()
+            .push(runs[BATCH as usize + 7]);
+        let relay = Relay {
+            store: store.clone(),
+            queue: queue.clone(),
+            wake: Arc::new(Notify::new()),
+            republish_after: Duration::from_secs(3600),
+        };
+        let stop = CancellationToken::new();
+        // The refusal ends the first pass with `Err`; the second publishes the rest.
+        assert_eq!(relay.publish_pending(&stop).await, Err(()));
+        assert_eq!(relay.publish_pending(&stop).await, Ok(false));
+        let published: Vec<RunId> = queue
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.run_id)
+            .collect();
+        let mut sorted = published.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), published.len(), "none published twice");
+        let mut expected = runs.clone();
+        expected.sort();
+        assert_eq!(sorted, expected, "every run published");
+        let backlog = store.outbox_backlog(chrono::Utc::now()).await.unwrap();
+        assert_eq!(backlog.pending, 0, "every confirmed entry recorded as sent");
     }
 }

@@ -53,10 +53,20 @@ impl Outbox for SqliteStore {
         limit: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.pending_outbox_after(0, limit, now).await
+    }
+
+    async fn pending_outbox_after(
+        &self,
+        after: i64,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, run_id, attempt FROM outbox WHERE sent_at IS NULL \
+            "SELECT id, run_id, attempt FROM outbox WHERE sent_at IS NULL AND id > ? \
              AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT ?",
         )
+        .bind(after)
         .bind(ms(now))
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
@@ -80,30 +90,32 @@ impl Outbox for SqliteStore {
             return Ok(());
         }
         let list = serde_json::to_string(ids).map_err(|e| corrupt("outbox ids", e))?;
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL, last_try_failed = 0 \
-             WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(ms(now))
-        .bind(list)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE outbox SET sent_at = ?, tries = tries + 1, last_error = NULL, \
+                     last_try_failed = 0 WHERE id IN (SELECT value FROM json_each(?))",
+                    rusqlite::params![ms(now), list],
+                )
+                .map(drop)
+            })
+            .await
     }
 
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE outbox SET tries = tries + 1, last_error = ?, last_try_failed = 1 WHERE id = ?",
-        )
-        .bind(error)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await
+        let error = error.to_owned();
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE outbox SET tries = tries + 1, last_error = ?, last_try_failed = 1 \
+                     WHERE id = ?",
+                    rusqlite::params![error, id],
+                )
+                .map(drop)
+            })
+            .await
     }
 
     async fn outbox_backlog(&self, now: DateTime<Utc>) -> Result<OutboxBacklog, StoreError> {

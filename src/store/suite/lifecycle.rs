@@ -43,6 +43,40 @@ pub(crate) fn new_run() -> NewRun {
     }
 }
 
+/// The relay reads the next batch past the last id it took while that batch is still
+/// being recorded as sent; everything not recorded stays pending for a read from 0.
+pub(crate) async fn the_outbox_is_read_past_an_id_while_earlier_entries_stay_pending(
+    store: &dyn RunStore,
+) {
+    let runs: Vec<_> = (0..3).map(|_| new_run()).collect();
+    for run in &runs {
+        store.insert_run(run, None).await.unwrap();
+    }
+    let all = store.pending_outbox_after(0, 10, Utc::now()).await.unwrap();
+    let ids: Vec<_> = all.iter().map(|e| e.message.run_id).collect();
+    assert_eq!(ids, runs.iter().map(|r| r.id).collect::<Vec<_>>());
+    let first = store.pending_outbox_after(0, 1, Utc::now()).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = store
+        .pending_outbox_after(first[0].id, 10, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(rest.iter().all(|e| e.id > first[0].id));
+    store
+        .mark_outbox_sent(&[rest[0].id], Utc::now())
+        .await
+        .unwrap();
+    let left: Vec<_> = store
+        .pending_outbox_after(0, 10, Utc::now())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, [first[0].id, rest[1].id]);
+}
+
 pub(crate) async fn a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_epoch(
     store: &dyn RunStore,
 ) {

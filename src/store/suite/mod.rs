@@ -28,6 +28,7 @@ macro_rules! store_suite {
     ($open:path) => {
         $crate::store::suite::store_suite!(@each $open;
             a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_epoch,
+            the_outbox_is_read_past_an_id_while_earlier_entries_stay_pending,
             unclaimed_runs_are_published_again_for_a_volatile_queue,
             retry_rules_queue_the_next_attempt_after_its_backoff,
             expired_leases_become_lost_and_a_person_can_retry,
