@@ -8,10 +8,17 @@
 //! files on disk, taken at the start and end of the measured window; claim latency is
 //! the server's request timing of `POST /v1/worker/claim` (its histogram buckets,
 //! interpolated), so it includes neither the worker's nor the network's time.
+//!
+//! The driver keeps the queue fed, not flooded: it holds its next accept while the runs
+//! accepted and not yet finished are more than twice what the fleet holds in flight, as
+//! a site's steady state has runs arriving about as fast as they end. (Unbounded, the
+//! driver's accepts would take the CPU the fleet's runs need, and the measure would be
+//! of a backlog growing without end.)
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -201,12 +208,40 @@ async fn measure(
             Bytes::from_static(b"{}"),
         )
     });
-    let driver = tokio::spawn(load::closed_loop(
+    let in_flight = (workers * CONCURRENCY) as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let gate: load::Gate = {
+        let (sent, finished) = (sent.clone(), finished.clone());
+        Arc::new(move || {
+            let ahead = sent
+                .load(Ordering::Relaxed)
+                .saturating_sub(finished.load(Ordering::Relaxed));
+            if ahead >= 2 * in_flight {
+                return false;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+            true
+        })
+    };
+    let watcher = {
+        let (finished, addr) = (finished.clone(), serve.addr);
+        tokio::spawn(async move {
+            loop {
+                if let Ok(n) = finished_total(addr).await {
+                    finished.store(n, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let driver = tokio::spawn(load::closed_loop_gated(
         serve.addr,
         clients,
         warm_up + window + Duration::from_secs(1),
         make,
         |s| s == 202,
+        gate,
     ));
     tokio::time::sleep(warm_up).await;
     for p in &mut procs {
@@ -220,6 +255,7 @@ async fn measure(
     let after = Snapshot::take(&serve).await?;
     let elapsed = started.elapsed();
     let accepts = driver.await.context("driver")??;
+    watcher.abort();
     eprintln!(
         "perf:   control driver ({clients} clients): {}",
         accepts.summary()
@@ -275,6 +311,19 @@ async fn measure(
     }
     serve.stop(&bench.docker);
     Ok(measured)
+}
+
+/// `tasuki_runs_finished_total` summed over its series, as the server counts it now.
+async fn finished_total(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let mut conn = load::Conn::open(addr).await?;
+    let answer = conn.request("GET", "/metrics", &[], Bytes::new()).await?;
+    let text = String::from_utf8_lossy(&answer.body);
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tasuki_runs_finished_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    Ok(total as u64)
 }
 
 /// The server's metrics and the stored log bytes at one moment.

@@ -150,6 +150,22 @@ pub async fn closed_loop(
     make: MakeRequest,
     ok: fn(u16) -> bool,
 ) -> anyhow::Result<LoadResult> {
+    closed_loop_gated(addr, clients, duration, make, ok, Arc::new(|| true)).await
+}
+
+/// Says whether a client may send its next request now; asked before each one.
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// `closed_loop`, each client holding its next request while `gate` says no (looked at
+/// again every millisecond); the time held is not counted in the latency.
+pub async fn closed_loop_gated(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    make: MakeRequest,
+    ok: fn(u16) -> bool,
+    gate: Gate,
+) -> anyhow::Result<LoadResult> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(Conn::open(addr).await?);
@@ -159,11 +175,16 @@ pub async fn closed_loop(
     let mut tasks = Vec::with_capacity(clients);
     for (i, mut conn) in conns.into_iter().enumerate() {
         let make = make.clone();
+        let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is valid");
             let (mut okc, mut errors, mut first_error) = (0u64, 0u64, None);
             let mut n = 0u64;
             while Instant::now() < deadline {
+                if !gate() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
                 let (method, path, headers, body) = make(i, n);
                 n += 1;
                 let headers: Vec<(&str, &str)> = headers
