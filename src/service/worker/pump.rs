@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 use super::Backoff;
 use crate::domain::ports::{ControlError, ControlPlane, Lease, OutputPosition, OutputStream};
@@ -49,6 +50,43 @@ impl From<OutputPosition> for Pumped {
     }
 }
 
+/// Chunks read ahead of the batch being stored: the container's output keeps flowing
+/// while a batch is on its way (as `docker run` keeps copying), and a control plane
+/// slower than the container still holds it back once this many wait. At the engine's
+/// 32 KiB a frame at most, about 2 MiB.
+const READ_AHEAD_CHUNKS: usize = 64;
+
+/// Stops the reading-ahead task when the pump is done with (or dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `output`, read in a task of its own into a bounded buffer, and the guard of that task.
+/// The stream ends after the first error, as the pump does.
+fn read_ahead(mut output: OutputStream) -> (OutputStream, AbortOnDrop) {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+    let task = tokio::spawn(
+        async move {
+            while let Some(item) = output.next().await {
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    let buffered = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
+    (buffered, AbortOnDrop(task))
+}
+
 /// Streams `output` to the control plane in batches of whatever has arrived. `from`
 /// says where `output` starts: its first `from.read` bytes are already handled (a
 /// catch-up read of output from the container's start), the log holds `from.stored`
@@ -57,9 +95,10 @@ impl From<OutputPosition> for Pumped {
 pub(super) async fn pump_output(
     control: Arc<dyn ControlPlane>,
     lease: Lease,
-    mut output: OutputStream,
+    output: OutputStream,
     from: Pumped,
 ) -> Pumped {
+    let (mut output, _reader) = read_ahead(output);
     let mut skip = from.read;
     let mut read = from.read;
     let mut stored = from.stored;
@@ -228,6 +267,53 @@ mod tests {
         // Two chunks pass the batch size: the third goes in a batch of its own.
         assert_eq!(control.append_calls(), 2);
         assert_eq!(done.stored, 3 * (LOG_BATCH_BYTES as u64 / 2 + 1));
+        assert_eq!(done.read, done.stored);
+    }
+
+    /// While a batch is on its way to the control plane, the container's output is read
+    /// on (up to the read-ahead bound, no further), and none of it is lost or reordered.
+    #[tokio::test(start_paused = true)]
+    async fn output_is_read_ahead_while_a_batch_is_stored_and_no_further_than_the_bound() {
+        let control = Arc::new(FakeControl::default());
+        let hold = Arc::new(tokio::sync::Semaphore::new(0));
+        control.hold_appends(hold.clone());
+        // Chunks of over half a batch: a batch holds two, so what is read past them is
+        // read ahead.
+        let total = READ_AHEAD_CHUNKS * 2;
+        let size = LOG_BATCH_BYTES / 2 + 1;
+        let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = pulled.clone();
+        let output = futures::stream::iter(0..total)
+            .map(move |i| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(OutputChunk {
+                    stream: Stream::Stdout,
+                    bytes: Bytes::from(vec![i as u8; size]),
+                })
+            })
+            .boxed();
+        let task = pump(&control, output, Pumped::default());
+        control.appended(1).await;
+        let read = || pulled.load(std::sync::atomic::Ordering::SeqCst);
+        // The first batch waits at the control plane; the reader fills its buffer.
+        crate::service::worker::fakes::until(|| read() > READ_AHEAD_CHUNKS).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(
+            read() <= 3 + READ_AHEAD_CHUNKS,
+            "read {} chunks with one batch held",
+            read()
+        );
+        hold.add_permits(1_000);
+        let done = task.await.expect("pump");
+        let log = control.log();
+        assert_eq!(log.len(), total * size);
+        assert!(
+            log.chunks(size)
+                .enumerate()
+                .all(|(i, c)| c.iter().all(|b| *b == i as u8)),
+            "every chunk whole and in order"
+        );
+        assert_eq!(done.stored, (total * size) as u64);
         assert_eq!(done.read, done.stored);
     }
 

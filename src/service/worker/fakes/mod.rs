@@ -124,6 +124,8 @@ pub(crate) struct FakeControl {
     claim_hold: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
     /// Claims begun so far, for tests to wait on.
     claims: watch::Sender<u32>,
+    /// While set, each `append_log` waits for a permit of it first (after counting).
+    append_hold: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
 }
 
 /// How the fake control plane answers `claim`.
@@ -158,6 +160,7 @@ impl Default for FakeControl {
             sessions_ended: Mutex::new(0),
             claim_answer: Mutex::new(ClaimAnswer::UnknownRun),
             claim_hold: Mutex::new(None),
+            append_hold: Mutex::new(None),
             claims: watch::channel(0).0,
         }
     }
@@ -179,6 +182,10 @@ impl FakeControl {
     }
     pub fn heartbeats(&self) -> u32 {
         *locked(&self.heartbeats)
+    }
+    /// Every later `append_log` waits for a permit of `hold` (held, never returned).
+    pub fn hold_appends(&self, hold: std::sync::Arc<tokio::sync::Semaphore>) {
+        *locked(&self.append_hold) = Some(hold);
     }
     pub fn set_append_mode(&self, mode: AppendMode) {
         *locked(&self.append_mode) = mode;
@@ -286,6 +293,10 @@ impl ControlPlane for FakeControl {
         chunks: &[OutputChunk],
     ) -> Result<u64, ControlError> {
         self.appends.send_modify(|c| *c += 1);
+        let hold = locked(&self.append_hold).clone();
+        if let Some(hold) = hold {
+            hold.acquire().await.expect("hold is never closed").forget();
+        }
         let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
         let mode = *locked(&self.append_mode);
         if mode == AppendMode::Unavailable {
