@@ -129,27 +129,31 @@ impl Callbacks for SqliteStore {
     ) -> Result<(), StoreError> {
         let (status, error) = match result {
             TryResult::Status(s) => (Some(i64::from(*s)), None),
-            TryResult::Failed(e) => (None, Some(e.as_str())),
+            TryResult::Failed(e) => (None, Some(e.clone())),
         };
         let (delivered_at, next_try_at, gave_up) = match next {
             NextStep::Delivered => (Some(ms(now)), None, false),
             NextStep::RetryAt(t) => (None, Some(ms(t)), false),
             NextStep::Stopped | NextStep::GaveUp => (None, None, true),
         };
-        sqlx::query(
-            "UPDATE callback_deliveries SET tries = tries + 1, last_status = ?, last_error = ?, \
-             delivered_at = ?, next_try_at = ?, gave_up = ? WHERE id = ?",
-        )
-        .bind(status)
-        .bind(error)
-        .bind(delivered_at)
-        .bind(next_try_at)
-        .bind(i64::from(gave_up))
-        .bind(id)
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(())
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE callback_deliveries SET tries = tries + 1, last_status = ?, \
+                     last_error = ?, delivered_at = ?, next_try_at = ?, gave_up = ? WHERE id = ?",
+                    rusqlite::params![
+                        status,
+                        error,
+                        delivered_at,
+                        next_try_at,
+                        i64::from(gave_up),
+                        id
+                    ],
+                )
+                .map(drop)
+            })
+            .await
     }
 
     async fn redeliver_callbacks(

@@ -38,11 +38,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// One connection: every write goes through it, so a transaction that reads a row,
-    /// asks the domain and writes the answer never races another writer of this process.
+    /// The write connection (a pool of one), for tests that put rows the store never
+    /// writes; the store itself writes only through `group`.
+    #[cfg(test)]
     writer: SqlitePool,
     reader: SqlitePool,
-    /// Writes queue here and share group transactions on `writer` (see `group`).
+    /// Every write queues here and shares a group transaction on the one write
+    /// connection, which the committer owns (see `group`): nothing else takes that
+    /// connection, so no write waits behind the committer for it, and a transaction
+    /// that reads a row, asks the domain and writes the answer never races another
+    /// writer of this process.
     group: GroupCommit,
 }
 
@@ -83,6 +88,7 @@ impl SqliteStore {
             .map_err(db)?;
         let group = GroupCommit::start(writer.clone());
         Ok(Self {
+            #[cfg(test)]
             writer,
             reader,
             group,

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::sync::exec;
+use super::sync::{exec, run_id_get, sync_db};
 use super::{SqliteStore, attempt_col, col, corrupt, db, ms, run_id_col};
 use crate::domain::ports::{Outbox, OutboxBacklog, OutboxEntry, RunMessage, StoreError};
 use crate::domain::run::RunId;
@@ -139,15 +139,19 @@ impl Outbox for SqliteStore {
     }
 
     async fn requeue_unclaimed(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL AND id IN (\
-               SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
-               WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1)",
-        )
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected())
+        let requeued = self
+            .group
+            .run(|c| {
+                exec(
+                    c,
+                    "UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL AND id IN (\
+                       SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
+                       WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1)",
+                    [],
+                )
+            })
+            .await?;
+        Ok(requeued as u64)
     }
 
     async fn republish_unclaimed(
@@ -155,20 +159,29 @@ impl Outbox for SqliteStore {
         sent_before: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<RunId>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE outbox SET sent_at = NULL, last_error = 'published again: the queue no longer held it' \
-             WHERE sent_at IS NOT NULL AND sent_at < ?1 AND id IN (\
-               SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
-               WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1 \
-                 AND (r.not_before IS NULL OR r.not_before <= ?2) \
-                 AND o.id = (SELECT MAX(id) FROM outbox WHERE run_id = r.id)) \
-             RETURNING run_id",
-        )
-        .bind(ms(sent_before))
-        .bind(ms(now))
-        .fetch_all(&self.writer)
-        .await
-        .map_err(db)?;
-        rows.iter().map(|row| run_id_col(row, "run_id")).collect()
+        self.group
+            .run(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "UPDATE outbox SET sent_at = NULL, \
+                         last_error = 'published again: the queue no longer held it' \
+                         WHERE sent_at IS NOT NULL AND sent_at < ?1 AND id IN (\
+                           SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
+                           WHERE r.status = 'queued' AND r.admitted = 1 AND o.attempt = r.attempt + 1 \
+                             AND (r.not_before IS NULL OR r.not_before <= ?2) \
+                             AND o.id = (SELECT MAX(id) FROM outbox WHERE run_id = r.id)) \
+                         RETURNING run_id",
+                    )
+                    .map_err(sync_db)?;
+                let mut rows = stmt
+                    .query(rusqlite::params![ms(sent_before), ms(now)])
+                    .map_err(sync_db)?;
+                let mut runs = Vec::new();
+                while let Some(row) = rows.next().map_err(sync_db)? {
+                    runs.push(run_id_get(row, "run_id")?);
+                }
+                Ok(runs)
+            })
+            .await
     }
 }

@@ -168,18 +168,22 @@ impl Replies for SqliteStore {
     }
 
     async fn reply_sent(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE run_replies SET state = ?, tries = tries + 1, sent_at = ?, next_try_at = NULL \
-             WHERE id = ? AND state = ?",
-        )
-        .bind(ReplyState::Sent.as_str())
-        .bind(ms(now))
-        .bind(id)
-        .bind(ReplyState::Pending.as_str())
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(())
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE run_replies SET state = ?, tries = tries + 1, sent_at = ?, \
+                     next_try_at = NULL WHERE id = ? AND state = ?",
+                    rusqlite::params![
+                        ReplyState::Sent.as_str(),
+                        ms(now),
+                        id,
+                        ReplyState::Pending.as_str()
+                    ],
+                )
+                .map(drop)
+            })
+            .await
     }
 
     async fn reply_unroutable(
@@ -188,19 +192,24 @@ impl Replies for SqliteStore {
         error: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE run_replies SET state = ?, tries = tries + 1, last_error = ?, sent_at = ?, \
-             next_try_at = NULL WHERE id = ? AND state = ?",
-        )
-        .bind(ReplyState::Unroutable.as_str())
-        .bind(error)
-        .bind(ms(now))
-        .bind(id)
-        .bind(ReplyState::Pending.as_str())
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let error = error.to_owned();
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE run_replies SET state = ?, tries = tries + 1, last_error = ?, \
+                     sent_at = ?, next_try_at = NULL WHERE id = ? AND state = ?",
+                    rusqlite::params![
+                        ReplyState::Unroutable.as_str(),
+                        error,
+                        ms(now),
+                        id,
+                        ReplyState::Pending.as_str()
+                    ],
+                )
+                .map(drop)
+            })
+            .await
     }
 
     async fn reply_failed(
@@ -209,17 +218,17 @@ impl Replies for SqliteStore {
         error: &str,
         retry_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE run_replies SET tries = tries + 1, last_error = ?, next_try_at = ? \
-             WHERE id = ? AND state = ?",
-        )
-        .bind(error)
-        .bind(ms(retry_at))
-        .bind(id)
-        .bind(ReplyState::Pending.as_str())
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let error = error.to_owned();
+        self.group
+            .run(move |c| {
+                exec(
+                    c,
+                    "UPDATE run_replies SET tries = tries + 1, last_error = ?, next_try_at = ? \
+                     WHERE id = ? AND state = ?",
+                    rusqlite::params![error, ms(retry_at), id, ReplyState::Pending.as_str()],
+                )
+                .map(drop)
+            })
+            .await
     }
 }

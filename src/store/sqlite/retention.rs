@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::sync::exec;
 use super::{SqliteStore, db, from_ms, ms, time_col};
 use crate::domain::ports::StoreError;
 use crate::domain::retention::{
@@ -55,16 +56,18 @@ impl RetentionStore for SqliteStore {
         created_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE rowid IN \
-             (SELECT rowid FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
-        )
-        .bind(ms(created_before))
-        .bind(i64::from(limit))
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected())
+        let deleted = self
+            .group
+            .run(move |c| {
+                exec(
+                    c,
+                    "DELETE FROM idempotency_keys WHERE rowid IN \
+                     (SELECT rowid FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+                    rusqlite::params![ms(created_before), i64::from(limit)],
+                )
+            })
+            .await?;
+        Ok(deleted as u64)
     }
 
     async fn purge_sent_outbox(&self, after: i64, limit: u32) -> Result<OutboxPurge, StoreError> {

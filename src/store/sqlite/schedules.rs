@@ -9,7 +9,7 @@ use sqlx::sqlite::SqliteRow;
 
 use super::admission::ACTIVE_STATUSES;
 use super::runs::{cancel_run, insert_new_run};
-use super::sync::sync_on;
+use super::sync::{exec, sync_on};
 use super::{SqliteStore, admission_col, col, corrupt, db, ms, run_id_col, time_col};
 use crate::domain::ports::{
     Cursor, FireResult, Firing, NewRun, Pause, Schedules, SlotKey, SlotOutcome, SlotRecord,
@@ -444,22 +444,26 @@ impl Schedules for SqliteStore {
         schedule: &str,
         pause: Option<&Pause>,
     ) -> Result<(), StoreError> {
-        match pause {
-            Some(pause) => sqlx::query(
-                "INSERT INTO schedule_pauses (job, schedule, note, at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (job, schedule) DO UPDATE SET note = excluded.note, at = excluded.at",
-            )
-            .bind(job)
-            .bind(schedule)
-            .bind(pause.note.as_deref())
-            .bind(ms(pause.at)),
-            None => sqlx::query("DELETE FROM schedule_pauses WHERE job = ? AND schedule = ?")
-                .bind(job)
-                .bind(schedule),
-        }
-        .execute(&self.writer)
-        .await
-        .map_err(db)?;
+        let (job, schedule) = (job.to_owned(), schedule.to_owned());
+        let pause = pause.map(|p| (p.note.clone(), ms(p.at)));
+        self.group
+            .run(move |c| {
+                match pause {
+                    Some((note, at)) => exec(
+                        c,
+                        "INSERT INTO schedule_pauses (job, schedule, note, at) VALUES (?, ?, ?, ?) \
+                         ON CONFLICT (job, schedule) DO UPDATE SET note = excluded.note, at = excluded.at",
+                        rusqlite::params![job, schedule, note, at],
+                    ),
+                    None => exec(
+                        c,
+                        "DELETE FROM schedule_pauses WHERE job = ? AND schedule = ?",
+                        rusqlite::params![job, schedule],
+                    ),
+                }
+                .map(drop)
+            })
+            .await?;
         Ok(())
     }
 }
