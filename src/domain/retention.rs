@@ -107,6 +107,10 @@ pub struct OutboxPurge {
     pub deleted: u64,
     /// The highest row id looked at; `None` when there were no more rows to look at.
     pub scanned_to: Option<i64>,
+    /// The highest row id this pass looks at: the one given, or the newest row's when
+    /// none was. Rows written after a pass began wait for the next pass, so a pass
+    /// ends however fast new rows arrive.
+    pub until: i64,
 }
 
 /// The store as retention needs it. Every call is one short transaction of at most
@@ -119,9 +123,15 @@ pub trait RetentionStore: Send + Sync + 'static {
         created_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError>;
-    /// Look at up to `limit` sent outbox rows with ids above `after` and delete those
-    /// [`sent_outbox_row_is_needed`] says nothing needs.
-    async fn purge_sent_outbox(&self, after: i64, limit: u32) -> Result<OutboxPurge, StoreError>;
+    /// Look at up to `limit` sent outbox rows with ids above `after` and up to `until`
+    /// (the newest row's when `None`) and delete those [`sent_outbox_row_is_needed`]
+    /// says nothing needs.
+    async fn purge_sent_outbox(
+        &self,
+        after: i64,
+        until: Option<i64>,
+        limit: u32,
+    ) -> Result<OutboxPurge, StoreError>;
     /// Delete up to `limit` runs that are prunable at `finished_before`, with their
     /// attempts, outbox rows and idempotency keys. Returns the deleted runs (their logs
     /// are the caller's to delete).

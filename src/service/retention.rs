@@ -120,12 +120,18 @@ impl Pruner {
                 break;
             }
         }
-        let mut after = 0;
+        // Up to the newest row when the pass began: rows written meanwhile wait for the
+        // next pass, so the pass ends even while accepts add rows faster than it looks.
+        let (mut after, mut until) = (0, None);
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let batch = self.store.purge_sent_outbox(after, self.batch).await?;
+            let batch = self
+                .store
+                .purge_sent_outbox(after, until, self.batch)
+                .await?;
+            until = Some(batch.until);
             done.outbox_rows += batch.deleted;
             match batch.scanned_to {
                 Some(to) if self.pause(stop).await => after = to,
@@ -199,6 +205,9 @@ mod tests {
         runs: Mutex<Vec<(DateTime<Utc>, RunId)>>,
         keys: Mutex<u64>,
         outbox: Mutex<u64>,
+        /// Outbox rows by id, 1 to this; `outbox_grow` more arrive at every look.
+        outbox_total: Mutex<i64>,
+        outbox_grow: Mutex<i64>,
         /// Slot records by recording time.
         slots: Mutex<Vec<DateTime<Utc>>>,
         calls: Mutex<Vec<String>>,
@@ -224,15 +233,22 @@ mod tests {
         async fn purge_sent_outbox(
             &self,
             after: i64,
+            until: Option<i64>,
             limit: u32,
         ) -> Result<OutboxPurge, StoreError> {
             self.calls.lock().unwrap().push(format!("outbox>{after}"));
+            // Rows are ids 1..=total; `grow` more arrive with every look, as under load.
+            let mut total = self.outbox_total.lock().unwrap();
+            let until = until.unwrap_or(*total);
+            *total += *self.outbox_grow.lock().unwrap();
+            let scanned = u64::from(limit).min(until.saturating_sub(after).max(0) as u64);
             let mut rows = self.outbox.lock().unwrap();
-            let n = (*rows).min(u64::from(limit));
+            let n = (*rows).min(scanned);
             *rows -= n;
             Ok(OutboxPurge {
                 deleted: n,
-                scanned_to: (n > 0).then(|| after + n as i64),
+                scanned_to: (scanned > 0).then(|| after + scanned as i64),
+                until,
             })
         }
 
@@ -335,6 +351,7 @@ mod tests {
         }
         *store.keys.lock().unwrap() = 3;
         *store.outbox.lock().unwrap() = 3;
+        *store.outbox_total.lock().unwrap() = 3;
         // Three slots recorded an hour ago or more, one just now.
         *store.slots.lock().unwrap() = vec![at(NOW - 7200), at(NOW), at(NOW - 3600), at(NOW - 61)];
         (store, logs, ids)
@@ -387,6 +404,32 @@ mod tests {
                 format!("slots<{runs_cutoff}"),
             ]
         );
+    }
+
+    /// Accepts can add outbox rows faster than a pass looks at them: the pass looks
+    /// only as far as the newest row when it began, and ends.
+    #[tokio::test]
+    async fn an_outbox_growing_faster_than_the_pass_looks_does_not_hold_it_forever() {
+        let (store, logs, _) = fixture();
+        *store.outbox_grow.lock().unwrap() = 5;
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            pruner(&store, &logs, Retention::from_setting(Duration::ZERO))
+                .prune(at(NOW), &CancellationToken::new()),
+        )
+        .await
+        .expect("the pass ends")
+        .unwrap();
+        assert_eq!(report.outbox_rows, 3);
+        let looks: Vec<String> = store
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("outbox"))
+            .cloned()
+            .collect();
+        assert_eq!(looks, ["outbox>0", "outbox>2", "outbox>3"]);
     }
 
     #[tokio::test]

@@ -70,16 +70,29 @@ impl RetentionStore for SqliteStore {
         Ok(deleted as u64)
     }
 
-    async fn purge_sent_outbox(&self, after: i64, limit: u32) -> Result<OutboxPurge, StoreError> {
+    async fn purge_sent_outbox(
+        &self,
+        after: i64,
+        until: Option<i64>,
+        limit: u32,
+    ) -> Result<OutboxPurge, StoreError> {
         // Looked at and deleted in one write transaction: no claim, retry or sweep can
         // change a run between the decision and the delete.
         let mut tx = self.begin_write().await?;
+        let until = match until {
+            Some(until) => until,
+            None => sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM outbox")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?,
+        };
         let rows = sqlx::query(
             "SELECT o.id, o.attempt, r.status, r.attempt AS run_attempt \
              FROM outbox o LEFT JOIN runs r ON r.id = o.run_id \
-             WHERE o.id > ? AND o.sent_at IS NOT NULL ORDER BY o.id LIMIT ?",
+             WHERE o.id > ? AND o.id <= ? AND o.sent_at IS NOT NULL ORDER BY o.id LIMIT ?",
         )
         .bind(after)
+        .bind(until)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
@@ -114,6 +127,7 @@ impl RetentionStore for SqliteStore {
         Ok(OutboxPurge {
             deleted,
             scanned_to,
+            until,
         })
     }
 

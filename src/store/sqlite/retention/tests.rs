@@ -165,17 +165,22 @@ async fn sent_outbox_rows_go_once_nothing_needs_them() {
     let unsent = new_run(now);
     store.insert_run(&unsent, None).await.unwrap();
 
-    // Two rows per look, walking the ids.
-    let mut after = 0;
+    // A pass bounded below every row looks at none of them.
+    let none = store.purge_sent_outbox(0, Some(0), 10).await.unwrap();
+    assert_eq!((none.deleted, none.scanned_to, none.until), (0, None, 0));
+    // Two rows per look, walking the ids up to the newest row when the pass began.
+    let (mut after, mut until) = (0, None);
     let mut deleted = 0;
     let mut looks = 0;
     while let OutboxPurge {
         deleted: d,
         scanned_to: Some(to),
-    } = store.purge_sent_outbox(after, 2).await.unwrap()
+        until: u,
+    } = store.purge_sent_outbox(after, until, 2).await.unwrap()
     {
         deleted += d;
         after = to;
+        until = Some(u);
         looks += 1;
     }
     assert_eq!(
