@@ -224,6 +224,20 @@ fn raise_undelivered(
     count_dropped(conn, lease, reported - recorded)
 }
 
+/// `write` when the lease's epoch is the attempt's, final or not: output belongs to the
+/// attempt whose epoch it carries. Under another epoch nothing is written.
+fn under_epoch(
+    conn: &rusqlite::Connection,
+    lease: Lease,
+    write: impl FnOnce(&rusqlite::Connection) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let current = attempt_state(conn, lease.run_id, lease.attempt)?;
+    if current.is_some_and(|a| a.epoch == lease.epoch) {
+        write(conn)?;
+    }
+    Ok(())
+}
+
 fn claim(
     conn: &rusqlite::Connection,
     message: RunMessage,
@@ -478,27 +492,13 @@ impl Leases for SqliteStore {
     async fn add_log_dropped(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         self.group
-            .run(move |c| {
-                // Output is counted under any current epoch, final or not: it belongs to
-                // the attempt whose epoch it carries.
-                let current = attempt_state(c, lease.run_id, lease.attempt)?;
-                if current.is_some_and(|a| a.epoch == lease.epoch) {
-                    count_dropped(c, lease, bytes)?;
-                }
-                Ok(())
-            })
+            .run(move |c| under_epoch(c, lease, |c| count_dropped(c, lease, bytes)))
             .await
     }
 
     async fn record_undelivered(&self, lease: Lease, bytes: u64) -> Result<(), StoreError> {
         self.group
-            .run(move |c| {
-                let current = attempt_state(c, lease.run_id, lease.attempt)?;
-                if current.is_some_and(|a| a.epoch == lease.epoch) {
-                    raise_undelivered(c, lease, bytes)?;
-                }
-                Ok(())
-            })
+            .run(move |c| under_epoch(c, lease, |c| raise_undelivered(c, lease, bytes)))
             .await
     }
 
