@@ -339,14 +339,24 @@ async fn run_ops(
         blocking(|| {
             for op in ops {
                 c.execute_batch("SAVEPOINT op").map_err(sync_db)?;
-                let done = op(c);
-                if done.keep {
-                    c.execute_batch("RELEASE op").map_err(sync_db)?;
-                    waiting.push(Waiter::Ran(done.answer));
-                } else {
-                    c.execute_batch("ROLLBACK TO op; RELEASE op")
-                        .map_err(sync_db)?;
-                    (done.answer)(Ok(()));
+                // A panic in one operation undoes it and fails its caller (its answer
+                // is dropped with the closure), not the committer and every write after.
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(c)));
+                match done {
+                    Ok(done) if done.keep => {
+                        c.execute_batch("RELEASE op").map_err(sync_db)?;
+                        waiting.push(Waiter::Ran(done.answer));
+                    }
+                    Ok(done) => {
+                        c.execute_batch("ROLLBACK TO op; RELEASE op")
+                            .map_err(sync_db)?;
+                        (done.answer)(Ok(()));
+                    }
+                    Err(_) => {
+                        tracing::error!(message = "a store write operation panicked; it is undone");
+                        c.execute_batch("ROLLBACK TO op; RELEASE op")
+                            .map_err(sync_db)?;
+                    }
                 }
             }
             Ok(())

@@ -331,3 +331,34 @@ async fn a_lent_operation_calls_synchronous_code_in_its_own_savepoint() {
     assert_eq!(put_now(&store, 3, false).await.unwrap(), 0);
     assert_eq!(stored(&store).await, [3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_that_panics_is_undone_and_the_writer_goes_on() {
+    let (store, _dir) = open().await;
+    let asked = store.group().counts().asked.load(Ordering::Relaxed);
+    let first = store.begin_write().await.unwrap();
+    let kept = {
+        let s = store.clone();
+        tokio::spawn(async move { put_now(&s, 1, false).await })
+    };
+    queued_behind_first(&store, asked + 2).await;
+    let panics = {
+        let s = store.clone();
+        tokio::spawn(async move {
+            s.group()
+                .run(|c| -> Result<(), StoreError> {
+                    c.execute("INSERT INTO t (x) VALUES (2)", [])
+                        .map_err(super::super::sync::sync_db)?;
+                    panic!("an operation gone wrong")
+                })
+                .await
+        })
+    };
+    queued_behind_first(&store, asked + 3).await;
+    first.commit().await.unwrap();
+    assert_eq!(kept.await.unwrap().unwrap(), 0);
+    assert!(panics.await.unwrap().is_err(), "its caller hears it failed");
+    assert_eq!(stored(&store).await, [1], "and its write is undone");
+    assert_eq!(put_now(&store, 3, false).await.unwrap(), 1);
+    assert_eq!(stored(&store).await, [1, 3]);
+}
