@@ -224,6 +224,11 @@ fn raise_undelivered(
     count_dropped(conn, lease, reported - recorded)
 }
 
+/// Whether the attempt is still running under `lease` (start, heartbeat, finish).
+fn held(conn: &rusqlite::Connection, lease: Lease) -> Result<bool, StoreError> {
+    Ok(attempt_state(conn, lease.run_id, lease.attempt)?.is_some_and(|a| a.held_under(lease)))
+}
+
 /// `write` when the lease's epoch is the attempt's, final or not: output belongs to the
 /// attempt whose epoch it carries. Under another epoch nothing is written.
 fn under_epoch(
@@ -295,8 +300,7 @@ fn mark_started(
     now: DateTime<Utc>,
 ) -> Result<LeaseStatus, StoreError> {
     let id = lease.run_id;
-    let held = attempt_state(conn, id, lease.attempt)?;
-    if !held.is_some_and(|a| a.held_under(lease)) {
+    if !held(conn, lease)? {
         return Ok(LeaseStatus::Lost);
     }
     exec(
@@ -329,8 +333,7 @@ fn renew_lease(
     now: DateTime<Utc>,
 ) -> Result<LeaseStatus, StoreError> {
     let id = lease.run_id;
-    let held = attempt_state(conn, id, lease.attempt)?;
-    if !held.is_some_and(|a| a.held_under(lease)) {
+    if !held(conn, lease)? {
         return Ok(LeaseStatus::Lost);
     }
     extend_lease(conn, id, lease.attempt, lease_ttl, now)?;
@@ -348,8 +351,7 @@ fn finish(
     usage: Option<ResourceUsage>,
     now: DateTime<Utc>,
 ) -> Result<LeaseStatus, StoreError> {
-    let held = attempt_state(conn, lease.run_id, lease.attempt)?;
-    if !held.is_some_and(|a| a.held_under(lease)) {
+    if !held(conn, lease)? {
         return Ok(LeaseStatus::Lost);
     }
     end_attempt(conn, lease.run_id, lease.attempt, ending, now)?;
