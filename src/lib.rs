@@ -117,8 +117,8 @@ pub async fn prune(args: PruneArgs, shutdown: CancellationToken) -> anyhow::Resu
         t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     });
     println!(
-        "deleted {} run(s) finished before {cutoff} and {} log dir(s); {} schedule slot record(s), {} expired idempotency key(s), {} spent outbox row(s)",
-        report.runs, report.log_dirs, report.slots, report.keys, report.outbox_rows
+        "deleted {} run(s) finished before {cutoff} (with the logs of {}); {} schedule slot record(s), {} expired idempotency key(s), {} spent outbox row(s)",
+        report.runs, report.logs, report.slots, report.keys, report.outbox_rows
     );
     Ok(ExitCode::SUCCESS)
 }

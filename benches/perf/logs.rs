@@ -133,7 +133,11 @@ async fn tasuki_run(
         "{job}: {status} {run}"
     );
     let id = run["id"].as_str().context("run id")?;
-    let log = serve.data_dir.join("logs").join(id).join("1.log");
+    let log = serve
+        .data_dir
+        .join("logs")
+        .join(id.get(..6).context("run id")?)
+        .join(format!("{id}.1.log"));
     let stored = std::fs::metadata(&log)
         .with_context(|| format!("{}", log.display()))?
         .len();

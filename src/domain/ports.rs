@@ -395,9 +395,9 @@ pub trait LogSink: Send + Sync + 'static {
     async fn sync(&self, run_id: RunId, attempt: u32) -> Result<(), LogError>;
     /// Bytes stored for the attempt so far.
     async fn len(&self, run_id: RunId, attempt: u32) -> Result<u64, LogError>;
-    /// Delete the logs of every attempt of the run (its retention ended). Returns whether
-    /// there was anything to delete.
-    async fn delete_run(&self, run_id: RunId) -> Result<bool, LogError>;
+    /// Delete the logs of the run's attempts `1..=attempts` (its retention ended).
+    /// Returns whether there was anything to delete.
+    async fn delete_run(&self, run_id: RunId, attempts: u32) -> Result<bool, LogError>;
     /// Up to `max` bytes of the attempt's log from `offset` (empty at the end).
     async fn read(
         &self,

@@ -113,6 +113,14 @@ pub struct OutboxPurge {
     pub until: i64,
 }
 
+/// A run retention deleted: its attempts' logs are the caller's to delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PrunedRun {
+    pub id: RunId,
+    /// Attempts it was claimed for (0: never), numbered from 1.
+    pub attempts: u32,
+}
+
 /// The store as retention needs it. Every call is one short transaction of at most
 /// `limit` rows, so the single writer is never held for long.
 #[async_trait]
@@ -133,13 +141,12 @@ pub trait RetentionStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<OutboxPurge, StoreError>;
     /// Delete up to `limit` runs that are prunable at `finished_before`, with their
-    /// attempts, outbox rows and idempotency keys. Returns the deleted runs (their logs
-    /// are the caller's to delete).
+    /// attempts, outbox rows and idempotency keys. Returns the deleted runs.
     async fn delete_finished_runs(
         &self,
         finished_before: DateTime<Utc>,
         limit: u32,
-    ) -> Result<Vec<RunId>, StoreError>;
+    ) -> Result<Vec<PrunedRun>, StoreError>;
     /// Delete up to `limit` schedule slot records that [`slot_record_is_prunable`] at
     /// `recorded_before`, oldest first. Returns how many went.
     async fn delete_old_slots(

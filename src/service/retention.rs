@@ -24,8 +24,8 @@ pub const EVERY: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PruneReport {
     pub runs: u64,
-    /// Runs whose log directory existed and was deleted.
-    pub log_dirs: u64,
+    /// Runs that had logs, deleted with them.
+    pub logs: u64,
     pub keys: u64,
     pub outbox_rows: u64,
     /// Schedule slot records.
@@ -71,7 +71,7 @@ impl Pruner {
                 Ok(report) => tracing::info!(
                     message = "pruned",
                     runs = report.runs,
-                    log_dirs = report.log_dirs,
+                    logs = report.logs,
                     idempotency_keys = report.keys,
                     outbox_rows = report.outbox_rows,
                     schedule_slots = report.slots
@@ -149,12 +149,12 @@ impl Pruner {
             done.runs += runs.len() as u64;
             // After the rows are gone, so a run a person retried meanwhile keeps its
             // logs. A crash right here leaves directories without runs behind.
-            for run_id in &runs {
-                match self.logs.delete_run(*run_id).await {
-                    Ok(true) => done.log_dirs += 1,
+            for run in &runs {
+                match self.logs.delete_run(run.id, run.attempts).await {
+                    Ok(true) => done.logs += 1,
                     Ok(false) => {}
                     Err(error) => {
-                        tracing::warn!(message = "deleting a pruned run's logs failed", %run_id, %error)
+                        tracing::warn!(message = "deleting a pruned run's logs failed", run_id = %run.id, %error)
                     }
                 }
             }
@@ -187,7 +187,7 @@ impl Pruner {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
     use async_trait::async_trait;
@@ -196,10 +196,11 @@ mod tests {
 
     use super::*;
     use crate::domain::ports::{LogError, OutputChunk};
-    use crate::domain::retention::OutboxPurge;
+    use crate::domain::retention::{OutboxPurge, PrunedRun};
     use crate::domain::run::RunId;
 
-    /// Finished runs by finish time; `keys` and `outbox` are counts of deletable rows.
+    /// Finished runs by finish time, each tried [`ATTEMPTS`] times; `keys` and `outbox`
+    /// are counts of deletable rows.
     #[derive(Default)]
     struct FakeStore {
         runs: Mutex<Vec<(DateTime<Utc>, RunId)>>,
@@ -256,7 +257,7 @@ mod tests {
             &self,
             finished_before: DateTime<Utc>,
             limit: u32,
-        ) -> Result<Vec<RunId>, StoreError> {
+        ) -> Result<Vec<PrunedRun>, StoreError> {
             self.calls
                 .lock()
                 .unwrap()
@@ -266,7 +267,10 @@ mod tests {
             runs.retain(|(at, id)| {
                 let go = *at < finished_before && gone.len() < limit as usize;
                 if go {
-                    gone.push(*id);
+                    gone.push(PrunedRun {
+                        id: *id,
+                        attempts: ATTEMPTS,
+                    });
                 }
                 !go
             });
@@ -293,9 +297,12 @@ mod tests {
         }
     }
 
+    const ATTEMPTS: u32 = 2;
+
+    /// Runs with logs, by the attempt that wrote them.
     #[derive(Default)]
     struct FakeLogs {
-        dirs: Mutex<BTreeSet<RunId>>,
+        dirs: Mutex<BTreeMap<RunId, u32>>,
     }
 
     #[async_trait]
@@ -312,8 +319,10 @@ mod tests {
         async fn len(&self, _: RunId, _: u32) -> Result<u64, LogError> {
             unreachable!("retention never reads logs")
         }
-        async fn delete_run(&self, run_id: RunId) -> Result<bool, LogError> {
-            Ok(self.dirs.lock().unwrap().remove(&run_id))
+        async fn delete_run(&self, run_id: RunId, attempts: u32) -> Result<bool, LogError> {
+            let mut dirs = self.dirs.lock().unwrap();
+            let within = dirs.get(&run_id).is_some_and(|a| *a <= attempts);
+            Ok(within && dirs.remove(&run_id).is_some())
         }
         async fn sync(&self, _: RunId, _: u32) -> Result<(), LogError> {
             Ok(())
@@ -346,7 +355,9 @@ mod tests {
             let finished = if n == 5 { NOW } else { NOW - 3600 - n as i64 };
             store.runs.lock().unwrap().push((at(finished), *id));
             if n != 4 {
-                logs.dirs.lock().unwrap().insert(*id);
+                // The last attempt's log only, for some: every attempt is looked at.
+                let attempt = if n % 2 == 0 { ATTEMPTS } else { 1 };
+                logs.dirs.lock().unwrap().insert(*id, attempt);
             }
         }
         *store.keys.lock().unwrap() = 3;
@@ -369,7 +380,7 @@ mod tests {
             report,
             PruneReport {
                 runs: 5,
-                log_dirs: 4,
+                logs: 4,
                 keys: 3,
                 outbox_rows: 3,
                 slots: 3,
@@ -381,7 +392,7 @@ mod tests {
             logs.dirs
                 .lock()
                 .unwrap()
-                .iter()
+                .keys()
                 .copied()
                 .collect::<Vec<_>>(),
             vec![ids[5]],
@@ -443,7 +454,7 @@ mod tests {
             report,
             PruneReport {
                 runs: 0,
-                log_dirs: 0,
+                logs: 0,
                 keys: 3,
                 outbox_rows: 3,
                 slots: 0,

@@ -778,6 +778,14 @@ pub async fn publish_raw(queue: &str, body: &[u8]) {
 // ---------------------------------------------------------------------------------
 // Docker's view: container events, recorded while the test runs
 
+/// Where `serve` with data dir `data` keeps a run attempt's log: in the directory named by
+/// the run id's first six characters (its time, to about 17 minutes).
+pub fn log_file(data: &Path, run_id: &str, attempt: u32) -> PathBuf {
+    data.join("logs")
+        .join(&run_id[..6])
+        .join(format!("{run_id}.{attempt}.log"))
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Invariants, QueueGuard, ServeOptions, Server, TOKEN, WorkerSpec, amqp_server, attempts_of,
-    containers_of, docker_cli, is_final, publish_raw, queue_counts, start_worker_with, tasuki_cli,
-    unique, worker,
+    containers_of, docker_cli, is_final, log_file, publish_raw, queue_counts, start_worker_with,
+    tasuki_cli, unique, worker,
 };
 
 fn dir() -> tempfile::TempDir {
@@ -849,11 +849,11 @@ async fn log_sink_write_failure_keeps_exit_status_sets_logs_truncated() {
         )
         .await;
     inv.accepted(&id);
-    let run_logs = d.path().join("data/logs").join(&id);
-    std::fs::create_dir_all(&run_logs).expect("log dir");
-    std::os::unix::fs::symlink("/dev/full", run_logs.join("1.log")).expect("symlink");
+    let log = log_file(&d.path().join("data"), &id, 1);
+    std::fs::create_dir_all(log.parent().expect("bucket")).expect("log dir");
+    std::os::unix::fs::symlink("/dev/full", &log).expect("symlink");
     let run = api.wait_final(&id, Duration::from_secs(60)).await;
-    std::fs::remove_file(run_logs.join("1.log")).expect("remove symlink");
+    std::fs::remove_file(&log).expect("remove symlink");
     let expected_bytes = count_output(5).len() as u64;
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["exit_code"], 4, "{run}");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{Api, BIN, ServeOptions, Server, tasuki_cli};
+use crate::common::{Api, BIN, ServeOptions, Server, log_file, tasuki_cli};
 
 /// Poll until `GET /v1/runs/{id}` says 404.
 async fn wait_gone(api: &Api, id: &str, within: Duration) {
@@ -34,12 +34,8 @@ async fn runs_prune_deletes_finished_runs_and_their_logs_beside_a_running_serve(
     let done = api.run_and_wait("exit", json!({"code": "0"})).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let id = done["id"].as_str().unwrap().to_owned();
-    let log_dir = data.join("logs").join(&id);
-    assert!(
-        log_dir.join("1.log").exists(),
-        "no log at {}",
-        log_dir.display()
-    );
+    let log = log_file(&data, &id, 1);
+    assert!(log.exists(), "no log at {}", log.display());
     // Still running when the prune comes: not touched.
     let running = api.accept("sleep", json!({"seconds": "30"})).await;
     api.wait_log_contains(&running, "sleeping 30", Duration::from_secs(60))
@@ -58,11 +54,11 @@ async fn runs_prune_deletes_finished_runs_and_their_logs_beside_a_running_serve(
     );
     assert!(
         stdout.starts_with("deleted 1 run(s) finished before ")
-            && stdout.contains(" and 1 log dir(s);"),
+            && stdout.contains(" (with the logs of 1);"),
         "{stdout}"
     );
 
-    assert!(!log_dir.exists(), "log dir {} left", log_dir.display());
+    assert!(!log.exists(), "log {} left", log.display());
     let (status, body) = api.get(&format!("/v1/runs/{id}")).await;
     assert_eq!(status, 404, "{body}");
     let out = tasuki_cli(&server.url, &["status", &id]);
@@ -75,7 +71,7 @@ async fn runs_prune_deletes_finished_runs_and_their_logs_beside_a_running_serve(
 
     let run = api.run(&running).await;
     assert_eq!(run["status"], "running", "{run}");
-    assert!(data.join("logs").join(&running).exists());
+    assert!(log_file(&data, &running, 1).exists());
     api.post(&format!("/v1/runs/{running}/cancel")).await;
     api.wait_final(&running, Duration::from_secs(30)).await;
 
@@ -112,8 +108,8 @@ async fn serve_prunes_runs_past_its_retention_when_it_starts() {
     let api = server.client();
     let done = api.run_and_wait("exit", json!({"code": "3"})).await;
     let id = done["id"].as_str().unwrap().to_owned();
-    let log_dir = d.path().join("data/logs").join(&id);
-    assert!(log_dir.exists());
+    let log = log_file(&d.path().join("data"), &id, 1);
+    assert!(log.exists(), "no log at {}", log.display());
 
     server.process.signal("TERM");
     let exit = server.process.wait_exit(Duration::from_secs(60)).await;
@@ -121,5 +117,5 @@ async fn serve_prunes_runs_past_its_retention_when_it_starts() {
     server.restart(d.path());
     let api = server.client();
     wait_gone(&api, &id, Duration::from_secs(30)).await;
-    assert!(!log_dir.exists(), "log dir {} left", log_dir.display());
+    assert!(!log.exists(), "log {} left", log.display());
 }

@@ -340,7 +340,7 @@ impl LogSink for FakeSink {
         Ok(())
     }
 
-    async fn delete_run(&self, _run_id: RunId) -> Result<bool, LogError> {
+    async fn delete_run(&self, _run_id: RunId, _attempts: u32) -> Result<bool, LogError> {
         Ok(false)
     }
 

@@ -10,10 +10,10 @@ use super::sync::exec;
 use super::{SqliteStore, db, from_ms, ms, time_col};
 use crate::domain::ports::StoreError;
 use crate::domain::retention::{
-    OutboxPurge, RetentionStore, SlotRecordAge, prunable_statuses, run_is_prunable,
+    OutboxPurge, PrunedRun, RetentionStore, SlotRecordAge, prunable_statuses, run_is_prunable,
     sent_outbox_row_is_needed, slot_record_is_prunable,
 };
-use crate::domain::run::{InvalidStatus, RunId, RunStatus};
+use crate::domain::run::{InvalidStatus, RunStatus};
 
 fn corrupt_id(e: crate::domain::run::InvalidRunId) -> StoreError {
     StoreError::Corrupt(e.to_string())
@@ -45,7 +45,7 @@ const DELETE_RUNS: [&str; 6] = [
 /// The oldest-ended runs. `+status`: they come from `runs_by_finished` in order; left to
 /// choose, SQLite took `runs_by_status` for the IN list and sorted every final run by its
 /// end, 4.4 s a batch on a store of 1M runs, with the writer held all along.
-const PRUNABLE_RUNS: &str = "SELECT id, status, finished_at FROM runs \
+const PRUNABLE_RUNS: &str = "SELECT id, status, finished_at, attempt FROM runs \
      WHERE finished_at < ? AND +status IN (SELECT value FROM json_each(?)) \
      ORDER BY finished_at LIMIT ?";
 
@@ -135,7 +135,7 @@ impl RetentionStore for SqliteStore {
         &self,
         finished_before: DateTime<Utc>,
         limit: u32,
-    ) -> Result<Vec<RunId>, StoreError> {
+    ) -> Result<Vec<PrunedRun>, StoreError> {
         let statuses: Vec<&str> = prunable_statuses().map(RunStatus::as_str).collect();
         // In the writer's transaction: a person's retry cannot bring a run back between
         // the look and the delete.
@@ -148,11 +148,14 @@ impl RetentionStore for SqliteStore {
             .await
             .map_err(db)?;
         let mut ids = Vec::with_capacity(rows.len());
+        let mut attempts = Vec::with_capacity(rows.len());
         for row in &rows {
             let status: String = row.try_get("status").map_err(db)?;
             let finished_at = from_ms(row.try_get("finished_at").map_err(db)?);
             if run_is_prunable(status_of(&status)?, finished_at, finished_before) {
                 ids.push(row.try_get::<String, _>("id").map_err(db)?);
+                let attempt: i64 = row.try_get("attempt").map_err(db)?;
+                attempts.push(u32::try_from(attempt).unwrap_or(0));
             }
         }
         if ids.is_empty() {
@@ -169,7 +172,13 @@ impl RetentionStore for SqliteStore {
         }
         tx.commit().await?;
         ids.iter()
-            .map(|id| id.parse().map_err(corrupt_id))
+            .zip(attempts)
+            .map(|(id, attempts)| {
+                Ok(PrunedRun {
+                    id: id.parse().map_err(corrupt_id)?,
+                    attempts,
+                })
+            })
             .collect()
     }
 

@@ -10,7 +10,7 @@ use crate::domain::ports::{
 };
 use crate::domain::retention::keys_expired_before;
 use crate::domain::retry::RetryPolicy;
-use crate::domain::run::Outcome;
+use crate::domain::run::{Outcome, RunId};
 
 fn new_run(created_at: DateTime<Utc>) -> NewRun {
     NewRun {
@@ -48,6 +48,10 @@ fn key(name: &str) -> IdempotencyKey {
         job: "hello".into(),
         fingerprint: "{}".into(),
     }
+}
+
+fn ids(runs: Vec<PrunedRun>) -> Vec<RunId> {
+    runs.into_iter().map(|r| r.id).collect()
 }
 
 async fn count(store: &SqliteStore, table: &str, run: RunId) -> i64 {
@@ -230,7 +234,17 @@ async fn only_final_runs_finished_before_the_cutoff_go_with_attempts_keys_and_ou
     let cutoff = now - chrono::Duration::days(30);
     let mut gone = store.delete_finished_runs(cutoff, 500).await.unwrap();
     gone.sort();
-    let mut want = vec![old_failed, old_cancelled.id];
+    // With the attempts each was claimed for: their logs are the caller's to delete.
+    let mut want = vec![
+        PrunedRun {
+            id: old_failed,
+            attempts: 1,
+        },
+        PrunedRun {
+            id: old_cancelled.id,
+            attempts: 0,
+        },
+    ];
     want.sort();
     assert_eq!(gone, want);
     for id in [old_failed, old_cancelled.id] {
@@ -263,9 +277,11 @@ async fn finished_runs_go_in_batches_of_the_limit_oldest_first() {
         ids.push(finished(&store, None, 0, now - chrono::Duration::hours(10 - n)).await);
     }
     let first = store.delete_finished_runs(now, 2).await.unwrap();
-    assert_eq!(first, ids[..2]);
-    assert_eq!(store.delete_finished_runs(now, 2).await.unwrap(), ids[2..4]);
-    assert_eq!(store.delete_finished_runs(now, 2).await.unwrap(), ids[4..]);
+    assert_eq!(self::ids(first), ids[..2]);
+    let next = store.delete_finished_runs(now, 2).await.unwrap();
+    assert_eq!(self::ids(next), ids[2..4]);
+    let last = store.delete_finished_runs(now, 2).await.unwrap();
+    assert_eq!(self::ids(last), ids[4..]);
     assert!(store.delete_finished_runs(now, 2).await.unwrap().is_empty());
 }
 
@@ -303,7 +319,10 @@ async fn old_slot_records_go_unless_their_run_lives_or_their_cursor_is_behind_th
     store.cancel(gone_run, hour(5)).await.unwrap();
     assert_eq!(
         store.delete_finished_runs(Utc::now(), 10).await.unwrap(),
-        [gone_run]
+        [PrunedRun {
+            id: gone_run,
+            attempts: 0
+        }]
     );
     skip(&slot("a", 1)).await;
     let final_run = fire(&slot("a", 2)).await;
