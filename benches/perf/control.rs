@@ -14,6 +14,9 @@
 //! a site's steady state has runs arriving about as fast as they end. (Unbounded, the
 //! driver's accepts would take the CPU the fleet's runs need, and the measure would be
 //! of a backlog growing without end.)
+//!
+//! At full load every request waits behind the others, so a second phase holds the
+//! accepts to a steady rate below what the fleet finishes, and reads claim latency there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,9 +41,12 @@ const CONCURRENCY: usize = 80;
 /// What one Docker host of this machine starts and removes per second (issue #12).
 const HOST_CONTAINERS_PER_SECOND: f64 = 8.0;
 const CLAIM_ROUTE: &str = "/v1/worker/claim";
+/// Accepts a second for the steady phase: about half what the fleet finishes at full
+/// load here, so claim latency is read without a queue of requests in front of it.
+const STEADY_PER_SECOND: f64 = 300.0;
 
 pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
-    let fleet = scenario(bench, 32, 48).await?;
+    let fleet = scenario(bench, 32, 48, None).await?;
     let label = format!(
         "32 workers × {CONCURRENCY} slots, no-op runtime ({OUTPUT_BYTES} B output, runs {RUN_FOR}, lease {LEASE_TTL})"
     );
@@ -86,7 +92,20 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
         fleet.serve_cpu_per_thousand(),
         "CPU s",
     ));
-    let one = scenario(bench, 1, 16).await?;
+    let steady = scenario(bench, 32, 16, Some(STEADY_PER_SECOND)).await?;
+    report.add(Row::new(
+        SECTION,
+        format!("runs finished/s, 32 workers, accepts held to {STEADY_PER_SECOND:.0}/s"),
+        steady.runs_per_second(),
+        "runs/s",
+    ));
+    report.add(Row::new(
+        SECTION,
+        format!("claim p99 at {STEADY_PER_SECOND:.0} accepts/s, server side"),
+        steady.claim_p99_ms,
+        "ms",
+    ));
+    let one = scenario(bench, 1, 16, None).await?;
     report.add(Row::new(
         SECTION,
         format!("runs finished/s, 1 worker × {CONCURRENCY} slots (for scale)"),
@@ -124,9 +143,15 @@ impl Measured {
     }
 }
 
-async fn scenario(bench: &Bench, workers: usize, clients: usize) -> anyhow::Result<Measured> {
+/// `pace`: accepts a second the driver holds to (as many as the fleet takes if `None`).
+async fn scenario(
+    bench: &Bench,
+    workers: usize,
+    clients: usize,
+    pace: Option<f64>,
+) -> anyhow::Result<Measured> {
     let queue = common::unique("perf-control");
-    let result = measure(bench, &queue, workers, clients).await;
+    let result = measure(bench, &queue, workers, clients, pace).await;
     common::delete_queues(&queue);
     result
 }
@@ -136,6 +161,7 @@ async fn measure(
     queue: &str,
     workers: usize,
     clients: usize,
+    pace: Option<f64>,
 ) -> anyhow::Result<Measured> {
     let token = common::unique("perf-worker-token");
     let serve = Serve::start(
@@ -213,11 +239,16 @@ async fn measure(
     let finished = Arc::new(AtomicU64::new(0));
     let gate: load::Gate = {
         let (sent, finished) = (sent.clone(), finished.clone());
+        let began = Instant::now();
         Arc::new(move || {
-            let ahead = sent
-                .load(Ordering::Relaxed)
-                .saturating_sub(finished.load(Ordering::Relaxed));
+            let sent_now = sent.load(Ordering::Relaxed);
+            let ahead = sent_now.saturating_sub(finished.load(Ordering::Relaxed));
             if ahead >= 2 * in_flight {
+                return false;
+            }
+            if let Some(pace) = pace
+                && sent_now as f64 >= began.elapsed().as_secs_f64() * pace
+            {
                 return false;
             }
             sent.fetch_add(1, Ordering::Relaxed);
