@@ -19,6 +19,7 @@ pub mod docker;
 pub mod domain;
 pub mod hostlock;
 pub mod http;
+pub mod keyed_lock;
 pub mod logsink;
 pub mod memqueue;
 pub mod metrics;

@@ -1,18 +1,13 @@
-use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::Mutex;
 
 use crate::domain::ports::{LogError, LogSink, OutputChunk};
 use crate::domain::run::RunId;
-
-/// One lock per attempt's file.
-type FileLocks = HashMap<(RunId, u32), Arc<Mutex<()>>>;
+use crate::keyed_lock::KeyedLocks;
 
 /// Characters of a run id that name its log's directory. Run ids are ULIDs, whose first
 /// ten characters are the creation time in milliseconds: six of them change every 2^20
@@ -31,7 +26,8 @@ const RUN_ID_CHARS: usize = 26;
 /// and the write are one step.
 pub struct FileLogSink {
     dir: PathBuf,
-    locks: std::sync::Mutex<FileLocks>,
+    /// One per attempt's file.
+    locks: KeyedLocks<(RunId, u32)>,
     /// The dir held logs in the earlier layout when the sink was made (this sink never
     /// writes any): only then is a missing file looked for there as well.
     legacy: bool,
@@ -61,7 +57,7 @@ impl FileLogSink {
         Self {
             legacy: holds_legacy_logs(&dir),
             dir,
-            locks: std::sync::Mutex::new(HashMap::new()),
+            locks: KeyedLocks::default(),
         }
     }
 
@@ -101,16 +97,6 @@ impl FileLogSink {
         .await
         .unwrap_or_else(|_| self.path(run_id, attempt))
     }
-
-    fn lock(&self, run_id: RunId, attempt: u32) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Drop locks nobody holds any more, so the map stays as small as the set of
-        // attempts currently writing.
-        if locks.len() > 1024 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
-        }
-        locks.entry((run_id, attempt)).or_default().clone()
-    }
 }
 
 #[async_trait]
@@ -124,7 +110,7 @@ impl LogSink for FileLogSink {
     ) -> Result<u64, LogError> {
         let path = self.path(run_id, attempt);
         let old = self.legacy.then(|| self.legacy_path(run_id, attempt));
-        let lock = self.lock(run_id, attempt);
+        let lock = self.locks.of((run_id, attempt));
         let _guard = lock.lock().await;
         // The whole batch in one blocking call: through tokio::fs every open, stat and
         // chunk written is a hop to the blocking pool and back, and at tens of MiB/s

@@ -2,7 +2,6 @@
 //! secrets), leases, output and final states, checked against the store. The embedded
 //! worker calls it in-process; remote workers reach the same code through `http::worker`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use crate::domain::secret::{
     ClaimSecrets, RegistryCredentials, SecretResolver, Unresolved, registry_host,
 };
 use crate::domain::session::{OrphanVerdict, SessionDecision, SessionRenewal, SessionRequest};
+use crate::keyed_lock::KeyedLocks;
 use crate::service::events::{RunEventKind, RunEvents};
 
 /// One lock per attempt, held by `append_log` from its lease check to the end of its
@@ -30,23 +30,12 @@ use crate::service::events::{RunEventKind, RunEvents};
 /// new attempt with a log of its own.
 #[derive(Clone, Default)]
 struct AttemptLocks {
-    locks: Arc<std::sync::Mutex<LockMap>>,
+    locks: Arc<KeyedLocks<(RunId, u32)>>,
 }
-
-type LockMap = HashMap<(RunId, u32), Arc<tokio::sync::Mutex<()>>>;
 
 impl AttemptLocks {
     async fn lock(&self, run_id: RunId, attempt: u32) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            // Drop locks nobody holds, so the map stays as small as the set of attempts
-            // being written to right now.
-            if locks.len() > 1024 {
-                locks.retain(|_, l| Arc::strong_count(l) > 1);
-            }
-            locks.entry((run_id, attempt)).or_default().clone()
-        };
-        lock.lock_owned().await
+        self.locks.of((run_id, attempt)).lock_owned().await
     }
 }
 
