@@ -148,7 +148,7 @@ impl Pruner {
             let runs = self.store.delete_finished_runs(cutoff, self.batch).await?;
             done.runs += runs.len() as u64;
             // After the rows are gone, so a run a person retried meanwhile keeps its
-            // logs. A crash right here leaves directories without runs behind.
+            // logs. A crash right here leaves logs without runs behind.
             for run in &runs {
                 match self.logs.delete_run(run.id, run.attempts).await {
                     Ok(true) => done.logs += 1,
