@@ -371,20 +371,26 @@ mod tests {
         ulid::Ulid::from_parts(ms, n).to_string().parse().unwrap()
     }
 
-    #[tokio::test]
-    async fn a_log_is_one_file_in_the_directory_of_its_runs_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let sink = FileLogSink::new(dir.path());
-        // Two runs a minute apart share a directory; one 20 minutes later has its own.
+    /// Runs `a` and `b` made a minute apart (one directory) and `c` 20 minutes later
+    /// (a directory of its own), each with a log for attempt 1.
+    async fn three_runs(sink: &FileLogSink) -> (RunId, RunId, RunId) {
         let t = 1_790_000_000_000;
-        let (a, b, c) = (
+        let runs = (
             made_at(t, 1),
             made_at(t + 60_000, 2),
             made_at(t + 1_200_000, 3),
         );
-        for id in [a, b, c] {
+        for id in [runs.0, runs.1, runs.2] {
             sink.append(id, 1, 0, &[chunk(b"x")]).await.unwrap();
         }
+        runs
+    }
+
+    #[tokio::test]
+    async fn a_log_is_one_file_in_the_directory_of_its_runs_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileLogSink::new(dir.path());
+        let (a, b, c) = three_runs(&sink).await;
         sink.append(a, 2, 0, &[chunk(b"second")]).await.unwrap();
         let a_id = a.to_string();
         let bucket = dir.path().join(&a_id[..BUCKET_CHARS]);
@@ -466,15 +472,7 @@ mod tests {
     async fn a_bucket_goes_with_its_last_log() {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileLogSink::new(dir.path());
-        let t = 1_790_000_000_000;
-        let (a, b, c) = (
-            made_at(t, 1),
-            made_at(t + 1_000, 2),
-            made_at(t + 1_200_000, 3),
-        );
-        for id in [a, b, c] {
-            sink.append(id, 1, 0, &[chunk(b"x")]).await.unwrap();
-        }
+        let (a, b, c) = three_runs(&sink).await;
         let bucket_of = |id: RunId| sink.path(id, 1).parent().unwrap().to_owned();
         sink.delete_run(a, 1).await.unwrap();
         // `b` still has its log: the bucket stays.
