@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::domain::job::{PullPolicy, ResolvedSpec, Resources};
 use crate::domain::ports::{
@@ -135,6 +135,19 @@ pub(crate) async fn a_run_goes_from_outbox_to_claim_to_final_state_guarded_by_ep
             .unwrap(),
         LeaseStatus::Lost
     );
+}
+
+/// Every entry the outbox has due at `now`, marked sent (as the relay does once the queue
+/// confirmed them).
+pub(crate) async fn publish_all(store: &dyn RunStore, now: DateTime<Utc>) {
+    let ids: Vec<i64> = store
+        .pending_outbox(1000, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    store.mark_outbox_sent(&ids, now).await.unwrap();
 }
 
 pub(crate) async fn claimed(
@@ -377,14 +390,7 @@ pub(crate) async fn a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_
     // Given back before its container started, after a cancel: final, never published.
     let released = new_run();
     store.insert_run(&released, None).await.unwrap();
-    let sent: Vec<i64> = store
-        .pending_outbox(10, now)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    store.mark_outbox_sent(&sent, now).await.unwrap();
+    publish_all(store, now).await;
     let claim = claimed(store, &released, 1, ttl).await;
     assert_eq!(
         store.cancel(released.id, now).await.unwrap(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{claimed, new_run};
+use super::{claimed, new_run, publish_all};
 use crate::domain::ports::{RunMessage, RunStore};
 
 /// The relay reads the next batch past the last id it took while that batch is still
@@ -76,14 +76,7 @@ pub(crate) async fn only_unclaimed_due_runs_sent_long_ago_are_published_again(
     store.insert_run(&waiting, None).await.unwrap();
     store.insert_run(&taken, None).await.unwrap();
     let now = Utc::now();
-    let ids: Vec<i64> = store
-        .pending_outbox(10, now)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    store.mark_outbox_sent(&ids, now).await.unwrap();
+    publish_all(store, now).await;
     claimed(store, &taken, 1, Duration::from_secs(30)).await;
     // Sent just now: not yet.
     let just_before = now - chrono::Duration::seconds(1);

@@ -11,6 +11,7 @@ use crate::domain::ports::{
 use crate::domain::retention::keys_expired_before;
 use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, RunId};
+use crate::store::suite::publish_all;
 
 fn new_run(created_at: DateTime<Utc>) -> NewRun {
     NewRun {
@@ -61,17 +62,6 @@ async fn count(store: &SqliteStore, table: &str, run: RunId) -> i64 {
         .fetch_one(&store.reader)
         .await
         .unwrap()
-}
-
-async fn publish_all(store: &SqliteStore, now: DateTime<Utc>) {
-    let ids: Vec<i64> = store
-        .pending_outbox(100, now)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    store.mark_outbox_sent(&ids, now).await.unwrap();
 }
 
 async fn claim(
