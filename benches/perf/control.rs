@@ -1,8 +1,8 @@
 //! Section `control`: control-plane capacity, the figure a fleet operator asks for (how
 //! many Docker hosts one `tasuki serve` can feed). One `serve` in AMQP mode with no
 //! worker of its own; 32 real `tasuki worker` processes on the no-op runtime (each
-//! "container" writes 1 KiB and runs 1 s, so with a 3 s lease about half the runs
-//! renew their lease once) claim, heartbeat, upload output and finish over HTTP, as
+//! "container" writes 1 KiB and runs 1 s, with a 3 s lease renewed every second; each
+//! worker renews all the leases it holds in one call) claim, heartbeat, upload output and finish over HTTP, as
 //! remote workers do; a driver keeps the queue fed with real accepts over HTTP. Counts
 //! come from the server's own `/metrics` (runs finished, requests by route) and the log
 //! files on disk, taken at the start and end of the measured window; claim latency is
@@ -41,6 +41,7 @@ const CONCURRENCY: usize = 80;
 /// What one Docker host of this machine starts and removes per second (issue #12).
 const HOST_CONTAINERS_PER_SECOND: f64 = 8.0;
 const CLAIM_ROUTE: &str = "/v1/worker/claim";
+const HEARTBEATS_ROUTE: &str = "/v1/worker/heartbeats";
 /// Accepts a second for the steady phase: about half what the fleet finishes at full
 /// load here, so claim latency is read without a queue of requests in front of it.
 const STEADY_PER_SECOND: f64 = 300.0;
@@ -76,7 +77,7 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
     ));
     report.add(Row::new(
         SECTION,
-        "heartbeats/s during the same load",
+        "heartbeat calls/s during the same load (each renews every lease its worker holds)",
         fleet.per_second(fleet.heartbeats),
         "req/s",
     ));
@@ -89,7 +90,13 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
     report.add(Row::new(
         SECTION,
         "serve CPU per 1,000 runs (accept + relay + claim + heartbeat + log + finish)",
-        fleet.serve_cpu_per_thousand(),
+        fleet.per_thousand_runs(fleet.serve_cpu),
+        "CPU s",
+    ));
+    report.add(Row::new(
+        SECTION,
+        "the 32 workers' CPU per 1,000 runs (claim, start, renew, upload, finish, AMQP)",
+        fleet.per_thousand_runs(fleet.workers_cpu),
         "CPU s",
     ));
     let steady = scenario(bench, 32, 16, Some(STEADY_PER_SECOND)).await?;
@@ -126,6 +133,7 @@ struct Measured {
     log_bytes: f64,
     claim_p99_ms: f64,
     serve_cpu: f64,
+    workers_cpu: f64,
 }
 
 impl Measured {
@@ -135,11 +143,11 @@ impl Measured {
     fn runs_per_second(&self) -> f64 {
         self.per_second(self.finished)
     }
-    fn serve_cpu_per_thousand(&self) -> f64 {
+    fn per_thousand_runs(&self, cpu: f64) -> f64 {
         if self.finished == 0.0 {
             return 0.0;
         }
-        self.serve_cpu / self.finished * 1000.0
+        cpu / self.finished * 1000.0
     }
 }
 
@@ -280,10 +288,13 @@ async fn measure(
             bail!("a worker exited with {status}:\n{}", p.log_tail());
         }
     }
+    let fleet_cpu = || -> f64 { procs.iter().map(|p| common::cpu_seconds(p.pid())).sum() };
     let before = Snapshot::take(&serve).await?;
+    let fleet_before = fleet_cpu();
     let started = Instant::now();
     tokio::time::sleep(window).await;
     let after = Snapshot::take(&serve).await?;
+    let fleet_after = fleet_cpu();
     let elapsed = started.elapsed();
     let accepts = driver.await.context("driver")??;
     watcher.abort();
@@ -306,7 +317,7 @@ async fn measure(
         claims,
         heartbeats: counter(
             "tasuki_http_request_duration_seconds_count",
-            &route("/v1/worker/heartbeat"),
+            &route(HEARTBEATS_ROUTE),
         ),
         log_bytes: (after.log_bytes - before.log_bytes) as f64,
         claim_p99_ms: bucket_quantile(
@@ -315,10 +326,10 @@ async fn measure(
             0.99,
         ) * 1000.0,
         serve_cpu: after.serve_cpu - before.serve_cpu,
+        workers_cpu: fleet_after - fleet_before,
     };
-    let worker_cpu: f64 = procs.iter().map(|p| common::cpu_seconds(p.pid())).sum();
     eprintln!(
-        "perf:   control {workers} workers over {:.1?}: {:.0} accepted, {:.0} claims, {:.0} finished ({:.0} succeeded), {:.0} heartbeats, {:.0} KiB of log; serve {:.1} CPU s, RSS {} MiB; workers {:.1} CPU s in all",
+        "perf:   control {workers} workers over {:.1?}: {:.0} accepted, {:.0} claims, {:.0} finished ({:.0} succeeded), {:.0} heartbeat calls, {:.0} KiB of log; serve {:.1} CPU s, RSS {} MiB; workers {:.1} CPU s",
         measured.elapsed,
         measured.accepted,
         measured.claims,
@@ -328,7 +339,7 @@ async fn measure(
         measured.log_bytes / 1024.0,
         measured.serve_cpu,
         serve.proc.rss_bytes() >> 20,
-        worker_cpu,
+        measured.workers_cpu,
     );
     if measured.finished == 0.0 {
         let tail = procs.first().map(|p| p.log_tail()).unwrap_or_default();

@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,10 +15,10 @@ use crate::domain::run::{Outcome, ResourceUsage, RunId};
 use crate::domain::session::{OrphanVerdict, SessionRenewal, SessionRequest};
 use crate::protocol::api::UsageV1;
 use crate::protocol::{
-    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
-    HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE, LeaseStatusV1, OrphanRequestV1,
-    OrphanVerdictV1, ReleaseV1, SessionGrantV1, SessionOpenV1, SessionRefV1, SessionRenewalV1,
-    StartedV1, encode_log_frames,
+    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HEARTBEATS_MAX,
+    HeartbeatV1, HeartbeatsAnswerV1, HeartbeatsV1, HeldAttemptV1, HeldRequestV1, LOG_CONTENT_TYPE,
+    LeaseStatusV1, LeaseV1, OrphanRequestV1, OrphanVerdictV1, ReleaseV1, SessionGrantV1,
+    SessionOpenV1, SessionRefV1, SessionRenewalV1, StartedV1, encode_log_frames,
 };
 
 /// The control plane of a remote `tasuki serve`, reached with the worker token.
@@ -25,6 +26,9 @@ pub struct HttpControlPlane {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Set once the server answered 404 to `/v1/worker/heartbeats` (a server from
+    /// before it): leases are then renewed one call each.
+    one_by_one: AtomicBool,
 }
 
 impl HttpControlPlane {
@@ -41,6 +45,7 @@ impl HttpControlPlane {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
+            one_by_one: AtomicBool::new(false),
         })
     }
 
@@ -63,6 +68,52 @@ impl HttpControlPlane {
         } else {
             Err(ControlError::Rejected(message))
         }
+    }
+
+    /// Renew up to `HEARTBEATS_MAX` leases in one call, or one call each on a server
+    /// that does not know the batch.
+    async fn renew_batch(&self, leases: &[Lease]) -> Result<Vec<LeaseStatus>, ControlError> {
+        if !self.one_by_one.load(Ordering::Relaxed) {
+            let body = HeartbeatsV1 {
+                leases: leases.iter().copied().map(LeaseV1::from).collect(),
+            };
+            let response = self
+                .http
+                .post(format!("{}/v1/worker/heartbeats", self.base))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .send()
+                .await;
+            let unknown = matches!(&response, Ok(r) if r.status() == StatusCode::NOT_FOUND);
+            if !unknown {
+                let answer: HeartbeatsAnswerV1 = Self::answer(response).await?;
+                if answer.statuses.len() != leases.len() {
+                    return Err(ControlError::Unavailable(format!(
+                        "heartbeats answered {} statuses for {} leases",
+                        answer.statuses.len(),
+                        leases.len()
+                    )));
+                }
+                return Ok(answer.statuses.into_iter().map(LeaseStatus::from).collect());
+            }
+            tracing::info!(
+                message = "the server does not renew leases together; renewing one call each",
+                server = %self.base
+            );
+            self.one_by_one.store(true, Ordering::Relaxed);
+        }
+        let each = leases.iter().map(|&lease| async move {
+            let answer: LeaseStatusV1 = self
+                .post(
+                    "/v1/worker/heartbeat",
+                    &HeartbeatV1 {
+                        lease: lease.into(),
+                    },
+                )
+                .await?;
+            Ok::<_, ControlError>(LeaseStatus::from(answer))
+        });
+        futures::future::try_join_all(each).await
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
@@ -106,16 +157,12 @@ impl ControlPlane for HttpControlPlane {
         Ok(answer.into())
     }
 
-    async fn heartbeat(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
-        let answer: LeaseStatusV1 = self
-            .post(
-                "/v1/worker/heartbeat",
-                &HeartbeatV1 {
-                    lease: lease.into(),
-                },
-            )
-            .await?;
-        Ok(answer.into())
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<LeaseStatus>, ControlError> {
+        let mut statuses = Vec::with_capacity(leases.len());
+        for batch in leases.chunks(HEARTBEATS_MAX) {
+            statuses.extend(self.renew_batch(batch).await?);
+        }
+        Ok(statuses)
     }
 
     async fn append_log(
@@ -254,5 +301,96 @@ impl ControlPlane for HttpControlPlane {
         };
         let answer: OrphanVerdictV1 = self.post("/v1/worker/orphan", &req).await?;
         Ok(answer.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Json;
+    use axum::routing::post;
+
+    use super::*;
+
+    /// Leases with epoch 0 are lost, the rest held, whichever call renews them.
+    fn status_of(lease: LeaseV1) -> LeaseStatusV1 {
+        let lease = Lease::from(lease);
+        if lease.epoch == 0 {
+            LeaseStatusV1::Lost
+        } else {
+            LeaseStatusV1::Held { cancel: false }
+        }
+    }
+
+    /// A worker-protocol server that records the size of each heartbeat call it gets;
+    /// without `batch` it has only the one-lease call (a server from before the batch).
+    async fn server(batch: bool, calls: Arc<Mutex<Vec<(&'static str, usize)>>>) -> String {
+        let seen = calls.clone();
+        let mut app = axum::Router::new().route(
+            "/v1/worker/heartbeat",
+            post(move |Json(req): Json<HeartbeatV1>| async move {
+                seen.lock().unwrap().push(("one", 1));
+                Json(status_of(req.lease))
+            }),
+        );
+        if batch {
+            app = app.route(
+                "/v1/worker/heartbeats",
+                post(move |Json(req): Json<HeartbeatsV1>| async move {
+                    calls.lock().unwrap().push(("batch", req.leases.len()));
+                    Json(HeartbeatsAnswerV1 {
+                        statuses: req.leases.into_iter().map(status_of).collect(),
+                    })
+                }),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn leases(n: usize) -> Vec<Lease> {
+        (0..n)
+            .map(|i| Lease {
+                run_id: RunId::new(),
+                attempt: 1,
+                epoch: (i % 3) as i64,
+            })
+            .collect()
+    }
+
+    fn expected(leases: &[Lease]) -> Vec<LeaseStatus> {
+        leases
+            .iter()
+            .map(|&l| LeaseStatus::from(status_of(l.into())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn leases_are_renewed_in_calls_of_at_most_the_limit_and_answered_in_order() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let control = HttpControlPlane::new(&server(true, calls.clone()).await, "t", None).unwrap();
+        let many = leases(HEARTBEATS_MAX + 5);
+        assert_eq!(control.heartbeat(&many).await.unwrap(), expected(&many));
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![("batch", HEARTBEATS_MAX), ("batch", 5)]
+        );
+        assert!(control.heartbeat(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_server_without_the_batch_is_asked_one_lease_at_a_time_from_then_on() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let control =
+            HttpControlPlane::new(&server(false, calls.clone()).await, "t", None).unwrap();
+        let three = leases(3);
+        assert_eq!(control.heartbeat(&three).await.unwrap(), expected(&three));
+        assert_eq!(control.heartbeat(&three).await.unwrap(), expected(&three));
+        // The first call found no batch (404, not recorded); then six single calls.
+        assert_eq!(*calls.lock().unwrap(), vec![("one", 1); 6]);
+        assert!(control.one_by_one.load(Ordering::Relaxed));
     }
 }

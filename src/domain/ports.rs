@@ -270,7 +270,9 @@ pub trait ControlPlane: Send + Sync + 'static {
         worker_id: &str,
     ) -> Result<ClaimResult, ControlError>;
     async fn started(&self, lease: Lease, container_id: &str) -> Result<LeaseStatus, ControlError>;
-    async fn heartbeat(&self, lease: Lease) -> Result<LeaseStatus, ControlError>;
+    /// Renew every lease in `leases` at once (a worker renews all it holds together);
+    /// the answers are in the same order, one per lease.
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<LeaseStatus>, ControlError>;
     /// Append output at `offset` (bytes of this attempt's log before `chunks`). Idempotent
     /// by offset: bytes already stored are skipped. Returns the log's new length.
     /// `undelivered_before`: bytes of the attempt's output the worker dropped, all told,

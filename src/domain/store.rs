@@ -278,12 +278,14 @@ pub trait Leases: Send + Sync + 'static {
         lease_ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<LeaseStatus, StoreError>;
-    async fn renew_lease(
+    /// Push each current lease out to `now + lease_ttl`, all in one write; the answers
+    /// are in the order of `leases` (`Lost` for one that is no longer current).
+    async fn renew_leases(
         &self,
-        lease: Lease,
+        leases: &[Lease],
         lease_ttl: Duration,
         now: DateTime<Utc>,
-    ) -> Result<LeaseStatus, StoreError>;
+    ) -> Result<Vec<LeaseStatus>, StoreError>;
     /// Record the attempt's final outcome; refused (`Lost`) unless the lease is current.
     /// The run becomes final, or queued again when its retry rules say so.
     /// `undelivered`: all the attempt's output its worker could not deliver, counted as

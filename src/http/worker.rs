@@ -18,9 +18,10 @@ use crate::domain::ports::Lease;
 use crate::domain::run::{ResourceUsage, RunId};
 use crate::protocol::api::ErrorCodeV1;
 use crate::protocol::{
-    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HeartbeatV1,
-    HeldAttemptV1, HeldRequestV1, LeaseStatusV1, OrphanRequestV1, OrphanVerdictV1, ReleaseV1,
-    SessionGrantV1, SessionOpenV1, SessionRefV1, SessionRenewalV1, StartedV1, decode_log_frames,
+    AdoptRequestV1, AdoptResponseV1, ClaimRequestV1, ClaimResponseV1, FinishV1, HEARTBEATS_MAX,
+    HeartbeatV1, HeartbeatsAnswerV1, HeartbeatsV1, HeldAttemptV1, HeldRequestV1, LeaseStatusV1,
+    OrphanRequestV1, OrphanVerdictV1, ReleaseV1, SessionGrantV1, SessionOpenV1, SessionRefV1,
+    SessionRenewalV1, StartedV1, decode_log_frames,
 };
 
 pub fn router() -> Router<AppState> {
@@ -28,6 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/worker/claim", post(claim))
         .route("/v1/worker/started", post(started))
         .route("/v1/worker/heartbeat", post(heartbeat))
+        .route("/v1/worker/heartbeats", post(heartbeats))
         .route("/v1/worker/log", put(append_log))
         .route("/v1/worker/finish", post(finish))
         .route("/v1/worker/held", post(held))
@@ -100,8 +102,33 @@ async fn heartbeat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseStatusV1>, ApiError> {
     let req: HeartbeatV1 = json(body)?;
-    let status = state.control.heartbeat(req.lease.into()).await?;
+    let statuses = state.control.heartbeat(&[req.lease.into()]).await?;
+    let status = statuses
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal("the control plane answered no status for the lease"))?;
     Ok(Json(status.into()))
+}
+
+/// Every lease of a worker renewed in one call (`/v1/worker/heartbeat` renews one, as
+/// workers from before this call do).
+async fn heartbeats(
+    _: WorkerAuth,
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<HeartbeatsAnswerV1>, ApiError> {
+    let req: HeartbeatsV1 = json(body)?;
+    if req.leases.len() > HEARTBEATS_MAX {
+        return Err(ApiError::bad_request(format!(
+            "heartbeats carries {} leases; at most {HEARTBEATS_MAX} per call",
+            req.leases.len()
+        )));
+    }
+    let leases: Vec<Lease> = req.leases.into_iter().map(Lease::from).collect();
+    let statuses = state.control.heartbeat(&leases).await?;
+    Ok(Json(HeartbeatsAnswerV1 {
+        statuses: statuses.into_iter().map(LeaseStatusV1::from).collect(),
+    }))
 }
 
 async fn finish(

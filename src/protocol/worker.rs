@@ -146,6 +146,22 @@ pub struct HeartbeatV1 {
     pub lease: LeaseV1,
 }
 
+/// `POST /v1/worker/heartbeats`: every lease a worker holds, renewed in one call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatsV1 {
+    pub leases: Vec<LeaseV1>,
+}
+
+/// The most leases one `POST /v1/worker/heartbeats` may carry; a worker holding more
+/// sends several.
+pub const HEARTBEATS_MAX: usize = 1024;
+
+/// The answer to `POST /v1/worker/heartbeats`: one status per lease, in the order asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatsAnswerV1 {
+    pub statuses: Vec<LeaseStatusV1>,
+}
+
 /// The answer to started, heartbeat and finish.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "lease", rename_all = "snake_case")]

@@ -251,9 +251,9 @@ impl ControlPlane for LocalControlPlane {
         Ok(status)
     }
 
-    async fn heartbeat(&self, lease: Lease) -> Result<LeaseStatus, ControlError> {
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<LeaseStatus>, ControlError> {
         self.store
-            .renew_lease(lease, self.lease_ttl, Utc::now())
+            .renew_leases(leases, self.lease_ttl, Utc::now())
             .await
             .map_err(store_err)
     }

@@ -293,3 +293,43 @@ async fn with_the_broker_unreachable_runs_are_still_accepted_and_readyz_names_it
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A worker renews all the leases it holds in one call (`/v1/worker/heartbeats`): four
+/// runs of a worker with four slots outlive a 1 s lease several times over and each ends
+/// on its first attempt, and the server saw only batched renewals.
+#[tokio::test]
+async fn a_worker_renews_the_leases_of_its_runs_together() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = crate::common::amqp_server(d.path(), &queue, "1s");
+    let worker = start_worker(d.path(), &server, &queue, TOKEN, 4);
+    let api = server.client();
+
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(api.accept("sleep", json!({"seconds": "3"})).await);
+    }
+    for id in &ids {
+        let run = api.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["attempt"], 1, "{run}");
+    }
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let calls = |route: &str| -> f64 {
+        let series = format!(
+            r#"tasuki_http_request_duration_seconds_count{{method="POST",route="{route}",status="200"}} "#
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(calls("/v1/worker/heartbeats") >= 1.0, "{text}");
+    assert_eq!(calls("/v1/worker/heartbeat"), 0.0, "{text}");
+    assert_no_containers_left(&worker.worker_id).await;
+}

@@ -186,12 +186,12 @@ impl Leases for FakeStore {
         unimplemented!("not used by these tests")
     }
 
-    async fn renew_lease(
+    async fn renew_leases(
         &self,
-        _lease: Lease,
+        _leases: &[Lease],
         _lease_ttl: Duration,
         _now: DateTime<Utc>,
-    ) -> Result<LeaseStatus, StoreError> {
+    ) -> Result<Vec<LeaseStatus>, StoreError> {
         unimplemented!("not used by these tests")
     }
 

@@ -96,7 +96,7 @@ impl Worker {
     pub(super) async fn execute(&self, claim: Claim, existing: Option<Existing>) {
         let lease = claim.lease;
         let started = std::time::Instant::now();
-        let keeper = LeaseKeeper::start(self.control.clone(), lease, claim.lease_ttl);
+        let keeper = self.renewer.keep(lease, claim.lease_ttl);
         let ran = self.run_container(&claim, &keeper, existing).await;
         if keeper.current() == LeaseState::Lost {
             tracing::warn!(message = "lease lost; not reporting, removing our container");

@@ -1,11 +1,13 @@
 //! The lease keeper: renews an attempt's lease from the claim on and tells the attempt
-//! about cancels and takeovers as they come.
+//! about cancels and takeovers as they come. One `Renewer` per worker renews all its
+//! leases together.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tracing::Instrument;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::domain::ports::{ControlPlane, Lease, LeaseStatus};
 
@@ -50,44 +52,164 @@ impl From<LeaseStatus> for LeaseState {
     }
 }
 
-/// Renews the lease every third of its TTL from the claim until dropped, and tells the
-/// attempt about cancels and takeovers.
-pub(super) struct LeaseKeeper {
-    state: watch::Receiver<LeaseState>,
-    feed: watch::Sender<LeaseState>,
-    task: tokio::task::JoinHandle<()>,
+/// Renews every lease this worker holds, together: when the first of them is due it
+/// renews, in one call, all those due within half a period, so a worker holding many
+/// attempts makes about one heartbeat call per period instead of one per attempt. Each
+/// lease is renewed every third of its TTL (at least every `HEARTBEAT_MAX`), the first
+/// time that long after its claim, and at least every half period once batched.
+pub(super) struct Renewer {
+    control: Arc<dyn ControlPlane>,
+    book: Mutex<Book>,
+    /// Told when a lease joins, so the renewing task looks again at what is due first.
+    wake: Notify,
 }
 
-impl LeaseKeeper {
-    pub(super) fn start(control: Arc<dyn ControlPlane>, lease: Lease, ttl: Duration) -> Self {
+#[derive(Default)]
+struct Book {
+    entries: HashMap<u64, Entry>,
+    next_id: u64,
+    /// Whether the renewing task is alive; it ends when no lease is held.
+    running: bool,
+}
+
+enum Next {
+    Renew(Vec<(u64, Lease)>),
+    Wait(Instant),
+    Nothing,
+}
+
+struct Entry {
+    lease: Lease,
+    every: Duration,
+    due: Instant,
+    feed: watch::Sender<LeaseState>,
+}
+
+impl Renewer {
+    pub(super) fn new(control: Arc<dyn ControlPlane>) -> Arc<Self> {
+        Arc::new(Self {
+            control,
+            book: Mutex::new(Book::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep `lease` renewed until the keeper is dropped (or the lease is lost).
+    pub(super) fn keep(self: &Arc<Self>, lease: Lease, ttl: Duration) -> LeaseKeeper {
         let (feed, state) = watch::channel(LeaseState::Held);
-        let tx = feed.clone();
         // A third of the TTL, and at least every few seconds: the answer also carries
         // cancels, which should not wait long.
         let every = (ttl / 3).clamp(Duration::from_millis(100), HEARTBEAT_MAX);
-        let task = tokio::spawn(
-            async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    match control.heartbeat(lease).await {
-                        Ok(status) => {
-                            let next = LeaseState::from(status);
-                            merge_into(&tx, next);
-                            if next == LeaseState::Lost {
-                                return;
-                            }
-                        }
-                        Err(error) => tracing::warn!(message = "heartbeat failed", %error),
+        let id = {
+            let mut book = self.book();
+            let id = book.next_id;
+            book.next_id += 1;
+            book.entries.insert(
+                id,
+                Entry {
+                    lease,
+                    every,
+                    due: Instant::now() + every,
+                    feed: feed.clone(),
+                },
+            );
+            if !book.running {
+                book.running = true;
+                tokio::spawn(self.clone().renew_while_held());
+            }
+            id
+        };
+        self.wake.notify_one();
+        LeaseKeeper {
+            renewer: self.clone(),
+            id,
+            state,
+            feed,
+        }
+    }
+
+    async fn renew_while_held(self: Arc<Self>) {
+        loop {
+            match self.next_due() {
+                Next::Nothing => return,
+                Next::Renew(due) => self.renew(due).await,
+                Next::Wait(first) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(first) => {}
+                        () = self.wake.notified() => {}
                     }
                 }
             }
-            .in_current_span(),
-        );
-        Self { state, feed, task }
+        }
     }
 
+    /// What the renewing task does next: once the first lease is due, that one and all
+    /// due within half their period (marked as renewed); before, when to look again; and
+    /// with no lease held, end.
+    fn next_due(&self) -> Next {
+        let mut book = self.book();
+        let Some(first) = book.entries.values().map(|e| e.due).min() else {
+            book.running = false;
+            return Next::Nothing;
+        };
+        let now = Instant::now();
+        if first > now {
+            return Next::Wait(first);
+        }
+        Next::Renew(
+            book.entries
+                .iter_mut()
+                .filter(|(_, e)| e.due <= now + e.every / 2)
+                .map(|(id, e)| {
+                    e.due = now + e.every;
+                    (*id, e.lease)
+                })
+                .collect(),
+        )
+    }
+
+    async fn renew(&self, due: Vec<(u64, Lease)>) {
+        let leases: Vec<Lease> = due.iter().map(|&(_, lease)| lease).collect();
+        match self.control.heartbeat(&leases).await {
+            Ok(statuses) => {
+                let mut book = self.book();
+                for (&(id, lease), status) in due.iter().zip(statuses) {
+                    let next = LeaseState::from(status);
+                    if let Some(entry) = book.entries.get(&id) {
+                        merge_into(&entry.feed, next);
+                    }
+                    if next == LeaseState::Lost {
+                        tracing::warn!(message = "lease lost", run_id = %lease.run_id, attempt = lease.attempt);
+                        book.entries.remove(&id);
+                    }
+                }
+            }
+            // Each lease is tried again at its next turn, as a lone heartbeat would be.
+            Err(error) => {
+                tracing::warn!(message = "heartbeat failed", leases = leases.len(), %error)
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.book().entries.remove(&id);
+    }
+}
+
+/// One attempt's lease, renewed by the worker's `Renewer` from the claim until dropped;
+/// tells the attempt about cancels and takeovers.
+pub(super) struct LeaseKeeper {
+    renewer: Arc<Renewer>,
+    id: u64,
+    state: watch::Receiver<LeaseState>,
+    feed: watch::Sender<LeaseState>,
+}
+
+impl LeaseKeeper {
     pub(super) fn current(&self) -> LeaseState {
         *self.state.borrow()
     }
@@ -114,13 +236,14 @@ fn merge_into(feed: &watch::Sender<LeaseState>, next: LeaseState) {
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
-        self.task.abort();
+        self.renewer.forget(self.id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::run::RunId;
     use crate::service::worker::fakes::{FakeControl, lease};
 
     #[test]
@@ -137,7 +260,7 @@ mod tests {
     async fn heartbeats_carry_the_cancel_and_a_late_held_does_not_undo_it() {
         let control = Arc::new(FakeControl::default());
         control.set_heartbeat(LeaseStatus::Held { cancel: true });
-        let keeper = LeaseKeeper::start(control.clone(), lease(), Duration::from_secs(3));
+        let keeper = Renewer::new(control.clone()).keep(lease(), Duration::from_secs(3));
         let mut state = keeper.watch();
         state.changed().await.expect("keeper alive");
         assert_eq!(*state.borrow(), LeaseState::CancelRequested);
@@ -147,5 +270,95 @@ mod tests {
         state.changed().await.expect("keeper alive");
         assert_eq!(keeper.current(), LeaseState::Lost);
         assert!(control.heartbeats() >= 2);
+    }
+
+    fn lease_of(n: u32) -> Lease {
+        Lease {
+            run_id: RunId::new(),
+            attempt: 1,
+            epoch: i64::from(n),
+        }
+    }
+
+    /// Waits (in paused time) until the fake has seen `calls` heartbeat calls.
+    async fn until_calls(control: &FakeControl, calls: usize) {
+        while control.heartbeats() < calls {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_claimed_at_different_times_are_renewed_together_and_in_time() {
+        let control = Arc::new(FakeControl::default());
+        let renewer = Renewer::new(control.clone());
+        let ttl = Duration::from_secs(3);
+        let every = ttl / 3;
+        let start = Instant::now();
+        let mut keepers = Vec::new();
+        let mut claimed = HashMap::new();
+        // 40 claims spread over two periods.
+        for n in 0..40 {
+            let lease = lease_of(n);
+            claimed.insert(lease.run_id, Instant::now());
+            keepers.push(renewer.keep(lease, ttl));
+            tokio::time::sleep(every / 20).await;
+        }
+        until_calls(&control, 12).await;
+        let calls = control.heartbeat_calls();
+        let elapsed = calls.last().expect("calls").0 - start;
+        // One call per half period at most, not one per lease and period.
+        let periods = elapsed.as_secs_f64() / every.as_secs_f64();
+        assert!(
+            calls.len() as f64 <= 2.0 * periods + 1.0,
+            "{} calls in {periods:.1} periods",
+            calls.len()
+        );
+        assert!(calls.iter().any(|(_, leases)| leases.len() > 1));
+        // Every lease is renewed within a period of its claim and of its last renewal.
+        for (run_id, at) in claimed {
+            let mut last = at;
+            for (when, leases) in &calls {
+                if leases.iter().any(|l| l.run_id == run_id) {
+                    assert!(*when - last <= every, "{run_id} waited {:?}", *when - last);
+                    last = *when;
+                }
+            }
+            assert!(last > at, "{run_id} was never renewed");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_and_a_dropped_keeper_are_no_longer_renewed() {
+        let control = Arc::new(FakeControl::default());
+        let renewer = Renewer::new(control.clone());
+        let ttl = Duration::from_secs(3);
+        let (kept, lost, dropped) = (lease_of(1), lease_of(2), lease_of(3));
+        let kept_keeper = renewer.keep(kept, ttl);
+        let lost_keeper = renewer.keep(lost, ttl);
+        let dropped_keeper = renewer.keep(dropped, ttl);
+        control.lose_lease_of(lost.run_id);
+        until_calls(&control, 1).await;
+        assert_eq!(lost_keeper.current(), LeaseState::Lost);
+        assert_eq!(kept_keeper.current(), LeaseState::Held);
+        drop(dropped_keeper);
+        let before = control.heartbeats();
+        until_calls(&control, before + 2).await;
+        let later: Vec<Vec<Lease>> = control.heartbeat_calls()[before..]
+            .iter()
+            .map(|(_, leases)| leases.clone())
+            .collect();
+        assert!(
+            later.iter().all(|leases| leases == &vec![kept]),
+            "{later:?}"
+        );
+        // With no lease held, the renewing task ends; a new lease starts it again.
+        drop((kept_keeper, lost_keeper));
+        while renewer.book().running {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let again = renewer.keep(lease_of(4), ttl);
+        let before = control.heartbeats();
+        until_calls(&control, before + 1).await;
+        assert_eq!(again.current(), LeaseState::Held);
     }
 }

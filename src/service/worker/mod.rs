@@ -77,6 +77,8 @@ pub struct WorkerConfig {
 
 pub struct Worker {
     control: Arc<dyn ControlPlane>,
+    /// Renews the leases of every attempt this worker holds, together.
+    renewer: Arc<lease::Renewer>,
     runtime: Arc<dyn ContainerRuntime>,
     config: WorkerConfig,
     /// Attempts this process is working on; reconciliation leaves them alone.
@@ -168,6 +170,7 @@ impl Worker {
         config: WorkerConfig,
     ) -> Self {
         Self {
+            renewer: lease::Renewer::new(control.clone()),
             control,
             runtime,
             config,

@@ -453,14 +453,20 @@ impl Leases for SqliteStore {
             .await
     }
 
-    async fn renew_lease(
+    async fn renew_leases(
         &self,
-        lease: Lease,
+        leases: &[Lease],
         lease_ttl: Duration,
         now: DateTime<Utc>,
-    ) -> Result<LeaseStatus, StoreError> {
+    ) -> Result<Vec<LeaseStatus>, StoreError> {
+        let leases = leases.to_vec();
         self.group
-            .run(move |c| renew_lease(c, lease, lease_ttl, now))
+            .run(move |c| {
+                leases
+                    .into_iter()
+                    .map(|lease| renew_lease(c, lease, lease_ttl, now))
+                    .collect()
+            })
             .await
     }
 

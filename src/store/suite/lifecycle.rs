@@ -299,10 +299,10 @@ pub(crate) async fn cancel_ends_a_queued_run_and_flags_a_running_one(store: &dyn
     );
     assert_eq!(
         store
-            .renew_lease(claim.lease, Duration::from_secs(30), now)
+            .renew_leases(&[claim.lease], Duration::from_secs(30), now)
             .await
             .unwrap(),
-        LeaseStatus::Held { cancel: true }
+        vec![LeaseStatus::Held { cancel: true }]
     );
     assert_eq!(
         store.cancel(queued.id, now).await.unwrap(),
@@ -440,6 +440,48 @@ pub(crate) async fn a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_
     assert!(store.expire_leases(later).await.unwrap().is_empty());
 }
 
+pub(crate) async fn leases_are_renewed_together_and_answered_in_order(store: &dyn RunStore) {
+    let short = Duration::from_millis(10);
+    let now = Utc::now();
+    let (plain, cancelled, ended) = (new_run(), new_run(), new_run());
+    for run in [&plain, &cancelled, &ended] {
+        store.insert_run(run, None).await.unwrap();
+    }
+    let plain_lease = claimed(store, &plain, 1, short).await.lease;
+    let cancelled_lease = claimed(store, &cancelled, 1, short).await.lease;
+    let ended_lease = claimed(store, &ended, 1, short).await.lease;
+    store
+        .finish(ended_lease, &Outcome::Exited { code: 0 }, 0, None, now)
+        .await
+        .unwrap();
+    store.cancel(cancelled.id, now).await.unwrap();
+    assert_eq!(
+        store
+            .renew_leases(
+                &[ended_lease, plain_lease, cancelled_lease],
+                Duration::from_secs(30),
+                now
+            )
+            .await
+            .unwrap(),
+        vec![
+            LeaseStatus::Lost,
+            LeaseStatus::Held { cancel: false },
+            LeaseStatus::Held { cancel: true },
+        ]
+    );
+    // Both held leases now run 30 s from `now`, not 10 ms: nothing expires a second on.
+    let later = now + chrono::Duration::seconds(1);
+    assert!(store.expire_leases(later).await.unwrap().is_empty());
+    assert!(
+        store
+            .renew_leases(&[], Duration::from_secs(30), now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 pub(crate) async fn writes_under_a_stale_or_ended_lease_are_refused(store: &dyn RunStore) {
     let ttl = Duration::from_secs(30);
     let now = Utc::now();
@@ -455,8 +497,8 @@ pub(crate) async fn writes_under_a_stale_or_ended_lease_are_refused(store: &dyn 
         LeaseStatus::Lost
     );
     assert_eq!(
-        store.renew_lease(stale, ttl, now).await.unwrap(),
-        LeaseStatus::Lost
+        store.renew_leases(&[stale], ttl, now).await.unwrap(),
+        vec![LeaseStatus::Lost]
     );
     assert_eq!(store.release(stale, now).await.unwrap(), LeaseStatus::Lost);
     assert!(!store.lease_is_current(stale).await.unwrap());
@@ -474,8 +516,8 @@ pub(crate) async fn writes_under_a_stale_or_ended_lease_are_refused(store: &dyn 
     assert_eq!(stored.attempts[0].log_dropped_bytes, 10);
     // Ended: no heartbeat, start or release holds any more; output still counts.
     assert_eq!(
-        store.renew_lease(claim.lease, ttl, now).await.unwrap(),
-        LeaseStatus::Lost
+        store.renew_leases(&[claim.lease], ttl, now).await.unwrap(),
+        vec![LeaseStatus::Lost]
     );
     assert_eq!(
         store.release(claim.lease, now).await.unwrap(),

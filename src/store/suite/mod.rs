@@ -41,6 +41,7 @@ macro_rules! store_suite {
             an_unstarted_attempt_can_be_released_and_an_adopted_one_renewed,
             only_unclaimed_due_runs_sent_long_ago_are_published_again,
             a_cancel_reaches_a_run_whose_attempt_is_given_back_or_whose_worker_vanished,
+            leases_are_renewed_together_and_answered_in_order,
             writes_under_a_stale_or_ended_lease_are_refused,
             undelivered_output_only_rises_counts_once_and_is_handed_to_adopt,
             a_session_is_opened_refused_to_another_host_and_reopened_by_its_own_process,

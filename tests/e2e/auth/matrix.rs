@@ -75,6 +75,7 @@ async fn auth_every_endpoint_answers_each_caller_by_its_scopes() {
     let backfill = Some(r#"{"from":"2020-02-01T00:00:00Z","to":"2020-02-02T00:00:00Z"}"#);
     let held = Some(r#"{"worker_id":"nobody"}"#);
     let session = Some(r#"{"worker_id":"nobody","instance":"i"}"#);
+    let renew = Some(r#"{"leases":[]}"#);
     #[rustfmt::skip]
     let matrix = [
         //  method  path                                    body        nobody wrong stranger reader runner admin worker
@@ -99,6 +100,7 @@ async fn auth_every_endpoint_answers_each_caller_by_its_scopes() {
         row("POST", &sched("backfill"),                     backfill,   [e401, e401, e404, e403, e403, s200, e403]),
         row("POST", "/v1/jobs/reload",                      None,       [e401, e401, e403, e403, e403, s200, e403]),
         row("POST", "/v1/worker/held",                      held,       [e401, e401, e403, e403, e403, e403, s200]),
+        row("POST", "/v1/worker/heartbeats",                renew,      [e401, e401, e403, e403, e403, e403, s200]),
         row("POST", "/v1/worker/session/heartbeat",         session,    [e401, e401, e403, e403, e403, e403, thru]),
         row("GET",  "/healthz",                             None,       [s200, s200, s200, s200, s200, s200, s200]),
         // `[auth] open_readyz = false` here; /metrics names every job: `read:*` or admin.

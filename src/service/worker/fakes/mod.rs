@@ -2,7 +2,7 @@
 //! with a log sink that behaves like the file sink (idempotent by offset, refuses gaps),
 //! and a container engine whose containers run until a test (or `stop`) ends them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -94,7 +94,10 @@ pub(crate) struct Finished {
 
 pub(crate) struct FakeControl {
     heartbeat: Mutex<LeaseStatus>,
-    heartbeats: Mutex<u32>,
+    /// Each heartbeat call: when it came and the leases it carried.
+    heartbeat_calls: Mutex<Vec<(tokio::time::Instant, Vec<Lease>)>>,
+    /// Runs whose leases heartbeats answer `Lost`, whatever `heartbeat` says.
+    heartbeat_lost: Mutex<HashSet<RunId>>,
     append_mode: Mutex<AppendMode>,
     /// Successful and failed append calls so far, for tests to wait on.
     appends: watch::Sender<u32>,
@@ -141,7 +144,8 @@ impl Default for FakeControl {
     fn default() -> Self {
         Self {
             heartbeat: Mutex::new(LeaseStatus::Held { cancel: false }),
-            heartbeats: Mutex::new(0),
+            heartbeat_calls: Mutex::new(Vec::new()),
+            heartbeat_lost: Mutex::new(HashSet::new()),
             append_mode: Mutex::new(AppendMode::Store),
             appends: watch::channel(0).0,
             log: Mutex::new(Vec::new()),
@@ -180,8 +184,15 @@ impl FakeControl {
     pub fn set_heartbeat(&self, status: LeaseStatus) {
         *locked(&self.heartbeat) = status;
     }
-    pub fn heartbeats(&self) -> u32 {
-        *locked(&self.heartbeats)
+    /// Heartbeat calls so far (each may carry many leases).
+    pub fn heartbeats(&self) -> usize {
+        locked(&self.heartbeat_calls).len()
+    }
+    pub fn heartbeat_calls(&self) -> Vec<(tokio::time::Instant, Vec<Lease>)> {
+        locked(&self.heartbeat_calls).clone()
+    }
+    pub fn lose_lease_of(&self, run_id: RunId) {
+        locked(&self.heartbeat_lost).insert(run_id);
     }
     /// Every later `append_log` waits for a permit of `hold` (held, never returned).
     pub fn hold_appends(&self, hold: std::sync::Arc<tokio::sync::Semaphore>) {
@@ -280,9 +291,20 @@ impl ControlPlane for FakeControl {
         Ok(*locked(&self.heartbeat))
     }
 
-    async fn heartbeat(&self, _lease: Lease) -> Result<LeaseStatus, ControlError> {
-        *locked(&self.heartbeats) += 1;
-        Ok(*locked(&self.heartbeat))
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<LeaseStatus>, ControlError> {
+        locked(&self.heartbeat_calls).push((tokio::time::Instant::now(), leases.to_vec()));
+        let held = *locked(&self.heartbeat);
+        let lost = locked(&self.heartbeat_lost);
+        Ok(leases
+            .iter()
+            .map(|l| {
+                if lost.contains(&l.run_id) {
+                    LeaseStatus::Lost
+                } else {
+                    held
+                }
+            })
+            .collect())
     }
 
     async fn append_log(
