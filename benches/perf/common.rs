@@ -208,6 +208,27 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+/// CPU seconds the whole machine spent busy since boot (`/proc/stat`: user, nice,
+/// system, irq, softirq and steal, every core), 0 if it cannot be read.
+pub fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let ticks: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum();
+    ticks as f64 / 100.0
+}
+
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;

@@ -20,20 +20,31 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 
-use crate::common::{BIN, Bench, Serve, ServeConfig, delete_queues, remove_containers, unique};
+use crate::common::{
+    BIN, Bench, Serve, ServeConfig, cpu_seconds, delete_queues, machine_busy_seconds,
+    remove_containers, unique,
+};
 use crate::load::{Conn, percentile_ms};
 use crate::report::{Report, Row, Target};
 
 const CALLERS: usize = 4;
 const SECTION: &str = "e2e";
 
-/// One way of running jobs, measured: every job's latency and the whole span.
+/// One way of running jobs, measured: every job's latency and the whole span, and the
+/// CPU the machine (and `serve`, for tasuki) spent on them.
 struct Measured {
     latencies: Vec<Duration>,
     elapsed: Duration,
+    machine_cpu: f64,
+    serve_cpu: f64,
 }
 
 impl Measured {
+    /// CPU milliseconds per job of the whole machine, and of `serve`.
+    fn cpu_per_job_ms(&self) -> (f64, f64) {
+        let n = self.latencies.len().max(1) as f64;
+        (self.machine_cpu / n * 1000.0, self.serve_cpu / n * 1000.0)
+    }
     fn jobs_per_second(&self) -> f64 {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
@@ -53,13 +64,21 @@ impl Measured {
 
 /// Run `jobs` jobs with `callers` concurrent callers, each taking the next job when
 /// its last one ended; `run_one` is told which caller it runs for.
-async fn closed_loop<F, Fut>(callers: usize, jobs: usize, run_one: F) -> anyhow::Result<Measured>
+/// `serve`: the pid whose CPU is counted apart (none for the raw engine).
+async fn closed_loop<F, Fut>(
+    callers: usize,
+    jobs: usize,
+    serve: Option<u32>,
+    run_one: F,
+) -> anyhow::Result<Measured>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let next = Arc::new(AtomicUsize::new(0));
     let run_one = Arc::new(run_one);
+    let serve_cpu = move || serve.map(cpu_seconds).unwrap_or(0.0);
+    let (machine_before, serve_before) = (machine_busy_seconds(), serve_cpu());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for caller in 0..callers {
@@ -84,6 +103,8 @@ where
     Ok(Measured {
         latencies,
         elapsed: start.elapsed(),
+        machine_cpu: machine_busy_seconds() - machine_before,
+        serve_cpu: serve_cpu() - serve_before,
     })
 }
 
@@ -158,7 +179,7 @@ async fn raw(bench: &Bench, callers: usize, jobs: usize) -> anyhow::Result<Measu
     let image = bench.image.clone();
     let label = unique("perf-raw");
     let cleanup = label.clone();
-    let measured = closed_loop(callers, jobs, move |_| {
+    let measured = closed_loop(callers, jobs, None, move |_| {
         let (docker, image, label) = (docker.clone(), image.clone(), label.clone());
         async move { raw_once(&docker, &image, &label).await }
     })
@@ -176,7 +197,7 @@ async fn http_wait(serve: &Serve, callers: usize, jobs: usize) -> anyhow::Result
         .map(tokio::sync::Mutex::new)
         .collect();
     let conns = Arc::new(conns);
-    closed_loop(callers, jobs, move |caller| {
+    closed_loop(callers, jobs, Some(serve.proc.pid()), move |caller| {
         let conns = conns.clone();
         async move {
             // Each caller has a connection of its own (the lock is never contended).
@@ -203,7 +224,7 @@ async fn http_wait(serve: &Serve, callers: usize, jobs: usize) -> anyhow::Result
 /// to the end, the exit code.
 async fn cli_wait(serve: &Serve, callers: usize, jobs: usize) -> anyhow::Result<Measured> {
     let url = serve.url();
-    closed_loop(callers, jobs, move |_| {
+    closed_loop(callers, jobs, Some(serve.proc.pid()), move |_| {
         let url = url.clone();
         async move {
             let out = tokio::process::Command::new(BIN)
@@ -352,6 +373,37 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
                 .baseline(base, raw_p50)
                 .target(Target::RatioAtMost(1.05)),
         );
+    }
+    // Where the CPU goes: with 4 callers the engine keeps both cores busy, so what tasuki
+    // spends per job is taken from the engine's jobs.
+    let raw_machine = (raw_before.cpu_per_job_ms().0 + raw_after.cpu_per_job_ms().0) / 2.0;
+    report.add(Row::new(
+        SECTION,
+        "machine CPU per job, raw engine, 4 callers",
+        raw_machine,
+        "ms",
+    ));
+    for (name, m) in [
+        ("?wait (embedded)", &wait),
+        ("tasuki run --wait (embedded)", &cli),
+        ("?wait (AMQP mode)", &amqp_wait),
+    ] {
+        let (machine, serve) = m.cpu_per_job_ms();
+        report.add(
+            Row::new(
+                SECTION,
+                format!("machine CPU per job, {name}, 4 callers"),
+                machine,
+                "ms",
+            )
+            .baseline("raw engine", raw_machine),
+        );
+        report.add(Row::new(
+            SECTION,
+            format!("serve CPU per job, {name}, 4 callers"),
+            serve,
+            "ms",
+        ));
     }
     Ok(())
 }
