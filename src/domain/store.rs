@@ -201,6 +201,13 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database was migrated by a newer build: nothing of this build may run on it.
+    #[error(
+        "the store's schema is at version {found}, newer than this build of tasuki knows \
+         (up to {known}): it was upgraded by a newer tasuki; run that version, or restore \
+         the backup taken before the upgrade"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Runs and the idempotency keys they were accepted under.

@@ -80,7 +80,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => ApiError::unavailable(e),
-            StoreError::Corrupt(_) => ApiError::internal(e),
+            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => ApiError::internal(e),
         }
     }
 }

@@ -209,6 +209,7 @@ fn store_err(e: StoreError) -> ControlError {
     match e {
         StoreError::Unavailable(m) => ControlError::Unavailable(m),
         StoreError::Corrupt(m) => ControlError::Rejected(m),
+        e @ StoreError::SchemaTooNew { .. } => ControlError::Rejected(e.to_string()),
     }
 }
 

@@ -375,6 +375,12 @@ impl Server {
         self.wait_healthy();
     }
 
+    /// Start the same command line again without waiting for it to listen (for a start
+    /// that is expected to fail).
+    pub fn spawn_again(&self, dir: &Path) -> Process {
+        Process::spawn_with_env(&self.args, dir, &self.process.worker_id, "serve", &self.env)
+    }
+
     /// `127.0.0.1:PORT`, for raw sockets and for a URL of the other scheme.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -348,3 +348,44 @@ async fn queued_runs_survive_a_crash_of_serve_and_run_after_restart() {
     assert_eq!(second["status"], "failed");
     assert_eq!(second["exit_code"], 4);
 }
+
+/// A data dir a newer tasuki migrated is refused before anything touches it, with a
+/// message naming both versions; at this build's own version it starts again, every
+/// run in place.
+#[tokio::test]
+async fn serve_refuses_a_store_that_a_newer_build_migrated() {
+    let d = tempfile::tempdir().unwrap();
+    let mut server = Server::start(d.path(), ServeOptions::default());
+    let api = server.client();
+    let run = api.run_and_wait("exit", json!({"code": "0"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    server.process.signal("TERM");
+    server.process.wait_exit(Duration::from_secs(30)).await;
+
+    let db = format!("sqlite://{}", d.path().join("data/tasuki.db").display());
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (999999, 'from a newer build', 1, x'00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut refused = server.spawn_again(d.path());
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+    let log = refused.log_text();
+    assert!(
+        log.contains("schema is at version 999999, newer than this build of tasuki knows"),
+        "{log}"
+    );
+
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 999999")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    server.restart(d.path());
+    let id = run["id"].as_str().unwrap();
+    assert_eq!(server.client().run(id).await["status"], "succeeded");
+}

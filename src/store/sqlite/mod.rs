@@ -77,6 +77,7 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(db)?;
+        refuse_newer_schema(&writer).await?;
         MIGRATOR.run(&writer).await.map_err(|e| {
             StoreError::Unavailable(format!("migrating {}: {e}", data_dir.display()))
         })?;
@@ -112,6 +113,36 @@ impl SqliteStore {
     #[cfg(test)]
     pub(crate) fn writer(&self) -> &SqlitePool {
         &self.writer
+    }
+}
+
+/// The newest migration this build has.
+fn known_schema() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Refuse a database a newer build migrated (its newest applied migration is one this
+/// build does not have) before anything reads or writes it: this build's queries may
+/// not match that schema, and migrations only ever go forward.
+async fn refuse_newer_schema(pool: &SqlitePool) -> Result<(), StoreError> {
+    let migrated: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?;
+    if migrated.is_none() {
+        return Ok(());
+    }
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+            .fetch_one(pool)
+            .await
+            .map_err(db)?;
+    let known = known_schema();
+    match found {
+        Some(found) if found > known => Err(StoreError::SchemaTooNew { found, known }),
+        _ => Ok(()),
     }
 }
 
@@ -279,6 +310,49 @@ mod tests {
     }
 
     suite::store_suite!(open);
+
+    /// A store a newer build migrated is refused at open, untouched; one at this build's
+    /// own version opens again.
+    #[tokio::test]
+    async fn a_schema_newer_than_this_build_is_refused_at_open() {
+        let (store, dir) = open().await;
+        let known = known_schema();
+        assert!(known >= 13);
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (?, 'from a newer build', 1, x'00', 0)",
+        )
+        .bind(known + 1)
+        .execute(store.writer())
+        .await
+        .unwrap();
+        drop(store);
+        match SqliteStore::open(dir.path()).await {
+            Err(e @ StoreError::SchemaTooNew { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("version {}", known + 1))
+                        && text.contains(&format!("up to {known}")),
+                    "{text}"
+                );
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+            .bind(known + 1)
+            .execute(
+                &sqlx::SqlitePool::connect(&format!(
+                    "sqlite://{}",
+                    dir.path().join("tasuki.db").display()
+                ))
+                .await
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        SqliteStore::open(dir.path()).await.unwrap();
+    }
 
     /// A row the store could never have written (here: a status no version knows) is
     /// corrupt data, an internal error; never `Unavailable`, which would have clients
