@@ -7,7 +7,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection};
 
-use super::{connect, declare_topology, unavailable};
+use super::{QueueKind, connect, declare_topology, unavailable};
 use crate::domain::ports::{Delivery, DeliveryHandle, DeliverySource, QueueError};
 use crate::protocol::parse_run_message;
 
@@ -21,6 +21,7 @@ pub struct AmqpSource {
     name: String,
     conn: Option<(Connection, Channel)>,
     consumers: u64,
+    kind: QueueKind,
 }
 
 impl AmqpSource {
@@ -31,7 +32,14 @@ impl AmqpSource {
             name: worker_id.to_owned(),
             conn: None,
             consumers: 0,
+            kind: QueueKind::Classic,
         }
+    }
+
+    /// The kind of queue to declare (classic unless told).
+    pub fn with_queue_kind(mut self, kind: QueueKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     async fn channel(&mut self) -> Result<Channel, QueueError> {
@@ -44,7 +52,7 @@ impl AmqpSource {
         self.conn = None;
         let conn = connect(&self.url, &format!("tasuki worker {}", self.name)).await?;
         let channel = conn.create_channel().await.map_err(unavailable)?;
-        declare_topology(&channel, &self.queue).await?;
+        declare_topology(&channel, &self.queue, self.kind).await?;
         // Per consumer (global = false): each short-lived consumer gets at most one.
         channel
             .basic_qos(1, BasicQosOptions { global: false })

@@ -5,7 +5,9 @@
 //!
 //! Topology: a durable queue `{queue}` whose rejected messages dead-letter (default
 //! exchange) into the durable queue `{queue}.dead`. Both are declared with their final
-//! arguments, since RabbitMQ refuses to redeclare a queue with different ones.
+//! arguments, since RabbitMQ refuses to redeclare a queue with different ones. They are
+//! classic queues, or quorum queues (`QueueKind::Quorum`, replicated on a cluster) whose
+//! messages also dead-letter once delivered `delivery_limit` times.
 
 mod consumer;
 mod publisher;
@@ -28,6 +30,41 @@ use crate::domain::ports::QueueError;
 /// How long connecting may take before it counts as the broker being down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Which kind of queue the run and request queues (and their dead-letter queues) are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueKind {
+    #[default]
+    Classic,
+    /// A quorum queue; a message delivered `delivery_limit` times (handed back or its
+    /// consumer gone each time) is dead-lettered instead of delivered again.
+    Quorum { delivery_limit: u32 },
+}
+
+impl QueueKind {
+    /// The arguments that make a queue of this kind, besides dead-lettering.
+    fn arguments(self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let QueueKind::Quorum { delivery_limit } = self {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(delivery_limit)),
+            );
+        }
+        args
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "classic",
+            QueueKind::Quorum { .. } => "quorum",
+        }
+    }
+}
+
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
@@ -46,19 +83,46 @@ async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
     }
 }
 
-/// Declare a queue (the run queue, the request queue) and its dead-letter queue;
-/// returns the messages ready in the queue.
-async fn declare_topology(channel: &Channel, queue: &str) -> Result<u64, QueueError> {
+/// The broker refused a declaration: a queue of that name that exists with other
+/// arguments is named as such, since no retry or restart will change it.
+fn declare_failed(queue: &str, kind: QueueKind, e: lapin::Error) -> QueueError {
+    let text = e.to_string();
+    if text.contains("inequivalent arg") {
+        return QueueError::Unavailable(format!(
+            "declaring queue {queue} as a {} queue: it exists with other arguments ({text}); \
+             RabbitMQ cannot change a queue's type or arguments in place: use the \
+             --queue-type and --delivery-limit it was declared with, or move to a new \
+             queue (README \"Quorum queues\")",
+            kind.name()
+        ));
+    }
+    unavailable(format!("declaring queue {queue}: {text}"))
+}
+
+/// Declare a queue (the run queue, the request queue) and its dead-letter queue, both
+/// of `kind`; returns the messages ready in the queue.
+async fn declare_topology(
+    channel: &Channel,
+    queue: &str,
+    kind: QueueKind,
+) -> Result<u64, QueueError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
     let dead = dead_letter_queue(queue);
+    let mut dead_args = FieldTable::default();
+    if kind != QueueKind::Classic {
+        dead_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
     channel
-        .queue_declare(dead.as_str().into(), durable, FieldTable::default())
+        .queue_declare(dead.as_str().into(), durable, dead_args)
         .await
-        .map_err(|e| unavailable(format!("declaring queue {dead}: {e}")))?;
-    let mut args = FieldTable::default();
+        .map_err(|e| declare_failed(&dead, kind, e))?;
+    let mut args = kind.arguments();
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from("")),
@@ -70,6 +134,6 @@ async fn declare_topology(channel: &Channel, queue: &str) -> Result<u64, QueueEr
     let declared = channel
         .queue_declare(queue.into(), durable, args)
         .await
-        .map_err(|e| unavailable(format!("declaring queue {queue}: {e}")))?;
+        .map_err(|e| declare_failed(queue, kind, e))?;
     Ok(u64::from(declared.message_count()))
 }

@@ -8,7 +8,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{connect, declare_topology, unavailable};
+use super::{QueueKind, connect, declare_topology, unavailable};
 use crate::domain::ports::{QueueError, RunMessage, RunQueue};
 use crate::protocol::RunMessageV1;
 
@@ -23,6 +23,7 @@ pub struct AmqpPublisher {
     /// How long one batch may take from its first publish to its last confirm.
     confirm_timeout: Duration,
     confirms: std::sync::Mutex<ConfirmWatch>,
+    kind: QueueKind,
 }
 
 /// How long a batch waits for the broker's confirms, unless told otherwise.
@@ -127,7 +128,14 @@ impl AmqpPublisher {
             connected: AtomicBool::new(false),
             confirm_timeout: CONFIRM_TIMEOUT,
             confirms: std::sync::Mutex::new(ConfirmWatch::default()),
+            kind: QueueKind::Classic,
         }
+    }
+
+    /// The kind of queue to declare (classic unless told).
+    pub fn with_queue_kind(mut self, kind: QueueKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     fn confirm_watch(&self) -> std::sync::MutexGuard<'_, ConfirmWatch> {
@@ -151,7 +159,7 @@ impl AmqpPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(unavailable)?;
-        declare_topology(&channel, &self.queue).await?;
+        declare_topology(&channel, &self.queue, self.kind).await?;
         *slot = Some((conn, channel.clone()));
         Ok(channel)
     }
@@ -260,7 +268,7 @@ impl RunQueue for AmqpPublisher {
         let mut slot = self.conn.lock().await;
         let channel = self.channel(&mut slot).await?;
         // Declaring again with the same arguments is a no-op that answers the count.
-        match declare_topology(&channel, &self.queue).await {
+        match declare_topology(&channel, &self.queue, self.kind).await {
             Ok(count) => Ok(Some(count)),
             Err(e) => {
                 *slot = None;

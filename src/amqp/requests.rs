@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::replier::{AmqpReplier, text};
-use super::{connect, dead_letter_queue, declare_topology, unavailable};
+use super::{QueueKind, connect, dead_letter_queue, declare_topology, unavailable};
 use crate::domain::ports::QueueError;
 use crate::domain::reply::{ReplyAddress, Requester};
 use crate::domain::store::Replies;
@@ -33,6 +33,7 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 pub struct RequestConsumer {
     pub url: String,
     pub queue: String,
+    pub kind: QueueKind,
     pub runs: Runs,
     pub replier: Arc<AmqpReplier>,
     /// Where a repeated request's replies are added.
@@ -106,7 +107,7 @@ impl RequestConsumer {
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), QueueError> {
         let conn: Connection = connect(&self.url, "tasuki requests").await?;
         let channel = conn.create_channel().await.map_err(unavailable)?;
-        declare_topology(&channel, &self.queue).await?;
+        declare_topology(&channel, &self.queue, self.kind).await?;
         channel
             .basic_qos(1, BasicQosOptions { global: false })
             .await

@@ -136,14 +136,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     {
         Some(url) => {
             let source = args.embedded_worker.then(|| {
-                Box::new(amqp::AmqpSource::new(
-                    url,
-                    &args.queue.queue,
-                    &args.worker.worker_id(),
-                )) as Box<dyn DeliverySource>
+                Box::new(
+                    amqp::AmqpSource::new(url, &args.queue.queue, &args.worker.worker_id())
+                        .with_queue_kind(args.queue.kind()),
+                ) as Box<dyn DeliverySource>
             });
             (
-                Arc::new(amqp::AmqpPublisher::new(url, &args.queue.queue)),
+                Arc::new(
+                    amqp::AmqpPublisher::new(url, &args.queue.queue)
+                        .with_queue_kind(args.queue.kind()),
+                ),
                 source,
             )
         }
@@ -211,6 +213,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         let consumer = amqp::RequestConsumer {
             url: url.clone(),
             queue: args.request_queue.clone(),
+            kind: args.queue.kind(),
             runs: runs.clone(),
             replier,
             replies,

@@ -46,11 +46,10 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
     }
     let identity =
         open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown).await?;
-    let source = Box::new(amqp::AmqpSource::new(
-        &args.amqp_url,
-        &args.queue.queue,
-        &config.worker_id,
-    ));
+    let source = Box::new(
+        amqp::AmqpSource::new(&args.amqp_url, &args.queue.queue, &config.worker_id)
+            .with_queue_kind(args.queue.kind()),
+    );
     run_worker(
         Worker::new(control, runtime, config).with_observer(worker_metrics),
         source,

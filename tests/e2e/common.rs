@@ -120,6 +120,8 @@ const SCRUBBED_ENV: &[&str] = &[
     "TASUKI_WORKER_TOKENS",
     "TASUKI_INSECURE_NO_AUTH",
     "TASUKI_METRICS_LISTEN",
+    "TASUKI_QUEUE_TYPE",
+    "TASUKI_DELIVERY_LIMIT",
 ];
 
 impl Process {
