@@ -137,3 +137,24 @@ async fn declare_topology(
         .map_err(|e| declare_failed(queue, kind, e))?;
     Ok(u64::from(declared.message_count()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quorum_queue_says_its_type_and_delivery_limit_and_a_classic_one_nothing() {
+        assert!(QueueKind::Classic.arguments().inner().is_empty());
+        let args = QueueKind::Quorum { delivery_limit: 7 }.arguments();
+        let args = args.inner();
+        assert_eq!(
+            args.get("x-queue-type"),
+            Some(&AMQPValue::LongString(LongString::from("quorum")))
+        );
+        assert_eq!(
+            args.get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(7))
+        );
+        assert_eq!(args.len(), 2);
+    }
+}
