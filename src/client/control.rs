@@ -1,5 +1,5 @@
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,10 +21,14 @@ use crate::protocol::{
     SessionOpenV1, SessionRefV1, SessionRenewalV1, StartedV1, encode_log_frames,
 };
 
-/// The control plane of a remote `tasuki serve`, reached with the worker token.
+/// The control plane of a remote `tasuki serve`, reached with the worker token: one of
+/// several replicas, the next one taken when the current one cannot be reached.
 pub struct HttpControlPlane {
     http: reqwest::Client,
-    base: String,
+    /// The replicas' base URLs, in the order given; never empty.
+    bases: Vec<String>,
+    /// The one asked first.
+    current: AtomicUsize,
     token: String,
     /// Set once the server answered 404 to `/v1/worker/heartbeats` (a server from
     /// before it): leases are then renewed one call each.
@@ -32,9 +36,24 @@ pub struct HttpControlPlane {
 }
 
 impl HttpControlPlane {
-    /// With `ca_cert`, that CA (PEM) is trusted for the server's certificate besides the
-    /// system's roots; an unusable file is an error naming it.
-    pub fn new(base: &str, token: &str, ca_cert: Option<&Path>) -> Result<Self, ControlError> {
+    /// `bases`: the control plane's URLs (replicas of one installation), asked in this
+    /// order. With `ca_cert`, that CA (PEM) is trusted for the server's certificate
+    /// besides the system's roots; an unusable file is an error naming it.
+    pub fn new(
+        bases: &[String],
+        token: &str,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, ControlError> {
+        let bases: Vec<String> = bases
+            .iter()
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err(ControlError::Rejected(
+                "no control plane URL given (--server)".into(),
+            ));
+        }
         let http = super::connect::builder(ca_cert)
             .map_err(|e| ControlError::Unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
@@ -43,7 +62,8 @@ impl HttpControlPlane {
             .map_err(|e| ControlError::Unavailable(e.to_string()))?;
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            bases,
+            current: AtomicUsize::new(0),
             token: token.to_owned(),
             one_by_one: AtomicBool::new(false),
         })
@@ -78,11 +98,11 @@ impl HttpControlPlane {
                 leases: leases.iter().copied().map(LeaseV1::from).collect(),
             };
             let response = self
-                .http
-                .post(format!("{}/v1/worker/heartbeats", self.base))
-                .bearer_auth(&self.token)
-                .json(&body)
-                .send()
+                .send(|base| {
+                    self.http
+                        .post(format!("{base}/v1/worker/heartbeats"))
+                        .json(&body)
+                })
                 .await;
             let unknown = matches!(&response, Ok(r) if r.status() == StatusCode::NOT_FOUND);
             if !unknown {
@@ -97,8 +117,7 @@ impl HttpControlPlane {
                 return Ok(answer.statuses.into_iter().map(LeaseStatus::from).collect());
             }
             tracing::info!(
-                message = "the server does not renew leases together; renewing one call each",
-                server = %self.base
+                message = "the server does not renew leases together; renewing one call each"
             );
             self.one_by_one.store(true, Ordering::Relaxed);
         }
@@ -122,13 +141,58 @@ impl HttpControlPlane {
         body: &B,
     ) -> Result<T, ControlError> {
         let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
+            .send(|base| self.http.post(format!("{base}{path}")).json(body))
             .await;
         Self::answer(response).await
+    }
+
+    /// Send a request (built for a replica's base URL) to the current replica. When it
+    /// cannot be reached (the connection failed, so nothing was sent) or says it cannot
+    /// serve (502, 503), the next replica is asked, each at most once per call, and
+    /// stays the one asked first. A replica that took the request and did not answer
+    /// in time is not asked again elsewhere within the call, since it may have done it:
+    /// the caller's retry goes to the next replica.
+    async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let count = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % count;
+        let mut tried = 0;
+        loop {
+            let index = (first + tried) % count;
+            let base = &self.bases[index];
+            let result = build(base).bearer_auth(&self.token).send().await;
+            tried += 1;
+            let (unusable, nothing_done) = match &result {
+                Err(e) => (e.is_connect() || e.is_timeout(), e.is_connect()),
+                Ok(r) => {
+                    let refused = matches!(
+                        r.status(),
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    );
+                    (refused, refused)
+                }
+            };
+            if !unusable || count == 1 {
+                return result;
+            }
+            let next = (index + 1) % count;
+            if self
+                .current
+                .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(
+                    message = "control plane replica unusable; asking the next one",
+                    unusable = %base,
+                    next = %self.bases[next]
+                );
+            }
+            if !nothing_done || tried == count {
+                return result;
+            }
+        }
     }
 }
 
@@ -176,20 +240,22 @@ impl ControlPlane for HttpControlPlane {
         struct Appended {
             length: u64,
         }
+        let body = bytes::Bytes::from(encode_log_frames(chunks));
+        let query = [
+            ("run_id", lease.run_id.to_string()),
+            ("attempt", lease.attempt.to_string()),
+            ("epoch", lease.epoch.to_string()),
+            ("offset", offset.to_string()),
+            ("undelivered", undelivered_before.to_string()),
+        ];
         let response = self
-            .http
-            .put(format!("{}/v1/worker/log", self.base))
-            .query(&[
-                ("run_id", lease.run_id.to_string()),
-                ("attempt", lease.attempt.to_string()),
-                ("epoch", lease.epoch.to_string()),
-                ("offset", offset.to_string()),
-                ("undelivered", undelivered_before.to_string()),
-            ])
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, LOG_CONTENT_TYPE)
-            .body(encode_log_frames(chunks))
-            .send()
+            .send(|base| {
+                self.http
+                    .put(format!("{base}/v1/worker/log"))
+                    .query(&query)
+                    .header(reqwest::header::CONTENT_TYPE, LOG_CONTENT_TYPE)
+                    .body(body.clone())
+            })
             .await;
         let answer: Appended = Self::answer(response).await?;
         Ok(answer.length)
@@ -273,11 +339,11 @@ impl ControlPlane for HttpControlPlane {
             instance: instance.to_owned(),
         };
         let response = self
-            .http
-            .post(format!("{}/v1/worker/session/end", self.base))
-            .bearer_auth(&self.token)
-            .json(&req)
-            .send()
+            .send(|base| {
+                self.http
+                    .post(format!("{base}/v1/worker/session/end"))
+                    .json(&req)
+            })
             .await
             .map_err(|e| ControlError::Unavailable(super::connect::chain(&e)))?;
         if response.status().is_success() {
@@ -371,7 +437,8 @@ mod tests {
     #[tokio::test]
     async fn leases_are_renewed_in_calls_of_at_most_the_limit_and_answered_in_order() {
         let calls = Arc::new(Mutex::new(Vec::new()));
-        let control = HttpControlPlane::new(&server(true, calls.clone()).await, "t", None).unwrap();
+        let control =
+            HttpControlPlane::new(&[server(true, calls.clone()).await], "t", None).unwrap();
         let many = leases(HEARTBEATS_MAX + 5);
         assert_eq!(control.heartbeat(&many).await.unwrap(), expected(&many));
         assert_eq!(
@@ -385,12 +452,65 @@ mod tests {
     async fn a_server_without_the_batch_is_asked_one_lease_at_a_time_from_then_on() {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let control =
-            HttpControlPlane::new(&server(false, calls.clone()).await, "t", None).unwrap();
+            HttpControlPlane::new(&[server(false, calls.clone()).await], "t", None).unwrap();
         let three = leases(3);
         assert_eq!(control.heartbeat(&three).await.unwrap(), expected(&three));
         assert_eq!(control.heartbeat(&three).await.unwrap(), expected(&three));
         // The first call found no batch (404, not recorded); then six single calls.
         assert_eq!(*calls.lock().unwrap(), vec![("one", 1); 6]);
         assert!(control.one_by_one.load(Ordering::Relaxed));
+    }
+
+    /// A base URL where nothing listens: a port taken and let go at once.
+    async fn nobody() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    /// A replica that answers 503 to everything (its store is down), counting calls.
+    async fn unavailable(calls: Arc<Mutex<u32>>) -> String {
+        let app = axum::Router::new().fallback(move || async move {
+            *calls.lock().unwrap() += 1;
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_unavailable_replica_is_passed_over_for_the_next() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let refusals = Arc::new(Mutex::new(0));
+        let bases = [
+            nobody().await,
+            unavailable(refusals.clone()).await,
+            server(true, calls.clone()).await,
+        ];
+        let control = HttpControlPlane::new(&bases, "t", None).unwrap();
+        let two = leases(2);
+        assert_eq!(control.heartbeat(&two).await.unwrap(), expected(&two));
+        assert_eq!(*refusals.lock().unwrap(), 1);
+        // The replica that answered is asked first from then on.
+        assert_eq!(control.heartbeat(&two).await.unwrap(), expected(&two));
+        assert_eq!(*refusals.lock().unwrap(), 1);
+        assert_eq!(*calls.lock().unwrap(), vec![("batch", 2); 2]);
+        assert_eq!(control.current.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn with_every_replica_unreachable_the_call_is_unavailable() {
+        let control = HttpControlPlane::new(&[nobody().await, nobody().await], "t", None).unwrap();
+        assert!(matches!(
+            control.heartbeat(&leases(1)).await,
+            Err(ControlError::Unavailable(_))
+        ));
+        assert!(matches!(
+            HttpControlPlane::new(&[" ".to_owned()], "t", None),
+            Err(ControlError::Rejected(_))
+        ));
     }
 }

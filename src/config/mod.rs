@@ -329,9 +329,16 @@ fn cidr(s: &str) -> Result<crate::domain::callback::guard::Cidr, String> {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The control plane (`tasuki serve`) URL.
-    #[arg(long, env = "TASUKI_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub server: String,
+    /// The control plane (`tasuki serve`) URL; repeated (or comma-separated in the
+    /// variable) for replicas of one installation, asked in order: when one cannot be
+    /// reached, the next.
+    #[arg(
+        long,
+        env = "TASUKI_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: Vec<String>,
 
     /// A worker token of the server (`--worker-token`, or one of `[[worker_tokens]]`).
     #[arg(long, env = "TASUKI_WORKER_TOKEN", hide_env_values = true)]

@@ -333,3 +333,43 @@ async fn a_worker_renews_the_leases_of_its_runs_together() {
     assert_eq!(calls("/v1/worker/heartbeat"), 0.0, "{text}");
     assert_no_containers_left(&worker.worker_id).await;
 }
+
+/// A worker given two control plane URLs, the first of which nothing answers, takes
+/// the second and runs jobs as usual (and says once which replica it passed over).
+#[tokio::test]
+async fn a_worker_passes_over_a_control_plane_replica_that_is_down() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let server = amqp_server(d.path(), &queue);
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let worker = crate::common::start_worker_with(
+        d.path(),
+        &server,
+        &queue,
+        TOKEN,
+        crate::common::WorkerSpec {
+            servers: Some(vec![down.clone(), server.url.clone()]),
+            ..crate::common::WorkerSpec::default()
+        },
+    );
+    let api = server.client();
+    for code in ["0", "3"] {
+        let run = api.run_and_wait("exit", json!({ "code": code })).await;
+        assert_eq!(run["exit_code"].to_string(), code, "{run}");
+        let id = run["id"].as_str().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&api.logs(id).await),
+            format!("exiting with {code}\n")
+        );
+    }
+    let log = worker.log_text();
+    assert!(
+        log.contains("control plane replica unusable") && log.contains(&down),
+        "{log}"
+    );
+    assert_no_containers_left(&worker.worker_id).await;
+}

@@ -424,6 +424,8 @@ pub struct WorkerSpec {
     pub drain_timeout: String,
     /// Extra environment: `TASUKI_CRASH_AT`, `TASUKI_RECONCILE_INTERVAL`, ...
     pub env: Vec<(String, String)>,
+    /// The `--server`s to give, in order, instead of the server's own URL.
+    pub servers: Option<Vec<String>>,
 }
 
 impl Default for WorkerSpec {
@@ -433,6 +435,7 @@ impl Default for WorkerSpec {
             concurrency: 2,
             drain_timeout: "20s".into(),
             env: Vec::new(),
+            servers: None,
         }
     }
 }
@@ -446,10 +449,12 @@ pub fn start_worker_with(
 ) -> Process {
     let worker_id = spec.worker_id.unwrap_or_else(|| unique("test-worker"));
     let concurrency = spec.concurrency;
-    let args: Vec<String> = vec![
-        "worker".into(),
-        "--server".into(),
-        server.url.clone(),
+    let servers = spec.servers.unwrap_or_else(|| vec![server.url.clone()]);
+    let mut args: Vec<String> = vec!["worker".into()];
+    for url in servers {
+        args.extend(["--server".into(), url]);
+    }
+    args.extend([
         "--worker-token".into(),
         token.into(),
         "--amqp-url".into(),
@@ -462,7 +467,7 @@ pub fn start_worker_with(
         concurrency.to_string(),
         "--drain-timeout".into(),
         spec.drain_timeout,
-    ];
+    ]);
     Process::spawn_with_env(&args, dir, &worker_id, "worker", &spec.env)
 }
 
