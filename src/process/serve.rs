@@ -138,13 +138,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             let source = args.embedded_worker.then(|| {
                 Box::new(
                     amqp::AmqpSource::new(url, &args.queue.queue, &args.worker.worker_id())
-                        .with_queue_kind(args.queue.kind()),
+                        .with_queue_kind(super::queue_kind(&args.queue)),
                 ) as Box<dyn DeliverySource>
             });
             (
                 Arc::new(
                     amqp::AmqpPublisher::new(url, &args.queue.queue)
-                        .with_queue_kind(args.queue.kind()),
+                        .with_queue_kind(super::queue_kind(&args.queue)),
                 ),
                 source,
             )
@@ -213,7 +213,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         let consumer = amqp::RequestConsumer {
             url: url.clone(),
             queue: args.request_queue.clone(),
-            kind: args.queue.kind(),
+            kind: super::queue_kind(&args.queue),
             runs: runs.clone(),
             replier,
             replies,

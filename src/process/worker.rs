@@ -48,7 +48,7 @@ pub async fn worker(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Re
         open_worker_session(control.clone(), &args.worker, &config.worker_id, &shutdown).await?;
     let source = Box::new(
         amqp::AmqpSource::new(&args.amqp_url, &args.queue.queue, &config.worker_id)
-            .with_queue_kind(args.queue.kind()),
+            .with_queue_kind(super::queue_kind(&args.queue)),
     );
     run_worker(
         Worker::new(control, runtime, config).with_observer(worker_metrics),

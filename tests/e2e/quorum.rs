@@ -11,8 +11,8 @@ use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::common::{
-    QueueGuard, ServeOptions, Server, TOKEN, WorkerSpec, amqp_url, assert_no_containers_left,
-    publish_raw, queue_counts, start_worker_with, unique,
+    Process, QueueGuard, ServeOptions, Server, TOKEN, WorkerSpec, amqp_server, amqp_url,
+    assert_no_containers_left, publish_raw, queue_counts, start_worker_with, unique,
 };
 
 fn quorum_env(limit: u32) -> Vec<(String, String)> {
@@ -30,6 +30,19 @@ fn quorum_server(dir: &std::path::Path, queue: &str, limit: u32) -> Server {
             worker_token: Some(TOKEN.to_owned()),
             env: quorum_env(limit),
             ..ServeOptions::default()
+        },
+    )
+}
+
+fn quorum_worker(dir: &std::path::Path, server: &Server, queue: &str, limit: u32) -> Process {
+    start_worker_with(
+        dir,
+        server,
+        queue,
+        TOKEN,
+        WorkerSpec {
+            env: quorum_env(limit),
+            ..WorkerSpec::default()
         },
     )
 }
@@ -54,16 +67,7 @@ async fn jobs_run_through_quorum_queues_and_a_message_handed_back_too_often_is_d
     let queue = unique("tasuki-test");
     let _guard = QueueGuard(queue.clone());
     let server = quorum_server(d.path(), &queue, 2);
-    let worker = start_worker_with(
-        d.path(),
-        &server,
-        &queue,
-        TOKEN,
-        WorkerSpec {
-            env: quorum_env(2),
-            ..WorkerSpec::default()
-        },
-    );
+    let worker = quorum_worker(d.path(), &server, &queue, 2);
     let api = server.client();
     let run = api.run_and_wait("exit", json!({"code": "4"})).await;
     assert_eq!(run["status"], "failed", "{run}");
@@ -116,27 +120,11 @@ async fn a_queue_declared_as_another_kind_is_named_as_such() {
     let queue = unique("tasuki-test");
     let _guard = QueueGuard(queue.clone());
     // A classic installation's queue, then a worker told it is a quorum queue.
-    let server = Server::start(
-        d.path(),
-        ServeOptions {
-            amqp_queue: Some(queue.clone()),
-            worker_token: Some(TOKEN.to_owned()),
-            ..ServeOptions::default()
-        },
-    );
+    let server = amqp_server(d.path(), &queue, "30s");
     // The relay declares the queue with its first publish.
     server.client().accept("exit", json!({"code": "0"})).await;
     crate::common::wait_for_queue(&queue).await;
-    let worker = start_worker_with(
-        d.path(),
-        &server,
-        &queue,
-        TOKEN,
-        WorkerSpec {
-            env: quorum_env(20),
-            ..WorkerSpec::default()
-        },
-    );
+    let worker = quorum_worker(d.path(), &server, &queue, 20);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = worker.log_text();
