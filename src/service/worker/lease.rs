@@ -54,9 +54,10 @@ impl From<LeaseStatus> for LeaseState {
 
 /// Renews every lease this worker holds, together: when the first of them is due it
 /// renews, in one call, all those due within half a period, so a worker holding many
-/// attempts makes about one heartbeat call per period instead of one per attempt. Each
-/// lease is renewed every third of its TTL (at least every `HEARTBEAT_MAX`), the first
-/// time that long after its claim, and at least every half period once batched.
+/// attempts makes one or two heartbeat calls per period instead of one per attempt. A
+/// lease's period is a third of its TTL (at most `HEARTBEAT_MAX`); it is renewed no
+/// later than a period after its claim or its last renewal, and no sooner than half a
+/// period after.
 pub(super) struct Renewer {
     control: Arc<dyn ControlPlane>,
     book: Mutex<Book>,
