@@ -7,7 +7,7 @@
 //! exchange) into the durable queue `{queue}.dead`. Both are declared with their final
 //! arguments, since RabbitMQ refuses to redeclare a queue with different ones. They are
 //! classic queues, or quorum queues (`QueueKind::Quorum`, replicated on a cluster) whose
-//! messages also dead-letter once delivered `delivery_limit` times.
+//! messages also dead-letter once returned to the queue more than `delivery_limit` times.
 
 mod consumer;
 mod publisher;
@@ -35,8 +35,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum QueueKind {
     #[default]
     Classic,
-    /// A quorum queue; a message delivered `delivery_limit` times (handed back or its
-    /// consumer gone each time) is dead-lettered instead of delivered again.
+    /// A quorum queue; a message returned to it more than `delivery_limit` times (handed
+    /// back, or its consumer gone before it acked) is dead-lettered instead of delivered
+    /// again.
     Quorum { delivery_limit: u32 },
 }
 

@@ -17,9 +17,10 @@ pub struct QueueOptions {
     #[arg(long, env = "TASUKI_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
     pub queue_type: QueueType,
 
-    /// Quorum queues only: a message delivered this many times (handed back, or its
-    /// consumer gone, each time) is dead-lettered instead of delivered again. The run
-    /// itself is not lost: it stays queued in the store and is published again.
+    /// Quorum queues only: a message returned to the queue more than this many times
+    /// (handed back, or its consumer gone before it acked) is dead-lettered instead of
+    /// delivered again. The run itself is not lost: it stays queued in the store and is
+    /// published again.
     #[arg(
         long,
         env = "TASUKI_DELIVERY_LIMIT",
