@@ -106,10 +106,24 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let registry = metrics::Metrics::new()?;
     let run_metrics =
         metrics::RunMetrics::register(&registry, jobs.clone(), gauges, metrics::MAX_JOB_NAMES)?;
+    // Output comes in through the control plane; with an export, it is also copied
+    // there, line by line, for a collector.
+    let stored: Arc<dyn crate::domain::ports::LogSink> = match &args.log_export {
+        Some(dir) => {
+            tracing::info!(message = "exporting run output as JSON lines", dir = %dir.display());
+            Arc::new(logsink::ExportingSink::new(
+                logs.clone(),
+                store.clone(),
+                dir,
+                args.log_export_keep,
+            ))
+        }
+        None => logs.clone(),
+    };
     let control = Arc::new(
         LocalControlPlane::new(
             store.clone(),
-            logs.clone(),
+            stored,
             events.clone(),
             args.lease_ttl,
             secrets,

@@ -389,3 +389,56 @@ async fn serve_refuses_a_store_that_a_newer_build_migrated() {
     let id = run["id"].as_str().unwrap();
     assert_eq!(server.client().run(id).await["status"], "succeeded");
 }
+
+/// With `--log-export DIR`, every line a run prints is also written there as a JSON
+/// line for a collector, with the run, its job, attempt and stream; the stored log is
+/// the same bytes as without.
+#[tokio::test]
+async fn output_is_exported_as_json_lines_for_a_collector() {
+    let d = dir();
+    let export = d.path().join("export");
+    let server = Server::start(
+        d.path(),
+        ServeOptions {
+            extra_args: vec!["--log-export".into(), export.display().to_string()],
+            ..ServeOptions::default()
+        },
+    );
+    let api = server.client();
+    let run = api.run_and_wait("echo-both", json!({})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let id = run["id"].as_str().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&api.logs(id).await),
+        "out-1\nerr-1\nout-2\nerr-2\n"
+    );
+    let day = chrono::Utc::now().date_naive().format("%Y-%m-%d");
+    let text = std::fs::read_to_string(export.join(format!("tasuki-output-{day}.jsonl")))
+        .expect("the day's export file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap(), l["line"].as_str().unwrap()))
+        .collect();
+    let stdout: Vec<_> = seen.iter().filter(|(s, _)| *s == "stdout").collect();
+    let stderr: Vec<_> = seen.iter().filter(|(s, _)| *s == "stderr").collect();
+    assert_eq!(
+        stdout,
+        [&("stdout", "out-1"), &("stdout", "out-2")],
+        "{text}"
+    );
+    assert_eq!(
+        stderr,
+        [&("stderr", "err-1"), &("stderr", "err-2")],
+        "{text}"
+    );
+    for line in &lines {
+        assert_eq!(line["run_id"], id);
+        assert_eq!(line["job"], "echo-both");
+        assert_eq!(line["attempt"], 1);
+        assert!(line.get("partial").is_none(), "{line}");
+    }
+}
