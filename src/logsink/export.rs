@@ -6,8 +6,8 @@
 //! `ExportingSink` wraps the sink that stores. It exports only the bytes an append
 //! really stored (a resent range is skipped there, so it is not exported twice), split
 //! into lines per attempt and stream. A line still open when the attempt's log is
-//! synced (its end) goes out marked `"partial": true`, and so does a piece of a line
-//! longer than `MAX_LINE`. Open lines live in memory only: after a restart of `serve`
+//! synced (its end), or idle for `IDLE`, goes out marked `"partial": true`, and so does
+//! a piece of a line longer than `MAX_LINE`. Open lines live in memory only: after a restart of `serve`
 //! the rest of a line begun before it goes out as a line of its own.
 
 use std::collections::HashMap;
@@ -44,12 +44,29 @@ struct Line<'a> {
 }
 
 /// An attempt's lines not yet ended, per stream, and its job's name.
-#[derive(Default)]
 struct Open {
     job: String,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// When output last came: an attempt that ends without its log being synced (its
+    /// worker vanished) is closed after `IDLE` with nothing new.
+    touched: std::time::Instant,
 }
+
+impl Default for Open {
+    fn default() -> Self {
+        Self {
+            job: String::new(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            touched: std::time::Instant::now(),
+        }
+    }
+}
+
+/// An attempt with no output for this long whose log was never synced is closed (its
+/// open lines go out partial), so attempts that ended elsewhere do not pile up.
+const IDLE: Duration = Duration::from_secs(3600);
 
 impl Open {
     fn of(&mut self, stream: Stream) -> &mut Vec<u8> {
@@ -72,6 +89,10 @@ pub struct ExportingSink {
     dir: PathBuf,
     /// Files of days older than this are deleted when a new day's file is opened.
     keep: Duration,
+    /// See `IDLE`.
+    idle: Duration,
+    /// When idle attempts were last looked for.
+    swept: Mutex<std::time::Instant>,
     open: Mutex<HashMap<(RunId, u32), Open>>,
     out: Mutex<Option<DayFile>>,
 }
@@ -97,6 +118,8 @@ impl ExportingSink {
             runs,
             dir: dir.into(),
             keep,
+            idle: IDLE,
+            swept: Mutex::new(std::time::Instant::now()),
             open: Mutex::new(HashMap::new()),
             out: Mutex::new(None),
         }
@@ -134,9 +157,18 @@ impl ExportingSink {
     fn lines(&self, run_id: RunId, attempt: u32, stored: &[OutputChunk]) -> Vec<String> {
         let now = Utc::now();
         let mut open = locked(&self.open);
-        let entry = open.entry((run_id, attempt)).or_default();
-        let job = entry.job.clone();
         let mut out = Vec::new();
+        {
+            // Looked for at most once a minute (or once per `idle`, if shorter).
+            let mut swept = locked(&self.swept);
+            if swept.elapsed() >= self.idle.min(Duration::from_secs(60)) {
+                *swept = std::time::Instant::now();
+                out = close_idle(&mut open, now, self.idle);
+            }
+        }
+        let entry = open.entry((run_id, attempt)).or_default();
+        entry.touched = std::time::Instant::now();
+        let job = entry.job.clone();
         for chunk in stored {
             let pending = entry.of(chunk.stream);
             for piece in chunk.bytes.split_inclusive(|b| *b == b'\n') {
@@ -166,20 +198,10 @@ impl ExportingSink {
 
     /// What the attempt leaves open, now that its log is complete.
     fn close(&self, run_id: RunId, attempt: u32) -> Vec<String> {
-        let Some(mut open) = locked(&self.open).remove(&(run_id, attempt)) else {
-            return Vec::new();
-        };
-        let now = Utc::now();
-        let mut out = Vec::new();
-        for stream in [Stream::Stdout, Stream::Stderr] {
-            let job = open.job.clone();
-            let pending = open.of(stream);
-            if !pending.is_empty() {
-                let text = take_line(pending, false);
-                out.push(render(now, run_id, &job, attempt, stream, text, true));
-            }
+        match locked(&self.open).remove(&(run_id, attempt)) {
+            Some(open) => open_lines(open, run_id, attempt, Utc::now()),
+            None => Vec::new(),
         }
-        out
     }
 
     /// Append rendered lines to today's file (opening it, and pruning old days, when
@@ -242,6 +264,40 @@ impl ExportingSink {
             tracing::warn!(message = "exporting output for the collector failed", %error);
         }
     }
+}
+
+/// The lines an attempt left open, each marked partial.
+fn open_lines(mut open: Open, run_id: RunId, attempt: u32, now: DateTime<Utc>) -> Vec<String> {
+    let mut out = Vec::new();
+    for stream in [Stream::Stdout, Stream::Stderr] {
+        let job = open.job.clone();
+        let pending = open.of(stream);
+        if !pending.is_empty() {
+            let text = take_line(pending, false);
+            out.push(render(now, run_id, &job, attempt, stream, text, true));
+        }
+    }
+    out
+}
+
+/// Close the attempts idle for longer than `idle`: their open lines, and the entries.
+fn close_idle(
+    open: &mut HashMap<(RunId, u32), Open>,
+    now: DateTime<Utc>,
+    idle: Duration,
+) -> Vec<String> {
+    let stale: Vec<(RunId, u32)> = open
+        .iter()
+        .filter(|(_, o)| o.touched.elapsed() > idle)
+        .map(|(key, _)| *key)
+        .collect();
+    let mut out = Vec::new();
+    for (run_id, attempt) in stale {
+        if let Some(entry) = open.remove(&(run_id, attempt)) {
+            out.extend(open_lines(entry, run_id, attempt, now));
+        }
+    }
+    out
 }
 
 /// The pending bytes as a line's text (without its newline), leaving nothing pending.

@@ -181,3 +181,39 @@ async fn an_export_that_cannot_be_written_never_fails_the_stored_log() {
         b"kept\n"
     );
 }
+
+#[tokio::test]
+async fn an_attempt_that_ends_unsynced_has_its_open_line_closed_once_idle() {
+    let mut f = fixture(None).await;
+    f.sink.idle = Duration::from_millis(50);
+    f.sink
+        .append(f.run_id, 1, 0, &[out("cut off by a vanished worker")])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Attempt 2 (the retry elsewhere) writes: attempt 1, idle, is closed first.
+    f.sink
+        .append(f.run_id, 2, 0, &[out("again\n")])
+        .await
+        .unwrap();
+    let lines = exported(&f.export);
+    let seen: Vec<(u64, &str, bool)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["attempt"].as_u64().unwrap(),
+                l["line"].as_str().unwrap(),
+                l["partial"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, "cut off by a vanished worker", true),
+            (2, "again", false)
+        ]
+    );
+    assert!(lines.iter().all(|l| l["job"] == "hello"));
+    assert_eq!(locked(&f.sink.open).len(), 1);
+}
