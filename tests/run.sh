@@ -2,6 +2,7 @@
 # The test command: sets up what the suite needs on a fresh machine, then runs it.
 #   - a Docker engine (installs Debian's docker.io and starts dockerd if `docker info` fails)
 #   - RabbitMQ on 127.0.0.1:5672 (installs and starts rabbitmq-server if unreachable)
+#   - PostgreSQL on 127.0.0.1:5432 (installs and starts it if unreachable) and a test role
 #   - the tasuki-example:latest image (static busybox, built locally)
 #   - docker-registry and htpasswd (apache2-utils) for the private registry tests
 #   - systemd-analyze, docker-compose and kubernetes-validate for the deploy/ checks
@@ -23,6 +24,7 @@ source tests/setup.sh
 
 ensure_docker
 ensure_rabbitmq
+ensure_postgres
 ensure_openssl
 ensure_chromium
 ensure_busybox

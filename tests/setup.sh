@@ -48,6 +48,35 @@ ensure_rabbitmq() {
   exit 1
 }
 
+# PostgreSQL for the PostgreSQL store's tests: a server on 127.0.0.1:5432 (Debian's
+# package, installed and started when nothing answers there), and a role of the tests'
+# own that may create databases (each test makes one and drops it), made through the
+# local socket as the `postgres` user, so it works whatever the server's TCP auth is.
+# TASUKI_TEST_POSTGRES names the maintenance database URL the tests connect to.
+pg_reachable() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+ensure_postgres() {
+  if [ -n "${TASUKI_TEST_POSTGRES:-}" ]; then return; fi   # someone else's server
+  if ! pg_reachable; then
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+      log "installing postgresql"
+      apt_install postgresql
+    fi
+    log "starting PostgreSQL"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main start || true
+    for _ in $(seq 1 60); do
+      if pg_reachable; then break; fi
+      sleep 1
+    done
+    if ! pg_reachable; then log "PostgreSQL is not reachable on 127.0.0.1:5432"; exit 1; fi
+  fi
+  as_root runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d postgres -c "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tasuki_test') THEN
+        CREATE ROLE tasuki_test LOGIN CREATEDB PASSWORD 'tasuki_test';
+      END IF;
+    END \$\$;" >/dev/null
+  export TASUKI_TEST_POSTGRES=postgres://tasuki_test:tasuki_test@127.0.0.1:5432/postgres
+}
+
 ensure_busybox() {
   if [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; then return; fi
   log "installing busybox-static"

@@ -21,20 +21,21 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{Decode, Row, Sqlite, Type};
 
+use super::common::{ATTEMPT_COLUMNS, RUN_COLUMNS, corrupt, from_ms, ms, ttl_ms};
 use crate::domain::ports::StoreError;
 use crate::domain::run::{Attempt, ReasonCode, ResourceUsage, Run, RunId, RunStatus, Trigger};
 use crate::domain::schedule::Admission;
 use crate::protocol::{parse_admission, parse_trigger};
 use group::{GroupCommit, WriteTx};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -54,14 +55,19 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating if needed) `tasuki.db` in `data_dir` and bring its schema up to date.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        Self::open_file(&data_dir.join("tasuki.db")).await
+    }
+
+    /// Open (creating it and its directory if needed) the database file at `path` and
+    /// bring its schema up to date.
+    pub async fn open_file(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("tasuki.db"))
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // A 202 promises the run is stored: every commit reaches the disk.
@@ -78,9 +84,10 @@ impl SqliteStore {
             .await
             .map_err(db)?;
         refuse_newer_schema(&writer).await?;
-        MIGRATOR.run(&writer).await.map_err(|e| {
-            StoreError::Unavailable(format!("migrating {}: {e}", data_dir.display()))
-        })?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrating {}: {e}", path.display())))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
@@ -159,10 +166,6 @@ fn db(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
 /// One column of a row; a value that does not decode is corrupt data.
 fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
 where
@@ -171,22 +174,10 @@ where
     row.try_get(name).map_err(|e| corrupt(name, e))
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
-    v.and_then(|v| Utc.timestamp_millis_opt(v).single())
-}
-
 /// A time column that must be there.
 fn time_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, StoreError> {
     let v: i64 = col(row, name)?;
     from_ms(Some(v)).ok_or_else(|| corrupt(name, format!("{v} is no time")))
-}
-
-fn ttl_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn run_id_col(row: &SqliteRow, name: &str) -> Result<RunId, StoreError> {
@@ -229,12 +220,6 @@ fn dropped_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
     let bytes: i64 = col(row, name)?;
     Ok(bytes.max(0) as u64)
 }
-
-const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_code, reason, reason_code, created_at, started_at, \
-     finished_at, cancel_requested, not_before, log_dropped_bytes, output_gap, \"trigger\", requested_by";
-const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
-     claimed_at, started_at, finished_at, log_dropped_bytes, usage_samples, usage_peak_memory_bytes, \
-     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit, output_gap";
 
 fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
     let params: String = col(row, "params")?;

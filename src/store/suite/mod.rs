@@ -9,6 +9,7 @@ mod listing;
 mod outbox;
 mod output;
 mod replies;
+pub(crate) mod retention;
 mod schedules;
 mod sessions;
 mod usage;
