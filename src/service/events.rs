@@ -8,9 +8,10 @@
 //! that need all of them (the relay's wake-up).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::domain::run::RunId;
 
@@ -45,7 +46,20 @@ type Watched = Arc<Mutex<HashMap<RunId, watch::Sender<Changes>>>>;
 pub struct RunEvents {
     tx: broadcast::Sender<RunEvent>,
     watched: Watched,
+    /// Where this process's own events also go, for other replicas (see `outbound`).
+    outbound: Arc<OnceLock<Outbound>>,
 }
+
+/// The channel to the bridge that sends this process's events to other replicas, and
+/// whether some were dropped because it was full (the bridge then tells the others to
+/// look at every run they watch).
+struct Outbound {
+    tx: mpsc::Sender<RunEvent>,
+    dropped: AtomicBool,
+}
+
+/// How many events may wait for the bridge to other replicas.
+const OUTBOUND_CAPACITY: usize = 4096;
 
 impl Default for RunEvents {
     fn default() -> Self {
@@ -68,10 +82,54 @@ impl RunEvents {
         Self {
             tx,
             watched: Arc::default(),
+            outbound: Arc::default(),
         }
     }
 
+    /// An event of this process: its watchers and the broadcast, and the replicas
+    /// sharing the store when a bridge takes them (`outbound`).
     pub fn publish(&self, run_id: RunId, kind: RunEventKind) {
+        if let Some(out) = self.outbound.get()
+            && out.tx.try_send(RunEvent { run_id, kind }).is_err()
+        {
+            out.dropped.store(true, Ordering::Relaxed);
+        }
+        self.deliver(run_id, kind);
+    }
+
+    /// The events this process publishes from now on, for the one bridge that sends them
+    /// to the other replicas of a shared store; `None` if a bridge took them already.
+    /// The flag it returns is set when an event did not fit (the bridge was behind).
+    pub fn outbound(&self) -> Option<(mpsc::Receiver<RunEvent>, OutboundLoss)> {
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let fresh = Outbound {
+            tx,
+            dropped: AtomicBool::new(false),
+        };
+        self.outbound.set(fresh).ok()?;
+        Some((
+            rx,
+            OutboundLoss {
+                outbound: self.outbound.clone(),
+            },
+        ))
+    }
+
+    /// Every watched run as if it changed: events may have been missed (the bridge lost
+    /// its connection, or another replica's bridge fell behind). Each watcher then reads
+    /// its run again, which costs little and misses nothing.
+    pub fn wake_all(&self) {
+        for run in lock(&self.watched).values() {
+            run.send_modify(|c| {
+                c.status = c.status.wrapping_add(1);
+                c.log = c.log.wrapping_add(1);
+            });
+        }
+    }
+
+    /// An event of this process or of another replica: this process's watchers and the
+    /// broadcast only (never sent on, so replicas do not echo each other).
+    pub fn deliver(&self, run_id: RunId, kind: RunEventKind) {
         if let Some(run) = lock(&self.watched).get(&run_id) {
             run.send_modify(|c| match kind {
                 RunEventKind::Status => c.status = c.status.wrapping_add(1),
@@ -112,6 +170,20 @@ impl RunEvents {
     #[cfg(test)]
     fn watched_runs(&self) -> usize {
         lock(&self.watched).len()
+    }
+}
+
+/// Whether events for other replicas were dropped since the last look.
+pub struct OutboundLoss {
+    outbound: Arc<OnceLock<Outbound>>,
+}
+
+impl OutboundLoss {
+    /// True once after events were dropped (and clears it).
+    pub fn take(&self) -> bool {
+        self.outbound
+            .get()
+            .is_some_and(|o| o.dropped.swap(false, Ordering::Relaxed))
     }
 }
 
@@ -308,6 +380,46 @@ mod tests {
         // The caller reads the run after this, and sees that change there.
         let mut late = events.watch(id);
         assert!(!woke(late.changed()));
+    }
+
+    #[tokio::test]
+    async fn own_events_go_out_once_and_delivered_ones_never() {
+        let events = RunEvents::new();
+        let (mut out, loss) = events.outbound().expect("the first bridge");
+        assert!(events.outbound().is_none(), "one bridge only");
+        let (mine, theirs) = (RunId::new(), RunId::new());
+        let mut w = events.watch(theirs);
+        events.publish(mine, RunEventKind::Log);
+        events.deliver(theirs, RunEventKind::Status);
+        assert!(woke(w.status_changed()), "a delivered event wakes watchers");
+        assert_eq!(
+            out.try_recv().expect("the own event"),
+            RunEvent {
+                run_id: mine,
+                kind: RunEventKind::Log
+            }
+        );
+        assert!(
+            out.try_recv().is_err(),
+            "the delivered event is not sent on"
+        );
+        assert!(!loss.take());
+        for _ in 0..OUTBOUND_CAPACITY + 1 {
+            events.publish(mine, RunEventKind::Log);
+        }
+        assert!(loss.take(), "an event that did not fit is reported");
+        assert!(!loss.take(), "once");
+    }
+
+    #[tokio::test]
+    async fn wake_all_wakes_every_watcher_for_status_and_output() {
+        let events = RunEvents::new();
+        let mut a = events.watch(RunId::new());
+        let mut b = events.watch(RunId::new());
+        assert!(!woke(a.changed()));
+        events.wake_all();
+        assert!(woke(a.status_changed()));
+        assert!(woke(b.changed()));
     }
 
     #[tokio::test]
