@@ -25,6 +25,7 @@ pub mod memqueue;
 pub mod metrics;
 #[cfg(feature = "bench")]
 pub mod noop_runtime;
+pub mod pgnotify;
 mod process;
 pub mod protocol;
 pub mod secrets;
@@ -37,7 +38,6 @@ pub use process::{serve, worker};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::CatalogDirs;
@@ -102,17 +102,18 @@ fn worker_id_in_use(error: &anyhow::Error) -> bool {
 /// `tasuki runs prune`: one pass against the data dir, as `serve` makes them. WAL and
 /// the busy timeout let it share the database with a running `serve`.
 pub async fn prune(args: PruneArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let db = args.data_dir.join("tasuki.db");
-    if !db.exists() {
+    if let config::DatabaseUrl::Sqlite(db) = args.store.database(&args.data_dir)
+        && !db.exists()
+    {
         anyhow::bail!("no run store at {}", db.display());
     }
-    let store = store::SqliteStore::open(&args.data_dir)
-        .await
-        .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
+    let store = process::open_store(&args.store, &args.data_dir)
+        .await?
+        .retention;
     let logs = logsink::FileLogSink::new(args.data_dir.join("logs"));
     let retention = Retention::For(args.older_than);
     let now = chrono::Utc::now();
-    let pruner = Pruner::new(Arc::new(store), Arc::new(logs), retention);
+    let pruner = Pruner::new(store, Arc::new(logs), retention);
     let report = pruner.prune(now, &shutdown).await?;
     let cutoff = retention.cutoff(now).map_or_else(String::new, |t| {
         t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)

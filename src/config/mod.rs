@@ -3,9 +3,11 @@
 
 mod queue;
 pub mod server;
+mod store;
 pub mod tokens;
 
 pub use queue::{QueueOptions, QueueType};
+pub use store::{DatabaseUrl, StoreOptions};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -181,9 +183,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TASUKI_CALENDARS_DIR")]
     pub calendars_dir: Option<PathBuf>,
 
-    /// Where the run database and the logs live.
+    /// Where the logs live, and the run database unless `--database-url` names one.
     #[arg(long, env = "TASUKI_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub store: StoreOptions,
 
     /// RabbitMQ URL (`amqp://user:pass@host:5672/%2f`). Without it runs go through an
     /// in-process queue and an embedded worker.
@@ -529,9 +534,13 @@ pub struct PruneArgs {
     #[arg(long, env = "TASUKI_PRUNE_OLDER_THAN", value_parser = duration)]
     pub older_than: Duration,
 
-    /// The data dir of the `tasuki serve` whose runs to prune.
+    /// The data dir of the `tasuki serve` whose runs to prune (its logs, and its
+    /// database unless `--database-url` names one).
     #[arg(long, env = "TASUKI_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub store: StoreOptions,
 }
 
 #[cfg(test)]

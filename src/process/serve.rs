@@ -13,14 +13,14 @@ use super::worker::{docker, open_worker_session, run_worker, worker_config};
 use crate::catalog::{CatalogDirs, Reloadable};
 use crate::config::ServeArgs;
 use crate::domain::ports::{ControlPlane, DeliverySource, RunQueue, RunStore};
-use crate::domain::retention::{Retention, RetentionStore};
+use crate::domain::retention::Retention;
 use crate::service::control::LocalControlPlane;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
 use crate::service::retention::Pruner;
 use crate::service::runs::Runs;
 use crate::service::worker::Worker;
-use crate::{amqp, callback, config, http, logsink, memqueue, metrics, secrets, service, store};
+use crate::{amqp, callback, config, http, logsink, memqueue, metrics, secrets, service};
 
 /// `tasuki serve`: API, store, outbox relay, and (without AMQP, or when asked) a worker.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -77,21 +77,37 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         calendars_dir = %dirs.calendars.path().display()
     );
     let catalog = Arc::new(catalog);
-    let store = store::SqliteStore::open(&args.data_dir)
-        .await
-        .with_context(|| format!("opening the run store in {}", args.data_dir.display()))?;
-    let store = Arc::new(store);
-    let gauges: Arc<dyn crate::domain::observe::StoreGauges> = store.clone();
-    let retained: Arc<dyn RetentionStore> = store.clone();
-    let replies: Arc<dyn crate::domain::store::Replies> = store.clone();
-    let store: Arc<dyn RunStore> = store;
-    let logs = Arc::new(logsink::FileLogSink::new(args.data_dir.join("logs")));
+    let stores = super::open_store(&args.store, &args.data_dir).await?;
+    if let Some(url) = &args.store.database_url {
+        tracing::info!(message = "run store", database = %url);
+    }
+    let gauges = stores.gauges.clone();
+    let retained = stores.retention.clone();
+    let replies = stores.replies.clone();
+    let shared = stores.shared.clone();
+    let store: Arc<dyn RunStore> = stores.runs;
+    // Replicas on one PostgreSQL keep the logs there too, so any of them serves any
+    // run's log; otherwise they are files in the data dir.
+    let logs: Arc<dyn crate::domain::ports::LogSink> = match &shared {
+        Some(pool) => Arc::new(logsink::PgLogSink::new(pool.clone())),
+        None => Arc::new(logsink::FileLogSink::new(args.data_dir.join("logs"))),
+    };
     let pruner = Pruner::new(
         retained,
         logs.clone(),
         Retention::from_setting(args.retention),
     );
     let events = RunEvents::new();
+    // Run events cross replicas through PostgreSQL: a `?wait` or a log follow on this
+    // replica wakes for a run another replica's worker reports.
+    let bridge = match &shared {
+        Some(pool) => {
+            crate::pgnotify::Bridge::new(pool.clone(), events.clone())
+                .start(shutdown.clone())
+                .await
+        }
+        None => None,
+    };
     let wake = Arc::new(Notify::new());
     // Job secrets and registry passwords are read from here at each claim, never
     // before: a value exists only in the claim answer and the worker's memory.
@@ -326,6 +342,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     .context("serving HTTP")?;
     tasks.close();
     tasks.wait().await;
+    if let Some(bridge) = bridge {
+        let _ = bridge.await;
+    }
     tracing::info!(message = "stopped");
     Ok(())
 }

@@ -20,6 +20,7 @@ mod metrics;
 #[cfg(feature = "bench")]
 mod noop_runtime;
 mod openapi;
+mod postgres;
 mod quorum;
 mod registry;
 mod retention;
