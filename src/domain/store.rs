@@ -253,6 +253,21 @@ pub trait Outbox: Send + Sync + 'static {
         entries.retain(|e| e.id > after);
         Ok(entries)
     }
+    /// The relay's read when several replicas share the store: like
+    /// `pending_outbox_after`, and each entry returned is the caller's for `hold` (or
+    /// until it is marked sent or failed): another replica's relay skips it meanwhile,
+    /// so no publish goes out twice for it. A store only one process uses need not
+    /// hold anything, and by default does not.
+    async fn claim_outbox(
+        &self,
+        after: i64,
+        limit: u32,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let _ = hold;
+        self.pending_outbox_after(after, limit, now).await
+    }
     async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError>;
     async fn mark_outbox_failed(&self, id: i64, error: &str) -> Result<(), StoreError>;
     /// Publishes due and not yet confirmed, for the health report.
@@ -397,6 +412,18 @@ pub trait Replies: Send + Sync + 'static {
         limit: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<DueReply>, StoreError>;
+    /// The reply relay's read when several replicas share the store: like
+    /// `due_replies`, and each reply returned is the caller's for `hold` (until then
+    /// due for nobody else, unless it is recorded sooner). By default nothing is held.
+    async fn claim_replies(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<Vec<DueReply>, StoreError> {
+        let _ = hold;
+        self.due_replies(limit, now).await
+    }
     /// The broker confirmed the reply.
     async fn reply_sent(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// The broker returned the reply as unroutable: recorded, never tried again.
@@ -415,10 +442,41 @@ pub trait Replies: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
-/// The whole store, as services hold it (`Arc<dyn RunStore>`).
-pub trait RunStore: RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks {}
+/// Background work only one replica of a shared store does at a time (the scheduler,
+/// the lease reaper, retention): a lease per duty in the store, taken and kept by its
+/// holder, free for another once it expires or is given up. A store only one process
+/// uses has every duty always held, and by default says so.
+#[async_trait]
+pub trait Duties: Send + Sync + 'static {
+    /// Take `duty` for `holder` until `now + ttl`, or keep it: true when it is the
+    /// holder's now (it was free, had expired, or was its own already).
+    async fn hold_duty(
+        &self,
+        duty: &str,
+        holder: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let _ = (duty, holder, ttl, now);
+        Ok(true)
+    }
+    /// Give `duty` up if `holder` has it, so another replica takes it at once.
+    async fn release_duty(&self, duty: &str, holder: &str) -> Result<(), StoreError> {
+        let _ = (duty, holder);
+        Ok(())
+    }
+}
 
-impl<T: RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks> RunStore for T {}
+/// The whole store, as services hold it (`Arc<dyn RunStore>`).
+pub trait RunStore:
+    RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks + Duties
+{
+}
+
+impl<T: RunRecords + Outbox + Leases + Reconciliation + Schedules + Callbacks + Duties> RunStore
+    for T
+{
+}
 
 /// A slot as the scheduler hands it to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

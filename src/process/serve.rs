@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::Notify;
@@ -15,6 +16,7 @@ use crate::config::ServeArgs;
 use crate::domain::ports::{ControlPlane, DeliverySource, RunQueue, RunStore};
 use crate::domain::retention::Retention;
 use crate::service::control::LocalControlPlane;
+use crate::service::duty::Duty;
 use crate::service::events::RunEvents;
 use crate::service::relay::Relay;
 use crate::service::retention::Pruner;
@@ -252,12 +254,29 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         };
         tasks.spawn(consumer.run(shutdown.clone()));
     }
+    // Duties one replica at a time does, when replicas share the store: this process
+    // is named by host, PID and a random part (a restart is a new holder).
+    let replica = format!(
+        "{}/{}/{}",
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id(),
+        crate::domain::run::RunId::new()
+    );
+    let duty = |name, ttl| Duty::new(store.clone(), name, replica.clone(), ttl);
+    let reaper_duty = duty(
+        "lease-reaper",
+        (args.lease_ttl / 2).clamp(Duration::from_secs(5), Duration::from_secs(30)),
+    );
     tasks.spawn(
         control
             .as_ref()
             .clone()
-            .reap_expired_leases(shutdown.clone()),
+            .reap_expired_leases(reaper_duty, shutdown.clone()),
     );
+    let pruner = pruner.with_duty(duty(
+        "retention",
+        service::retention::EVERY + Duration::from_secs(60),
+    ));
     tasks.spawn(pruner.run(service::retention::EVERY, shutdown.clone()));
     tasks.spawn(reload_on_sighup(catalog.clone(), shutdown.clone()));
     let scheduler = service::scheduler::Scheduler::new(
@@ -268,7 +287,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         args.schedule_grace,
     );
     if args.scheduler {
-        tasks.spawn(scheduler.clone().run(shutdown.clone()));
+        let ticking = scheduler
+            .clone()
+            .with_duty(duty("scheduler", Duration::from_secs(10)));
+        tasks.spawn(ticking.run(shutdown.clone()));
     }
 
     let runtime = match source {

@@ -16,6 +16,9 @@ const BATCH: u32 = 64;
 /// Tries in flight at once, so one slow receiver does not hold up the others.
 const PARALLEL: usize = 8;
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long the deliveries a relay took stay its own in a shared store: a batch is
+/// BATCH / PARALLEL rounds of tries of at most 10 s each.
+const CLAIM_HOLD: Duration = Duration::from_secs(120);
 
 pub struct CallbackRelay {
     pub store: Arc<dyn RunStore>,
@@ -29,7 +32,11 @@ pub struct CallbackRelay {
 impl CallbackRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let busy = match self.store.due_callbacks(Utc::now(), BATCH).await {
+            let busy = match self
+                .store
+                .claim_callbacks(Utc::now(), BATCH, CLAIM_HOLD)
+                .await
+            {
                 Ok(due) if !due.is_empty() => {
                     let full = due.len() as u32 == BATCH;
                     futures::stream::iter(due)

@@ -142,14 +142,26 @@ impl LocalControlPlane {
 
     /// Turns expired leases into `lost` (or a retry) about every second until
     /// `shutdown`. It starts one lease TTL after start-up, so that workers which kept
-    /// running while the control plane was down get to renew first.
-    pub async fn reap_expired_leases(self, shutdown: tokio_util::sync::CancellationToken) {
+    /// running while the control plane was down get to renew first. With replicas, the
+    /// one holding the `duty` does it.
+    pub async fn reap_expired_leases(
+        self,
+        duty: crate::service::duty::Duty,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         let every = (self.lease_ttl / 10).clamp(Duration::from_millis(200), Duration::from_secs(1));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(self.lease_ttl) => {}
         }
         loop {
+            if !duty.held().await {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                continue;
+            }
             match self.store.expire_leases(Utc::now()).await {
                 Ok(changed) => {
                     for run_id in changed {
@@ -161,7 +173,10 @@ impl LocalControlPlane {
                 Err(error) => tracing::warn!(message = "expiring leases failed", %error),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    duty.release().await;
+                    return;
+                }
                 _ = tokio::time::sleep(every) => {}
             }
         }

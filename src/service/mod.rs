@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod callbacks;
 pub mod control;
+pub mod duty;
 pub mod events;
 pub mod relay;
 pub mod replies;

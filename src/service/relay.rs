@@ -22,6 +22,10 @@ const PASS_BATCHES: usize = 64;
 /// Also look without being woken, for entries a failed publish left behind and retries
 /// whose backoff has passed.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long a batch the relay took stays its own in a shared store (another replica's
+/// relay skips it): ample for a publish and its confirm; if this replica dies with it,
+/// another publishes it after that.
+const CLAIM_HOLD: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The longest gap between two looks for lost messages.
 const SWEEP_MAX: Duration = Duration::from_secs(60);
@@ -129,7 +133,7 @@ impl Relay {
         for _ in 0..PASS_BATCHES {
             let entries = match self
                 .store
-                .pending_outbox_after(after, BATCH, Utc::now())
+                .claim_outbox(after, BATCH, Utc::now(), CLAIM_HOLD)
                 .await
             {
                 Ok(e) => e,

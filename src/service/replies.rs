@@ -18,6 +18,9 @@ const BATCH: u32 = 64;
 /// Also look without being woken: a run that ended in another process, a retry whose
 /// delay has passed.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long the replies a relay took stay its own in a shared store (another
+/// replica's relay skips them): ample for a batch of publishes and their confirms.
+const CLAIM_HOLD: Duration = Duration::from_secs(60);
 
 pub struct ReplyRelay {
     pub store: Arc<dyn RunStore>,
@@ -50,7 +53,11 @@ impl ReplyRelay {
 
     /// One batch; true when it was full and more may be due.
     async fn send_due(&self) -> bool {
-        let due = match self.replies.due_replies(BATCH, Utc::now()).await {
+        let due = match self
+            .replies
+            .claim_replies(BATCH, Utc::now(), CLAIM_HOLD)
+            .await
+        {
             Ok(due) => due,
             Err(error) => {
                 tracing::warn!(message = "reading due replies failed", %error);

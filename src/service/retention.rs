@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::{LogSink, StoreError};
 use crate::domain::retention::{Retention, RetentionStore, keys_expired_before};
+use crate::service::duty::Duty;
 
 /// Rows per write transaction: a batch of runs holds the single writer (and every
 /// accept behind it) for its deletes in six tables and their indexes plus one fsync,
@@ -46,6 +47,8 @@ pub struct Pruner {
     retention: Retention,
     batch: u32,
     pause: Duration,
+    /// With replicas sharing the store, the one holding this duty prunes.
+    duty: Option<Duty>,
 }
 
 impl Pruner {
@@ -60,13 +63,31 @@ impl Pruner {
             retention,
             batch: BATCH,
             pause: PAUSE,
+            duty: None,
+        }
+    }
+
+    /// Prune only while this process holds `duty` (replicas sharing the store).
+    pub fn with_duty(self, duty: Duty) -> Self {
+        Self {
+            duty: Some(duty),
+            ..self
         }
     }
 
     /// `serve`'s loop: a pass at start, then one `every`, until shutdown.
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
         loop {
-            match self.prune(Utc::now(), &shutdown).await {
+            let ours = match &self.duty {
+                Some(duty) => duty.held().await,
+                None => true,
+            };
+            let pass = if ours {
+                self.prune(Utc::now(), &shutdown).await
+            } else {
+                Ok(PruneReport::default())
+            };
+            match pass {
                 Ok(report) if report == PruneReport::default() => {}
                 Ok(report) => tracing::info!(
                     message = "pruned",
@@ -81,7 +102,12 @@ impl Pruner {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    if let Some(duty) = &self.duty {
+                        duty.release().await;
+                    }
+                    return;
+                }
                 _ = tokio::time::sleep(every) => {}
             }
         }

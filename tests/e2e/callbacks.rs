@@ -21,7 +21,7 @@ const SECRET_B: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
 
 #[derive(Clone, Debug)]
 pub(crate) struct Delivery {
-    id: String,
+    pub(crate) id: String,
     timestamp: String,
     signature: String,
     pub(crate) body: String,

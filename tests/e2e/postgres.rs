@@ -207,3 +207,160 @@ async fn replicas_share_runs_logs_and_waits() {
     );
     assert_no_containers_left(&worker.worker_id).await;
 }
+
+/// Two replicas share the background duties: each callback is sent once although both
+/// run a callback relay, the scheduler, reaper and retention are each one replica's,
+/// and when that replica is killed the other takes its duties over.
+#[tokio::test]
+async fn replicas_do_each_duty_once_and_take_over_a_dead_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let db = Database::create().await;
+    let queue = unique("tasuki-test");
+    let _guard = QueueGuard(queue.clone());
+    let (rx, port) = crate::callbacks::receiver(&[]).await;
+    let options = || ServeOptions {
+        amqp_queue: Some(queue.clone()),
+        worker_token: Some(TOKEN.to_owned()),
+        // The reaper starts one lease TTL after start-up.
+        lease_ttl: Some("4s".to_owned()),
+        env: vec![
+            (
+                "TASUKI_CALLBACK_SECRETS".to_owned(),
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+            ),
+            (
+                "TASUKI_CALLBACK_ALLOW".to_owned(),
+                "127.0.0.1/32".to_owned(),
+            ),
+        ],
+        ..ServeOptions::default()
+    };
+    let (da, db_dir) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db_dir).unwrap();
+    let mut a = pg_server(&da, &db, options());
+    let mut b = pg_server(&db_dir, &db, options());
+    let worker = start_worker_with(
+        d.path(),
+        &a,
+        &queue,
+        TOKEN,
+        crate::common::WorkerSpec {
+            servers: Some(vec![a.url.clone(), b.url.clone()]),
+            concurrency: 4,
+            ..crate::common::WorkerSpec::default()
+        },
+    );
+    let body = |code: usize| {
+        json!({
+            "params": {"code": code.to_string()},
+            "callback": {"url": format!("http://127.0.0.1:{port}/hook"), "events": ["finished"]},
+        })
+        .to_string()
+    };
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let api = if i % 2 == 0 { a.client() } else { b.client() };
+        let answer = api.post_run("exit", &body(i % 3), "").await;
+        assert_eq!(answer.status, 202, "{}", answer.body);
+        ids.push(answer.body["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        a.client().wait_final(id, Duration::from_secs(60)).await;
+    }
+    rx_wait(&rx, 12).await;
+    // One more after those: by the time its delivery is in, any second delivery of an
+    // earlier event from the other replica's relay would have come too.
+    let last = a.client().post_run("exit", &body(0), "").await;
+    let last = last.body["id"].as_str().unwrap().to_owned();
+    a.client().wait_final(&last, Duration::from_secs(60)).await;
+    let got = rx_wait(&rx, 13).await;
+    let mut event_ids: Vec<String> = got.iter().map(|d| d.id.clone()).collect();
+    event_ids.sort();
+    event_ids.dedup();
+    assert_eq!(
+        (got.len(), event_ids.len()),
+        (13, 13),
+        "each event once: {got:?}"
+    );
+
+    // Each duty has one holder, one of the two replicas.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let holders = loop {
+        let holders = duty_holders(&db).await;
+        if holders.len() == 3 {
+            break holders;
+        }
+        assert!(std::time::Instant::now() < deadline, "{holders:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let names: Vec<&str> = holders.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(
+        names,
+        ["lease-reaper", "retention", "scheduler"],
+        "{holders:?}"
+    );
+    let pid_of = |holder: &str| -> u32 { holder.split('/').nth(1).unwrap().parse().unwrap() };
+    let (pa, pb) = (a.process.pid(), b.process.pid());
+    assert!(
+        holders.iter().all(|(_, h)| [pa, pb].contains(&pid_of(h))),
+        "{holders:?}"
+    );
+
+    // Kill the scheduler's holder: the other replica has every duty within the lease
+    // time (10 s for the scheduler and, at the default lease TTL, the reaper).
+    let scheduler_pid = pid_of(&holders.iter().find(|(d, _)| d == "scheduler").unwrap().1);
+    let (dead, alive) = if scheduler_pid == pa {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.process.kill9();
+    let survivor = alive.process.pid();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let holders = duty_holders(&db).await;
+        if holders
+            .iter()
+            .filter(|(d, _)| d != "retention")
+            .all(|(_, h)| pid_of(h) == survivor)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not taken over: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And runs still flow through the survivor (the worker fails over to it).
+    let run = alive
+        .client()
+        .run_and_wait("exit", json!({"code": "0"}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_no_containers_left(&worker.worker_id).await;
+}
+
+async fn rx_wait(rx: &crate::callbacks::Receiver, n: usize) -> Vec<crate::callbacks::Delivery> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = rx.got.lock().unwrap().clone();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} deliveries, wanted {n}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn duty_holders(db: &Database) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT duty, holder FROM duty_leases ORDER BY duty")
+        .fetch_all(&mut db.connect().await)
+        .await
+        .unwrap()
+}

@@ -57,6 +57,19 @@ pub trait Callbacks: Send + Sync + 'static {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<DueCallback>, StoreError>;
+    /// The callback relay's read when several replicas share the store: like
+    /// `due_callbacks`, and each delivery returned is the caller's for `hold` (due for
+    /// nobody else until then, unless its try is recorded sooner), so no event is sent
+    /// twice at once. By default nothing is held.
+    async fn claim_callbacks(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        hold: std::time::Duration,
+    ) -> Result<Vec<DueCallback>, StoreError> {
+        let _ = hold;
+        self.due_callbacks(now, limit).await
+    }
     /// Record one try: `tries` rises by one, the result and what follows it are stored.
     async fn record_callback_try(
         &self,

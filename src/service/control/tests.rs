@@ -77,6 +77,9 @@ fn spec() -> ResolvedSpec {
     }
 }
 
+/// One control plane: every duty is its own.
+impl crate::domain::store::Duties for FakeStore {}
+
 #[async_trait]
 impl RunRecords for FakeStore {
     async fn ping(&self) -> Result<(), StoreError> {

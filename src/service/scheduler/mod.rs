@@ -30,6 +30,7 @@ use crate::domain::job_lookup::JobLookup;
 use crate::domain::ports::{Clock, FireResult, RunStore, SlotKey, StoreError};
 use crate::domain::run::Trigger;
 use crate::domain::schedule::{PlannedSlot, ScheduleSpec, SlotAction, plan_due};
+use crate::service::duty::Duty;
 use crate::service::runs::Runs;
 
 /// At most this many slots of one schedule are handled in one tick; the rest wait for
@@ -66,6 +67,8 @@ pub struct Scheduler {
     /// A slot this late when the scheduler first sees it was missed (the scheduler was
     /// not running): the schedule's catch-up policy decides. Earlier ones are on time.
     grace: Duration,
+    /// With replicas sharing the store, the one holding this duty ticks.
+    duty: Option<Arc<Duty>>,
 }
 
 impl Scheduler {
@@ -82,6 +85,15 @@ impl Scheduler {
             runs,
             clock,
             grace,
+            duty: None,
+        }
+    }
+
+    /// Tick only while this process holds `duty` (replicas sharing the store).
+    pub fn with_duty(self, duty: Duty) -> Self {
+        Self {
+            duty: Some(Arc::new(duty)),
+            ..self
         }
     }
 
@@ -97,15 +109,26 @@ impl Scheduler {
                 .sum::<usize>()
         );
         loop {
-            let now = self.clock.now();
-            if let Err(error) = self.tick(now).await {
-                tracing::warn!(message = "scheduler tick failed; trying again", %error);
-            }
-            let wait = self.sleep_for(self.clock.now());
+            let ours = match &self.duty {
+                Some(duty) => duty.held().await,
+                None => true,
+            };
+            let wait = if ours {
+                let now = self.clock.now();
+                if let Err(error) = self.tick(now).await {
+                    tracing::warn!(message = "scheduler tick failed; trying again", %error);
+                }
+                self.sleep_for(self.clock.now())
+            } else {
+                MAX_SLEEP
+            };
             tokio::select! {
                 _ = stopping.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+        if let Some(duty) = &self.duty {
+            duty.release().await;
         }
         tracing::info!(message = "scheduler stopped");
     }

@@ -172,6 +172,46 @@ impl Callbacks for PgStore {
             .collect()
     }
 
+    /// One statement, outside any SERIALIZABLE transaction: the deliveries taken are
+    /// due again only at `now + hold` (or when their try is recorded), and
+    /// `FOR UPDATE SKIP LOCKED` passes over those another relay is taking this instant.
+    async fn claim_callbacks(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        hold: std::time::Duration,
+    ) -> Result<Vec<DueCallback>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE callback_deliveries SET next_try_at = $3 WHERE id IN (\
+               SELECT id FROM callback_deliveries \
+               WHERE delivered_at IS NULL AND NOT gave_up AND next_try_at <= $1 \
+               ORDER BY next_try_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, run_id, url, event, event_id, created_at, tries",
+        )
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .bind(ms(now).saturating_add(super::super::common::ttl_ms(hold)))
+        .fetch_all(self.pool())
+        .await
+        .map_err(store_db)?;
+        let mut due = rows
+            .iter()
+            .map(|row| {
+                Ok(DueCallback {
+                    id: col(row, "id")?,
+                    run_id: run_id_col(row, "run_id")?,
+                    url: col(row, "url")?,
+                    event: col(row, "event")?,
+                    event_id: col(row, "event_id")?,
+                    created_at: time_col(row, "created_at")?,
+                    tries: tries_col(row)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        due.sort_by_key(|d| d.id);
+        Ok(due)
+    }
+
     async fn record_callback_try(
         &self,
         id: i64,

@@ -12,6 +12,7 @@
 
 mod admission;
 mod callbacks;
+mod duties;
 mod gauges;
 mod leases;
 mod outbox;

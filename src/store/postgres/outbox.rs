@@ -5,7 +5,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::super::common::ms;
+use std::time::Duration;
+
+use super::super::common::{ms, ttl_ms};
 use super::{PgStore, Tx, attempt_col, col, db, run_id_col, store_db, write};
 use crate::domain::ports::{Outbox, OutboxBacklog, OutboxEntry, RunMessage, StoreError};
 use crate::domain::run::RunId;
@@ -68,8 +70,8 @@ async fn mark_sent(c: &mut PgConnection, ids: &[i64], now: DateTime<Utc>) -> Tx<
 /// A publish failed; it stays pending for the relay's next pass.
 async fn mark_failed(c: &mut PgConnection, id: i64, error: &str) -> Tx<()> {
     sqlx::query(
-        "UPDATE outbox SET tries = tries + 1, last_error = $1, last_try_failed = TRUE \
-         WHERE id = $2",
+        "UPDATE outbox SET tries = tries + 1, last_error = $1, last_try_failed = TRUE, \
+         claimed_until = NULL WHERE id = $2",
     )
     .bind(error)
     .bind(id)
@@ -82,7 +84,7 @@ async fn mark_failed(c: &mut PgConnection, id: i64, error: &str) -> Tx<()> {
 /// Every still-queued, admitted run's publish of its next attempt is pending again.
 async fn requeue(c: &mut PgConnection) -> Tx<u64> {
     let requeued = sqlx::query(
-        "UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL AND id IN (\
+        "UPDATE outbox SET sent_at = NULL, claimed_until = NULL WHERE sent_at IS NOT NULL AND id IN (\
            SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
            WHERE r.status = 'queued' AND r.admitted AND o.attempt = r.attempt + 1)",
     )
@@ -101,7 +103,7 @@ async fn republish(
     now: DateTime<Utc>,
 ) -> Tx<Vec<RunId>> {
     let rows = sqlx::query(
-        "UPDATE outbox SET sent_at = NULL, \
+        "UPDATE outbox SET sent_at = NULL, claimed_until = NULL, \
          last_error = 'published again: the queue no longer held it' \
          WHERE sent_at IS NOT NULL AND sent_at < $1 AND id IN (\
            SELECT o.id FROM outbox o JOIN runs r ON r.id = o.run_id \
@@ -160,6 +162,47 @@ impl Outbox for PgStore {
                 })
             })
             .collect()
+    }
+
+    /// One statement, outside any SERIALIZABLE transaction: `FOR UPDATE SKIP LOCKED`
+    /// passes over rows another relay is taking this instant, and `claimed_until` over
+    /// the ones it took earlier and has not marked yet.
+    async fn claim_outbox(
+        &self,
+        after: i64,
+        limit: u32,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox SET claimed_until = $4 WHERE id IN (\
+               SELECT id FROM outbox WHERE sent_at IS NULL AND id > $1 \
+                 AND (not_before IS NULL OR not_before <= $2) \
+                 AND (claimed_until IS NULL OR claimed_until <= $2) \
+               ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, run_id, attempt",
+        )
+        .bind(after)
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .bind(ms(now).saturating_add(ttl_ms(hold)))
+        .fetch_all(self.pool())
+        .await
+        .map_err(store_db)?;
+        let mut entries = rows
+            .iter()
+            .map(|row| {
+                Ok(OutboxEntry {
+                    id: col(row, "id")?,
+                    message: RunMessage {
+                        run_id: run_id_col(row, "run_id")?,
+                        attempt: attempt_col(row, "attempt")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        entries.sort_by_key(|e| e.id);
+        Ok(entries)
     }
 
     async fn mark_outbox_sent(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError> {

@@ -223,6 +223,48 @@ impl Replies for PgStore {
             .collect()
     }
 
+    /// One statement, outside any SERIALIZABLE transaction: the replies taken are due
+    /// again only at `now + hold` (or once recorded), and `FOR UPDATE SKIP LOCKED`
+    /// passes over those another relay is taking this instant.
+    async fn claim_replies(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        hold: std::time::Duration,
+    ) -> Result<Vec<DueReply>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE run_replies SET next_try_at = $4 WHERE id IN (\
+               SELECT id FROM run_replies \
+               WHERE state = $1 AND (next_try_at IS NULL OR next_try_at <= $2) \
+               ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, run_id, kind, reply_to, correlation_id, tries",
+        )
+        .bind(ReplyState::Pending.as_str())
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .bind(ms(now).saturating_add(super::super::common::ttl_ms(hold)))
+        .fetch_all(self.pool())
+        .await
+        .map_err(store_db)?;
+        let mut due = rows
+            .iter()
+            .map(|row| {
+                Ok(DueReply {
+                    id: col(row, "id")?,
+                    run_id: run_id_col(row, "run_id")?,
+                    kind: kind_col(row)?,
+                    address: ReplyAddress {
+                        to: col(row, "reply_to")?,
+                        correlation_id: col(row, "correlation_id")?,
+                    },
+                    tries: tries_col(row)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        due.sort_by_key(|d| d.id);
+        Ok(due)
+    }
+
     async fn reply_sent(&self, id: i64, now: DateTime<Utc>) -> Result<(), StoreError> {
         write!(self, |c| settle(c, id, Settled::Sent { at: now }))
     }

@@ -123,6 +123,9 @@ impl SqliteStore {
     }
 }
 
+/// One process uses a SQLite store: every duty is its own (the port's defaults).
+impl crate::domain::store::Duties for SqliteStore {}
+
 /// The newest migration this build has.
 fn known_schema() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
