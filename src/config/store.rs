@@ -84,12 +84,12 @@ impl DatabaseUrl {
 fn redact(text: &str) -> String {
     match url::Url::parse(text) {
         Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("[redacted]"));
+            let _ = url.set_password(Some("***"));
             url.to_string()
         }
         Ok(url) => url.to_string(),
         Err(_) => match text.split_once('@') {
-            Some((_, rest)) => format!("[redacted]@{rest}"),
+            Some((_, rest)) => format!("***@{rest}"),
             None => text.to_owned(),
         },
     }
@@ -120,7 +120,10 @@ mod tests {
         assert!(pg.is_postgres());
         let shown = format!("{pg} {pg:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("db.internal:5432/tasuki"), "{shown}");
+        assert!(
+            shown.contains("postgres://tasuki:***@db.internal:5432/tasuki"),
+            "{shown}"
+        );
         assert_eq!(
             DatabaseUrl::parse("sqlite:///var/lib/tasuki/tasuki.db").unwrap(),
             DatabaseUrl::Sqlite(PathBuf::from("/var/lib/tasuki/tasuki.db"))

@@ -97,7 +97,11 @@ impl PgStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("the database URL is not usable: {e}")))?;
-        let options = options.application_name("tasuki");
+        // PostgreSQL's notices (a migration's "already exists, skipping") are not
+        // worth a log line each start.
+        let options = options
+            .application_name("tasuki")
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
