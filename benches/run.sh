@@ -4,6 +4,8 @@
 #   benches/run.sh            every section (several minutes on 2 cores)
 #   benches/run.sh --quick    shorter loads, fewer samples (a smoke run)
 #   benches/run.sh accepts    only the named sections (`--list` names them)
+#   TASUKI_BENCH_POSTGRES=postgres://.../postgres benches/run.sh control
+#                             the same on PostgreSQL: each `serve` gets a new database
 # Sets up what it needs first (a Docker engine, RabbitMQ, the example image), as
 # tests/run.sh does, then builds release and runs `cargo bench --bench perf`.
 set -euo pipefail

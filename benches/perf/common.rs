@@ -328,6 +328,11 @@ impl Serve {
         if let Some(token) = &config.worker_token {
             args.extend(["--worker-token".into(), token.clone()]);
         }
+        if config.data_dir.is_none()
+            && let Some(url) = postgres_database(&worker_id)?
+        {
+            args.extend(["--database-url".into(), url]);
+        }
         args.extend(config.extra_args.iter().cloned());
         let started = Instant::now();
         let proc = Proc::spawn(&args, &config.env, dir.join("serve.log"))?;
@@ -416,4 +421,25 @@ pub fn delete_queues(queue: &str) {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// With `TASUKI_BENCH_POSTGRES` (a maintenance database URL, e.g.
+/// `postgres://tasuki_test:tasuki_test@127.0.0.1:5432/postgres`), a fresh `serve` gets a
+/// PostgreSQL database of its own instead of SQLite in its data dir: the URL of a new,
+/// empty database made with `psql` (left afterwards, for a look at what the run
+/// stored). `None` without the variable.
+fn postgres_database(name: &str) -> anyhow::Result<Option<String>> {
+    let Ok(admin) = std::env::var("TASUKI_BENCH_POSTGRES") else {
+        return Ok(None);
+    };
+    let db = name.replace('-', "_").to_lowercase();
+    let status = Command::new("psql")
+        .args([admin.as_str(), "-qc", &format!("CREATE DATABASE {db}")])
+        .status()
+        .context("running psql to make the bench's database")?;
+    if !status.success() {
+        bail!("psql could not create database {db} on TASUKI_BENCH_POSTGRES");
+    }
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Ok(Some(format!("{base}/{db}")))
 }
