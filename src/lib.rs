@@ -3,11 +3,12 @@
 //! A tour: `domain` holds the pure types (jobs, runs, outcomes) and the ports the
 //! services need; `service` holds the use cases (accept a run, relay the outbox, run a
 //! worker, answer workers as the control plane); the adapters implement the ports:
-//! `store` (SQLite), `amqp` (RabbitMQ), `memqueue` (in-process queue), `docker`
-//! (bollard), `logsink` (files), `secrets` (`serve`'s environment and files), `client`
-//! (HTTP to a remote control plane), `http` (the axum API), `metrics` (Prometheus, the
-//! observers' side). This file (the commands) and `process/` (one module per
-//! long-running process) are the one place where concrete adapters meet.
+//! `store` (SQLite or PostgreSQL, and `store::copy` between them), `amqp` (RabbitMQ),
+//! `memqueue` (in-process queue), `docker` (bollard), `logsink` (files), `secrets`
+//! (`serve`'s environment and files), `client` (HTTP to a remote control plane), `http`
+//! (the axum API), `metrics` (Prometheus, the observers' side). This file (the
+//! commands) and `process/` (one module per long-running process, and `store copy`)
+//! are the one place where concrete adapters meet.
 
 pub mod amqp;
 pub mod callback;
@@ -33,7 +34,7 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 
-pub use process::{serve, worker};
+pub use process::{serve, store_copy, worker};
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::CatalogDirs;
-use crate::config::{Command, JobsCommand, PruneArgs, RunsCommand};
+use crate::config::{Command, JobsCommand, PruneArgs, RunsCommand, StoreCommand};
 use crate::domain::retention::Retention;
 use crate::service::retention::Pruner;
 use crate::service::session::SessionError;
@@ -67,6 +68,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         )),
         Command::Jobs(JobsCommand::Reload { server }) => Ok(cli::reload_jobs(server).await),
         Command::Runs(RunsCommand::Prune(args)) => prune(args, shutdown).await,
+        Command::Store(StoreCommand::Copy(args)) => store_copy(args).await,
         Command::Schedules(cmd) => Ok(cli::schedules::command(cmd).await),
         Command::Token(cmd) => Ok(cli::token::command(cmd)),
     }

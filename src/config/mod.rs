@@ -1,11 +1,13 @@
 //! Command line and environment: every option also reads a `TASUKI_*` variable. The
 //! server's config file (tokens, limits, container policy, registries) is `server`.
 
+mod copy;
 mod queue;
 pub mod server;
 mod store;
 pub mod tokens;
 
+pub use copy::{CopyArgs, LogPlace, StoreCommand};
 pub use queue::{QueueOptions, QueueType};
 pub use store::{DatabaseUrl, StoreOptions};
 
@@ -62,6 +64,10 @@ pub enum Command {
     /// Work with stored runs (in the data dir, without a server).
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Work with run stores without a server: copy one into another (from SQLite to
+    /// PostgreSQL).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// See and steer job schedules on a running server: next fire times, past slots,
     /// pause, resume, backfill.
     #[command(subcommand)]

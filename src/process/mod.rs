@@ -1,11 +1,14 @@
 //! One module per long-running process of the binary, where `lib.rs` hands over the
 //! choosing and wiring of concrete adapters: `serve` (the control plane, embedded worker
-//! included) and `worker` (a remote worker).
+//! included) and `worker` (a remote worker); and `copy`, `tasuki store copy`, which
+//! wires two stores and their log sinks.
 
+mod copy;
 mod files;
 mod serve;
 mod worker;
 
+pub use copy::store_copy;
 pub use serve::serve;
 pub use worker::worker;
 

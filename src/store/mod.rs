@@ -4,6 +4,7 @@
 //! Both have the same columns, so `tasuki store copy` moves rows between them.
 
 mod common;
+pub mod copy;
 mod postgres;
 mod sqlite;
 #[cfg(test)]

@@ -27,6 +27,7 @@ mod retention;
 mod schedules;
 mod secrets;
 mod sessions;
+mod store_copy;
 mod tls;
 mod ui;
 mod usage;
