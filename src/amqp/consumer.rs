@@ -7,7 +7,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection};
 
-use super::{QueueKind, connect, declare_topology, unavailable};
+use super::{Brokers, QueueKind, declare_topology, unavailable};
 use crate::domain::ports::{Delivery, DeliveryHandle, DeliverySource, QueueError};
 use crate::protocol::parse_run_message;
 
@@ -16,7 +16,7 @@ use crate::protocol::parse_run_message;
 /// `next()` only while it holds a free slot, so the broker never has a delivery waiting
 /// unacked here while every slot is busy.
 pub struct AmqpSource {
-    url: String,
+    brokers: Brokers,
     queue: String,
     name: String,
     conn: Option<(Connection, Channel)>,
@@ -25,9 +25,10 @@ pub struct AmqpSource {
 }
 
 impl AmqpSource {
-    pub fn new(url: &str, queue: &str, worker_id: &str) -> Self {
+    /// `urls`: the broker's nodes, tried in turn (see [`Brokers`]).
+    pub fn new(urls: &[String], queue: &str, worker_id: &str) -> Self {
         Self {
-            url: url.to_owned(),
+            brokers: Brokers::new(urls),
             queue: queue.to_owned(),
             name: worker_id.to_owned(),
             conn: None,
@@ -50,7 +51,10 @@ impl AmqpSource {
             return Ok(channel.clone());
         }
         self.conn = None;
-        let conn = connect(&self.url, &format!("tasuki worker {}", self.name)).await?;
+        let conn = self
+            .brokers
+            .connect(&format!("tasuki worker {}", self.name))
+            .await?;
         let channel = conn.create_channel().await.map_err(unavailable)?;
         declare_topology(&channel, &self.queue, self.kind).await?;
         // Per consumer (global = false): each short-lived consumer gets at most one.

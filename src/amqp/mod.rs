@@ -1,7 +1,8 @@
 //! RabbitMQ through lapin: the run queue's topology, a confirming publisher (the outbox
 //! relay's `RunQueue`), a slot-aware consumer (the worker's `DeliverySource`), the
 //! request queue's consumer (`RequestConsumer`) and the replies to its producers
-//! (`AmqpReplier`, the reply relay's `ReplySink`).
+//! (`AmqpReplier`, the reply relay's `ReplySink`). Each connects to the first of its
+//! broker URLs (`Brokers`: the nodes of one cluster) that answers.
 //!
 //! Topology: a durable queue `{queue}` whose rejected messages dead-letter (default
 //! exchange) into the durable queue `{queue}.dead`. Both are declared with their final
@@ -9,6 +10,7 @@
 //! classic queues, or quorum queues (`QueueKind::Quorum`, replicated on a cluster) whose
 //! messages also dead-letter once returned to the queue more than `delivery_limit` times.
 
+mod brokers;
 mod consumer;
 mod publisher;
 mod replier;
@@ -16,10 +18,11 @@ mod requests;
 
 use std::time::Duration;
 
+use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties};
 
+pub use brokers::Brokers;
 pub use consumer::AmqpSource;
 pub use publisher::AmqpPublisher;
 pub use replier::AmqpReplier;
@@ -27,7 +30,7 @@ pub use requests::RequestConsumer;
 
 use crate::domain::ports::QueueError;
 
-/// How long connecting may take before it counts as the broker being down.
+/// How long connecting to one broker may take before it counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which kind of queue the run and request queues (and their dead-letter queues) are.
@@ -72,16 +75,6 @@ pub fn dead_letter_queue(queue: &str) -> String {
 
 fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
-}
-
-async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
-    let props =
-        ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(unavailable(format!("connecting to the broker: {e}"))),
-        Err(_) => Err(unavailable("connecting to the broker timed out")),
-    }
 }
 
 /// The broker refused a declaration: a queue of that name that exists with other

@@ -8,14 +8,14 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{QueueKind, connect, declare_topology, unavailable};
+use super::{Brokers, QueueKind, declare_topology, unavailable};
 use crate::domain::ports::{QueueError, RunMessage, RunQueue};
 use crate::protocol::RunMessageV1;
 
 /// Publishes run messages as persistent, mandatory messages on a confirm channel. The
 /// connection is made on first use and made again after any failure.
 pub struct AmqpPublisher {
-    url: String,
+    brokers: Brokers,
     queue: String,
     conn: Mutex<Option<(Connection, Channel)>>,
     /// Whether the last attempt to reach the broker worked (for `ping` during a publish).
@@ -120,9 +120,10 @@ where
 }
 
 impl AmqpPublisher {
-    pub fn new(url: &str, queue: &str) -> Self {
+    /// `urls`: the broker's nodes, tried in turn (see [`Brokers`]).
+    pub fn new(urls: &[String], queue: &str) -> Self {
         Self {
-            url: url.to_owned(),
+            brokers: Brokers::new(urls),
             queue: queue.to_owned(),
             conn: Mutex::new(None),
             connected: AtomicBool::new(false),
@@ -153,7 +154,7 @@ impl AmqpPublisher {
             return Ok(channel.clone());
         }
         *slot = None;
-        let conn = connect(&self.url, "tasuki publisher").await?;
+        let conn = self.brokers.connect("tasuki publisher").await?;
         let channel = conn.create_channel().await.map_err(unavailable)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Mutex;
 
 use super::publisher::confirmation_result;
-use super::{connect, unavailable};
+use super::{Brokers, unavailable};
 use crate::domain::ports::{QueueError, ReplySink};
 use crate::domain::reply::{ReplyAddress, ReplyKind};
 use crate::domain::run::Run;
@@ -21,7 +21,7 @@ use crate::protocol::api::RunV1;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AmqpReplier {
-    url: String,
+    brokers: Brokers,
     conn: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -31,9 +31,10 @@ pub(super) fn text(value: impl Into<String>) -> AMQPValue {
 }
 
 impl AmqpReplier {
-    pub fn new(url: &str) -> Self {
+    /// `urls`: the broker's nodes, tried in turn (see [`Brokers`]).
+    pub fn new(urls: &[String]) -> Self {
         Self {
-            url: url.to_owned(),
+            brokers: Brokers::new(urls),
             conn: Mutex::new(None),
         }
     }
@@ -53,7 +54,7 @@ impl AmqpReplier {
             }
             _ => {
                 *slot = None;
-                let conn = connect(&self.url, "tasuki replies").await?;
+                let conn = self.brokers.connect("tasuki replies").await?;
                 let channel = conn.create_channel().await.map_err(unavailable)?;
                 channel
                     .confirm_select(ConfirmSelectOptions::default())

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::replier::{AmqpReplier, text};
-use super::{QueueKind, connect, dead_letter_queue, declare_topology, unavailable};
+use super::{Brokers, QueueKind, dead_letter_queue, declare_topology, unavailable};
 use crate::domain::ports::QueueError;
 use crate::domain::reply::{ReplyAddress, Requester};
 use crate::domain::store::Replies;
@@ -31,7 +31,8 @@ const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 pub struct RequestConsumer {
-    pub url: String,
+    /// The broker's nodes, tried in turn.
+    pub brokers: Brokers,
     pub queue: String,
     pub kind: QueueKind,
     pub runs: Runs,
@@ -105,7 +106,7 @@ impl RequestConsumer {
     /// Consume until the connection fails (`Err`) or shutdown (`Ok`). A request in hand
     /// is finished before shutdown is looked at.
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), QueueError> {
-        let conn: Connection = connect(&self.url, "tasuki requests").await?;
+        let conn: Connection = self.brokers.connect("tasuki requests").await?;
         let channel = conn.create_channel().await.map_err(unavailable)?;
         declare_topology(&channel, &self.queue, self.kind).await?;
         channel

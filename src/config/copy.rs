@@ -20,12 +20,12 @@ pub enum StoreCommand {
 pub struct CopyArgs {
     /// The store to copy from, not in use: `sqlite://PATH` (e.g.
     /// sqlite://data/tasuki.db) or `postgres://user:password@host:5432/database`.
-    #[arg(long, env = "TASUKI_COPY_FROM", value_parser = DatabaseUrl::parse)]
+    #[arg(long, env = "TASUKI_COPY_FROM", value_parser = super::store::DatabaseUrlParser, hide_env_values = true)]
     pub from: DatabaseUrl,
 
     /// The store to copy into: made and migrated if need be, and refused unless it
     /// holds no runs (nor any other row).
-    #[arg(long, env = "TASUKI_COPY_TO", value_parser = DatabaseUrl::parse)]
+    #[arg(long, env = "TASUKI_COPY_TO", value_parser = super::store::DatabaseUrlParser, hide_env_values = true)]
     pub to: DatabaseUrl,
 
     /// A SQLite source's log directory [default: `logs` beside its database file].

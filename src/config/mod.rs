@@ -8,6 +8,7 @@ mod store;
 pub mod tokens;
 
 pub use copy::{CopyArgs, LogPlace, StoreCommand};
+use queue::AmqpUrlParser;
 pub use queue::{QueueOptions, QueueType};
 pub use store::{DatabaseUrl, StoreOptions};
 
@@ -196,10 +197,13 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub store: StoreOptions,
 
-    /// RabbitMQ URL (`amqp://user:pass@host:5672/%2f`). Without it runs go through an
-    /// in-process queue and an embedded worker.
-    #[arg(long, env = "TASUKI_AMQP_URL")]
-    pub amqp_url: Option<String>,
+    /// RabbitMQ URL (`amqp://user:pass@host:5672/%2f`); repeated (or comma-separated
+    /// in the variable) for the nodes of one cluster, tried in order at every
+    /// (re)connect: when the node in use goes away, the next that answers. Without it
+    /// runs go through an in-process queue and an embedded worker.
+    #[arg(long, env = "TASUKI_AMQP_URL", value_delimiter = ',', value_parser = AmqpUrlParser,
+          hide_env_values = true)]
+    pub amqp_url: Vec<String>,
 
     #[command(flatten)]
     pub queue: QueueOptions,
@@ -328,9 +332,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASUKI_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
-    /// RabbitMQ URL.
-    #[arg(long, env = "TASUKI_AMQP_URL")]
-    pub amqp_url: String,
+    /// RabbitMQ URL; repeated (or comma-separated in the variable) for the nodes of
+    /// one cluster, tried in order at every (re)connect: when the node in use goes
+    /// away, the next that answers.
+    #[arg(long, env = "TASUKI_AMQP_URL", value_delimiter = ',', value_parser = AmqpUrlParser,
+          required = true, hide_env_values = true)]
+    pub amqp_url: Vec<String>,
 
     #[command(flatten)]
     pub queue: QueueOptions,

@@ -12,7 +12,7 @@ pub struct StoreOptions {
     /// any number of `serve` replicas may share; libpq's `sslmode`, `sslrootcert` and
     /// friends as query parameters), or `sqlite://PATH` (a SQLite file). Without it:
     /// SQLite in `{data-dir}/tasuki.db`.
-    #[arg(long, env = "TASUKI_DATABASE_URL", value_parser = DatabaseUrl::parse)]
+    #[arg(long, env = "TASUKI_DATABASE_URL", value_parser = DatabaseUrlParser, hide_env_values = true)]
     pub database_url: Option<DatabaseUrl>,
 
     /// PostgreSQL only: the most connections this process opens.
@@ -31,6 +31,35 @@ impl StoreOptions {
         self.database_url
             .clone()
             .unwrap_or_else(|| DatabaseUrl::Sqlite(data_dir.join("tasuki.db")))
+    }
+}
+
+/// Parses `--database-url` without clap's echo of a refused value (it would print the
+/// password); `DatabaseUrl::parse` says what is wrong with the password hidden.
+#[derive(Clone, Copy)]
+pub(super) struct DatabaseUrlParser;
+
+impl clap::builder::TypedValueParser for DatabaseUrlParser {
+    type Value = DatabaseUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<DatabaseUrl, clap::Error> {
+        let arg = arg.map_or_else(|| "--database-url".into(), ToString::to_string);
+        let refused = |message: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{arg}': {message}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refused("not UTF-8".to_owned()))?;
+        DatabaseUrl::parse(text).map_err(refused)
     }
 }
 
@@ -81,7 +110,7 @@ impl DatabaseUrl {
 }
 
 /// A URL with its password replaced, for messages and logs.
-fn redact(text: &str) -> String {
+pub(super) fn redact(text: &str) -> String {
     match url::Url::parse(text) {
         Ok(mut url) if url.password().is_some() => {
             let _ = url.set_password(Some("***"));

@@ -62,3 +62,69 @@ fn params_split_at_the_first_equals() {
     assert!(param("=x").is_err());
     assert!(param("novalue").is_err());
 }
+
+#[test]
+fn amqp_urls_are_repeated_or_comma_separated_and_refused_without_their_password() {
+    let worker = |extra: &[&str]| {
+        let mut args = vec!["tasuki", "worker", "--worker-token", "t"];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).map(|cli| match cli.command {
+            Command::Worker(w) => w.amqp_url,
+            _ => panic!("not worker"),
+        })
+    };
+    let a = "amqp://u:p@rabbit-a:5672/%2f";
+    let b = "amqp://u:p@rabbit-b:5672/%2f";
+    assert_eq!(worker(&["--amqp-url", a]).unwrap(), [a]);
+    assert_eq!(worker(&["--amqp-url", a, "--amqp-url", b]).unwrap(), [a, b]);
+    assert_eq!(
+        worker(&["--amqp-url", &format!("{a}, {b}")]).unwrap(),
+        [a, b]
+    );
+    // A worker needs one; serve runs without any.
+    assert!(worker(&[]).is_err());
+    let Command::Serve(serve) = Cli::try_parse_from(["tasuki", "serve"]).unwrap().command else {
+        panic!("not serve")
+    };
+    assert!(serve.amqp_url.is_empty());
+    for bad in [
+        "rabbit-a:5672",
+        "http://u:s3cret@rabbit-a/",
+        "amqp://u:s3,cret@rabbit-a/",
+    ] {
+        let e = worker(&["--amqp-url", bad]).unwrap_err().to_string();
+        assert!(
+            !e.contains("s3cret") && !e.contains("cret@") && !e.contains("u:s3"),
+            "{e}"
+        );
+    }
+}
+
+/// A refused database URL is named without its password, by clap too.
+#[test]
+fn a_refused_database_url_never_shows_its_password() {
+    let err = Cli::try_parse_from([
+        "tasuki",
+        "serve",
+        "--database-url",
+        "mysql://root:hunter2@db/tasuki",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--database-url") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let err = Cli::try_parse_from([
+        "tasuki",
+        "store",
+        "copy",
+        "--from",
+        "postgres://u:hunter2@/db",
+        "--to",
+        "sqlite://x.db",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+}

@@ -164,8 +164,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 
     // The queue: RabbitMQ, or in-process. The in-process one forgets everything when
     // the process ends, so every run still waiting is published to it again.
-    let (queue, source): (Arc<dyn RunQueue>, Option<Box<dyn DeliverySource>>) = match &args.amqp_url
-    {
+    let amqp_urls = (!args.amqp_url.is_empty()).then_some(args.amqp_url.as_slice());
+    let (queue, source): (Arc<dyn RunQueue>, Option<Box<dyn DeliverySource>>) = match amqp_urls {
         Some(url) => {
             let source = args.embedded_worker.then(|| {
                 Box::new(
@@ -227,7 +227,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         shutdown.clone(),
     ));
     // Producers on the request queue, and the replies owed to them.
-    if let Some(url) = &args.amqp_url {
+    if let Some(url) = amqp_urls {
         let replier = Arc::new(amqp::AmqpReplier::new(url));
         let replies_wake = Arc::new(tokio::sync::Notify::new());
         let reply_relay = service::replies::ReplyRelay {
@@ -243,7 +243,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             shutdown.clone(),
         ));
         let consumer = amqp::RequestConsumer {
-            url: url.clone(),
+            brokers: amqp::Brokers::new(url),
             queue: args.request_queue.clone(),
             kind: super::queue_kind(&args.queue),
             runs: runs.clone(),
