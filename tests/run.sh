@@ -25,6 +25,7 @@ source tests/setup.sh
 ensure_docker
 ensure_rabbitmq
 ensure_postgres
+ensure_socat
 ensure_openssl
 ensure_chromium
 ensure_busybox

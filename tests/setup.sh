@@ -55,6 +55,11 @@ ensure_rabbitmq() {
 # TASUKI_TEST_POSTGRES names the maintenance database URL the tests connect to.
 pg_reachable() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 ensure_postgres() {
+  # The chaos tests start PostgreSQL instances of their own with initdb and pg_ctl.
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    log "installing postgresql (initdb for the chaos tests)"
+    apt_install postgresql
+  fi
   if [ -n "${TASUKI_TEST_POSTGRES:-}" ]; then return; fi   # someone else's server
   if ! pg_reachable; then
     if ! command -v pg_ctlcluster >/dev/null 2>&1; then
@@ -196,4 +201,16 @@ ensure_chromium() {
   if [ -z "$apt_updated" ]; then as_root apt-get update -q >/dev/null; apt_updated=1; fi
   DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -q \
     --no-install-recommends chromium chromium-driver >/dev/null
+}
+
+# The network namespace chaos tests (tests/serial/netns/) bridge RabbitMQ and each
+# replica's API in and out of their namespaces with socat, and make the namespaces with
+# iproute2's ip (and look at listeners with its ss).
+ensure_socat() {
+  local missing=()
+  command -v socat >/dev/null 2>&1 || missing+=(socat)
+  command -v ip >/dev/null 2>&1 && command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+  if [ "${#missing[@]}" -eq 0 ]; then return; fi
+  log "installing ${missing[*]}"
+  apt_install -o DPkg::Lock::Timeout=600 "${missing[@]}"
 }

@@ -79,7 +79,10 @@ impl DatabaseUrl {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             let url = url::Url::parse(text)
                 .map_err(|e| format!("not a PostgreSQL URL ({e}): {}", redact(text)))?;
-            if url.host_str().is_none_or(str::is_empty) {
+            // A unix socket directory comes as `?host=/path` (libpq's form, which sqlx
+            // reads too), with no host in the authority.
+            let socket_dir = url.query_pairs().any(|(k, v)| k == "host" && !v.is_empty());
+            if url.host_str().is_none_or(str::is_empty) && !socket_dir {
                 return Err(format!(
                     "the PostgreSQL URL names no host: {}",
                     redact(text)
@@ -153,6 +156,12 @@ mod tests {
             shown.contains("postgres://tasuki:***@db.internal:5432/tasuki"),
             "{shown}"
         );
+        // A unix socket directory as libpq names it.
+        let socket = "postgres:///tasuki?host=/run/postgresql&port=5433&user=tasuki";
+        assert_eq!(
+            DatabaseUrl::parse(socket).unwrap(),
+            DatabaseUrl::Postgres(socket.to_owned())
+        );
         assert_eq!(
             DatabaseUrl::parse("sqlite:///var/lib/tasuki/tasuki.db").unwrap(),
             DatabaseUrl::Sqlite(PathBuf::from("/var/lib/tasuki/tasuki.db"))
@@ -165,6 +174,7 @@ mod tests {
             "mysql://root@h/db",
             "sqlite://",
             "postgres:///db",
+            "postgres:///db?host=",
             "data/tasuki.db",
         ] {
             let e = DatabaseUrl::parse(bad).unwrap_err();

@@ -1214,3 +1214,42 @@ pub async fn wait_for_queue(name: &str) {
     }
     let _ = conn.close(200, "bye".into()).await;
 }
+
+// ---------------------------------------------------------------------------------
+// Network namespaces (tests/serial/netns.rs)
+
+impl Process {
+    /// Like `spawn_with_env`, in network namespace `netns` (`ip netns exec NETNS tasuki
+    /// ...`; `ip` execs the binary, so the PID is tasuki's own).
+    pub fn spawn_in_netns(
+        netns: &str,
+        args: &[String],
+        dir: &Path,
+        worker_id: &str,
+        name: &str,
+        env: &[(String, String)],
+    ) -> Process {
+        let log = dir.join(format!("{name}-{}.log", unique("p")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns, BIN])
+            .args(args)
+            .env("TASUKI_LOG", "info,tasuki=debug");
+        for key in SCRUBBED_ENV {
+            command.env_remove(key);
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn ip netns exec tasuki");
+        Process {
+            child,
+            log,
+            worker_id: worker_id.to_owned(),
+        }
+    }
+}

@@ -5,6 +5,7 @@
 
 #[path = "../e2e/common.rs"]
 mod common;
+mod netns;
 mod rabbit_cluster;
 
 use std::process::Command;
