@@ -4,6 +4,7 @@
 //! synchronous operations of the group commit (see `group`): these are the writes every
 //! run makes several of.
 
+use crate::store::common::{claim_of, retry_policy_of};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,15 +14,11 @@ use super::outbox::enqueue;
 use super::runs::end_run;
 use super::sync::{attempt_state, exec, first, get, run_state};
 use super::{SqliteStore, corrupt, db, ms, ttl_ms};
-use crate::domain::job::ResolvedSpec;
 use crate::domain::ports::{
     Claim, ClaimResult, Lease, LeaseStatus, Leases, RunMessage, StoreError,
 };
-use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Outcome, ResourceUsage, RunId};
-use crate::domain::secret::ClaimSecrets;
 use crate::domain::transition::{self, Ending, Released, RunState, Settlement};
-use crate::protocol::{RetryV1, SpecV1};
 
 /// The claim a worker gets for `message` under `epoch`: the run's job and frozen spec.
 pub(super) fn claim_for(
@@ -38,21 +35,7 @@ pub(super) fn claim_for(
         |row| Ok((get::<String>(row, "job")?, get::<String>(row, "spec")?)),
     )?
     .ok_or_else(|| corrupt("attempt", format!("run {id} is missing")))?;
-    let spec: SpecV1 =
-        serde_json::from_str(&spec).map_err(|e| corrupt(&format!("spec of run {id}"), e))?;
-    let spec =
-        ResolvedSpec::try_from(spec).map_err(|e| corrupt(&format!("spec of run {id}"), e))?;
-    Ok(Claim {
-        lease: Lease {
-            run_id: id,
-            attempt: message.attempt,
-            epoch,
-        },
-        job,
-        spec,
-        lease_ttl,
-        secrets: ClaimSecrets::default(),
-    })
+    claim_of(message, epoch, lease_ttl, job, &spec)
 }
 
 /// Push the attempt's lease out to `now + lease_ttl`.
@@ -101,13 +84,7 @@ fn settle(
         },
     )?
     .ok_or_else(|| corrupt("attempt", format!("run {run_id} is missing")))?;
-    let policy = match retry {
-        None => RetryPolicy::default(),
-        Some(text) => serde_json::from_str::<RetryV1>(&text)
-            .map_err(|e| e.to_string())
-            .and_then(RetryPolicy::try_from)
-            .map_err(|e| corrupt(&format!("retry rules of run {run_id}"), e))?,
-    };
+    let policy = retry_policy_of(run_id, retry.as_deref())?;
     let jitter = rand::random::<f64>();
     match transition::settle(&policy, cancel_requested, attempt, ending, jitter, now) {
         Settlement::Next {

@@ -1,5 +1,6 @@
 //! Runs and idempotency keys: accept, read, cancel, and a person's retry.
 
+use crate::store::common::RunTexts;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -19,10 +20,9 @@ use crate::domain::ports::{
     CancelResult, IDEMPOTENCY_WINDOW, IdempotencyKey, Inserted, NewRun, RetryResult, RunFilter,
     RunRecords, StoreError,
 };
-use crate::domain::retry::RetryPolicy;
 use crate::domain::run::{Attempt, Run, RunId};
 use crate::domain::transition::Ending;
-use crate::protocol::{RetryV1, SpecV1, admission_text, trigger_text};
+use crate::protocol::admission_text;
 
 impl SqliteStore {
     /// Fill in each run's attempts, with one query for all of them.
@@ -117,13 +117,12 @@ fn finalize(
 /// its admission rule allows and nothing of its job waits before it, else waiting.
 /// Inside the caller's transaction.
 pub(super) fn insert_new_run(conn: &rusqlite::Connection, run: &NewRun) -> Result<(), StoreError> {
-    let params = serde_json::to_string(&run.params).map_err(|e| corrupt("params", e))?;
-    let spec = serde_json::to_string(&SpecV1::from(&run.spec)).map_err(|e| corrupt("spec", e))?;
-    let retry = (run.retry != RetryPolicy::default())
-        .then(|| serde_json::to_string(&RetryV1::from(&run.retry)))
-        .transpose()
-        .map_err(|e| corrupt("retry", e))?;
-    let trigger = trigger_text(&run.trigger).map_err(|e| corrupt("trigger", e))?;
+    let RunTexts {
+        params,
+        spec,
+        retry,
+        trigger,
+    } = RunTexts::of(run)?;
     let admitted = admits_arrival(conn, &run.job, run.admission)?;
     exec(
         conn,

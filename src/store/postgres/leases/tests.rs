@@ -7,7 +7,7 @@ const TTL: Duration = Duration::from_secs(30);
 /// runs part has its own tests).
 pub(in crate::store::postgres) async fn queued_run(store: &PgStore) -> RunId {
     let id = RunId::new();
-    let spec = SpecV1::from(&crate::store::suite::new_run().spec);
+    let spec = crate::protocol::SpecV1::from(&crate::store::suite::new_run().spec);
     sqlx::query(
         "INSERT INTO runs (id, job, params, spec, status, created_at) \
          VALUES ($1, 'hello', '{}', $2, 'queued', $3)",
