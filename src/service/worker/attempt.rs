@@ -113,6 +113,7 @@ impl Worker {
         let exit_code = outcome.exit_code();
         let status = outcome.status();
         let usage = ran.usage;
+        keeper.finishing();
         match self.report(lease, &outcome, ran.dropped, usage).await {
             Some(LeaseStatus::Held { .. }) => {
                 tracing::info!(message = "run finished", %status, exit_code, reason = outcome.reason(), elapsed_ms = started.elapsed().as_millis() as u64, peak_memory_bytes = usage.map(|u| u.peak_memory_bytes), cpu_seconds = usage.map(|u| u.cpu_seconds))

@@ -84,6 +84,10 @@ struct Entry {
     every: Duration,
     due: Instant,
     feed: watch::Sender<LeaseState>,
+    /// The attempt is reporting its final state: a `lost` answer is then what a finish
+    /// stored a moment before looks like, not news (the finish's own answer tells a
+    /// real loss).
+    finishing: bool,
 }
 
 impl Renewer {
@@ -116,6 +120,7 @@ impl Renewer {
                     every,
                     due: Instant::now() + every,
                     feed: feed.clone(),
+                    finishing: false,
                 },
             );
             if !book.running {
@@ -180,11 +185,18 @@ impl Renewer {
                 let mut book = self.book();
                 for (&(id, lease), status) in due.iter().zip(statuses) {
                     let next = LeaseState::from(status);
-                    if let Some(entry) = book.entries.get(&id) {
-                        merge_into(&entry.feed, next);
-                    }
+                    // A keeper dropped while the call was out: its attempt has ended and
+                    // nobody listens for the answer.
+                    let Some(entry) = book.entries.get(&id) else {
+                        continue;
+                    };
+                    merge_into(&entry.feed, next);
                     if next == LeaseState::Lost {
-                        tracing::warn!(message = "lease lost", run_id = %lease.run_id, attempt = lease.attempt);
+                        if entry.finishing {
+                            tracing::debug!(message = "lease ended while the final state was reported", run_id = %lease.run_id, attempt = lease.attempt);
+                        } else {
+                            tracing::warn!(message = "lease lost", run_id = %lease.run_id, attempt = lease.attempt);
+                        }
                         book.entries.remove(&id);
                     }
                 }
@@ -193,6 +205,12 @@ impl Renewer {
             Err(error) => {
                 tracing::warn!(message = "heartbeat failed", leases = leases.len(), %error)
             }
+        }
+    }
+
+    fn finishing(&self, id: u64) {
+        if let Some(entry) = self.book().entries.get_mut(&id) {
+            entry.finishing = true;
         }
     }
 
@@ -223,6 +241,14 @@ impl LeaseKeeper {
     /// A lease answer that came another way (the `started` call).
     pub(super) fn tell(&self, status: LeaseStatus) {
         merge_into(&self.feed, LeaseState::from(status));
+    }
+
+    /// The attempt is about to report its final state. The lease is still renewed (the
+    /// report may be retried for a while), but a `lost` answer is no longer warned
+    /// about: the finish may have been stored first, and if the lease really was lost
+    /// the finish's own answer says so.
+    pub(super) fn finishing(&self) {
+        self.renewer.finishing(self.id);
     }
 }
 
@@ -361,5 +387,55 @@ mod tests {
         let before = control.heartbeats();
         until_calls(&control, before + 1).await;
         assert_eq!(again.current(), LeaseState::Held);
+    }
+
+    /// Log lines written while a test runs, for the warnings it must or must not see.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A finish stored a moment before a renewal in flight makes that renewal answer
+    /// `lost`: expected while the attempt reports its final state, so no warning then,
+    /// while a `lost` for an attempt that is not finishing is still warned about.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_answer_is_warned_about_unless_the_attempt_is_finishing() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let control = Arc::new(FakeControl::default());
+        let renewer = Renewer::new(control.clone());
+        let ttl = Duration::from_secs(3);
+        let (ending, taken) = (lease_of(1), lease_of(2));
+        let ending_keeper = renewer.keep(ending, ttl);
+        let taken_keeper = renewer.keep(taken, ttl);
+        ending_keeper.finishing();
+        // Still renewed while finishing: the report may take a while.
+        until_calls(&control, 1).await;
+        assert!(control.heartbeat_calls()[0].1.contains(&ending));
+        control.lose_lease_of(ending.run_id);
+        control.lose_lease_of(taken.run_id);
+        let before = control.heartbeats();
+        until_calls(&control, before + 1).await;
+        assert_eq!(ending_keeper.current(), LeaseState::Lost);
+        assert_eq!(taken_keeper.current(), LeaseState::Lost);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let warned: Vec<&str> = text.lines().filter(|l| l.contains("lease lost")).collect();
+        assert_eq!(warned.len(), 1, "{text}");
+        assert!(warned[0].contains(&taken.run_id.to_string()), "{text}");
+        assert!(!text.contains(&ending.run_id.to_string()), "{text}");
     }
 }
