@@ -74,6 +74,13 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
     }
 }
 
+/// The commit this binary was built from (12 hex digits), or `unknown` (build.rs).
+pub const COMMIT: &str = env!("TASUKI_COMMIT");
+
+/// This build, as `--version` and the start-up log name it: the crate's version and
+/// the commit, which tells apart two builds of one version.
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TASUKI_COMMIT"), ")");
+
 /// Exit code of `serve` and `worker` when their worker id belongs to another live
 /// process (EX_CONFIG: starting again will not help until the configuration changes).
 pub const EXIT_WORKER_ID_IN_USE: u8 = 78;

@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "tasuki",
-    version,
+    version = crate::BUILD,
     about = "Run batch jobs as one-shot containers: webhook → queue → Docker → logs → exit status"
 )]
 pub struct Cli {

@@ -62,11 +62,13 @@ impl Metrics {
         let build = IntGaugeVec::new(
             Opts::new(
                 "tasuki_build_info",
-                "The running tasuki's version; always 1.",
+                "The running tasuki's version and the commit it was built from; always 1.",
             ),
-            &["version"],
+            &["version", "commit"],
         )?;
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::COMMIT])
+            .set(1);
         registry.register(Box::new(build))?;
         let http = HistogramVec::new(
             HistogramOpts::new(

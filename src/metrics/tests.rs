@@ -72,6 +72,7 @@ fn attempt(number: u32, status: RunStatus, usage: Option<ResourceUsage>) -> Atte
         number,
         status,
         worker_id: "w1".into(),
+        worker_build: None,
         container_id: Some("c".into()),
         exit_code: None,
         reason: None,
@@ -252,7 +253,8 @@ async fn run_events_become_counters_and_histograms_by_job() {
     );
     assert_eq!(
         s(&format!(
-            r#"tasuki_build_info{{version="{}"}}"#,
+            r#"tasuki_build_info{{commit="{}",version="{}"}}"#,
+            crate::COMMIT,
             env!("CARGO_PKG_VERSION")
         )),
         Some(1.0)

@@ -342,7 +342,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let addr = listener
         .local_addr()
         .context("reading the listening address")?;
-    tracing::info!(message = "listening", %addr, tls = tls.is_some());
+    tracing::info!(message = "listening", %addr, tls = tls.is_some(), build = crate::BUILD);
     let stop = shutdown.clone();
     let flag = accepting.clone();
     let connection_limits = http::ConnectionLimits {

@@ -229,7 +229,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
         let running = TaskTracker::new();
         let mut backoff = Backoff::new();
-        tracing::info!(message = "worker started", worker_id = %this.config.worker_id, concurrency = this.config.concurrency);
+        tracing::info!(message = "worker started", worker_id = %this.config.worker_id, concurrency = this.config.concurrency, build = crate::BUILD);
 
         let reconciler = {
             let this = this.clone();
