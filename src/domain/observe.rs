@@ -119,6 +119,7 @@ mod tests {
             number,
             status,
             worker_id: "w".into(),
+            worker_build: None,
             container_id: None,
             exit_code: None,
             reason: None,

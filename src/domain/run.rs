@@ -360,6 +360,9 @@ pub struct Attempt {
     pub number: u32,
     pub status: RunStatus,
     pub worker_id: String,
+    /// The build of the worker that claimed it, as its session named it; `None` from a
+    /// worker that did not.
+    pub worker_build: Option<String>,
     pub container_id: Option<String>,
     pub exit_code: Option<i64>,
     pub reason: Option<String>,

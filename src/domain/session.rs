@@ -40,6 +40,9 @@ pub struct SessionRequest {
     /// took it. The kernel releases the lock only when its holder dies, so a live-looking
     /// session of that instance on this host is a crashed process.
     pub lock_released_by: Option<String>,
+    /// The worker's build (`tasuki --version`), recorded on the attempts it claims;
+    /// `None` from a worker that does not say (one from before builds were named).
+    pub build: Option<String>,
 }
 
 /// What the control plane decides about a session request.
@@ -175,6 +178,7 @@ mod tests {
             host: host.into(),
             pid: 43,
             lock_released_by: lock.then(|| "a".to_owned()),
+            build: None,
         }
     }
 

@@ -79,6 +79,7 @@ pub(super) async fn open_worker_session(
         host: gethostname::gethostname().to_string_lossy().into_owned(),
         pid: std::process::id(),
         lock_released_by: lock.released_by().map(str::to_owned),
+        build: Some(crate::BUILD.to_owned()),
     };
     let session = Session::open(control, request, shutdown).await?;
     Ok((lock, session))

@@ -75,6 +75,10 @@ pub struct AttemptV1 {
     pub reason: Option<String>,
     pub reason_code: Option<ReasonCodeV1>,
     pub worker_id: String,
+    /// The build of the worker that claimed the attempt (`tasuki --version`); absent
+    /// when that worker did not name it (a build from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_build: Option<String>,
     pub container_id: Option<String>,
     pub claimed_at: String,
     pub started_at: Option<String>,
@@ -326,6 +330,7 @@ impl From<Attempt> for AttemptV1 {
             reason: a.reason,
             reason_code: a.reason_code.map(Into::into),
             worker_id: a.worker_id,
+            worker_build: a.worker_build,
             container_id: a.container_id,
             claimed_at: time(a.claimed_at),
             started_at: a.started_at.map(time),
@@ -382,6 +387,7 @@ mod tests {
                     number: 1,
                     status: RunStatus::Failed,
                     worker_id: "worker-a".to_owned(),
+                    worker_build: Some("0.1.0 (9032ab919e70)".to_owned()),
                     container_id: Some("c0ffee".to_owned()),
                     exit_code: Some(3),
                     reason: Some("exit_code 3".to_owned()),
@@ -403,6 +409,7 @@ mod tests {
                     number: 2,
                     status: RunStatus::Running,
                     worker_id: "worker-b".to_owned(),
+                    worker_build: None,
                     container_id: None,
                     exit_code: None,
                     reason: None,

@@ -316,6 +316,10 @@ pub struct SessionOpenV1 {
     pub pid: u32,
     /// The instance that held this host's lock for the id before; it is dead.
     pub lock_released_by: Option<String>,
+    /// The worker's build (`tasuki --version`). Absent from a worker built before it;
+    /// a control plane from before it ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 impl From<&SessionRequest> for SessionOpenV1 {
@@ -326,6 +330,7 @@ impl From<&SessionRequest> for SessionOpenV1 {
             host: r.host.clone(),
             pid: r.pid,
             lock_released_by: r.lock_released_by.clone(),
+            build: r.build.clone(),
         }
     }
 }
@@ -338,6 +343,7 @@ impl From<SessionOpenV1> for SessionRequest {
             host: r.host,
             pid: r.pid,
             lock_released_by: r.lock_released_by,
+            build: r.build,
         }
     }
 }

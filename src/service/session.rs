@@ -128,6 +128,7 @@ mod tests {
             host: "h1".into(),
             pid: 7,
             lock_released_by: None,
+            build: None,
         }
     }
 

@@ -17,7 +17,7 @@ pub(super) const RUN_COLUMNS: &str = "id, job, params, status, attempt, exit_cod
      finished_at, cancel_requested, not_before, log_dropped_bytes, output_gap, \"trigger\", requested_by";
 pub(super) const ATTEMPT_COLUMNS: &str = "run_id, attempt, status, worker_id, container_id, exit_code, reason, reason_code, \
      claimed_at, started_at, finished_at, log_dropped_bytes, usage_samples, usage_peak_memory_bytes, \
-     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit, output_gap";
+     usage_cpu_seconds, usage_memory_limit_bytes, usage_cpu_limit, output_gap, worker_build";
 
 pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))

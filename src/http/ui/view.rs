@@ -173,6 +173,8 @@ pub struct AttemptView {
     pub number: u32,
     pub status: &'static str,
     pub worker: String,
+    /// The worker's build, empty when it did not name one.
+    pub build: String,
     pub exit_code: String,
     pub reason: String,
     pub usage: String,
@@ -203,6 +205,7 @@ impl AttemptView {
             number: a.number,
             status: a.status.as_str(),
             worker: a.worker_id.clone(),
+            build: a.worker_build.clone().unwrap_or_default(),
             exit_code: a
                 .exit_code
                 .map_or_else(|| "—".to_owned(), |c| c.to_string()),

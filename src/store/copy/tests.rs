@@ -92,6 +92,16 @@ async fn populate<S: RunStore + Replies>(store: &S, sink: &dyn LogSink) -> Writt
         runs: Vec::new(),
         logs: BTreeMap::new(),
     };
+    // The worker's session, first: its build goes onto the attempts it claims.
+    let request = SessionRequest {
+        worker_id: "w1".into(),
+        instance: "i-1".into(),
+        host: "host-1".into(),
+        pid: 4242,
+        lock_released_by: None,
+        build: Some("0.1.0 (abc)".to_owned()),
+    };
+    store.open_session(&request, TTL, now).await.unwrap();
     // Queued, under idempotency keys of two clients whose names sort differently
     // byte-wise ("B" < "a") and in most locales ("a" < "B").
     for scope in ["B", "a"] {
@@ -251,15 +261,6 @@ async fn populate<S: RunStore + Replies>(store: &S, sink: &dyn LogSink) -> Writt
         .set_pause(&fired.job, "daily", Some(&pause))
         .await
         .unwrap();
-    // The worker's session.
-    let request = SessionRequest {
-        worker_id: "w1".into(),
-        instance: "i-1".into(),
-        host: "host-1".into(),
-        pid: 4242,
-        lock_released_by: None,
-    };
-    store.open_session(&request, TTL, now).await.unwrap();
     written
 }
 

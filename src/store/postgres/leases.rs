@@ -261,7 +261,8 @@ async fn claim(
         .ok_or_else(|| corrupt("run", format!("run {id} is missing")))?;
         sqlx::query(
             "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, \
-             claimed_at) VALUES ($1, $2, $3, $4, $5, 'running', $6)",
+             claimed_at, worker_build) VALUES ($1, $2, $3, $4, $5, 'running', $6, \
+             (SELECT build FROM worker_sessions WHERE worker_id = $3))",
         )
         .bind(id.to_string())
         .bind(i64::from(message.attempt))

@@ -106,6 +106,7 @@ pub(in crate::store) fn attempt_from_row(row: &PgRow) -> Result<(RunId, Attempt)
         number: attempt_col(row, "attempt")?,
         status: status_col(row, "status")?,
         worker_id: col(row, "worker_id")?,
+        worker_build: col(row, "worker_build")?,
         container_id: col(row, "container_id")?,
         exit_code: exit_code_col(row)?,
         reason: col(row, "reason")?,

@@ -242,8 +242,9 @@ fn claim(
         .ok_or_else(|| corrupt("run", format!("run {id} is missing")))?;
         exec(
             conn,
-            "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, claimed_at) \
-             VALUES (?, ?, ?, ?, ?, 'running', ?)",
+            "INSERT INTO attempts (run_id, attempt, worker_id, epoch, lease_expires_at, status, claimed_at, \
+               worker_build) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, (SELECT build FROM worker_sessions WHERE worker_id = ?3))",
             rusqlite::params![
                 id.to_string(),
                 i64::from(message.attempt),

@@ -256,6 +256,7 @@ fn attempt_from_row(row: &SqliteRow) -> Result<(RunId, Attempt), StoreError> {
         number: attempt_col(row, "attempt")?,
         status: status_col(row, "status")?,
         worker_id: col(row, "worker_id")?,
+        worker_build: col(row, "worker_build")?,
         container_id: col(row, "container_id")?,
         exit_code: col(row, "exit_code")?,
         reason: col(row, "reason")?,

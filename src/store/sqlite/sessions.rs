@@ -160,10 +160,10 @@ impl Reconciliation for SqliteStore {
         match &decision {
             SessionDecision::Open { .. } => {
                 sqlx::query(
-                    "INSERT INTO worker_sessions (worker_id, instance, host, pid, started_at, expires_at, ended_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL) \
+                    "INSERT INTO worker_sessions (worker_id, instance, host, pid, started_at, expires_at, ended_at, build) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7) \
                      ON CONFLICT (worker_id) DO UPDATE SET instance = ?2, host = ?3, pid = ?4, \
-                       started_at = ?5, expires_at = ?6, ended_at = NULL",
+                       started_at = ?5, expires_at = ?6, ended_at = NULL, build = ?7",
                 )
                 .bind(&request.worker_id)
                 .bind(&request.instance)
@@ -171,6 +171,7 @@ impl Reconciliation for SqliteStore {
                 .bind(i64::from(request.pid))
                 .bind(ms(now))
                 .bind(ms(session_expiry(now, ttl)))
+                .bind(&request.build)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;

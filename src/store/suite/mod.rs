@@ -50,6 +50,7 @@ macro_rules! store_suite {
             an_expired_or_ended_session_gives_the_id_away,
             a_superseded_or_ended_session_is_not_renewed,
             an_orphan_goes_only_once_its_attempt_and_its_session_are_over,
+            an_attempt_keeps_the_build_of_the_worker_that_claimed_it,
             max_concurrent_one_admits_the_next_run_whenever_one_ends,
             at_most_two_runs_together_and_alone_waits_for_all,
             a_persons_retry_waits_for_room_like_a_new_run,

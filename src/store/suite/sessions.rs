@@ -32,6 +32,7 @@ fn request(worker_id: &str, instance: &str, host: &str, lock: bool) -> SessionRe
         host: host.into(),
         pid: 42,
         lock_released_by: lock.then(|| "a".to_owned()),
+        build: Some(format!("0.1.0 ({instance})")),
     }
 }
 
@@ -273,4 +274,51 @@ pub(crate) async fn an_orphan_goes_only_once_its_attempt_and_its_session_are_ove
             .unwrap(),
         OrphanVerdict::Keep
     );
+}
+
+/// An attempt keeps the build its worker's session named when it was claimed: a later
+/// session of the same id on another build (an upgraded worker) changes the attempts
+/// it claims from then on, not the earlier ones; a worker that names no build (one
+/// from before builds were named) leaves it empty.
+pub(crate) async fn an_attempt_keeps_the_build_of_the_worker_that_claimed_it(store: &dyn RunStore) {
+    let now = now_ms();
+    let build_of = |run: RunId| async move {
+        let run = store.get_run(run).await.unwrap().expect("run");
+        run.attempts[0].worker_build.clone()
+    };
+    let old = new_run();
+    store.insert_run(&old, None).await.unwrap();
+    store
+        .open_session(&request("w1", "a", "h1", false), SESSION_TTL, now)
+        .await
+        .unwrap();
+    claimed(store, &old, 1, Duration::from_secs(3600)).await;
+    assert_eq!(build_of(old.id).await.as_deref(), Some("0.1.0 (a)"));
+
+    // The same id, upgraded: the process `a` exited, `b` runs another build.
+    store.end_session("w1", "a", now).await.unwrap();
+    store
+        .open_session(&request("w1", "b", "h1", false), SESSION_TTL, now)
+        .await
+        .unwrap();
+    let new = new_run();
+    store.insert_run(&new, None).await.unwrap();
+    claimed(store, &new, 1, Duration::from_secs(3600)).await;
+    assert_eq!(build_of(new.id).await.as_deref(), Some("0.1.0 (b)"));
+    assert_eq!(build_of(old.id).await.as_deref(), Some("0.1.0 (a)"));
+
+    // A worker that does not name its build.
+    store.end_session("w1", "b", now).await.unwrap();
+    let unnamed = SessionRequest {
+        build: None,
+        ..request("w1", "c", "h1", false)
+    };
+    store
+        .open_session(&unnamed, SESSION_TTL, now)
+        .await
+        .unwrap();
+    let plain = new_run();
+    store.insert_run(&plain, None).await.unwrap();
+    claimed(store, &plain, 1, Duration::from_secs(3600)).await;
+    assert_eq!(build_of(plain.id).await, None);
 }
