@@ -1220,8 +1220,10 @@ pub async fn wait_for_queue(name: &str) {
 
 impl Process {
     /// Like `spawn_with_env`, in network namespace `netns` (`ip netns exec NETNS tasuki
-    /// ...`; `ip` execs the binary, so the PID is tasuki's own).
+    /// ...`; `ip` execs the binary, so the PID is tasuki's own), with `bin`: this build
+    /// (`BIN`) or another (the rolling upgrade test's previous build).
     pub fn spawn_in_netns(
+        bin: &Path,
         netns: &str,
         args: &[String],
         dir: &Path,
@@ -1233,7 +1235,8 @@ impl Process {
         let file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", netns, BIN])
+            .args(["netns", "exec", netns])
+            .arg(bin)
             .args(args)
             .env("TASUKI_LOG", "info,tasuki=debug");
         for key in SCRUBBED_ENV {

@@ -15,6 +15,8 @@ pub(super) fn http_status(host: &str, path: &str) -> Option<u16> {
 
 pub(super) struct Replica {
     pub(super) name: &'static str,
+    /// The build it runs: this one, or the previous build of the upgrade test.
+    pub(super) bin: PathBuf,
     pub(super) process: Process,
     pub(super) args: Vec<String>,
     pub(super) dir: PathBuf,
@@ -27,6 +29,7 @@ pub(super) struct Replica {
 
 impl Replica {
     pub(super) fn start(
+        bin: &Path,
         net: &mut Net,
         name: &'static str,
         dir: &Path,
@@ -66,10 +69,11 @@ impl Replica {
         .collect();
         // A worker id no container has: the process's drop then removes none.
         let dummy = unique("tsk-no-worker");
-        let process = Process::spawn_in_netns(&ns, &args, &dir, &dummy, name, &[]);
+        let process = Process::spawn_in_netns(bin, &ns, &args, &dir, &dummy, name, &[]);
         let host_url = net.expose(name, port);
         let mut replica = Replica {
             name,
+            bin: bin.to_owned(),
             process,
             args,
             dir,
@@ -108,17 +112,36 @@ impl Replica {
 
     /// Start the same command again (same address, port, data dir) and wait for it.
     pub(super) fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Start the same command again with `bin` (an upgrade) and wait for it.
+    pub(super) fn restart_with(&mut self, bin: &Path) {
+        self.bin = bin.to_owned();
+        self.restart();
+    }
+
+    /// Start the command again, in place of the process that was there.
+    pub(super) fn spawn(&mut self) {
         let dummy = self.process.worker_id.clone();
-        let fresh =
-            Process::spawn_in_netns(&self.ns, &self.args, &self.dir, &dummy, self.name, &[]);
+        let fresh = Process::spawn_in_netns(
+            &self.bin,
+            &self.ns,
+            &self.args,
+            &self.dir,
+            &dummy,
+            self.name,
+            &[],
+        );
         let old = std::mem::replace(&mut self.process, fresh);
         drop(old);
-        self.wait_ready();
     }
 }
 
 pub(super) struct Worker {
     pub(super) id: String,
+    pub(super) bin: PathBuf,
     pub(super) process: Process,
     pub(super) args: Vec<String>,
     pub(super) dir: PathBuf,
@@ -127,6 +150,7 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn start(
+        bin: &Path,
         net: &Net,
         name: &str,
         id: &str,
@@ -160,9 +184,10 @@ impl Worker {
             .map(|s| (*s).to_owned()),
         );
         let ns = net.ns(name).to_owned();
-        let process = Process::spawn_in_netns(&ns, &args, &dir, &id, name, &Self::env());
+        let process = Process::spawn_in_netns(bin, &ns, &args, &dir, &id, name, &Self::env());
         Worker {
             id,
+            bin: bin.to_owned(),
             process,
             args,
             dir,
@@ -174,8 +199,15 @@ impl Worker {
         vec![("TASUKI_RECONCILE_INTERVAL".into(), "3s".into())]
     }
 
+    /// Start the same command again with `bin` (an upgrade), after a drain.
+    pub(super) fn restart_with(&mut self, bin: &Path) {
+        self.bin = bin.to_owned();
+        self.restart();
+    }
+
     pub(super) fn restart(&mut self) {
         let fresh = Process::spawn_in_netns(
+            &self.bin,
             &self.ns,
             &self.args,
             &self.dir,

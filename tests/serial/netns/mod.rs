@@ -1,7 +1,8 @@
 //! Chaos tests on test hosts made of network namespaces: two `serve` replicas and two
 //! workers, each in a namespace of its own on a private bridge, on a PostgreSQL of the
 //! test's own, with one fault per test (a replica killed, a worker cut off from the
-//! control plane, PostgreSQL restarted, a rolling restart) under a steady load.
+//! control plane, PostgreSQL restarted) under a steady load, and a rolling upgrade from
+//! the previous build (`upgrade.rs`).
 //!
 //! The harness (`Net`) makes a "switch" namespace holding a Linux bridge and one
 //! namespace per host, each joined to the bridge by a veth pair created straight into
@@ -28,6 +29,7 @@ mod hosts;
 mod load;
 mod net;
 mod pg;
+mod upgrade;
 
 use hosts::*;
 use load::*;
@@ -106,18 +108,23 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(Path::new(crate::common::BIN))
+    }
+
+    /// Every replica and worker on `bin`: this build, or the previous one.
+    fn start_with(bin: &Path) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let pg = Pg::start();
         let mut net = Net::create(&["cp1", "cp2", "w1", "w2"]);
         let queue = unique("tasuki-netns");
         let guard = QueueGuard(queue.clone());
-        let a = Replica::start(&mut net, "cp1", dir.path(), &pg, &queue);
-        let b = Replica::start(&mut net, "cp2", dir.path(), &pg, &queue);
+        let a = Replica::start(bin, &mut net, "cp1", dir.path(), &pg, &queue);
+        let b = Replica::start(bin, &mut net, "cp2", dir.path(), &pg, &queue);
         let (id1, id2) = (unique("tsk-w1"), unique("tsk-w2"));
         // Docker's events recorded from before a worker can start a container.
         let inv = Invariants::start(&[&id1, &id2]);
-        let w1 = Worker::start(&net, "w1", &id1, dir.path(), &[&a, &b], &queue);
-        let w2 = Worker::start(&net, "w2", &id2, dir.path(), &[&a, &b], &queue);
+        let w1 = Worker::start(bin, &net, "w1", &id1, dir.path(), &[&a, &b], &queue);
+        let w2 = Worker::start(bin, &net, "w2", &id2, dir.path(), &[&a, &b], &queue);
         let front = Front::new(&[&a, &b]);
         Cluster {
             w1,
@@ -453,63 +460,5 @@ async fn netns_postgres_restart_under_load_loses_nothing_case() {
         );
     }
     assert!(c.w1.process.exited().is_none() && c.w2.process.exited().is_none());
-    assert!(gap < GAP_BOUND, "the API did not answer for {gap:?}");
-}
-
-// d ---------------------------------------------------------------------------------
-
-/// A rolling restart with the same binary while runs flow: each replica in turn
-/// (SIGTERM, start again), then each worker (SIGTERM: it drains; start again with its
-/// id). Nothing is lost, no run starts twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn netns_rolling_restart_loses_nothing_and_starts_nothing_twice() {
-    bounded(netns_rolling_restart_loses_nothing_and_starts_nothing_twice_case()).await;
-}
-
-async fn netns_rolling_restart_loses_nothing_and_starts_nothing_twice_case() {
-    let mut c = Cluster::start();
-    let load = start_load(&c.front);
-    progress(&c.front, 0, 8, "warm-up").await;
-    for r in [&mut c.a, &mut c.b] {
-        let t = Instant::now();
-        r.process.signal("TERM");
-        let status = r.process.wait_exit(Duration::from_secs(40)).await;
-        assert!(
-            status.success(),
-            "{} exited with {status}:\n{}",
-            r.name,
-            r.process.log_text()
-        );
-        tokio::task::block_in_place(|| r.restart());
-        eprintln!("[netns] replica {} replaced in {:.2?}", r.name, t.elapsed());
-        let n = c.front.accepted().len();
-        progress(&c.front, n, 4, "after a replica's restart").await;
-    }
-    for w in [&mut c.w1, &mut c.w2] {
-        let t = Instant::now();
-        w.process.signal("TERM");
-        let status = w.process.wait_exit(Duration::from_secs(40)).await;
-        assert!(
-            status.success(),
-            "{} exited with {status}:\n{}",
-            w.id,
-            w.process.log_text()
-        );
-        w.restart();
-        eprintln!(
-            "[netns] worker {} drained and restarted in {:.2?}",
-            w.id,
-            t.elapsed()
-        );
-        let n = c.front.accepted().len();
-        progress(&c.front, n, 4, "after a worker's restart").await;
-    }
-    let n = c.front.accepted().len();
-    progress(&c.front, n, 8, "after the upgrade").await;
-    drained(&c.front, "after the upgrade").await;
-    stop_load(load).await;
-    let gap = c.front.report("rolling restart");
-    let api = api(&c.b.host_url);
-    settle(&c.front, &mut c.inv, &api, &|_| false).await;
     assert!(gap < GAP_BOUND, "the API did not answer for {gap:?}");
 }
