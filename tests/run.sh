@@ -9,6 +9,9 @@
 #   - promtool (Debian's prometheus package; its server stays stopped) for the metrics tests
 #   - schemathesis (PyPI, pinned, in a venv) for the OpenAPI fuzz test
 #   - chromium and chromium-driver for the web UI's browser test
+#   - the previous build (tests/previous-build), built from this clone's history, for
+#     the rolling upgrade test
+# and sweeps what a chaos test killed by the runner's time-out left behind,
 # then the suite with cargo-nextest (cargo test where nextest is missing), built with the
 # `fault-injection` feature (the TASUKI_CRASH_AT crash points the fault tests use) and the
 # `bench` feature (the benchmark's no-op runtime, so its tests run too), in two passes:
@@ -34,6 +37,8 @@ ensure_registry
 ensure_deploy_tools
 ensure_promtool
 ensure_schemathesis
+ensure_previous_build
+sweep_chaos_leftovers
 export DOCKER="$(docker_cli)"
 deploy/example-image/build.sh >&2
 

@@ -214,3 +214,68 @@ ensure_socat() {
   log "installing ${missing[*]}"
   apt_install -o DPkg::Lock::Timeout=600 "${missing[@]}"
 }
+
+# The previous build, for the rolling upgrade test (tests/serial/netns/upgrade.rs): the
+# commit that tests/previous-build names, taken from this clone's history with `git
+# archive` and built from its own sources, with the features the tests build with, in a
+# target dir of its own (cargo keys a workspace's own crate by its path relative to the
+# workspace, so two checkouts sharing one target dir would pass for each other). The
+# binary is kept as target/previous/tasuki-COMMIT, built once per commit, and the build
+# dir removed; TASUKI_PREVIOUS_BIN names the binary.
+ensure_previous_build() {
+  local repo commit bin src
+  repo=$(pwd)
+  commit=$(grep -v '^#' tests/previous-build | tr -d '[:space:]')
+  bin="$repo/target/previous/tasuki-$commit"
+  export TASUKI_PREVIOUS_COMMIT="$commit" TASUKI_PREVIOUS_BIN="$bin"
+  if [ -x "$bin" ]; then return; fi
+  if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+    log "the previous build $commit is not in this clone; fetching it from origin"
+    git fetch -q origin "$commit" 2>/dev/null || git fetch -q --unshallow origin || {
+      log "cannot get commit $commit (tests/previous-build)"
+      exit 1
+    }
+  fi
+  src=$(mktemp -d /tmp/tasuki-previous.XXXXXX)
+  git archive "$commit" | tar -x -C "$src"
+  log "building the previous build ${commit:0:12} (for the rolling upgrade test)"
+  mkdir -p "$repo/target/previous"
+  if ! (cd "$src" && CARGO_TARGET_DIR="$repo/target/previous/build" \
+        TASUKI_BUILD_COMMIT="$commit" \
+        cargo build -q --locked --features fault-injection,bench --bin tasuki); then
+    rm -rf "$src"
+    log "the previous build $commit does not build"
+    exit 1
+  fi
+  cp "$repo/target/previous/build/debug/tasuki" "$bin.part"
+  mv "$bin.part" "$bin"
+  rm -rf "$src" "$repo/target/previous/build"
+}
+
+# What a chaos test (tests/serial/netns/) leaves when the runner kills it on its own
+# time-out, before its Drop runs: namespaces named tsk-PID-... and PostgreSQL instances
+# in $TMPDIR/tsk-pg-PID-..., PID being the test process. Only those whose test process
+# is gone are swept: the processes inside such a namespace (the test's own replicas,
+# workers and helpers) are killed by PID, the namespace deleted, the instance stopped
+# with pg_ctl on its own data directory and the directory removed.
+sweep_chaos_leftovers() {
+  local ns pid dir pg_ctl
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^tsk-[0-9]+-' || true); do
+    pid=${ns#tsk-}; pid=${pid%%-*}
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    log "sweeping namespace $ns, left by test process $pid"
+    for p in $(ip netns pids "$ns" 2>/dev/null); do as_root kill -KILL "$p" 2>/dev/null || true; done
+    as_root ip netns del "$ns" 2>/dev/null || true
+  done
+  pg_ctl=$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -1)
+  for dir in "${TMPDIR:-/tmp}"/tsk-pg-*; do
+    [ -d "$dir" ] || continue
+    pid=${dir##*/tsk-pg-}; pid=${pid%%-*}
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    log "sweeping PostgreSQL instance $dir, left by test process $pid"
+    if [ -n "$pg_ctl" ] && [ -f "$dir/data/postmaster.pid" ]; then
+      as_root runuser -u postgres -- "$pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    as_root rm -rf "$dir"
+  done
+}
