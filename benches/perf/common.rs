@@ -284,6 +284,8 @@ pub struct Serve {
     pub addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
     pub worker_id: String,
+    /// The PostgreSQL database it stores in (`TASUKI_BENCH_POSTGRES`); `None` on SQLite.
+    pub database_url: Option<String>,
     /// How long from spawn until it answered `/healthz`.
     pub started_in: Duration,
 }
@@ -328,10 +330,12 @@ impl Serve {
         if let Some(token) = &config.worker_token {
             args.extend(["--worker-token".into(), token.clone()]);
         }
-        if config.data_dir.is_none()
-            && let Some(url) = postgres_database(&worker_id)?
-        {
-            args.extend(["--database-url".into(), url]);
+        let database_url = match config.data_dir {
+            None => postgres_database(&worker_id)?,
+            Some(_) => None,
+        };
+        if let Some(url) = &database_url {
+            args.extend(["--database-url".into(), url.clone()]);
         }
         args.extend(config.extra_args.iter().cloned());
         let started = Instant::now();
@@ -342,6 +346,7 @@ impl Serve {
             addr,
             data_dir,
             worker_id,
+            database_url,
             started_in: Duration::ZERO,
         };
         serve.wait_healthy(Duration::from_secs(60)).await?;
@@ -428,6 +433,28 @@ pub fn delete_queues(queue: &str) {
 /// PostgreSQL database of its own instead of SQLite in its data dir: the URL of a new,
 /// empty database made with `psql` (left afterwards, for a look at what the run
 /// stored). `None` without the variable.
+/// The log bytes stored in a PostgreSQL store (`log_chunks`), read with `psql`.
+pub fn postgres_log_bytes(url: &str) -> anyhow::Result<u64> {
+    let out = Command::new("psql")
+        .args([
+            url,
+            "-Atqc",
+            "SELECT COALESCE(SUM(octet_length(data)), 0) FROM log_chunks",
+        ])
+        .output()
+        .context("running psql to read the stored log bytes")?;
+    if !out.status.success() {
+        bail!(
+            "psql could not read log_chunks: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .with_context(|| format!("psql answered {text:?} for the log bytes"))
+}
+
 fn postgres_database(name: &str) -> anyhow::Result<Option<String>> {
     let Ok(admin) = std::env::var("TASUKI_BENCH_POSTGRES") else {
         return Ok(None);

@@ -397,7 +397,10 @@ impl Snapshot {
             .collect();
         Ok(Snapshot {
             samples,
-            log_bytes: dir_bytes(&serve.data_dir.join("logs")),
+            log_bytes: match &serve.database_url {
+                Some(url) => common::postgres_log_bytes(url)?,
+                None => dir_bytes(&serve.data_dir.join("logs")),
+            },
             serve_cpu,
         })
     }
