@@ -207,7 +207,8 @@ async fn metrics_count_runs_attempts_and_engine_errors_by_job_in_embedded_mode()
     assert!(!text.contains("does-not-exist"), "{text}");
     assert!(
         s(&format!(
-            r#"tasuki_build_info{{version="{}"}}"#,
+            r#"tasuki_build_info{{commit="{}",version="{}"}}"#,
+            tasuki::COMMIT,
             env!("CARGO_PKG_VERSION")
         )) == Some(1.0),
         "{text}"
