@@ -463,7 +463,10 @@ fn dockerfile_runtime_stage_runs_tasuki_as_a_non_root_user() {
         .output()
         .expect("docker run");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), format!("tasuki {}", tasuki::BUILD));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("tasuki {}", tasuki::BUILD)
+    );
     let out = Command::new(&docker)
         .args(["image", "inspect", "-f", "{{.Config.User}}", runtime])
         .output()
