@@ -252,14 +252,17 @@ ensure_previous_build() {
   rm -rf "$src" "$repo/target/previous/build"
 }
 
-# What a chaos test (tests/serial/netns/) leaves when the runner kills it on its own
-# time-out, before its Drop runs: namespaces named tsk-PID-... and PostgreSQL instances
-# in $TMPDIR/tsk-pg-PID-..., PID being the test process. Only those whose test process
-# is gone are swept: the processes inside such a namespace (the test's own replicas,
-# workers and helpers) are killed by PID, the namespace deleted, the instance stopped
-# with pg_ctl on its own data directory and the directory removed.
+# What a chaos test leaves when the runner kills it on its own time-out, before its Drop
+# runs: namespaces named tsk-PID-... and PostgreSQL instances in $TMPDIR/tsk-pg-PID-...
+# (tests/serial/netns/), RabbitMQ nodes with their directories in
+# $TMPDIR/tsk-rabbit-PID-... (tests/serial/rabbit_cluster.rs), PID being the test
+# process. Only those whose test process is gone are swept: the processes inside such a
+# namespace (the test's own replicas, workers and helpers) are killed by PID and the
+# namespace deleted; a PostgreSQL instance is stopped with pg_ctl on its own data
+# directory; a RabbitMQ node's VM is killed by the PID in its own pid file; then the
+# directory is removed.
 sweep_chaos_leftovers() {
-  local ns pid dir pg_ctl
+  local ns pid dir pg_ctl vm
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^tsk-[0-9]+-' || true); do
     pid=${ns#tsk-}; pid=${pid%%-*}
     if kill -0 "$pid" 2>/dev/null; then continue; fi
@@ -276,6 +279,16 @@ sweep_chaos_leftovers() {
     if [ -n "$pg_ctl" ] && [ -f "$dir/data/postmaster.pid" ]; then
       as_root runuser -u postgres -- "$pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
     fi
+    as_root rm -rf "$dir"
+  done
+  for dir in "${TMPDIR:-/tmp}"/tsk-rabbit-*; do
+    [ -d "$dir" ] || continue
+    pid=${dir##*/tsk-rabbit-}; pid=${pid%%-*}
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    log "sweeping RabbitMQ nodes in $dir, left by test process $pid"
+    for vm in $(cat "$dir"/*/pid 2>/dev/null); do
+      as_root kill -KILL "$vm" 2>/dev/null || true
+    done
     as_root rm -rf "$dir"
   done
 }

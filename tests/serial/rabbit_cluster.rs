@@ -46,7 +46,12 @@ impl RabbitCluster {
     /// Start three nodes and join the second and third to the first; returns once
     /// `cluster_status` lists three running nodes.
     pub fn start() -> RabbitCluster {
-        let home = tempfile::tempdir().expect("temp dir");
+        // Named after this test process, so that tests/setup.sh's sweep can tell the
+        // nodes of a test the runner killed (their VMs' pid files are in here).
+        let home = tempfile::Builder::new()
+            .prefix(&format!("tsk-rabbit-{}-", std::process::id()))
+            .tempdir()
+            .expect("temp dir");
         let cookie = home.path().join(".erlang.cookie");
         std::fs::write(&cookie, unique("tskcookie").replace('-', "")).expect("cookie");
         set_mode(&cookie, 0o400);
