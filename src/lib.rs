@@ -33,6 +33,8 @@ pub mod secrets;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+#[cfg(test)]
+mod testlog;
 
 pub use process::{serve, store_copy, worker};
 

@@ -1,4 +1,4 @@
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -9,6 +9,7 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::domain::auth::{Scope, TokenDigest};
+use crate::testlog::Captured;
 
 fn principal(name: &str, scopes: &[&str]) -> Principal {
     let scopes: Vec<Scope> = scopes.iter().map(|s| s.parse().unwrap()).collect();
@@ -279,35 +280,14 @@ async fn without_api_tokens_the_api_is_open_and_without_worker_tokens_the_worker
     .await;
 }
 
-/// A writer that keeps what tracing wrote, to read it back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn every_log_line_of_a_request_names_its_token_and_refusals_are_audited() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start();
     let app = app(Auth::new(tokens(true, true), true, false));
     call(&app, "GET", "/v1/runs", Some("Bearer tsk_ci")).await;
     call(&app, "GET", "/v1/runs", Some("Bearer nope")).await;
     call(&app, "POST", "/v1/worker/claim", Some("Bearer tsk_ci")).await;
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let line = |needle: &str| {
         text.lines()
             .find(|l| l.contains(needle))

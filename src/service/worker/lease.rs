@@ -389,33 +389,12 @@ mod tests {
         assert_eq!(again.current(), LeaseState::Held);
     }
 
-    /// Log lines written while a test runs, for the warnings it must or must not see.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A finish stored a moment before a renewal in flight makes that renewal answer
     /// `lost`: expected while the attempt reports its final state, so no warning then,
     /// while a `lost` for an attempt that is not finishing is still warned about.
     #[tokio::test(start_paused = true)]
     async fn a_lost_answer_is_warned_about_unless_the_attempt_is_finishing() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = crate::testlog::Captured::start();
         let control = Arc::new(FakeControl::default());
         let renewer = Renewer::new(control.clone());
         let ttl = Duration::from_secs(3);
@@ -432,7 +411,7 @@ mod tests {
         until_calls(&control, before + 1).await;
         assert_eq!(ending_keeper.current(), LeaseState::Lost);
         assert_eq!(taken_keeper.current(), LeaseState::Lost);
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         let warned: Vec<&str> = text.lines().filter(|l| l.contains("lease lost")).collect();
         assert_eq!(warned.len(), 1, "{text}");
         assert!(warned[0].contains(&taken.run_id.to_string()), "{text}");
